@@ -1,0 +1,192 @@
+//! Typed access to a component's keyword arguments, checked against its [`ArgSpec`]s.
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde_yaml::Value;
+
+use crate::registry::{closest, ArgType, Component};
+
+/// One problem with a component's arguments (several are reported at once by `tune validate`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArgProblem(pub String);
+
+impl std::fmt::Display for ArgProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The arguments of one config node, with the component's defaults filled in.
+#[derive(Debug, Clone)]
+pub struct Args {
+    pub component: &'static str,
+    values: BTreeMap<String, Value>,
+}
+
+fn short(path: &str) -> &str {
+    path.rsplit('.').next().unwrap_or(path)
+}
+
+/// Checks a node's keys and value types against the component's schema; returns every problem.
+pub fn check(component: &Component, node: &Value) -> Vec<ArgProblem> {
+    let mut problems = Vec::new();
+    let empty = serde_yaml::Mapping::new();
+    let map = node.as_mapping().unwrap_or(&empty);
+    let name = short(component.path);
+    for (key, value) in map {
+        let Some(key) = key.as_str() else {
+            problems.push(ArgProblem(format!("{name}: non-string key {key:?}")));
+            continue;
+        };
+        if key == "_component_" {
+            continue;
+        }
+        match component.arg(key) {
+            None if component.extra_args => {}
+            None => {
+                let hint = closest(key, component.args.iter().map(|a| a.name), 1);
+                let hint = match hint.first() {
+                    Some(h) => format!("; did you mean `{h}`?"),
+                    None => format!(
+                        "; its arguments are: {}",
+                        component.args.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
+                    ),
+                };
+                problems.push(ArgProblem(format!("unknown key `{key}` for {name}{hint}")));
+            }
+            Some(spec) => {
+                if let Err(why) = type_ok(spec.ty, spec.nullable || spec.default == Some("null"), value) {
+                    problems.push(ArgProblem(format!(
+                        "{name}.{key}: expected {}, found {why}",
+                        spec.ty
+                    )));
+                }
+            }
+        }
+    }
+    for spec in component.args.iter().filter(|a| a.is_required()) {
+        if !map.contains_key(spec.name) {
+            problems.push(ArgProblem(format!(
+                "{name}: missing required argument `{}` ({})",
+                spec.name, spec.ty
+            )));
+        }
+    }
+    problems
+}
+
+fn describe(value: &Value) -> String {
+    match value {
+        Value::Null => "null".into(),
+        Value::Bool(b) => format!("bool {b}"),
+        Value::Number(n) => format!("number {n}"),
+        Value::String(s) => format!("string {s:?}"),
+        Value::Sequence(s) => format!("a list of {} items", s.len()),
+        Value::Mapping(_) => "a mapping".into(),
+        Value::Tagged(t) => format!("tagged value {}", t.tag),
+    }
+}
+
+fn type_ok(ty: ArgType, nullable: bool, value: &Value) -> Result<(), String> {
+    let ok = match (ty, value) {
+        (_, Value::Null) => nullable,
+        (ArgType::Any, _) => true,
+        (ArgType::Int, Value::Number(n)) => n.is_i64() || n.is_u64(),
+        (ArgType::Float, Value::Number(_)) => true,
+        (ArgType::Bool, Value::Bool(_)) => true,
+        (ArgType::Str, Value::String(_)) => true,
+        (ArgType::StrList, Value::Sequence(s)) => s.iter().all(|v| v.is_string()),
+        (ArgType::StrOrList, Value::String(_)) => true,
+        (ArgType::StrOrList, Value::Sequence(s)) => s.iter().all(|v| v.is_string()),
+        (ArgType::FloatList, Value::Sequence(s)) => s.iter().all(|v| v.is_number()),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(describe(value))
+    }
+}
+
+impl Args {
+    /// Builds the arguments of `node` for `component`, failing on the first schema problem.
+    pub fn new(component: &Component, node: &Value) -> Result<Self> {
+        let problems = check(component, node);
+        if !problems.is_empty() {
+            let list: Vec<String> = problems.iter().map(|p| p.0.clone()).collect();
+            bail!("{}", list.join("\n"));
+        }
+        let mut values = BTreeMap::new();
+        for spec in component.args {
+            if let Some(default) = spec.default {
+                let v: Value = serde_yaml::from_str(default)
+                    .with_context(|| format!("bad default for {}.{}", component.path, spec.name))?;
+                values.insert(spec.name.to_string(), v);
+            }
+        }
+        if let Some(map) = node.as_mapping() {
+            for (k, v) in map {
+                if let Some(k) = k.as_str() {
+                    if k != "_component_" {
+                        values.insert(k.to_string(), v.clone());
+                    }
+                }
+            }
+        }
+        Ok(Args { component: component.path, values })
+    }
+
+    /// Arguments from plain key/value pairs (tests, programmatic use); no schema check.
+    pub fn from_pairs(component: &'static str, pairs: &[(&str, Value)]) -> Self {
+        let values = pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        Args { component, values }
+    }
+
+    pub fn raw(&self, name: &str) -> Option<&Value> {
+        self.values.get(name)
+    }
+
+    pub fn is_null(&self, name: &str) -> bool {
+        matches!(self.values.get(name), None | Some(Value::Null))
+    }
+
+    /// The argument deserialised as `T`; an error names the component and key.
+    pub fn get<T: DeserializeOwned>(&self, name: &str) -> Result<T> {
+        let value = self
+            .values
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: missing argument `{name}`", short(self.component)))?;
+        serde_yaml::from_value(value.clone()).map_err(|e| {
+            anyhow!("{}.{name}: {e} (value: {})", short(self.component), describe(value))
+        })
+    }
+
+    /// `None` when the argument is absent or null.
+    pub fn get_opt<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>> {
+        if self.is_null(name) {
+            Ok(None)
+        } else {
+            self.get(name).map(Some)
+        }
+    }
+
+    /// A string or list of strings, always as a list.
+    pub fn str_list(&self, name: &str) -> Result<Vec<String>> {
+        match self.values.get(name) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::String(s)) => Ok(vec![s.clone()]),
+            Some(_) => self.get(name),
+        }
+    }
+
+    /// Keys given beyond the schema (for `extra_args` components).
+    pub fn extra(&self, known: &[&str]) -> Vec<(String, Value)> {
+        self.values
+            .iter()
+            .filter(|(k, _)| !known.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}

@@ -1,0 +1,313 @@
+//! Ops with exactly the backward that parameter-efficient training needs.
+//!
+//! Candle's autograd has two gaps on a LoRA training path:
+//! - its fused kernels (`rms_norm`, `rope_i`, `softmax_last_dim`) record no backward, so a graph
+//!   built from them silently stops propagating gradients;
+//! - its matmul backward always computes the gradient of *both* operands, so a frozen weight
+//!   costs a full-size gradient (as much compute and memory as the weight) on every step.
+//!
+//! [`with_backward`] closes both gaps: it runs any forward on detached inputs (so the fast fused
+//! kernels are used and nothing is recorded) and attaches a hand-written backward that returns only
+//! the input gradient. Every op below is built on it and is device-generic.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+
+type BackwardFn = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// The custom op behind [`with_backward`]: its forward hands back a precomputed output, its
+/// backward calls a closure with the output gradient.
+struct GradFn {
+    name: &'static str,
+    output: Mutex<Option<Tensor>>,
+    backward: BackwardFn,
+}
+
+impl GradFn {
+    fn take_output(&self) -> Result<Tensor> {
+        self.output
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned grad_fn".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.name)))
+    }
+}
+
+impl CustomOp1 for GradFn {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, _input: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = self.take_output()?;
+        let shape = out.shape().clone();
+        let flat = out.flatten_all()?;
+        let storage = match out.dtype() {
+            DType::F32 => CpuStorage::F32(flat.to_vec1::<f32>()?),
+            DType::F64 => CpuStorage::F64(flat.to_vec1::<f64>()?),
+            DType::BF16 => CpuStorage::BF16(flat.to_vec1()?),
+            DType::F16 => CpuStorage::F16(flat.to_vec1()?),
+            dtype => candle_core::bail!("{}: unsupported dtype {dtype:?}", self.name),
+        };
+        Ok((storage, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _input: &candle_core::CudaStorage,
+        _layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        // `copy` gives a fresh, exactly-sized contiguous buffer we can clone out of the lock.
+        let out = self.take_output()?.copy()?;
+        let shape = out.shape().clone();
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, shape)),
+            _ => candle_core::bail!("{}: output is not on the CUDA device", self.name),
+        }
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        (self.backward)(grad_res).map(Some)
+    }
+}
+
+/// Returns `output` (computed from `input.detach()`) recorded in the graph as a function of `input`
+/// whose input gradient is `backward(output_grad)`. When `input` is not tracked, `output` is
+/// returned as it is and no graph node is made.
+pub fn with_backward(
+    name: &'static str,
+    input: &Tensor,
+    output: Tensor,
+    backward: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !input.track_op() {
+        return Ok(output);
+    }
+    let op = GradFn { name, output: Mutex::new(Some(output)), backward: Box::new(backward) };
+    input.apply_op1_arc(Arc::new(Box::new(op)))
+}
+
+/// `x @ weight.T` for a frozen `weight` [out, in]: the backward returns only `grad @ weight`.
+pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let y = matmul_t(&x.detach(), weight)?;
+    let weight = weight.clone();
+    with_backward("frozen_linear", x, y, move |grad| {
+        let dims = grad.dims().to_vec();
+        let out = *dims.last().expect("non-scalar grad");
+        let rows = grad.elem_count() / out;
+        let gx = grad.reshape((rows, out))?.matmul(&weight)?;
+        let mut shape = dims;
+        *shape.last_mut().expect("non-scalar") = weight.dim(1)?;
+        gx.reshape(shape)
+    })
+}
+
+/// `x @ weight.T` over the last dimension of `x` (any rank), recorded normally.
+pub fn matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let inner = *dims.last().expect("non-scalar input");
+    let rows = x.elem_count() / inner;
+    let y = x.reshape((rows, inner))?.matmul(&weight.t()?)?;
+    let mut shape = dims;
+    *shape.last_mut().expect("non-scalar") = weight.dim(0)?;
+    y.reshape(shape)
+}
+
+/// RMSNorm as torchtune computes it: in fp32, `x * rsqrt(mean(x^2) + eps)`, cast back to the input
+/// dtype, then times the frozen `scale`. The backward returns only the input gradient.
+pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.detach().to_dtype(DType::F32)?;
+    let rms = x32.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?;
+    let normed = x32.broadcast_div(&rms)?.to_dtype(dtype)?;
+    let y = normed.broadcast_mul(scale)?;
+    let (scale, x_saved) = (scale.clone(), x.detach());
+    with_backward("rms_norm", x, y, move |grad| {
+        // y = x * r * g with r = (mean(x^2) + eps)^-1/2:
+        // dx = r * (g*dy) - x * r^3 * mean(x * g*dy)
+        let x32 = x_saved.to_dtype(DType::F32)?;
+        let r = x32.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?.recip()?;
+        let gdy = grad.to_dtype(DType::F32)?.broadcast_mul(&scale.to_dtype(DType::F32)?)?;
+        let dot = (&x32 * &gdy)?.mean_keepdim(D::Minus1)?;
+        let dx = (gdy.broadcast_mul(&r)? - x32.broadcast_mul(&(r.powf(3.0)? * dot)?)?)?;
+        dx.to_dtype(grad.dtype())
+    })
+}
+
+/// torchtune's interleaved rotary embedding (pairs `x[2i], x[2i+1]`) on `x` [batch, heads, seq,
+/// head_dim] with `cos`/`sin` [seq, head_dim/2]. A rotation's backward is the inverse rotation.
+pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let x_detached = x.detach().contiguous()?;
+    let y = candle_nn::rotary_emb::rope_i(&x_detached, cos, sin)?;
+    let (cos, neg_sin) = (cos.clone(), sin.neg()?);
+    with_backward("rope", x, y, move |grad| {
+        candle_nn::rotary_emb::rope_i(&grad.contiguous()?, &cos, &neg_sin)
+    })
+}
+
+/// Softmax over the last dimension of `scores + mask` (the additive mask holds 0 or -inf and is
+/// constant). Backward: `y * (dy - sum(dy * y))`.
+pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let s = scores.detach();
+    let s = match mask {
+        Some(m) => s.broadcast_add(m)?,
+        None => s,
+    };
+    let y = candle_nn::ops::softmax_last_dim(&s.contiguous()?)?;
+    let y_saved = y.clone();
+    with_backward("softmax", scores, y, move |grad| {
+        let dot = (grad * &y_saved)?.sum_keepdim(D::Minus1)?;
+        y_saved.mul(&grad.broadcast_sub(&dot)?)
+    })
+}
+
+/// Sum over rows of `-log softmax(logits)[label]` for `logits` [rows, vocab] and `labels` [rows]
+/// (i64), skipping rows whose label is `ignore_index`. Computed in fp32. Backward:
+/// `(softmax - onehot) * valid * dy`. Returns (sum, number of counted rows).
+pub fn cross_entropy_sum(logits: &Tensor, labels: &Tensor, ignore_index: i64) -> Result<(Tensor, usize)> {
+    let device = logits.device().clone();
+    let (rows, vocab) = logits.dims2()?;
+    let labels_host: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1()?;
+    let valid_host: Vec<f32> = labels_host.iter().map(|&l| if l == ignore_index { 0.0 } else { 1.0 }).collect();
+    let counted = valid_host.iter().filter(|v| **v > 0.0).count();
+    if let Some(bad) = labels_host.iter().find(|&&l| l != ignore_index && (l < 0 || l as usize >= vocab)) {
+        candle_core::bail!("label {bad} is outside the vocabulary (size {vocab})");
+    }
+    let safe: Vec<u32> = labels_host.iter().map(|&l| if l == ignore_index { 0 } else { l as u32 }).collect();
+    let safe = Tensor::from_vec(safe, rows, &device)?;
+    let valid = Tensor::from_vec(valid_host, (rows, 1), &device)?;
+
+    let x = logits.detach().to_dtype(DType::F32)?;
+    let log_probs = candle_nn::ops::log_softmax(&x, D::Minus1)?;
+    let picked = log_probs.gather(&safe.unsqueeze(1)?, 1)?; // [rows, 1]
+    let loss = (picked * &valid)?.sum_all()?.neg()?;
+
+    let logits_dtype = logits.dtype();
+    with_backward("cross_entropy", logits, loss, move |grad| {
+        let probs = log_probs.exp()?;
+        let onehot = Tensor::zeros((rows, vocab), DType::F32, probs.device())?.scatter_add(
+            &safe.unsqueeze(1)?,
+            &Tensor::ones((rows, 1), DType::F32, probs.device())?,
+            1,
+        )?;
+        let g = grad.to_dtype(DType::F32)?;
+        ((probs - onehot)?.broadcast_mul(&valid)?.broadcast_mul(&g)?).to_dtype(logits_dtype)
+    })
+    .map(|loss| (loss, counted))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        // Small deterministic pseudo-random values without pulling in an RNG.
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Gradient of sum(f(x) * probe) wrt x: once through our op, once through plain candle ops.
+    fn grads(f_ours: impl Fn(&Tensor) -> Tensor, f_ref: impl Fn(&Tensor) -> Tensor, x: &Tensor) -> (Tensor, Tensor, f32) {
+        let probe = rand(f_ref(x).dims(), 99);
+        let v1 = Var::from_tensor(x).unwrap();
+        let y1 = f_ours(v1.as_tensor());
+        let g1 = (y1.clone() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let v2 = Var::from_tensor(x).unwrap();
+        let y2 = f_ref(v2.as_tensor());
+        let g2 = (y2.clone() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let fwd = max_abs(&y1, &y2);
+        (g1.get(v1.as_tensor()).unwrap().clone(), g2.get(v2.as_tensor()).unwrap().clone(), fwd)
+    }
+
+    #[test]
+    fn frozen_linear_matches_matmul_and_skips_weight_grad() {
+        let x = rand(&[2, 3, 8], 1);
+        let w = rand(&[5, 8], 2);
+        let wv = Var::from_tensor(&w).unwrap();
+        let xv = Var::from_tensor(&x).unwrap();
+        let y = frozen_linear(xv.as_tensor(), wv.as_tensor()).unwrap();
+        let store = y.sum_all().unwrap().backward().unwrap();
+        assert!(store.get(wv.as_tensor()).is_none(), "frozen weight must get no gradient");
+        let (g, gr, fwd) = grads(|x| frozen_linear(x, &w).unwrap(), |x| x.broadcast_matmul(&w.t().unwrap()).unwrap(), &x);
+        assert!(fwd < 1e-6);
+        assert!(max_abs(&g, &gr) < 1e-5);
+    }
+
+    #[test]
+    fn rms_norm_backward_matches_composed_ops() {
+        let x = rand(&[2, 3, 16], 3);
+        let scale = (rand(&[16], 4) + 1.0).unwrap();
+        let reference = |x: &Tensor| {
+            let r = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap().affine(1.0, 1e-5).unwrap().sqrt().unwrap();
+            x.broadcast_div(&r).unwrap().broadcast_mul(&scale).unwrap()
+        };
+        let (g, gr, fwd) = grads(|x| rms_norm(x, &scale, 1e-5).unwrap(), reference, &x);
+        assert!(fwd < 1e-5, "forward {fwd}");
+        assert!(max_abs(&g, &gr) < 1e-4, "grad {}", max_abs(&g, &gr));
+    }
+
+    #[test]
+    fn rope_backward_matches_composed_ops() {
+        let x = rand(&[1, 2, 4, 8], 5);
+        let cos = rand(&[4, 4], 6);
+        let sin = rand(&[4, 4], 7);
+        let reference = |x: &Tensor| {
+            let (b, h, t, d) = x.dims4().unwrap();
+            let pairs = x.reshape((b, h, t, d / 2, 2)).unwrap();
+            let x0 = pairs.narrow(4, 0, 1).unwrap().squeeze(4).unwrap();
+            let x1 = pairs.narrow(4, 1, 1).unwrap().squeeze(4).unwrap();
+            let y0 = (x0.broadcast_mul(&cos).unwrap() - x1.broadcast_mul(&sin).unwrap()).unwrap();
+            let y1 = (x0.broadcast_mul(&sin).unwrap() + x1.broadcast_mul(&cos).unwrap()).unwrap();
+            Tensor::stack(&[y0, y1], 4).unwrap().reshape((b, h, t, d)).unwrap()
+        };
+        let (g, gr, fwd) = grads(|x| rope_interleaved(x, &cos, &sin).unwrap(), reference, &x);
+        assert!(fwd < 1e-6);
+        assert!(max_abs(&g, &gr) < 1e-5);
+    }
+
+    #[test]
+    fn softmax_backward_matches_composed_ops() {
+        let x = rand(&[2, 5, 7], 8);
+        let reference = |x: &Tensor| {
+            let e = x.exp().unwrap();
+            e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
+        };
+        let (g, gr, fwd) = grads(|x| masked_softmax(x, None).unwrap(), reference, &x);
+        assert!(fwd < 1e-6);
+        assert!(max_abs(&g, &gr) < 1e-5);
+    }
+
+    #[test]
+    fn cross_entropy_backward_matches_composed_ops() {
+        let logits = rand(&[4, 6], 9);
+        let labels = Tensor::new(&[1i64, -100, 5, 0], &Device::Cpu).unwrap();
+        let v = Var::from_tensor(&logits).unwrap();
+        let (loss, n) = cross_entropy_sum(v.as_tensor(), &labels, -100).unwrap();
+        assert_eq!(n, 3);
+        let g = loss.backward().unwrap().get(v.as_tensor()).unwrap().clone();
+        let v2 = Var::from_tensor(&logits).unwrap();
+        let lp = candle_nn::ops::log_softmax(v2.as_tensor(), D::Minus1).unwrap();
+        let idx = Tensor::new(&[1u32, 0, 5, 0], &Device::Cpu).unwrap().unsqueeze(1).unwrap();
+        let mask = Tensor::new(&[[1f32], [0.], [1.], [1.]], &Device::Cpu).unwrap();
+        let ref_loss = (lp.gather(&idx, 1).unwrap() * mask).unwrap().sum_all().unwrap().neg().unwrap();
+        let gr = ref_loss.backward().unwrap().get(v2.as_tensor()).unwrap().clone();
+        assert!(max_abs(&loss, &ref_loss) < 1e-6);
+        assert!(max_abs(&g, &gr) < 1e-6);
+    }
+}

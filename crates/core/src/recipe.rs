@@ -1,0 +1,53 @@
+//! The `Recipe` trait: what `tune run <recipe>` dispatches to.
+
+use crate::config::Config;
+
+/// How `tune run` was invoked, beyond the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Resolve the config and build what needs no weights, print it, and exit.
+    pub dry_run: bool,
+    pub nnodes: usize,
+    pub nproc_per_node: usize,
+}
+
+impl RunOptions {
+    pub fn is_distributed(&self) -> bool {
+        self.nnodes > 1 || self.nproc_per_node > 1
+    }
+}
+
+/// A training/eval/generation recipe. Implementations register a [`RecipeEntry`].
+pub trait Recipe: Sync {
+    /// torchtune's recipe name, e.g. `lora_finetune_single_device`.
+    fn name(&self) -> &'static str;
+    /// Names of the built-in configs made for this recipe (e.g. `llama2/7B_lora_single_device`).
+    fn configs(&self) -> &'static [&'static str];
+    fn supports_distributed(&self) -> bool {
+        false
+    }
+    fn run(&self, config: Config, options: &RunOptions) -> anyhow::Result<()>;
+}
+
+/// Registration record for a recipe: `inventory::submit! { RecipeEntry(&MyRecipe) }`.
+pub struct RecipeEntry(pub &'static dyn Recipe);
+
+inventory::collect!(RecipeEntry);
+
+/// Every registered recipe, sorted by name.
+pub fn all() -> Vec<&'static dyn Recipe> {
+    let mut v: Vec<&'static dyn Recipe> = inventory::iter::<RecipeEntry>.into_iter().map(|e| e.0).collect();
+    v.sort_by_key(|r| r.name());
+    v
+}
+
+pub fn lookup(name: &str) -> anyhow::Result<&'static dyn Recipe> {
+    all().into_iter().find(|r| r.name() == name).ok_or_else(|| {
+        let names: Vec<&str> = all().iter().map(|r| r.name()).collect();
+        let close = crate::registry::closest(name, names.iter().copied(), 3);
+        anyhow::anyhow!(
+            "unknown recipe `{name}`{}; `tune ls` lists recipes",
+            if close.is_empty() { String::new() } else { format!(" (did you mean {}?)", close.join(", ")) }
+        )
+    })
+}

@@ -1,0 +1,1 @@
+//! Checks a whole config against the registry. (Placeholder: being completed.)
