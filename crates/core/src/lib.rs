@@ -21,7 +21,7 @@ pub mod recipe;
 pub mod registry;
 pub mod validate;
 
-pub use adapter::{Adapter, AdapterFactory, AdapterSpec};
+pub use adapter::{Adapter, AdapterFactory, AdapterSpec, FrozenLinear};
 pub use args::Args;
 pub use config::Config;
 pub use recipe::{Recipe, RecipeEntry};

@@ -1,0 +1,244 @@
+//! torchtune's Llama2 builders, registered under their dotted names.
+//!
+//! Each builder resolves its arguments into a [`ModelSpec`]; nothing is allocated until a
+//! checkpoint is loaded into it.
+
+use anyhow::{bail, Result};
+use tune_core::{AdapterSpec, ArgSpec, ArgType, Args, Component, ComponentKind};
+
+use crate::spec::{LoraSettings, ModelSpec, TransformerConfig, ATTN_MODULES};
+
+/// torchtune's default MLP width: 2/3 of 4*dim, rounded up to a multiple of 256.
+pub fn scale_hidden_dim_for_mlp(dim: usize) -> usize {
+    let hidden = 2 * (4 * dim) / 3;
+    256 * hidden.div_ceil(256)
+}
+
+/// Llama2 with explicit dimensions.
+#[allow(clippy::too_many_arguments)]
+pub fn llama2(
+    vocab_size: usize,
+    num_layers: usize,
+    num_heads: usize,
+    num_kv_heads: usize,
+    embed_dim: usize,
+    max_seq_len: usize,
+    intermediate_dim: Option<usize>,
+    norm_eps: f64,
+) -> TransformerConfig {
+    TransformerConfig {
+        vocab_size,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        embed_dim,
+        intermediate_dim: intermediate_dim.unwrap_or_else(|| scale_hidden_dim_for_mlp(embed_dim)),
+        max_seq_len,
+        norm_eps,
+        rope_base: 10_000.0,
+        attn_dropout: 0.0,
+        tie_word_embeddings: false,
+    }
+}
+
+pub fn llama2_7b() -> TransformerConfig {
+    llama2(32_000, 32, 32, 32, 4096, 4096, Some(11_008), 1e-5)
+}
+
+pub fn llama2_13b() -> TransformerConfig {
+    llama2(32_000, 40, 40, 40, 5120, 4096, Some(13_824), 1e-5)
+}
+
+pub fn llama2_70b() -> TransformerConfig {
+    llama2(32_000, 80, 64, 8, 8192, 4096, Some(28_672), 1e-5)
+}
+
+fn dims_from_args(args: &Args) -> Result<TransformerConfig> {
+    let mut c = llama2(
+        args.get("vocab_size")?,
+        args.get("num_layers")?,
+        args.get("num_heads")?,
+        args.get("num_kv_heads")?,
+        args.get("embed_dim")?,
+        args.get("max_seq_len")?,
+        args.get_opt("intermediate_dim")?,
+        args.get("norm_eps")?,
+    );
+    c.attn_dropout = args.get("attn_dropout")?;
+    if c.embed_dim % c.num_heads != 0 || c.num_heads % c.num_kv_heads.max(1) != 0 {
+        bail!(
+            "embed_dim ({}) must divide by num_heads ({}) and num_heads by num_kv_heads ({})",
+            c.embed_dim,
+            c.num_heads,
+            c.num_kv_heads
+        );
+    }
+    Ok(c)
+}
+
+/// Resolves torchtune's LoRA arguments; an empty or unknown `lora_attn_modules` is an error.
+pub fn lora_settings(args: &Args, quantize_base: bool) -> Result<LoraSettings> {
+    let modules: Vec<String> = args.get("lora_attn_modules")?;
+    if modules.is_empty() {
+        bail!(
+            "lora_attn_modules is empty: LoRA would train nothing in attention. Give a subset of \
+             {ATTN_MODULES:?}, e.g. model.lora_attn_modules=[q_proj,v_proj]"
+        );
+    }
+    for m in &modules {
+        if !ATTN_MODULES.contains(&m.as_str()) {
+            let hint = tune_core::registry::closest(m, ATTN_MODULES.iter().copied(), 1);
+            bail!(
+                "unknown module `{m}` in lora_attn_modules{}; choose from {ATTN_MODULES:?}",
+                hint.first().map(|h| format!(" (did you mean `{h}`?)")).unwrap_or_default()
+            );
+        }
+    }
+    let use_dora: bool = args.get("use_dora")?;
+    let quantize_base = quantize_base || args.get::<bool>("quantize_base")?;
+    let rank: usize = args.get("lora_rank")?;
+    if rank == 0 {
+        bail!("lora_rank must be at least 1");
+    }
+    let kind = match args.get_opt::<String>("adapter")? {
+        Some(kind) => kind,
+        None if use_dora => "dora".to_string(),
+        None => "lora".to_string(),
+    };
+    Ok(LoraSettings {
+        lora_attn_modules: modules,
+        apply_lora_to_mlp: args.get("apply_lora_to_mlp")?,
+        apply_lora_to_output: args.get("apply_lora_to_output")?,
+        adapter: AdapterSpec { kind, rank, alpha: args.get("lora_alpha")?, dropout: args.get("lora_dropout")? },
+        quantize_base,
+    })
+}
+
+fn spec(builder: &str, transformer: TransformerConfig, lora: Option<LoraSettings>) -> ModelSpec {
+    ModelSpec { builder: builder.to_string(), transformer, lora }
+}
+
+const DIM_ARGS: &[ArgSpec] = &[
+    ArgSpec::required("vocab_size", ArgType::Int),
+    ArgSpec::required("num_layers", ArgType::Int),
+    ArgSpec::required("num_heads", ArgType::Int),
+    ArgSpec::required("num_kv_heads", ArgType::Int),
+    ArgSpec::required("embed_dim", ArgType::Int),
+    ArgSpec::required("max_seq_len", ArgType::Int),
+    ArgSpec::nullable("intermediate_dim", ArgType::Int),
+    ArgSpec::optional("attn_dropout", ArgType::Float, "0.0"),
+    ArgSpec::optional("norm_eps", ArgType::Float, "1e-5"),
+];
+
+macro_rules! lora_args {
+    ($rank:literal, $alpha:literal $(, $extra:expr)*) => {
+        &[
+            ArgSpec::required("lora_attn_modules", ArgType::StrList),
+            ArgSpec::optional("apply_lora_to_mlp", ArgType::Bool, "false"),
+            ArgSpec::optional("apply_lora_to_output", ArgType::Bool, "false"),
+            ArgSpec::optional("lora_rank", ArgType::Int, $rank),
+            ArgSpec::optional("lora_alpha", ArgType::Float, $alpha),
+            ArgSpec::optional("lora_dropout", ArgType::Float, "0.0"),
+            ArgSpec::optional("use_dora", ArgType::Bool, "false"),
+            ArgSpec::optional("quantize_base", ArgType::Bool, "false"),
+            // tune-rs: pick any registered adapter (e.g. a plugin's `ia3`) for the selected layers.
+            ArgSpec::nullable("adapter", ArgType::Str),
+            $($extra,)*
+        ]
+    };
+}
+
+macro_rules! fixed_builder {
+    ($path:literal, $alias:literal, $f:ident) => {
+        tune_core::inventory::submit! {
+            Component {
+                path: $path,
+                aliases: &[$alias],
+                kind: ComponentKind::Model,
+                args: &[],
+                extra_args: false,
+                about: "Llama2 base model (all weights frozen)",
+                origin: "built-in",
+                build: |_| Ok(Box::new(spec($alias, $f(), None))),
+            }
+        }
+    };
+}
+
+macro_rules! lora_builder {
+    ($path:literal, $alias:literal, $f:ident, $rank:literal, $alpha:literal, $quant:literal) => {
+        tune_core::inventory::submit! {
+            Component {
+                path: $path,
+                aliases: &[$alias],
+                kind: ComponentKind::Model,
+                args: lora_args!($rank, $alpha),
+                extra_args: false,
+                about: "Llama2 with adapters on the chosen projections",
+                origin: "built-in",
+                build: |args| Ok(Box::new(spec($alias, $f(), Some(lora_settings(args, $quant)?)))),
+            }
+        }
+    };
+}
+
+fixed_builder!("torchtune.models.llama2.llama2_7b", "llama2_7b", llama2_7b);
+fixed_builder!("torchtune.models.llama2.llama2_13b", "llama2_13b", llama2_13b);
+fixed_builder!("torchtune.models.llama2.llama2_70b", "llama2_70b", llama2_70b);
+lora_builder!("torchtune.models.llama2.lora_llama2_7b", "lora_llama2_7b", llama2_7b, "8", "16", false);
+lora_builder!("torchtune.models.llama2.lora_llama2_13b", "lora_llama2_13b", llama2_13b, "8", "16", false);
+lora_builder!("torchtune.models.llama2.lora_llama2_70b", "lora_llama2_70b", llama2_70b, "8", "16", false);
+lora_builder!("torchtune.models.llama2.qlora_llama2_7b", "qlora_llama2_7b", llama2_7b, "8", "16", true);
+lora_builder!("torchtune.models.llama2.qlora_llama2_13b", "qlora_llama2_13b", llama2_13b, "8", "16", true);
+lora_builder!("torchtune.models.llama2.qlora_llama2_70b", "qlora_llama2_70b", llama2_70b, "8", "16", true);
+
+tune_core::inventory::submit! {
+    Component {
+        path: "torchtune.models.llama2.llama2",
+        aliases: &["llama2"],
+        kind: ComponentKind::Model,
+        args: DIM_ARGS,
+        extra_args: false,
+        about: "Llama2 with explicit dimensions",
+        origin: "built-in",
+        build: |args| Ok(Box::new(spec("llama2", dims_from_args(args)?, None))),
+    }
+}
+
+tune_core::inventory::submit! {
+    Component {
+        path: "torchtune.models.llama2.lora_llama2",
+        aliases: &["lora_llama2"],
+        kind: ComponentKind::Model,
+        args: lora_args!(
+            "8", "16",
+            ArgSpec::required("vocab_size", ArgType::Int),
+            ArgSpec::required("num_layers", ArgType::Int),
+            ArgSpec::required("num_heads", ArgType::Int),
+            ArgSpec::required("num_kv_heads", ArgType::Int),
+            ArgSpec::required("embed_dim", ArgType::Int),
+            ArgSpec::required("max_seq_len", ArgType::Int),
+            ArgSpec::nullable("intermediate_dim", ArgType::Int),
+            ArgSpec::optional("attn_dropout", ArgType::Float, "0.0"),
+            ArgSpec::optional("norm_eps", ArgType::Float, "1e-5")
+        ),
+        extra_args: false,
+        about: "Llama2 with explicit dimensions and adapters",
+        origin: "built-in",
+        build: |args| Ok(Box::new(spec("lora_llama2", dims_from_args(args)?, Some(lora_settings(args, false)?)))),
+    }
+}
+
+/// Builds a model spec from a config node (`_component_` plus arguments).
+pub fn model_spec_from_node(node: &serde_yaml::Value) -> Result<ModelSpec> {
+    let name = node
+        .get("_component_")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| anyhow::anyhow!("the `model` node needs a `_component_`"))?;
+    let component = tune_core::registry::lookup(name)?;
+    if component.kind != ComponentKind::Model {
+        bail!("`{name}` is a {} component; `model` needs a model builder", component.kind);
+    }
+    let built = component.build_from(node)?;
+    built.downcast::<ModelSpec>().map(|b| *b).map_err(|_| anyhow::anyhow!("`{name}` did not build a model"))
+}

@@ -1,0 +1,196 @@
+//! Reading Hugging Face checkpoints into torchtune-named tensors, with torchtune's validation.
+//!
+//! Accepts `model.safetensors`, sharded safetensors (listed explicitly or via
+//! `model.safetensors.index.json`) and PyTorch `.bin` files. Base weights must match the model
+//! exactly: any missing base key or unexpected key is an error listing them all; adapter keys may
+//! be missing (they are initialised). Shapes are checked per tensor.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use crate::convert::{hf_to_tune_name, permute_hf_to_tune, rope_rows};
+use crate::decoder::TransformerDecoder;
+use crate::spec::ModelSpec;
+
+/// The files of a checkpoint to read, resolved against `checkpoint_dir`.
+pub fn resolve_files(checkpoint_dir: &Path, files: &[String]) -> Result<Vec<PathBuf>> {
+    if !checkpoint_dir.is_dir() {
+        bail!(
+            "checkpoint_dir {} does not exist; set checkpointer.checkpoint_dir to the folder holding \
+             the model (e.g. made by `tune download`)",
+            checkpoint_dir.display()
+        );
+    }
+    let mut out = Vec::new();
+    for f in files {
+        let path = checkpoint_dir.join(f);
+        if f.ends_with(".index.json") {
+            let index: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?,
+            )
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+            let map = index["weight_map"]
+                .as_object()
+                .with_context(|| format!("{} has no weight_map", path.display()))?;
+            let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            out.extend(shards.into_iter().map(|s| checkpoint_dir.join(s)));
+            continue;
+        }
+        if !path.is_file() {
+            let present: Vec<String> = std::fs::read_dir(checkpoint_dir)
+                .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                .unwrap_or_default();
+            bail!(
+                "checkpoint file {} not found; checkpointer.checkpoint_files lists files inside \
+                 checkpoint_dir, which holds: {}",
+                path.display(),
+                present.join(", ")
+            );
+        }
+        out.push(path);
+    }
+    if out.is_empty() {
+        bail!("checkpointer.checkpoint_files is empty; name the model's weight files");
+    }
+    Ok(out)
+}
+
+/// Reads every tensor of the given files (HF names) onto the CPU in their stored dtype.
+pub fn read_tensors(paths: &[PathBuf]) -> Result<HashMap<String, Tensor>> {
+    let mut all = HashMap::new();
+    for path in paths {
+        let name = path.display().to_string();
+        let tensors: Vec<(String, Tensor)> = if name.ends_with(".safetensors") {
+            candle_core::safetensors::load(path, &Device::Cpu)
+                .with_context(|| format!("cannot read {name}: the file is truncated or not safetensors; re-download it"))?
+                .into_iter()
+                .collect()
+        } else if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
+            candle_core::pickle::read_all(path)
+                .with_context(|| format!("cannot read PyTorch checkpoint {name}: truncated or not a torch.save zip"))?
+        } else {
+            bail!("unsupported checkpoint file {name}: expected .safetensors or a PyTorch .bin");
+        };
+        for (k, v) in tensors {
+            if all.insert(k.clone(), v).is_some() {
+                bail!("tensor `{k}` appears in more than one checkpoint file");
+            }
+        }
+    }
+    Ok(all)
+}
+
+/// Converts HF-named tensors to torchtune names (with the q/k row permutation).
+/// Names that are not Llama weights are returned in the error list of unexpected keys.
+pub fn hf_to_tune(spec: &ModelSpec, hf: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+    let c = &spec.transformer;
+    let mut out = HashMap::new();
+    let mut unknown = Vec::new();
+    for (name, t) in hf {
+        // HF stores the RoPE inverse frequencies in some checkpoints; they are not parameters.
+        if name.ends_with("rotary_emb.inv_freq") {
+            continue;
+        }
+        match hf_to_tune_name(&name) {
+            Some(tune) => {
+                let t = match rope_rows(&tune) {
+                    Some("q") => permute_hf_to_tune(&t, c.num_heads)?,
+                    Some(_) => permute_hf_to_tune(&t, c.num_kv_heads)?,
+                    None => t,
+                };
+                out.insert(tune, t);
+            }
+            None => unknown.push(name),
+        }
+    }
+    if !unknown.is_empty() {
+        unknown.sort();
+        bail!("unexpected keys in the checkpoint (not Llama2 weights): {}", unknown.join(", "));
+    }
+    Ok(out)
+}
+
+/// torchtune's check: every base key present, nothing unexpected, every shape right.
+pub fn validate_base(spec: &ModelSpec, weights: &HashMap<String, Tensor>) -> Result<()> {
+    let params = spec.params()?;
+    let base: HashMap<&str, &[usize]> =
+        params.iter().filter(|p| !p.trainable).map(|p| (p.name.as_str(), p.shape.as_slice())).collect();
+    let mut missing: Vec<&str> = base
+        .keys()
+        .copied()
+        .filter(|k| !weights.contains_key(*k))
+        .filter(|k| !(*k == "output.weight" && spec.transformer.tie_word_embeddings))
+        .collect();
+    let mut unexpected: Vec<&str> =
+        weights.keys().map(String::as_str).filter(|k| !base.contains_key(k)).collect();
+    missing.sort();
+    unexpected.sort();
+    if !missing.is_empty() || !unexpected.is_empty() {
+        bail!(
+            "checkpoint does not match {}: missing base keys [{}], unexpected keys [{}]. Check the \
+             model builder's dimensions against the checkpoint's config.json",
+            spec.builder,
+            missing.join(", "),
+            unexpected.join(", ")
+        );
+    }
+    for (name, t) in weights {
+        let expected = base[name.as_str()];
+        if t.dims() != expected {
+            bail!(
+                "tensor `{name}` has shape {:?}, the model expects {:?}; the checkpoint was made for \
+                 different dimensions than {}",
+                t.dims(),
+                expected,
+                spec.builder
+            );
+        }
+        if !t.dtype().is_float() {
+            bail!("tensor `{name}` has dtype {:?}; expected a floating-point weight", t.dtype());
+        }
+    }
+    Ok(())
+}
+
+/// Reads `config.json` next to the weights, if any.
+pub fn read_hf_config(checkpoint_dir: &Path) -> Result<Option<serde_json::Value>> {
+    let path = checkpoint_dir.join("config.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?))
+}
+
+/// Loads a Llama2 HF checkpoint into the model described by `spec`.
+/// Ties the output to the embedding when config.json says `tie_word_embeddings` and the checkpoint
+/// has no `lm_head.weight`. Returns the model and the (possibly updated) spec.
+pub fn load_model(
+    spec: &ModelSpec,
+    checkpoint_dir: &Path,
+    files: &[String],
+    dtype: DType,
+    device: &Device,
+    seed: u64,
+) -> Result<(TransformerDecoder, ModelSpec)> {
+    let mut spec = spec.clone();
+    let paths = resolve_files(checkpoint_dir, files)?;
+    let hf = read_tensors(&paths)?;
+    let tied_in_config = read_hf_config(checkpoint_dir)?
+        .and_then(|c| c.get("tie_word_embeddings").and_then(|v| v.as_bool()))
+        .unwrap_or(false);
+    if tied_in_config && !hf.contains_key("lm_head.weight") {
+        spec.transformer.tie_word_embeddings = true;
+    }
+    let tune = hf_to_tune(&spec, hf)?;
+    validate_base(&spec, &tune)?;
+    let mut on_device = HashMap::with_capacity(tune.len());
+    for (name, t) in tune {
+        on_device.insert(name, t.to_dtype(dtype)?.to_device(device)?);
+    }
+    let model = TransformerDecoder::from_weights(&spec, on_device, seed)?;
+    Ok((model, spec))
+}

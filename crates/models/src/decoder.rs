@@ -1,0 +1,288 @@
+//! The Llama2 TransformerDecoder, structured and named as torchtune's.
+//!
+//! `h = x + attn(sa_norm(x)); out = h + mlp(mlp_norm(h))`; RMSNorm in fp32; interleaved RoPE on q
+//! and k; grouped-query attention by repeating kv heads; causal softmax attention; fp32 logits.
+//! Every projection is a `Box<dyn Adapter>`, so LoRA/QLoRA/DoRA/plugins never change this file.
+
+use std::collections::HashMap;
+
+use anyhow::{anyhow, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use tune_core::autograd::{masked_softmax, rms_norm, rope_interleaved};
+use tune_core::{Adapter, AdapterFactory, FrozenLinear};
+
+use crate::spec::{ModelSpec, TransformerConfig};
+
+pub struct Attention {
+    pub q_proj: Box<dyn Adapter>,
+    pub k_proj: Box<dyn Adapter>,
+    pub v_proj: Box<dyn Adapter>,
+    pub output_proj: Box<dyn Adapter>,
+}
+
+pub struct FeedForward {
+    /// gate
+    pub w1: Box<dyn Adapter>,
+    /// down
+    pub w2: Box<dyn Adapter>,
+    /// up
+    pub w3: Box<dyn Adapter>,
+}
+
+pub struct DecoderLayer {
+    pub sa_norm: Tensor,
+    pub attn: Attention,
+    pub mlp_norm: Tensor,
+    pub mlp: FeedForward,
+}
+
+/// Options for one forward pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Forward {
+    /// Training mode (enables adapter dropout).
+    pub train: bool,
+    /// Run the base model only (torchtune's `disable_adapter`).
+    pub adapters_disabled: bool,
+    /// Keep every layer's output (for parity checks).
+    pub capture_hidden: bool,
+}
+
+pub struct TransformerDecoder {
+    pub config: TransformerConfig,
+    pub tok_embeddings: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Tensor,
+    pub output: Box<dyn Adapter>,
+    rope_cos: Tensor,
+    rope_sin: Tensor,
+}
+
+/// Forward output: fp32 logits [batch, seq, vocab] and optionally named hidden states.
+pub struct ForwardOutput {
+    pub logits: Tensor,
+    pub hidden: Vec<(String, Tensor)>,
+}
+
+impl TransformerDecoder {
+    /// Builds the model from base weights in torchtune names (already validated and converted to
+    /// the run's dtype/device). Adapted projections get their adapter from the registry; `seed`
+    /// makes adapter initialisation reproducible.
+    pub fn from_weights(spec: &ModelSpec, mut weights: HashMap<String, Tensor>, seed: u64) -> Result<Self> {
+        let config = spec.transformer.clone();
+        let factory: Option<std::sync::Arc<dyn AdapterFactory>> = match &spec.lora {
+            Some(l) => Some(tune_adapters::factory(&l.adapter.kind)?),
+            None => None,
+        };
+        let mut take = |name: &str| weights.remove(name).ok_or_else(|| anyhow!("missing weight `{name}`"));
+        let tok_embeddings = take("tok_embeddings.weight")?;
+        let device = tok_embeddings.device().clone();
+        let dtype = tok_embeddings.dtype();
+
+        let mut layer_seed = seed;
+        let mut make = |slot_name: &str, adapted: bool, weight: Tensor| -> Result<Box<dyn Adapter>> {
+            layer_seed = layer_seed.wrapping_add(1);
+            match (&factory, &spec.lora) {
+                (Some(f), Some(l)) if adapted => f
+                    .build(&l.adapter, weight, layer_seed)
+                    .with_context(|| format!("building the {} adapter of {slot_name}", l.adapter.kind)),
+                _ => Ok(Box::new(FrozenLinear { weight })),
+            }
+        };
+        let slots = spec.linear_slots();
+        let mut slot_iter = slots.iter();
+        let mut next_linear = |take: &mut dyn FnMut(&str) -> Result<Tensor>| -> Result<Box<dyn Adapter>> {
+            let slot = slot_iter.next().ok_or_else(|| anyhow!("model has fewer linear slots than expected"))?;
+            let w = take(&format!("{}.weight", slot.prefix))?;
+            make(&slot.prefix, slot.adapted, w)
+        };
+
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let sa_norm = take(&format!("layers.{i}.sa_norm.scale"))?;
+            let attn = Attention {
+                q_proj: next_linear(&mut take)?,
+                k_proj: next_linear(&mut take)?,
+                v_proj: next_linear(&mut take)?,
+                output_proj: next_linear(&mut take)?,
+            };
+            let mlp_norm = take(&format!("layers.{i}.mlp_norm.scale"))?;
+            let mlp = FeedForward { w1: next_linear(&mut take)?, w2: next_linear(&mut take)?, w3: next_linear(&mut take)? };
+            layers.push(DecoderLayer { sa_norm, attn, mlp_norm, mlp });
+        }
+        let norm = take("norm.scale")?;
+        let output_weight = if config.tie_word_embeddings {
+            weights.remove("output.weight").unwrap_or_else(|| tok_embeddings.clone())
+        } else {
+            take("output.weight")?
+        };
+        let output = next_linear(&mut |_: &str| Ok(output_weight.clone()))?;
+        let (rope_cos, rope_sin) = rope_cache(config.head_dim(), config.max_seq_len, config.rope_base, &device, dtype)?;
+        Ok(TransformerDecoder { config, tok_embeddings, layers, norm, output, rope_cos, rope_sin })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.tok_embeddings.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.tok_embeddings.dtype()
+    }
+
+    /// Every linear layer with its torchtune prefix, in `named_modules` order.
+    pub fn linears(&self) -> Vec<(String, &dyn Adapter)> {
+        let mut out: Vec<(String, &dyn Adapter)> = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for (n, a) in [
+                ("attn.q_proj", &l.attn.q_proj),
+                ("attn.k_proj", &l.attn.k_proj),
+                ("attn.v_proj", &l.attn.v_proj),
+                ("attn.output_proj", &l.attn.output_proj),
+                ("mlp.w1", &l.mlp.w1),
+                ("mlp.w2", &l.mlp.w2),
+                ("mlp.w3", &l.mlp.w3),
+            ] {
+                out.push((format!("layers.{i}.{n}"), a.as_ref()));
+            }
+        }
+        out.push(("output".to_string(), self.output.as_ref()));
+        out
+    }
+
+    /// Trainable tensors with full torchtune names (`layers.0.attn.q_proj.lora_a.weight`).
+    pub fn adapter_params(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (prefix, layer) in self.linears() {
+            for (suffix, var) in layer.trainable() {
+                out.push((format!("{prefix}.{suffix}"), var));
+            }
+        }
+        out
+    }
+
+    /// Sets adapter tensors from a map of torchtune names. Every adapter tensor must be present
+    /// and shaped right; names that are not adapter tensors of this model are an error.
+    pub fn load_adapter(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        let params = self.adapter_params();
+        let known: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
+        let unexpected: Vec<&String> = tensors.keys().filter(|k| !known.contains(&k.as_str())).collect();
+        let missing: Vec<&str> = known.iter().copied().filter(|k| !tensors.contains_key(*k)).collect();
+        if !unexpected.is_empty() || !missing.is_empty() {
+            anyhow::bail!(
+                "adapter checkpoint does not fit the model: missing {missing:?}, unexpected {unexpected:?} \
+                 (check lora_attn_modules, apply_lora_to_mlp/output and lora_rank against the run that saved it)"
+            );
+        }
+        for (name, var) in params {
+            let t = &tensors[&name];
+            if t.dims() != var.dims() {
+                anyhow::bail!("adapter tensor `{name}`: expected shape {:?}, found {:?}", var.dims(), t.dims());
+            }
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        for (_, layer) in self.linears() {
+            layer.on_weights_loaded()?;
+        }
+        Ok(())
+    }
+
+    pub fn forward(&self, tokens: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.forward_with(tokens, Forward { train, ..Default::default() })?.logits)
+    }
+
+    /// `tokens` [batch, seq] (u32 or i64) -> fp32 logits [batch, seq, vocab].
+    pub fn forward_with(&self, tokens: &Tensor, opts: Forward) -> Result<ForwardOutput> {
+        let (batch, seq) = tokens.dims2()?;
+        if seq > self.config.max_seq_len {
+            anyhow::bail!("sequence length {seq} exceeds the model's max_seq_len {}", self.config.max_seq_len);
+        }
+        let ids = tokens.flatten_all()?.to_dtype(DType::U32)?;
+        let mut h = self.tok_embeddings.index_select(&ids, 0)?.reshape((batch, seq, self.config.embed_dim))?;
+        let mut hidden = Vec::new();
+        if opts.capture_hidden {
+            hidden.push(("tok_embeddings".to_string(), h.clone()));
+        }
+        let cos = self.rope_cos.narrow(0, 0, seq)?;
+        let sin = self.rope_sin.narrow(0, 0, seq)?;
+        let mask = causal_mask(seq, h.device(), h.dtype())?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = self.layer_forward(layer, &h, &cos, &sin, &mask, opts)?;
+            if opts.capture_hidden {
+                hidden.push((format!("layers.{i}"), h.clone()));
+            }
+        }
+        let normed = rms_norm(&h, &self.norm, self.config.norm_eps)?;
+        if opts.capture_hidden {
+            hidden.push(("norm".to_string(), normed.clone()));
+        }
+        let logits = proj(&self.output, &normed, opts)?.to_dtype(DType::F32)?;
+        Ok(ForwardOutput { logits, hidden })
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        opts: Forward,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, s, _) = x.dims3()?;
+        let hd = c.head_dim();
+        let a = &layer.attn;
+        let xn = rms_norm(x, &layer.sa_norm, c.norm_eps)?;
+        let q = proj(&a.q_proj, &xn, opts)?.reshape((b, s, c.num_heads, hd))?.transpose(1, 2)?;
+        let k = proj(&a.k_proj, &xn, opts)?.reshape((b, s, c.num_kv_heads, hd))?.transpose(1, 2)?;
+        let v = proj(&a.v_proj, &xn, opts)?.reshape((b, s, c.num_kv_heads, hd))?.transpose(1, 2)?;
+        let q = rope_interleaved(&q, cos, sin)?;
+        let k = rope_interleaved(&k, cos, sin)?;
+        let (k, v) = (repeat_kv(&k, c.num_heads / c.num_kv_heads)?, repeat_kv(&v, c.num_heads / c.num_kv_heads)?);
+        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
+        let probs = masked_softmax(&scores, Some(mask))?;
+        let attn = probs.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((b, s, c.num_heads * hd))?;
+        let h = (x + proj(&a.output_proj, &attn, opts)?)?;
+
+        let hn = rms_norm(&h, &layer.mlp_norm, c.norm_eps)?;
+        let m = &layer.mlp;
+        let gate = proj(&m.w1, &hn, opts)?.silu()?;
+        let up = proj(&m.w3, &hn, opts)?;
+        let out = proj(&m.w2, &(gate * up)?, opts)?;
+        Ok((h + out)?)
+    }
+}
+
+fn proj(layer: &Box<dyn Adapter>, x: &Tensor, opts: Forward) -> candle_core::Result<Tensor> {
+    if opts.adapters_disabled {
+        layer.forward_base(x)
+    } else {
+        layer.forward(x, opts.train)
+    }
+}
+
+/// Repeats each kv head `times` times consecutively ([b, kv, s, d] -> [b, kv*times, s, d]).
+fn repeat_kv(x: &Tensor, times: usize) -> candle_core::Result<Tensor> {
+    if times == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    x.unsqueeze(2)?.expand((b, kv, times, s, d))?.reshape((b, kv * times, s, d))
+}
+
+/// Additive causal mask [seq, seq]: 0 on and below the diagonal, -inf above.
+pub fn causal_mask(seq: usize, device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
+    let values: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(values, (seq, seq), device)?.to_dtype(dtype)
+}
+
+/// torchtune's RoPE tables: theta_i = base^(-2i/d), angle = position * theta_i, in fp32.
+pub fn rope_cache(head_dim: usize, max_seq_len: usize, base: f64, device: &Device, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let theta: Vec<f32> = (0..half).map(|i| 1.0 / (base as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
+    let theta = Tensor::from_vec(theta, (1, half), device)?;
+    let positions = Tensor::arange(0u32, max_seq_len as u32, device)?.to_dtype(DType::F32)?.reshape((max_seq_len, 1))?;
+    let angles = positions.broadcast_mul(&theta)?;
+    Ok((angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?))
+}

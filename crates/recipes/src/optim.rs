@@ -1,0 +1,106 @@
+//! AdamW with torch's semantics, over the adapter's trainable tensors.
+//!
+//! Per step t (torch.optim.AdamW, non-amsgrad): `p *= 1 - lr*wd; m = b1 m + (1-b1) g;
+//! v = b2 v + (1-b2) g^2; p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)`.
+//! Moments are kept in fp32 whatever the parameter dtype.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor, Var};
+use tune_core::{ArgSpec, ArgType, Args, Component, ComponentKind};
+
+/// AdamW hyper-parameters (torch's names and defaults).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl AdamWConfig {
+    pub fn from_args(args: &Args) -> Result<Self> {
+        let betas: Vec<f64> = args.get("betas")?;
+        if betas.len() != 2 {
+            bail!("optimizer.betas must have two values, e.g. [0.9, 0.999]");
+        }
+        if args.get::<bool>("amsgrad")? {
+            bail!("optimizer.amsgrad=True is not supported; remove it");
+        }
+        Ok(AdamWConfig { lr: args.get("lr")?, betas: (betas[0], betas[1]), eps: args.get("eps")?, weight_decay: args.get("weight_decay")? })
+    }
+}
+
+/// One parameter's optimizer state.
+pub struct ParamState {
+    pub name: String,
+    pub var: Var,
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+}
+
+pub struct AdamW {
+    pub config: AdamWConfig,
+    pub params: Vec<ParamState>,
+    /// Number of steps taken (torch's `state['step']`, shared by all params here).
+    pub step: u64,
+}
+
+impl AdamW {
+    pub fn new(config: AdamWConfig, params: Vec<(String, Var)>) -> Result<Self> {
+        let params = params
+            .into_iter()
+            .map(|(name, var)| {
+                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                Ok(ParamState { name, var, exp_avg: zeros.clone(), exp_avg_sq: zeros })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(AdamW { config, params, step: 0 })
+    }
+
+    /// One update at learning rate `lr`; `grads[i]` is the gradient of `params[i]`.
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        if grads.len() != self.params.len() {
+            bail!("AdamW got {} gradients for {} parameters", grads.len(), self.params.len());
+        }
+        self.step += 1;
+        let c = &self.config;
+        let (b1, b2) = c.betas;
+        let t = self.step as i32;
+        let bias1 = 1.0 - b1.powi(t);
+        let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
+        let step_size = lr / bias1;
+        for (state, grad) in self.params.iter_mut().zip(grads) {
+            let g = grad.to_dtype(DType::F32)?;
+            let p = state.var.as_tensor().to_dtype(DType::F32)?;
+            let p = (p * (1.0 - lr * c.weight_decay))?;
+            state.exp_avg = ((&state.exp_avg * b1)? + (&g * (1.0 - b1))?)?;
+            state.exp_avg_sq = ((&state.exp_avg_sq * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let denom = ((state.exp_avg_sq.sqrt()? / bias2_sqrt)? + c.eps)?;
+            let update = (state.exp_avg.div(&denom)? * step_size)?;
+            let new = (p - update)?.to_dtype(state.var.dtype())?;
+            state.var.set(&new)?;
+        }
+        Ok(())
+    }
+}
+
+tune_core::inventory::submit! {
+    Component {
+        path: "torch.optim.AdamW",
+        aliases: &["AdamW", "torch.optim.adamw.AdamW"],
+        kind: ComponentKind::Optimizer,
+        args: &[
+            ArgSpec::optional("lr", ArgType::Float, "0.001"),
+            ArgSpec::optional("betas", ArgType::FloatList, "[0.9, 0.999]"),
+            ArgSpec::optional("eps", ArgType::Float, "1e-8"),
+            ArgSpec::optional("weight_decay", ArgType::Float, "0.01"),
+            ArgSpec::optional("amsgrad", ArgType::Bool, "false"),
+            ArgSpec::nullable("fused", ArgType::Bool),
+            ArgSpec::nullable("foreach", ArgType::Bool),
+        ],
+        extra_args: false,
+        about: "AdamW with torch semantics (fp32 moments)",
+        origin: "built-in",
+        build: |args| Ok(Box::new(AdamWConfig::from_args(args)?)),
+    }
+}
