@@ -131,6 +131,7 @@ fn five_adamw_steps_match_torchtune() {
     let mut opt = AdamW::new(config, params.clone()).unwrap();
     let per_step = fixture("adapter_per_step.safetensors");
     let losses = [5.633181571960449f32, 4.741989612579346, 4.276536464691162, 3.970587730407715, 3.6425726413726807];
+    let (mut outside, mut total) = (0usize, 0usize);
     for (step, want_loss) in losses.iter().enumerate() {
         let logits = model.forward(&tokens, true).unwrap();
         let (sum, n) = chunked_ce_sum(&logits, &labels).unwrap();
@@ -143,14 +144,16 @@ fn five_adamw_steps_match_torchtune() {
         for (name, var) in &params {
             let want = &per_step[&format!("step{}.{name}", step + 1)];
             let d = max_abs_diff(var.as_tensor(), want);
-            let rel = norm(&(var.as_tensor() - want).unwrap()) / norm(want);
+            let diffs: Vec<f32> = (var.as_tensor() - want).unwrap().abs().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            outside += diffs.iter().filter(|&&x| x > 1e-5).count();
+            total += diffs.len();
             // Adam's first step moves each weight by ~lr * g/(|g| + eps): for the few entries whose
             // gradient is ~1e-6, fp32 rounding differences between any two implementations (ours
-            // and torch's differ by ~3e-6 relative in the gradients, the same as our fp64 run does)
-            // are amplified to ~2e-5 (one entry of 4480 here). Every tensor matches to 1e-5 in
-            // norm and every entry to 5e-5.
-            assert!(rel <= 1e-5, "after step {}: {name} differs by {rel:e} relative", step + 1);
+            // and torch's gradients differ by ~3e-6 relative, as much as our fp64 run does) are
+            // amplified to ~2e-5. So: all entries within 5e-5, and at most 0.1% beyond 1e-5
+            // (here 1 entry of 4480).
             assert!(d <= 5e-5, "after step {}: {name} differs by {d:e}", step + 1);
         }
     }
+    assert!(outside * 1000 <= total, "{outside} of {total} adapter entries differ by more than 1e-5");
 }
