@@ -51,3 +51,15 @@ pub fn lookup(name: &str) -> anyhow::Result<&'static dyn Recipe> {
         )
     })
 }
+
+static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks a running recipe to save a checkpoint at the next step boundary and exit (Ctrl-C).
+pub fn request_stop() {
+    STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether [`request_stop`] was called.
+pub fn stop_requested() -> bool {
+    STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst)
+}

@@ -1,12 +1,30 @@
 //! tune-recipes: the recipes `tune run` dispatches to, and the training pieces they share.
 //!
+//! Recipes (each registers itself):
+//! - [`lora_finetune_single_device`]: torchtune's LoRA/QLoRA/DoRA fine-tune on one device.
+//!
+//! Pieces:
+//! - [`settings`]: device, dtype and top-level keys.
+//! - [`data`]: tokenizer + dataset + sampler + collate from the config.
+//! - [`loss`]: `CEWithChunkedOutputLoss`.
 //! - [`optim`]: AdamW with torch's semantics.
 //! - [`lr_schedule`]: torchtune's cosine schedule with warmup.
-//! - [`loss`]: `CEWithChunkedOutputLoss`.
+//! - [`checkpointer`]: `FullModelHFCheckpointer` (load; save merged weights, PEFT adapter, state).
+//! - [`metric_logging`]: DiskLogger, StdoutLogger, TensorBoardLogger.
+//! - [`atomic`]: crash-safe file and folder writes.
+//! - [`selfcheck`] and [`bench`]: fixture parity and speed on any device (`tune selfcheck`, `tune bench`).
 
+pub mod atomic;
+pub mod bench;
+pub mod checkpointer;
+pub mod data;
+pub mod lora_finetune_single_device;
 pub mod loss;
 pub mod lr_schedule;
+pub mod metric_logging;
 pub mod optim;
+pub mod selfcheck;
+pub mod settings;
 
 /// Referencing this from the binary links the recipes crate (and, through it, every crate whose
 /// components register themselves), so the `_component_` registry is complete.

@@ -1,0 +1,97 @@
+//! Training-step benchmark on a random-weight Llama2 (`tune bench`): tokens/s, peak memory and,
+//! on GPUs, model-FLOP utilisation. Used for BENCHMARKS.md on CPU and by scripts/gpu-check.sh.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+use tune_models::{ModelSpec, TransformerDecoder};
+
+use crate::loss::chunked_ce_sum;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::settings::peak_rss_gib;
+
+/// Builds `spec` with N(0, 0.02) base weights (norm scales 1) directly on `device`.
+pub fn random_model(spec: &ModelSpec, device: &Device, dtype: DType, seed: u64) -> Result<TransformerDecoder> {
+    device.set_seed(seed)?;
+    let mut weights = HashMap::new();
+    for p in spec.params()?.into_iter().filter(|p| !p.trainable) {
+        let t = if p.shape.len() == 1 {
+            Tensor::ones(p.shape.as_slice(), dtype, device)?
+        } else {
+            Tensor::randn(0f32, 0.02, p.shape.as_slice(), device)?.to_dtype(dtype)?
+        };
+        weights.insert(p.name, t);
+    }
+    let model = TransformerDecoder::from_weights(spec, weights, seed)?;
+    // Give B a value so the adapter path does real work in the backward.
+    for (name, var) in model.adapter_params() {
+        if name.ends_with("lora_b.weight") {
+            var.set(&Tensor::randn(0f32, 0.02, var.shape(), device)?.to_dtype(var.dtype())?)?;
+        }
+    }
+    Ok(model)
+}
+
+/// Device memory in use (bytes) as the driver reports it, on CUDA builds.
+pub fn device_memory_used(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = device {
+        use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
+        if let Ok((free, total)) = mem_get_info() {
+            return Some((total - free) as u64);
+        }
+    }
+    let _ = device;
+    None
+}
+
+/// Runs `warmup + steps` full training steps (forward, loss, backward, AdamW) on random tokens.
+pub fn train_steps(model: &TransformerDecoder, batch: usize, seq: usize, warmup: usize, steps: usize) -> Result<serde_json::Value> {
+    let device = model.device().clone();
+    let c = model.config.clone();
+    let params = model.adapter_params();
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-4, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01 }, params.clone())?;
+    let tokens = Tensor::rand(0f32, c.vocab_size as f32, (batch, seq), &device)?.to_dtype(DType::U32)?;
+    let labels = tokens.to_dtype(DType::I64)?;
+    let mut peak_device: u64 = device_memory_used(&device).unwrap_or(0);
+    let mut times = Vec::new();
+    for i in 0..warmup + steps {
+        device.synchronize()?;
+        let start = Instant::now();
+        let logits = model.forward(&tokens, true)?;
+        let (sum, n) = chunked_ce_sum(&logits, &labels)?;
+        let loss = (sum / n as f64)?;
+        let store = loss.backward()?;
+        let grads: Vec<Tensor> = params.iter().map(|(_, v)| store.get(v.as_tensor()).cloned().expect("adapter grad")).collect();
+        if let Some(used) = device_memory_used(&device) {
+            peak_device = peak_device.max(used);
+        }
+        drop(store);
+        opt.step(&grads, 1e-4)?;
+        let _: f32 = loss.to_dtype(DType::F32)?.to_scalar()?;
+        device.synchronize()?;
+        if i >= warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    let tokens_per_step = (batch * seq) as f64;
+    // Model FLOPs per token, the usual 6N (+ causal attention 6 * layers * seq * dim) convention.
+    let n_params: f64 = model.linears().iter().map(|(_, l)| l.base_weight().map(|w| w.elem_count() as f64).unwrap_or(0.0)).sum();
+    let attn = 6.0 * c.num_layers as f64 * seq as f64 * c.embed_dim as f64;
+    let flops_per_token = 6.0 * n_params + attn;
+    Ok(json!({
+        "batch_size": batch,
+        "seq_len": seq,
+        "steps_timed": steps,
+        "mean_step_seconds": mean,
+        "tokens_per_second": tokens_per_step / mean,
+        "model_flops_per_token": flops_per_token,
+        "achieved_tflops": flops_per_token * tokens_per_step / mean / 1e12,
+        "peak_rss_gib": peak_rss_gib(),
+        "peak_device_memory_gib": if peak_device > 0 { Some(peak_device as f64 / (1u64 << 30) as f64) } else { None },
+    }))
+}

@@ -1,0 +1,404 @@
+//! `FullModelHFCheckpointer`: reads a Hugging Face checkpoint, writes each epoch's outputs.
+//!
+//! Output layout of `output_dir/epoch_{N}/` (every file written to a temp name and renamed; the
+//! whole folder is staged and moved into place, so a kill never leaves a torn checkpoint):
+//!
+//! ```text
+//! epoch_0/
+//!   config.json, tokenizer files ...            copied from checkpoint_dir
+//!   model-00001-of-0000K.safetensors + index    merged weights, HF names, input dtype
+//!                                               (absent with save_adapter_weights_only)
+//!   adapter/adapter_model.safetensors           PEFT names: `PeftModel.from_pretrained(base, "epoch_0/adapter")`
+//!   adapter/adapter_config.json
+//!   recipe_state/adapter_torchtune.safetensors  the adapter in torchtune names (resume, warm starts)
+//!   recipe_state/optimizer.safetensors          AdamW moments
+//!   recipe_state/recipe_state.json              epoch, step, data-loader position, seed
+//! ```
+//! The adapter lives in its own folder because recent `transformers` releases apply an
+//! `adapter_config.json` found next to `config.json` automatically: with torchtune's flat layout,
+//! loading the merged model would add the adapter a second time.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use tune_core::{ArgSpec, ArgType, Args, Component, ComponentKind};
+use tune_models::checkpoint::{load_model, resolve_files};
+use tune_models::convert::{
+    peft_to_tune_adapter_name, permute_hf_to_tune, permute_tune_to_hf, rope_rows, tune_to_hf_name,
+    tune_to_peft_adapter_name,
+};
+use tune_models::{ModelSpec, TransformerDecoder};
+
+use crate::atomic;
+
+/// The checkpointer's arguments (torchtune's names).
+#[derive(Debug, Clone)]
+pub struct HfCheckpointer {
+    pub checkpoint_dir: PathBuf,
+    pub checkpoint_files: Vec<String>,
+    pub adapter_checkpoint: Option<PathBuf>,
+    pub recipe_checkpoint: Option<PathBuf>,
+    pub output_dir: PathBuf,
+    pub model_type: String,
+}
+
+/// Where each HF tensor came from, to write merged weights back in the same shards and dtype.
+#[derive(Debug, Clone, Default)]
+pub struct SourceLayout {
+    pub shard_of: HashMap<String, usize>,
+    pub num_shards: usize,
+    pub dtype: Option<DType>,
+}
+
+/// Recipe progress saved with each checkpoint; enough to resume exactly.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RecipeState {
+    /// Epochs fully completed.
+    pub epochs_run: usize,
+    /// Optimizer steps taken over the whole run.
+    pub global_step: usize,
+    /// Batches of the current epoch already consumed (the data-loader position; 0 at epoch ends).
+    pub batches_in_epoch: usize,
+    pub seed: u64,
+    pub total_epochs: usize,
+    pub max_steps_per_epoch: Option<usize>,
+    pub gradient_accumulation_steps: usize,
+    pub optimizer_step: u64,
+}
+
+fn expand_files(value: Option<&serde_yaml::Value>) -> Result<Vec<String>> {
+    match value {
+        Some(serde_yaml::Value::String(s)) => Ok(vec![s.clone()]),
+        Some(serde_yaml::Value::Sequence(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_string).context("checkpoint_files must be strings"))
+            .collect(),
+        // torchtune's compact form: {filename_format: "model-{}-of-{}.safetensors", max_filename: "00003"}
+        Some(serde_yaml::Value::Mapping(m)) => {
+            let format = m.get("filename_format").and_then(|v| v.as_str()).context("checkpoint_files.filename_format missing")?;
+            let max = m.get("max_filename").and_then(|v| v.as_str()).context("checkpoint_files.max_filename missing (a string like \"00003\")")?;
+            let n: usize = max.parse().context("checkpoint_files.max_filename must be digits")?;
+            Ok((1..=n)
+                .map(|i| format.replacen("{}", &format!("{i:0width$}", width = max.len()), 1).replacen("{}", max, 1))
+                .collect())
+        }
+        _ => bail!("checkpointer.checkpoint_files must list the model's weight files"),
+    }
+}
+
+impl HfCheckpointer {
+    pub fn from_args(args: &Args) -> Result<Self> {
+        let model_type: String = args.get("model_type")?;
+        if model_type.to_uppercase() != "LLAMA2" {
+            bail!("checkpointer.model_type `{model_type}` is not supported; tune-rs implements LLAMA2");
+        }
+        let checkpoint_dir = PathBuf::from(args.get::<String>("checkpoint_dir")?);
+        let output_dir = PathBuf::from(args.get::<String>("output_dir")?);
+        let c = HfCheckpointer {
+            checkpoint_files: expand_files(args.raw("checkpoint_files"))?,
+            adapter_checkpoint: args.get_opt::<String>("adapter_checkpoint")?.map(|p| checkpoint_dir.join(p)),
+            recipe_checkpoint: args.get_opt::<String>("recipe_checkpoint")?.map(|p| checkpoint_dir.join(p)),
+            checkpoint_dir,
+            output_dir,
+            model_type,
+        };
+        c.check_output_dir()?;
+        Ok(c)
+    }
+
+    fn check_output_dir(&self) -> Result<()> {
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let (out, ckpt) = (abs(&self.output_dir), abs(&self.checkpoint_dir));
+        if out.starts_with(&ckpt) {
+            bail!(
+                "output_dir {} is inside checkpoint_dir {}: outputs would mix with (and could \
+                 overwrite) the input model. Choose an output_dir outside it",
+                self.output_dir.display(),
+                self.checkpoint_dir.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Loads the base model (and nothing else) into `spec`'s model on `device`.
+    pub fn load_base(&self, spec: &ModelSpec, dtype: DType, device: &Device, seed: u64) -> Result<(TransformerDecoder, ModelSpec, SourceLayout)> {
+        let paths = resolve_files(&self.checkpoint_dir, &self.checkpoint_files)?;
+        let layout = source_layout(&paths)?;
+        let (model, spec) = load_model(spec, &self.checkpoint_dir, &self.checkpoint_files, dtype, device, seed)
+            .with_context(|| format!("loading the checkpoint in {}", self.checkpoint_dir.display()))?;
+        Ok((model, spec, layout))
+    }
+
+    /// Reads an adapter file (PEFT or torchtune names) as torchtune-named, torchtune-layout tensors.
+    pub fn read_adapter(path: &Path, spec: &ModelSpec) -> Result<HashMap<String, Tensor>> {
+        if !path.is_file() {
+            bail!("adapter checkpoint {} not found (checkpointer.adapter_checkpoint is relative to checkpoint_dir)", path.display());
+        }
+        let raw = candle_core::safetensors::load(path, &Device::Cpu)
+            .with_context(|| format!("cannot read adapter {}: truncated or not safetensors", path.display()))?;
+        let mut out = HashMap::new();
+        for (name, t) in raw {
+            if name.starts_with("layers.") {
+                out.insert(name, t);
+                continue;
+            }
+            let tune = peft_to_tune_adapter_name(&name)
+                .with_context(|| format!("adapter tensor `{name}` is neither a torchtune nor a PEFT LoRA name"))?;
+            let t = match rope_rows(&tune) {
+                Some("q") => permute_hf_to_tune(&t, spec.transformer.num_heads)?,
+                Some(_) => permute_hf_to_tune(&t, spec.transformer.num_kv_heads)?,
+                None => t,
+            };
+            out.insert(tune, t);
+        }
+        Ok(out)
+    }
+
+    /// Writes `output_dir/{dir_name}` (see the module docs) and returns its path.
+    #[allow(clippy::too_many_arguments)]
+    pub fn save(
+        &self,
+        dir_name: &str,
+        model: &TransformerDecoder,
+        spec: &ModelSpec,
+        layout: &SourceLayout,
+        save_merged: bool,
+        state: &RecipeState,
+        optimizer: &crate::optim::AdamW,
+    ) -> Result<PathBuf> {
+        std::fs::create_dir_all(&self.output_dir)
+            .with_context(|| format!("cannot create output_dir {}", self.output_dir.display()))?;
+        let dest = self.output_dir.join(dir_name);
+        let staging = atomic::staging_dir(&dest)?;
+        let result = (|| -> Result<()> {
+            if save_merged {
+                self.copy_model_files(&staging)?;
+                write_merged(&staging, model, spec, layout)?;
+            }
+            let adapter_dir = staging.join("adapter");
+            std::fs::create_dir_all(&adapter_dir)?;
+            self.write_peft_adapter(&adapter_dir, model, spec)?;
+            let state_dir = staging.join("recipe_state");
+            std::fs::create_dir_all(&state_dir)?;
+            let adapter: HashMap<String, Tensor> = model
+                .adapter_params()
+                .into_iter()
+                .map(|(n, v)| (n, v.as_tensor().clone()))
+                .collect();
+            atomic::save_safetensors(&state_dir.join("adapter_torchtune.safetensors"), &adapter)?;
+            let mut moments = HashMap::new();
+            for p in &optimizer.params {
+                moments.insert(format!("exp_avg.{}", p.name), p.exp_avg.clone());
+                moments.insert(format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.clone());
+            }
+            atomic::save_safetensors(&state_dir.join("optimizer.safetensors"), &moments)?;
+            atomic::write(&state_dir.join("recipe_state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            std::fs::remove_dir_all(&staging).ok();
+            return Err(e.context(format!("saving checkpoint {}", dest.display())));
+        }
+        atomic::replace_dir(&staging, &dest)?;
+        Ok(dest)
+    }
+
+    fn copy_model_files(&self, dest: &Path) -> Result<()> {
+        for entry in std::fs::read_dir(&self.checkpoint_dir)? {
+            let path = entry?.path();
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let is_weights = name.ends_with(".safetensors") || name.ends_with(".bin") || name.ends_with(".pt")
+                || name.ends_with(".pth") || name == "model.safetensors.index.json" || name == "pytorch_model.bin.index.json";
+            if path.is_file() && !is_weights && !name.starts_with('.') {
+                std::fs::copy(&path, dest.join(&name)).with_context(|| format!("cannot copy {}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_peft_adapter(&self, dir: &Path, model: &TransformerDecoder, spec: &ModelSpec) -> Result<()> {
+        let lora = spec.lora.as_ref().context("the model has no adapter to save")?;
+        let mut tensors = HashMap::new();
+        for (name, var) in model.adapter_params() {
+            let peft = tune_to_peft_adapter_name(&name).with_context(|| format!("no PEFT name for {name}"))?;
+            let t = var.as_tensor();
+            let t = match rope_rows(&name) {
+                Some("q") => permute_tune_to_hf(t, spec.transformer.num_heads)?,
+                Some(_) => permute_tune_to_hf(t, spec.transformer.num_kv_heads)?,
+                None => t.clone(),
+            };
+            tensors.insert(peft, t);
+        }
+        atomic::save_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
+        let mut config = serde_json::json!({
+            "r": lora.adapter.rank,
+            "lora_alpha": json_number(lora.adapter.alpha),
+            "target_modules": peft_target_modules(spec),
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "lora_dropout": lora.adapter.dropout,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+        });
+        if lora.adapter.kind == "dora" {
+            config["use_dora"] = serde_json::Value::Bool(true);
+        }
+        if let Some(repo) = original_repo_id(&self.checkpoint_dir) {
+            config["base_model_name_or_path"] = serde_json::Value::String(repo);
+        }
+        atomic::write(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())
+    }
+}
+
+/// An integral alpha is written as an integer (as PEFT/torchtune do), otherwise as a float.
+fn json_number(x: f64) -> serde_json::Value {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        serde_json::json!(x as i64)
+    } else {
+        serde_json::json!(x)
+    }
+}
+
+/// HF module names of the adapted layers, in torchtune's order.
+pub fn peft_target_modules(spec: &ModelSpec) -> Vec<String> {
+    let Some(lora) = &spec.lora else { return Vec::new() };
+    let mut out = Vec::new();
+    for (tune, hf) in [("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"), ("output_proj", "o_proj")] {
+        if lora.lora_attn_modules.iter().any(|m| m == tune) {
+            out.push(hf.to_string());
+        }
+    }
+    if lora.apply_lora_to_mlp {
+        out.extend(["gate_proj", "down_proj", "up_proj"].map(String::from));
+    }
+    if lora.apply_lora_to_output {
+        out.push("lm_head".into());
+    }
+    out
+}
+
+fn original_repo_id(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("original_repo_id.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("repo_id").and_then(|r| r.as_str()).map(str::to_string)
+}
+
+fn source_layout(paths: &[PathBuf]) -> Result<SourceLayout> {
+    let mut layout = SourceLayout { num_shards: paths.len(), ..Default::default() };
+    for (i, path) in paths.iter().enumerate() {
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            // SAFETY: the file is only read while mapped, and not modified by us meanwhile.
+            let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            for (name, view) in st.tensors() {
+                layout.dtype.get_or_insert(DType::try_from(view.dtype()).unwrap_or(DType::F32));
+                layout.shard_of.insert(name, i);
+            }
+        } else {
+            for info in candle_core::pickle::read_pth_tensor_info(path, false, None)? {
+                layout.dtype.get_or_insert(info.dtype);
+                layout.shard_of.insert(info.name, i);
+            }
+        }
+    }
+    Ok(layout)
+}
+
+/// Writes merged HF weights in the input's shards and dtype, plus `model.safetensors.index.json`.
+fn write_merged(dir: &Path, model: &TransformerDecoder, spec: &ModelSpec, layout: &SourceLayout) -> Result<()> {
+    let dtype = layout.dtype.unwrap_or(model.dtype());
+    let c = &spec.transformer;
+    let mut tune: Vec<(String, Tensor)> = vec![
+        ("tok_embeddings.weight".into(), model.tok_embeddings.clone()),
+        ("norm.scale".into(), model.norm.clone()),
+    ];
+    for (i, l) in model.layers.iter().enumerate() {
+        tune.push((format!("layers.{i}.sa_norm.scale"), l.sa_norm.clone()));
+        tune.push((format!("layers.{i}.mlp_norm.scale"), l.mlp_norm.clone()));
+    }
+    let output_adapted = spec.lora.as_ref().is_some_and(|l| l.apply_lora_to_output);
+    for (prefix, layer) in model.linears() {
+        if prefix == "output" && c.tie_word_embeddings && !output_adapted {
+            continue; // still tied to the embedding: nothing to write
+        }
+        tune.push((format!("{prefix}.weight"), layer.merged_weight()?));
+    }
+    let n = layout.num_shards.max(1);
+    let mut shards: Vec<HashMap<String, Tensor>> = vec![HashMap::new(); n];
+    let mut weight_map = serde_json::Map::new();
+    let mut total_size = 0usize;
+    for (name, t) in tune {
+        let hf = tune_to_hf_name(&name).with_context(|| format!("no HF name for {name}"))?;
+        let t = match rope_rows(&name) {
+            Some("q") => permute_tune_to_hf(&t, c.num_heads)?,
+            Some(_) => permute_tune_to_hf(&t, c.num_kv_heads)?,
+            None => t,
+        };
+        let t = t.to_dtype(dtype)?.to_device(&Device::Cpu)?;
+        let shard = layout.shard_of.get(&hf).copied().unwrap_or(0);
+        let file = format!("model-{:05}-of-{:05}.safetensors", shard + 1, n);
+        total_size += t.elem_count() * dtype.size_in_bytes();
+        weight_map.insert(hf.clone(), serde_json::Value::String(file));
+        shards[shard].insert(hf, t);
+    }
+    for (i, tensors) in shards.iter().enumerate() {
+        atomic::save_safetensors(&dir.join(format!("model-{:05}-of-{:05}.safetensors", i + 1, n)), tensors)?;
+    }
+    let index = serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
+    atomic::write(&dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?.as_bytes())?;
+    if output_adapted && c.tie_word_embeddings {
+        // The merged output no longer equals the embedding: untie it in the copied config.
+        let path = dir.join("config.json");
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let mut cfg: serde_json::Value = serde_json::from_str(&text)?;
+            cfg["tie_word_embeddings"] = serde_json::Value::Bool(false);
+            atomic::write(&path, serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the newest checkpoint in `output_dir` (largest global_step), if any.
+pub fn newest_checkpoint(output_dir: &Path) -> Result<Option<(PathBuf, RecipeState)>> {
+    let Ok(entries) = std::fs::read_dir(output_dir) else { return Ok(None) };
+    let mut best: Option<(PathBuf, RecipeState)> = None;
+    for entry in entries {
+        let path = entry?.path();
+        let state_file = path.join("recipe_state/recipe_state.json");
+        if !state_file.is_file() {
+            continue;
+        }
+        let state: RecipeState = serde_json::from_str(&std::fs::read_to_string(&state_file)?)
+            .with_context(|| format!("{} is corrupt", state_file.display()))?;
+        if best.as_ref().is_none_or(|(_, b)| state.global_step > b.global_step) {
+            best = Some((path, state));
+        }
+    }
+    Ok(best)
+}
+
+tune_core::inventory::submit! {
+    Component {
+        path: "torchtune.training.FullModelHFCheckpointer",
+        aliases: &["FullModelHFCheckpointer", "torchtune.training.checkpointing.FullModelHFCheckpointer"],
+        kind: ComponentKind::Checkpointer,
+        args: &[
+            ArgSpec::required("checkpoint_dir", ArgType::Str),
+            ArgSpec::required("checkpoint_files", ArgType::Any),
+            ArgSpec::required("model_type", ArgType::Str),
+            ArgSpec::required("output_dir", ArgType::Str),
+            ArgSpec::nullable("adapter_checkpoint", ArgType::Str),
+            ArgSpec::nullable("recipe_checkpoint", ArgType::Str),
+            ArgSpec::optional("resume_from_checkpoint", ArgType::Bool, "false"),
+            ArgSpec::optional("safe_serialization", ArgType::Bool, "true"),
+        ],
+        extra_args: false,
+        about: "reads Hugging Face checkpoints, writes merged weights + PEFT adapter",
+        origin: "built-in",
+        build: |args| Ok(Box::new(HfCheckpointer::from_args(args)?)),
+    }
+}

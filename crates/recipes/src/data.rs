@@ -1,0 +1,81 @@
+//! The recipe's data pipeline from its config: tokenizer, dataset, sampler and collate.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use tune_core::ComponentKind;
+use tune_data::{BatchSampler, CollateSft, DatasetSpec, Llama2Tokenizer, Sample, CROSS_ENTROPY_IGNORE_IDX};
+
+use crate::settings::TopLevel;
+
+/// Tokenized samples plus how to batch them.
+pub struct TrainData {
+    pub tokenizer: Llama2Tokenizer,
+    pub samples: Vec<Sample>,
+    pub sampler: BatchSampler,
+    pub collate: CollateSft,
+}
+
+/// A batch on the device.
+pub struct DeviceBatch {
+    pub tokens: Tensor,
+    pub labels: Tensor,
+    /// Labels that count in the loss, before the shift (torchtune's token count).
+    pub num_label_tokens: usize,
+}
+
+/// Builds the tokenizer and dataset named by the config and checks them against the model.
+pub fn build(cfg: &TopLevel, model_vocab: usize, batch_size: usize, shuffle: bool, seed: u64) -> Result<TrainData> {
+    let tokenizer: Llama2Tokenizer = cfg.build("tokenizer", ComponentKind::Tokenizer)?;
+    if tokenizer.vocab_size() > model_vocab {
+        bail!(
+            "tokenizer {} has {} tokens but the model's vocab_size is {model_vocab}: they do not belong \
+             together. Point tokenizer.path at the model's tokenizer.model, or fix model.vocab_size",
+            tokenizer.path().display(),
+            tokenizer.vocab_size()
+        );
+    }
+    let dataset: DatasetSpec = cfg.build("dataset", ComponentKind::Dataset)?;
+    let samples = dataset.load(&tokenizer).context("loading `dataset`")?;
+    if samples.is_empty() {
+        bail!("the dataset is empty; check dataset.data_files and dataset.split");
+    }
+    let collate = match cfg.node("collate_fn") {
+        Ok(_) => cfg.build("collate_fn", ComponentKind::Collator)?,
+        Err(_) => CollateSft::default(),
+    };
+    // torchtune's recipe always drops the last partial batch.
+    let sampler = BatchSampler::new(samples.len(), batch_size)?.with_shuffle(shuffle, seed).with_drop_last(true);
+    if sampler.num_batches() == 0 {
+        bail!(
+            "batch_size {batch_size} is larger than the dataset ({} samples) and the last partial batch is \
+             dropped; lower batch_size",
+            samples.len()
+        );
+    }
+    Ok(TrainData { tokenizer, samples, sampler, collate })
+}
+
+impl TrainData {
+    pub fn num_samples(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn batches_per_epoch(&self) -> usize {
+        self.sampler.num_batches()
+    }
+
+    /// Sample indices of every batch of `epoch` (same for the same seed and epoch).
+    pub fn epoch_batches(&self, epoch: usize) -> Result<Vec<Vec<usize>>> {
+        Ok(self.sampler.batches_for_epoch(epoch as u64))
+    }
+
+    pub fn collate(&self, indices: &[usize], device: &Device) -> Result<DeviceBatch> {
+        let batch = self.collate.collate(indices.iter().map(|&i| &self.samples[i]));
+        let shape = batch.shape();
+        Ok(DeviceBatch {
+            tokens: Tensor::from_vec(batch.tokens_flat(), shape, device)?,
+            labels: Tensor::from_vec(batch.labels_flat(), shape, device)?,
+            num_label_tokens: batch.num_label_tokens(CROSS_ENTROPY_IGNORE_IDX),
+        })
+    }
+}

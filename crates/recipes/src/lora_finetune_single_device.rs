@@ -1,0 +1,313 @@
+//! `lora_finetune_single_device`: torchtune 0.6.1's LoRA recipe on one device.
+//!
+//! Reads top to bottom like the loop it is: build model, tokenizer, data, optimizer, schedule,
+//! loss and loggers from the config; then for each epoch and each window of
+//! `gradient_accumulation_steps` micro-batches: forward, token-weighted loss, backward, scale the
+//! gradients by 1/tokens, optionally clip, AdamW step at the scheduled lr, log; save at epoch end.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use tune_core::recipe::{Recipe, RecipeEntry, RunOptions};
+use tune_core::{ComponentKind, Config};
+use tune_models::builders::model_spec_from_node;
+
+use crate::checkpointer::{newest_checkpoint, HfCheckpointer, RecipeState};
+use crate::data::{self, TrainData};
+use crate::loss::chunked_ce_sum;
+use crate::lr_schedule::{CosineArgs, CosineWithWarmup};
+use crate::metric_logging::{LoggerSpec, Metrics};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::settings::{parse_device, parse_dtype, peak_rss_gib, TopLevel};
+
+pub struct LoraFinetuneSingleDevice;
+
+tune_core::inventory::submit! { RecipeEntry(&LoraFinetuneSingleDevice) }
+
+impl Recipe for LoraFinetuneSingleDevice {
+    fn name(&self) -> &'static str {
+        "lora_finetune_single_device"
+    }
+
+    fn configs(&self) -> &'static [&'static str] {
+        &[
+            "llama2/7B_lora_single_device",
+            "llama2/7B_qlora_single_device",
+            "llama2/13B_qlora_single_device",
+            "stories260K/lora_single_device",
+            "stories260K/qlora_single_device",
+        ]
+    }
+
+    fn run(&self, config: Config, options: &RunOptions) -> Result<()> {
+        if options.is_distributed() {
+            bail!("lora_finetune_single_device runs on one device; use lora_finetune_distributed with --nproc_per_node");
+        }
+        train(config, options).map(|_| ())
+    }
+}
+
+/// What a finished run reports (used by tests and benchmarks).
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub steps: Vec<StepLog>,
+    pub output_dir: PathBuf,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StepLog {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub tokens: usize,
+    pub tokens_per_second: f64,
+}
+
+pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
+    let cfg = TopLevel(&config);
+
+    // ---- Environment -------------------------------------------------------------------
+    let device = parse_device(&cfg.get("device", "cpu".to_string())?)?;
+    let dtype = parse_dtype(&cfg.get("dtype", "fp32".to_string())?, &device)?;
+    let seed: u64 = match cfg.opt::<u64>("seed")? {
+        Some(s) => s,
+        None => rand::random::<u32>() as u64,
+    };
+    let epochs: usize = cfg.get("epochs", 1)?;
+    let max_steps_per_epoch: Option<usize> = cfg.opt("max_steps_per_epoch")?;
+    let grad_accum: usize = cfg.get("gradient_accumulation_steps", 1)?;
+    let clip_grad_norm: Option<f64> = cfg.opt("clip_grad_norm")?;
+    let batch_size: usize = cfg.require("batch_size")?;
+    let shuffle: bool = cfg.get("shuffle", true)?;
+    let resume: bool = cfg.get("resume_from_checkpoint", false)?;
+    let save_adapter_weights_only: bool = cfg.get("save_adapter_weights_only", false)?;
+    let log_every: usize = cfg.get("log_every_n_steps", 1)?;
+    let log_peak_memory: bool = cfg.get("log_peak_memory_stats", false)?;
+    let save_every_n_steps: Option<usize> = cfg.opt("save_every_n_steps")?;
+    if grad_accum == 0 || batch_size == 0 {
+        bail!("batch_size and gradient_accumulation_steps must be at least 1");
+    }
+
+    // ---- Model -------------------------------------------------------------------------
+    let spec = model_spec_from_node(cfg.node("model")?).context("building `model`")?;
+    if spec.lora.is_none() {
+        bail!("`{}` has no adapter; this recipe trains LoRA models (e.g. lora_llama2_7b)", spec.builder);
+    }
+    let checkpointer: HfCheckpointer = cfg.build("checkpointer", ComponentKind::Checkpointer)?;
+    if options.dry_run {
+        println!("{}", config.to_yaml_string());
+        println!("{}", spec.counts()?.summary());
+        return Ok(RunSummary { steps: Vec::new(), output_dir: checkpointer.output_dir.clone(), last_checkpoint: None });
+    }
+    let started = Instant::now();
+    let (model, spec, layout) = checkpointer.load_base(&spec, dtype, &device, seed)?;
+    tracing::info!("{}", spec.counts()?.summary());
+
+    // ---- Data ----------------------------------------------------------------------------
+    let data: TrainData = data::build(&cfg, spec.transformer.vocab_size, batch_size, shuffle, seed)?;
+    let batches_per_epoch = data.batches_per_epoch();
+    let steps_per_epoch = match max_steps_per_epoch {
+        Some(m) => (batches_per_epoch / grad_accum).min(m),
+        None => batches_per_epoch / grad_accum,
+    };
+    if steps_per_epoch == 0 {
+        bail!(
+            "one optimizer step needs batch_size * gradient_accumulation_steps = {} samples, but the \
+             dataset has {} (after drop_last); lower batch_size or gradient_accumulation_steps",
+            batch_size * grad_accum,
+            data.num_samples()
+        );
+    }
+
+    // ---- Optimizer, schedule, loss, loggers ----------------------------------------------
+    let opt_config: AdamWConfig = cfg.build("optimizer", ComponentKind::Optimizer)?;
+    let schedule = match cfg.node("lr_scheduler") {
+        Ok(_) => {
+            let a: CosineArgs = cfg.build("lr_scheduler", ComponentKind::LrScheduler)?;
+            CosineWithWarmup { num_warmup_steps: a.num_warmup_steps, num_training_steps: epochs * steps_per_epoch, num_cycles: a.num_cycles }
+        }
+        Err(_) => CosineWithWarmup { num_warmup_steps: 0, num_training_steps: usize::MAX, num_cycles: 0.0 },
+    };
+    let constant_lr = cfg.node("lr_scheduler").is_err();
+    let _loss: crate::loss::ChunkedCrossEntropy = cfg.build("loss", ComponentKind::Loss)?;
+    let mut logger = match cfg.node("metric_logger") {
+        Ok(_) => cfg.build::<LoggerSpec>("metric_logger", ComponentKind::MetricLogger)?.open()?,
+        Err(_) => LoggerSpec::Stdout.open()?,
+    };
+    std::fs::create_dir_all(&checkpointer.output_dir)
+        .with_context(|| format!("cannot create output_dir {}", checkpointer.output_dir.display()))?;
+    crate::atomic::write(&checkpointer.output_dir.join("torchtune_config.yaml"), config.to_yaml_string().as_bytes())?;
+
+    let params = model.adapter_params();
+    let mut optimizer = AdamW::new(opt_config.clone(), params.clone())?;
+
+    // ---- Resume or warm start --------------------------------------------------------------
+    let mut state = RecipeState {
+        epochs_run: 0,
+        global_step: 0,
+        batches_in_epoch: 0,
+        seed,
+        total_epochs: epochs,
+        max_steps_per_epoch,
+        gradient_accumulation_steps: grad_accum,
+        optimizer_step: 0,
+    };
+    if resume {
+        let (dir, saved) = newest_checkpoint(&checkpointer.output_dir)?.with_context(|| {
+            format!("resume_from_checkpoint is True but {} holds no checkpoint; set it to False", checkpointer.output_dir.display())
+        })?;
+        if saved.seed != seed || saved.gradient_accumulation_steps != grad_accum {
+            bail!(
+                "{} was written with seed {} and gradient_accumulation_steps {}; resume with the same values",
+                dir.display(),
+                saved.seed,
+                saved.gradient_accumulation_steps
+            );
+        }
+        let adapter = candle_core::safetensors::load(dir.join("recipe_state/adapter_torchtune.safetensors"), &device)?;
+        model.load_adapter(&adapter)?;
+        let moments = candle_core::safetensors::load(dir.join("recipe_state/optimizer.safetensors"), &device)?;
+        for p in optimizer.params.iter_mut() {
+            p.exp_avg = moments.get(&format!("exp_avg.{}", p.name)).cloned().context("optimizer state incomplete")?;
+            p.exp_avg_sq = moments.get(&format!("exp_avg_sq.{}", p.name)).cloned().context("optimizer state incomplete")?;
+        }
+        optimizer.step = saved.optimizer_step;
+        tracing::info!("resuming from {} (epoch {}, step {})", dir.display(), saved.epochs_run, saved.global_step);
+        state = RecipeState { total_epochs: epochs, max_steps_per_epoch, ..saved };
+    } else if let Some(path) = &checkpointer.adapter_checkpoint {
+        let adapter = HfCheckpointer::read_adapter(path, &spec)?;
+        model.load_adapter(&adapter).with_context(|| format!("loading adapter_checkpoint {}", path.display()))?;
+    } else {
+        for (_, layer) in model.linears() {
+            layer.on_weights_loaded()?;
+        }
+    }
+    tracing::info!("ready to train in {:.2}s", started.elapsed().as_secs_f64());
+
+    // ---- Train -------------------------------------------------------------------------------
+    let total_steps = epochs * steps_per_epoch;
+    let progress = indicatif::ProgressBar::new(total_steps as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    progress.set_position(state.global_step as u64);
+    let mut summary = RunSummary { steps: Vec::new(), output_dir: checkpointer.output_dir.clone(), last_checkpoint: None };
+    let lr_at = |step: usize| if constant_lr { opt_config.lr } else { opt_config.lr * schedule.multiplier(step) };
+
+    for epoch in state.epochs_run..epochs {
+        let batches = data.epoch_batches(epoch)?;
+        let mut window_grads: Option<Vec<Tensor>> = None;
+        let (mut window_tokens, mut window_loss) = (0usize, 0f64);
+        let mut window_start = Instant::now();
+        let first_batch = if epoch == state.epochs_run { state.batches_in_epoch } else { 0 };
+        for (idx, batch_indices) in batches.iter().enumerate().skip(first_batch) {
+            if idx / grad_accum == steps_per_epoch {
+                break;
+            }
+            let batch = data.collate(batch_indices, &device)?;
+            let tokens_n = batch.num_label_tokens;
+            let logits = model.forward(&batch.tokens, true)?;
+            let (ce_sum, shifted) = chunked_ce_sum(&logits, &batch.labels)?;
+            // torchtune weights each micro-batch's mean loss by its (unshifted) label count.
+            let loss = ((ce_sum / shifted.max(1) as f64)? * tokens_n as f64)?;
+            let loss_value: f32 = loss.to_dtype(DType::F32)?.to_scalar()?;
+            if !loss_value.is_finite() {
+                bail!(
+                    "loss became {loss_value} at epoch {epoch}, batch {idx} (step {}). Nothing was saved \
+                     from this run after {}; lower the learning rate, enable clip_grad_norm, or check the data",
+                    state.global_step + 1,
+                    summary.last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "its start".into())
+                );
+            }
+            let store = loss.backward()?;
+            let grads = params
+                .iter()
+                .map(|(name, var)| store.get(var.as_tensor()).cloned().with_context(|| format!("no gradient reached {name}")))
+                .collect::<Result<Vec<_>>>()?;
+            drop(store);
+            window_grads = Some(match window_grads {
+                None => grads,
+                Some(acc) => acc.iter().zip(&grads).map(|(a, g)| a.add(g)).collect::<candle_core::Result<Vec<_>>>()?,
+            });
+            window_tokens += tokens_n;
+            window_loss += loss_value as f64;
+
+            if (idx + 1) % grad_accum != 0 {
+                continue;
+            }
+            let scale = 1.0f32 / window_tokens as f32;
+            let mut grads = window_grads.take().expect("window has gradients");
+            for g in grads.iter_mut() {
+                *g = (&*g * scale as f64)?;
+            }
+            let mut grad_norm = None;
+            if let Some(max_norm) = clip_grad_norm {
+                let total = grads.iter().map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()).sum::<candle_core::Result<f32>>()?.sqrt();
+                let coef = (max_norm as f32 / (total + 1e-6)).min(1.0);
+                for g in grads.iter_mut() {
+                    *g = (&*g * coef as f64)?;
+                }
+                grad_norm = Some(total as f64);
+            }
+            optimizer.step(&grads, lr_at(state.global_step))?;
+            state.global_step += 1;
+            state.optimizer_step = optimizer.step;
+            state.batches_in_epoch = idx + 1;
+
+            let elapsed = window_start.elapsed().as_secs_f64();
+            let loss_to_log = window_loss / window_tokens as f64;
+            let lr_logged = lr_at(state.global_step);
+            let tps = window_tokens as f64 / elapsed.max(1e-9);
+            if state.global_step % log_every == 0 {
+                let mut metrics: Metrics = vec![("loss".into(), loss_to_log), ("lr".into(), lr_logged), ("tokens_per_second_per_gpu".into(), tps)];
+                if let Some(n) = grad_norm {
+                    metrics.push(("grad_norm".into(), n));
+                }
+                if log_peak_memory {
+                    if let Some(gib) = peak_rss_gib() {
+                        metrics.push(("peak_memory_rss".into(), gib));
+                    }
+                }
+                logger.log(state.global_step, &metrics)?;
+            }
+            progress.set_message(format!("loss {loss_to_log:.4} lr {lr_logged:.2e} {tps:.0} tok/s"));
+            progress.inc(1);
+            summary.steps.push(StepLog { step: state.global_step, loss: loss_to_log, lr: lr_logged, tokens: window_tokens, tokens_per_second: tps });
+            if let Some(every) = save_every_n_steps {
+                if every > 0 && state.global_step % every == 0 && (idx + 1) / grad_accum < steps_per_epoch {
+                    let dir = checkpointer.save(&format!("step_{}", state.global_step), &model, &spec, &layout, false, &state, &optimizer)?;
+                    summary.last_checkpoint = Some(dir);
+                }
+            }
+            window_tokens = 0;
+            window_loss = 0.0;
+            if tune_core::recipe::stop_requested() && (idx + 1) / grad_accum < steps_per_epoch {
+                let dir = checkpointer.save(&format!("step_{}", state.global_step), &model, &spec, &layout, false, &state, &optimizer)?;
+                progress.finish_and_clear();
+                eprintln!(
+                    "Stopped at step {} on request; saved {}. Continue with resume_from_checkpoint=True",
+                    state.global_step,
+                    dir.display()
+                );
+                summary.last_checkpoint = Some(dir);
+                return Ok(summary);
+            }
+            window_start = Instant::now();
+        }
+        state.epochs_run = epoch + 1;
+        state.batches_in_epoch = 0;
+        let dir = checkpointer.save(&format!("epoch_{epoch}"), &model, &spec, &layout, !save_adapter_weights_only, &state, &optimizer)?;
+        tracing::info!("saved {}", dir.display());
+        summary.last_checkpoint = Some(dir);
+    }
+    progress.finish_and_clear();
+    logger.close()?;
+    if let Some(gib) = peak_rss_gib() {
+        tracing::info!("peak RSS {gib:.3} GiB");
+    }
+    Ok(summary)
+}

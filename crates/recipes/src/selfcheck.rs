@@ -1,0 +1,117 @@
+//! Parity checks against the golden torchtune fixtures, runnable on any device from the `tune`
+//! binary (`tune selfcheck`), so a GPU machine without Rust can verify a CUDA build. The CPU tests
+//! call the same functions.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+use tune_models::decoder::Forward;
+use tune_models::{builders, checkpoint, TransformerDecoder};
+
+use crate::loss::chunked_ce_sum;
+use crate::optim::{AdamW, AdamWConfig};
+
+fn load(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, device).with_context(|| format!("cannot read fixture {}", path.display()))
+}
+
+fn f32s(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    Ok((f32s(a)? - f32s(b)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64)
+}
+
+pub fn rel_norm_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (a, b) = (f32s(a)?, f32s(b)?);
+    let num = (&a - &b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+    let den = b.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+    Ok(num / den.max(1e-30))
+}
+
+/// The stories260K LoRA model of `tests/fixtures/lora_step` (q/v, rank 4, alpha 8), with the
+/// fixture's initial adapter loaded.
+pub fn lora_step_model(repo: &Path, device: &Device, dtype: DType) -> Result<TransformerDecoder> {
+    crate::link();
+    let node: serde_yaml::Value = serde_yaml::from_str(
+        "{_component_: torchtune.models.llama2.lora_llama2, lora_attn_modules: [q_proj, v_proj], vocab_size: 512,
+          num_layers: 5, num_heads: 8, num_kv_heads: 4, embed_dim: 64, max_seq_len: 512, intermediate_dim: 172,
+          norm_eps: 1e-5, lora_rank: 4, lora_alpha: 8.0, lora_dropout: 0.0}",
+    )?;
+    let spec = builders::model_spec_from_node(&node)?;
+    let (model, _) = checkpoint::load_model(&spec, &repo.join("assets/stories260K"), &["model.safetensors".into()], dtype, device, 0)?;
+    model.load_adapter(&load(&repo.join("tests/fixtures/lora_step/adapter_init.safetensors"), device)?)?;
+    Ok(model)
+}
+
+/// One LoRA forward/backward and 5 AdamW steps on the fixture batch; returns every measured
+/// difference from torchtune's numbers as JSON (the caller decides the tolerances).
+pub fn lora_step(repo: &Path, device: &Device, dtype: DType) -> Result<serde_json::Value> {
+    let fx = repo.join("tests/fixtures/lora_step");
+    let model = lora_step_model(repo, device, dtype)?;
+    let batch = load(&fx.join("batch.safetensors"), device)?;
+    let (tokens, labels) = (&batch["tokens"], &batch["labels"]);
+
+    let out = model.forward_with(tokens, Forward { train: true, capture_hidden: true, ..Default::default() })?;
+    let want_logits = load(&fx.join("logits.safetensors"), device)?;
+    let logits_diff = max_abs_diff(&out.logits, &want_logits["logits"])?;
+    let hidden = load(&fx.join("hidden_states.safetensors"), device)?;
+    let mut hidden_diff: f64 = 0.0;
+    for (name, t) in &out.hidden {
+        hidden_diff = hidden_diff.max(max_abs_diff(t, hidden.get(name).context("hidden state missing")?)?);
+    }
+    let base = model.forward_with(tokens, Forward { adapters_disabled: true, ..Default::default() })?;
+    let base_diff = max_abs_diff(&base.logits, &want_logits["base_logits_lora_disabled"])?;
+
+    let params = model.adapter_params();
+    let want_grads = load(&fx.join("grads.safetensors"), device)?;
+    let per_step = load(&fx.join("adapter_per_step.safetensors"), device)?;
+    let want_losses = [5.633181571960449f64, 4.741989612579346, 4.276536464691162, 3.970587730407715, 3.6425726413726807];
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-2, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01 }, params.clone())?;
+    let (mut losses, mut grad_rel, mut adapter_max, mut adapter_rel, mut beyond_1e5, mut total) =
+        (Vec::new(), 0f64, 0f64, 0f64, 0usize, 0usize);
+    for step in 0..5 {
+        let logits = model.forward(tokens, true)?;
+        let (sum, n) = chunked_ce_sum(&logits, labels)?;
+        let loss = (sum / n as f64)?;
+        losses.push(loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64);
+        let store = loss.backward()?;
+        let grads: Vec<Tensor> =
+            params.iter().map(|(n, v)| store.get(v.as_tensor()).cloned().with_context(|| format!("no grad for {n}"))).collect::<Result<_>>()?;
+        if step == 0 {
+            for ((name, _), g) in params.iter().zip(&grads) {
+                grad_rel = grad_rel.max(rel_norm_diff(g, &want_grads[name])?);
+            }
+        }
+        opt.step(&grads, 1e-2)?;
+        for (name, var) in &params {
+            let want = &per_step[&format!("step{}.{name}", step + 1)];
+            adapter_max = adapter_max.max(max_abs_diff(var.as_tensor(), want)?);
+            adapter_rel = adapter_rel.max(rel_norm_diff(var.as_tensor(), want)?);
+            let d: Vec<f32> = (f32s(var.as_tensor())? - f32s(want)?)?.abs()?.flatten_all()?.to_vec1()?;
+            beyond_1e5 += d.iter().filter(|x| **x > 1e-5).count();
+            total += d.len();
+        }
+    }
+    let loss_rel: f64 = losses.iter().zip(want_losses).map(|(a, b)| ((a - b) / b).abs()).fold(0.0, f64::max);
+    Ok(json!({
+        "check": "lora_step",
+        "device": format!("{device:?}"),
+        "dtype": format!("{dtype:?}"),
+        "logits_max_abs_diff": logits_diff,
+        "hidden_states_max_abs_diff": hidden_diff,
+        "lora_disabled_logits_max_abs_diff": base_diff,
+        "losses": losses,
+        "torchtune_losses": want_losses,
+        "loss_max_rel_diff": loss_rel,
+        "grad_max_rel_norm_diff": grad_rel,
+        "adapter_max_abs_diff_over_5_steps": adapter_max,
+        "adapter_max_rel_norm_diff_over_5_steps": adapter_rel,
+        "adapter_entries_beyond_1e-5": beyond_1e5,
+        "adapter_entries_total": total,
+    }))
+}

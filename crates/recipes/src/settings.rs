@@ -1,0 +1,102 @@
+//! Run-wide settings read from the top level of a recipe config (device, dtype, seed, ...).
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use serde_yaml::Value;
+use tune_core::Config;
+
+/// Parses `device: cpu | cuda | cuda:N`. A CUDA device in a binary built without the `cuda`
+/// feature, or on a machine without a GPU, is a clear error.
+pub fn parse_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal: usize = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().with_context(|| format!("device `{s}`: expected cuda:<index>"))?,
+                None => 0,
+            };
+            if !candle_core::utils::cuda_is_available() {
+                bail!(
+                    "device `{s}` was asked for, but this `tune` was built without CUDA support. Build \
+                     it with scripts/build-cuda.sh (cargo --features cuda), or run with device=cpu dtype=fp32"
+                );
+            }
+            Device::new_cuda(ordinal).with_context(|| {
+                format!("cannot open CUDA device {ordinal}: no usable GPU/driver here. Use device=cpu dtype=fp32")
+            })
+        }
+        other => bail!("unknown device `{other}`; use cpu, cuda or cuda:N"),
+    }
+}
+
+/// Parses torchtune's `dtype` (fp32/bf16/...) for `device`.
+pub fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
+    let dtype = match name {
+        "fp32" | "float32" => DType::F32,
+        "bf16" | "bfloat16" => DType::BF16,
+        "fp16" | "float16" => bail!("dtype fp16 is not supported (torchtune refuses it too); use bf16 or fp32"),
+        "fp64" | "float64" => DType::F64,
+        other => bail!("unknown dtype `{other}`; use fp32 or bf16"),
+    };
+    if device.is_cpu() && dtype == DType::BF16 {
+        bail!("dtype bf16 on CPU is not supported (candle has no CPU bf16 matmul); run with dtype=fp32");
+    }
+    Ok(dtype)
+}
+
+/// Typed access to top-level keys with defaults.
+pub struct TopLevel<'a>(pub &'a Config);
+
+impl TopLevel<'_> {
+    fn value(&self, key: &str) -> Option<&Value> {
+        self.0.root.get(key).filter(|v| !v.is_null())
+    }
+
+    pub fn get<T: serde::de::DeserializeOwned>(&self, key: &str, default: T) -> Result<T> {
+        match self.value(key) {
+            None => Ok(default),
+            Some(v) => serde_yaml::from_value(v.clone()).with_context(|| format!("config key `{key}` has the wrong type ({v:?})")),
+        }
+    }
+
+    pub fn opt<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(v) => serde_yaml::from_value(v.clone()).map(Some).with_context(|| format!("config key `{key}` has the wrong type ({v:?})")),
+        }
+    }
+
+    pub fn require<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T> {
+        self.opt(key)?.with_context(|| format!("config key `{key}` is required"))
+    }
+
+    /// A component node (`model`, `tokenizer`, ...): its `_component_` must be of `kind`.
+    pub fn node(&self, key: &str) -> Result<&Value> {
+        self.value(key).with_context(|| format!("config has no `{key}` section"))
+    }
+
+    pub fn build<T: 'static>(&self, key: &str, kind: tune_core::ComponentKind) -> Result<T> {
+        let node = self.node(key)?;
+        let name = node
+            .get("_component_")
+            .and_then(|v| v.as_str())
+            .with_context(|| format!("`{key}` needs a `_component_`"))?;
+        let component = tune_core::registry::lookup(name)?;
+        if component.kind != kind {
+            bail!("`{key}._component_` is `{name}`, a {} component; expected a {kind}", component.kind);
+        }
+        let built = component.build_from(node).with_context(|| format!("building `{key}` ({name})"))?;
+        built
+            .downcast::<T>()
+            .map(|b| *b)
+            .map_err(|_| anyhow::anyhow!("`{key}` ({name}) cannot be used by this recipe"))
+    }
+}
+
+/// Peak resident memory of this process in GiB (Linux `VmHWM`).
+pub fn peak_rss_gib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / (1024.0 * 1024.0))
+}
