@@ -63,3 +63,8 @@ pub fn request_stop() {
 pub fn stop_requested() -> bool {
     STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst)
 }
+
+/// Clears a stop request (for a new run in the same process).
+pub fn clear_stop() {
+    STOP_REQUESTED.store(false, std::sync::atomic::Ordering::SeqCst);
+}

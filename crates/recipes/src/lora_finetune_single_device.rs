@@ -103,11 +103,12 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
         return Ok(RunSummary { steps: Vec::new(), output_dir: checkpointer.output_dir.clone(), last_checkpoint: None });
     }
     let started = Instant::now();
+
+    // ---- Data (before the weights: a bad tokenizer or dataset fails fast) ------------------
+    let data: TrainData = data::build(&cfg, spec.transformer.vocab_size, batch_size, shuffle, seed)?;
     let (model, spec, layout) = checkpointer.load_base(&spec, dtype, &device, seed)?;
     tracing::info!("{}", spec.counts()?.summary());
 
-    // ---- Data ----------------------------------------------------------------------------
-    let data: TrainData = data::build(&cfg, spec.transformer.vocab_size, batch_size, shuffle, seed)?;
     let batches_per_epoch = data.batches_per_epoch();
     let steps_per_epoch = match max_steps_per_epoch {
         Some(m) => (batches_per_epoch / grad_accum).min(m),
@@ -131,6 +132,14 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
         }
         Err(_) => CosineWithWarmup { num_warmup_steps: 0, num_training_steps: usize::MAX, num_cycles: 0.0 },
     };
+    if let Ok(node) = cfg.node("profiler") {
+        if node.get("enabled").and_then(|v| v.as_bool()) == Some(true) {
+            tracing::warn!("profiler.enabled=True: the torch profiler has no tune-rs equivalent; ignoring it");
+        }
+    }
+    if cfg.get("enable_activation_checkpointing", false)? {
+        tracing::warn!("enable_activation_checkpointing is not implemented yet; training without it");
+    }
     let constant_lr = cfg.node("lr_scheduler").is_err();
     let _loss: crate::loss::ChunkedCrossEntropy = cfg.build("loss", ComponentKind::Loss)?;
     let mut logger = match cfg.node("metric_logger") {

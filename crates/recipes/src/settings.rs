@@ -100,3 +100,20 @@ pub fn peak_rss_gib() -> Option<f64> {
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / (1024.0 * 1024.0))
 }
+
+/// torchtune's profiler node is accepted (so torchtune YAMLs validate); it does nothing here.
+#[derive(Debug, Clone)]
+pub struct ProfilerSpec;
+
+tune_core::inventory::submit! {
+    tune_core::Component {
+        path: "torchtune.training.setup_torch_profiler",
+        aliases: &["setup_torch_profiler"],
+        kind: tune_core::ComponentKind::Profiler,
+        args: &[tune_core::ArgSpec::optional("enabled", tune_core::ArgType::Bool, "false")],
+        extra_args: true,
+        about: "accepted for compatibility; profiling is not implemented (a warning when enabled)",
+        origin: "built-in",
+        build: |_| Ok(Box::new(ProfilerSpec)),
+    }
+}

@@ -33,3 +33,18 @@ pub fn trajectory_config(work: &Path) -> String {
             &format!("adapter_checkpoint: {}", root.join("tests/fixtures/lora_step/adapter_init.safetensors").display()),
         )
 }
+
+/// The bundled stories260K LoRA config with `output_dir` in `work`, the given overrides applied
+/// and interpolations resolved. Paths are made absolute so tests run from any directory.
+pub fn stories_config(work: &Path, overrides: &[&str]) -> tune_core::Config {
+    let root = root();
+    let text = std::fs::read_to_string(root.join("configs/stories260K/lora_single_device.yaml"))
+        .unwrap()
+        .replace("assets/", &format!("{}/assets/", root.display()));
+    let mut config = tune_core::Config::from_yaml_str(&text).unwrap();
+    let mut all: Vec<String> = vec![format!("output_dir={}", work.join("output").display())];
+    all.extend(overrides.iter().map(|s| s.to_string()));
+    config.apply_overrides(&all).unwrap();
+    config.resolve_interpolations().unwrap();
+    config
+}

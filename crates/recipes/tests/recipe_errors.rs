@@ -1,0 +1,100 @@
+//! Bad input gets an error that names the problem and the fix, and never a partial checkpoint.
+
+mod common;
+
+use tune_core::recipe::RunOptions;
+use tune_recipes::lora_finetune_single_device::train;
+
+fn run_err(overrides: &[&str]) -> String {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    let err = train(common::stories_config(work.path(), overrides), &RunOptions::default()).unwrap_err();
+    // No half-written checkpoint is ever left behind.
+    if let Ok(entries) = std::fs::read_dir(work.path().join("output")) {
+        for e in entries {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(!name.contains(".partial-") && !name.contains(".tmp-"), "left behind {name}");
+        }
+    }
+    format!("{err:#}")
+}
+
+#[test]
+fn nan_loss_stops_with_a_clear_error() {
+    let e = run_err(&["optimizer.lr=1e30", "lr_scheduler.num_warmup_steps=0", "max_steps_per_epoch=5"]);
+    assert!(e.contains("loss became"), "{e}");
+    assert!(e.contains("lower the learning rate"), "{e}");
+}
+
+#[test]
+fn batch_larger_than_dataset() {
+    let work = tempfile::tempdir().unwrap();
+    let data = common::gsm8k_rows(work.path(), 3);
+    let e = run_err(&[&format!("dataset.data_files={}", data.display()), "batch_size=8"]);
+    assert!(e.contains("batch_size 8 is larger than the dataset (3 samples)"), "{e}");
+}
+
+#[test]
+fn empty_dataset() {
+    let work = tempfile::tempdir().unwrap();
+    let path = work.path().join("empty.json");
+    std::fs::write(&path, "[]").unwrap();
+    let e = run_err(&[&format!("dataset.data_files={}", path.display())]);
+    assert!(e.to_lowercase().contains("empty"), "{e}");
+}
+
+#[test]
+fn tokenizer_vocab_must_fit_the_model() {
+    let e = run_err(&["model.vocab_size=256"]);
+    assert!(e.contains("vocab_size is 256"), "{e}");
+    assert!(e.contains("tokenizer.path"), "{e}");
+}
+
+#[test]
+fn missing_checkpoint_dir() {
+    let e = run_err(&["checkpointer.checkpoint_dir=/nonexistent/model"]);
+    assert!(e.contains("/nonexistent/model does not exist"), "{e}");
+}
+
+#[test]
+fn missing_checkpoint_file_lists_what_is_there() {
+    let e = run_err(&["checkpointer.checkpoint_files=[pytorch_model.bin]"]);
+    assert!(e.contains("pytorch_model.bin not found"), "{e}");
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn output_dir_inside_checkpoint_dir() {
+    let root = common::root();
+    let inside = root.join("assets/stories260K/out");
+    let e = run_err(&[&format!("checkpointer.output_dir={}", inside.display())]);
+    assert!(e.contains("is inside checkpoint_dir"), "{e}");
+    assert!(!inside.exists());
+}
+
+#[test]
+fn bf16_on_cpu_suggests_fp32() {
+    let e = run_err(&["dtype=bf16"]);
+    assert!(e.contains("dtype=fp32"), "{e}");
+}
+
+#[test]
+fn truncated_checkpoint() {
+    let work = tempfile::tempdir().unwrap();
+    let ckpt = work.path().join("ckpt");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    let bytes = std::fs::read(common::root().join("assets/stories260K/model.safetensors")).unwrap();
+    std::fs::write(ckpt.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::copy(common::root().join("assets/stories260K/config.json"), ckpt.join("config.json")).unwrap();
+    let e = run_err(&[&format!("checkpointer.checkpoint_dir={}", ckpt.display())]);
+    assert!(e.contains("truncated"), "{e}");
+}
+
+#[test]
+fn dry_run_counts_without_loading() {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    let config = common::stories_config(work.path(), &["checkpointer.checkpoint_dir=/nonexistent/but/not/read"]);
+    let summary = train(config, &RunOptions { dry_run: true, ..Default::default() }).unwrap();
+    assert!(summary.steps.is_empty());
+}
