@@ -12,7 +12,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 type BackwardFn = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
 
@@ -40,17 +40,7 @@ impl CustomOp1 for GradFn {
     }
 
     fn cpu_fwd(&self, _input: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = self.take_output()?;
-        let shape = out.shape().clone();
-        let flat = out.flatten_all()?;
-        let storage = match out.dtype() {
-            DType::F32 => CpuStorage::F32(flat.to_vec1::<f32>()?),
-            DType::F64 => CpuStorage::F64(flat.to_vec1::<f64>()?),
-            DType::BF16 => CpuStorage::BF16(flat.to_vec1()?),
-            DType::F16 => CpuStorage::F16(flat.to_vec1()?),
-            dtype => candle_core::bail!("{}: unsupported dtype {dtype:?}", self.name),
-        };
-        Ok((storage, shape))
+        cpu_copy(self.name, self.take_output()?)
     }
 
     #[cfg(feature = "cuda")]
@@ -59,19 +49,39 @@ impl CustomOp1 for GradFn {
         _input: &candle_core::CudaStorage,
         _layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        // `copy` gives a fresh, exactly-sized contiguous buffer we can clone out of the lock.
-        let out = self.take_output()?.copy()?;
-        let shape = out.shape().clone();
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, shape)),
-            _ => candle_core::bail!("{}: output is not on the CUDA device", self.name),
-        }
+        cuda_copy(self.name, self.take_output()?)
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         (self.backward)(grad_res).map(Some)
+    }
+}
+
+/// The precomputed output as a fresh CPU storage (custom ops must return owned storage).
+fn cpu_copy(name: &str, out: Tensor) -> Result<(CpuStorage, Shape)> {
+    let shape = out.shape().clone();
+    let flat = out.flatten_all()?;
+    let storage = match out.dtype() {
+        DType::F32 => CpuStorage::F32(flat.to_vec1::<f32>()?),
+        DType::F64 => CpuStorage::F64(flat.to_vec1::<f64>()?),
+        DType::BF16 => CpuStorage::BF16(flat.to_vec1()?),
+        DType::F16 => CpuStorage::F16(flat.to_vec1()?),
+        dtype => candle_core::bail!("{name}: unsupported dtype {dtype:?}"),
+    };
+    Ok((storage, shape))
+}
+
+/// The precomputed output as a fresh CUDA storage.
+#[cfg(feature = "cuda")]
+fn cuda_copy(name: &str, out: Tensor) -> Result<(candle_core::CudaStorage, Shape)> {
+    use candle_core::backend::BackendStorage;
+    // `copy` gives a fresh, exactly-sized contiguous buffer we can clone out of the lock.
+    let out = out.copy()?;
+    let shape = out.shape().clone();
+    let (storage, layout) = out.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, shape)),
+        _ => candle_core::bail!("{name}: output is not on the CUDA device"),
     }
 }
 
@@ -89,6 +99,93 @@ pub fn with_backward(
     }
     let op = GradFn { name, output: Mutex::new(Some(output)), backward: Box::new(backward) };
     input.apply_op1_arc(Arc::new(Box::new(op)))
+}
+
+type Backward3Fn = Box<dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> + Send + Sync>;
+
+/// [`GradFn`] for ops of three inputs.
+struct GradFn3 {
+    name: &'static str,
+    output: Mutex<Option<Tensor>>,
+    backward: Backward3Fn,
+}
+
+impl CustomOp3 for GradFn3 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = self.output.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?.take();
+        cpu_copy(self.name, out.ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.name)))?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = self.output.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?.take();
+        cuda_copy(self.name, out.ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.name)))?)
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        (self.backward)(grad)
+    }
+}
+
+/// [`with_backward`] for three inputs; `backward` returns the three input gradients.
+pub fn with_backward3(
+    name: &'static str,
+    inputs: (&Tensor, &Tensor, &Tensor),
+    output: Tensor,
+    backward: impl Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let (a, b, c) = inputs;
+    if !(a.track_op() || b.track_op() || c.track_op()) {
+        return Ok(output);
+    }
+    let op = GradFn3 { name, output: Mutex::new(Some(output)), backward: Box::new(backward) };
+    a.apply_op3_arc(b, c, Arc::new(Box::new(op)))
+}
+
+/// Causal scaled-dot-product attention `softmax(q k^T * scale + mask) v` for q/k/v
+/// [batch, heads, seq, head_dim] that stores nothing but its inputs: the backward recomputes the
+/// attention probabilities (as flash attention does) instead of keeping [seq, seq] matrices per
+/// layer alive for the whole step.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let probs = |q: &Tensor, k: &Tensor| -> Result<Tensor> {
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        candle_nn::ops::softmax_last_dim(&scores)
+    };
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let out = probs(&qd, &kd)?.matmul(&vd)?;
+    let mask = mask.cloned();
+    with_backward3("attention", (&q, &k, &v), out, move |grad| {
+        let scores = (qd.matmul(&kd.t()?.contiguous()?)? * scale)?;
+        let scores = match &mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        let grad = grad.contiguous()?;
+        let dv = p.t()?.contiguous()?.matmul(&grad)?;
+        let dp = grad.matmul(&vd.t()?.contiguous()?)?;
+        let ds = p.mul(&dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
+        let dq = (ds.matmul(&kd)? * scale)?;
+        let dk = (ds.t()?.contiguous()?.matmul(&qd)? * scale)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    })
 }
 
 /// `x @ weight.T` for a frozen `weight` [out, in]: the backward returns only `grad @ weight`.
@@ -309,5 +406,38 @@ mod tests {
         let gr = ref_loss.backward().unwrap().get(v2.as_tensor()).unwrap().clone();
         assert!(max_abs(&loss, &ref_loss) < 1e-6);
         assert!(max_abs(&g, &gr) < 1e-6);
+    }
+
+    #[test]
+    fn attention_backward_matches_composed_ops() {
+        let (q, k, v) = (rand(&[1, 2, 5, 4], 11), rand(&[1, 2, 5, 4], 12), rand(&[1, 2, 5, 4], 13));
+        let mask = Tensor::from_vec(
+            (0..25).map(|i| if i % 5 > i / 5 { f32::NEG_INFINITY } else { 0.0 }).collect::<Vec<f32>>(),
+            (5, 5),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let probe = rand(&[1, 2, 5, 4], 14);
+        let run = |fused: bool| {
+            let (qv, kv, vv) = (Var::from_tensor(&q).unwrap(), Var::from_tensor(&k).unwrap(), Var::from_tensor(&v).unwrap());
+            let out = if fused {
+                attention(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), Some(&mask), 0.5).unwrap()
+            } else {
+                let s = (qv.as_tensor().matmul(&kv.as_tensor().t().unwrap()).unwrap() * 0.5).unwrap();
+                let s = s.broadcast_add(&mask).unwrap();
+                let e = s.exp().unwrap();
+                let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+                p.matmul(vv.as_tensor()).unwrap()
+            };
+            let g = (out.clone() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads: Vec<Tensor> = [&qv, &kv, &vv].iter().map(|v| g.get(v.as_tensor()).unwrap().clone()).collect();
+            (out, grads)
+        };
+        let (o1, g1) = run(true);
+        let (o2, g2) = run(false);
+        assert!(max_abs(&o1, &o2) < 1e-6);
+        for (a, b) in g1.iter().zip(&g2) {
+            assert!(max_abs(a, b) < 1e-5, "{}", max_abs(a, b));
+        }
     }
 }

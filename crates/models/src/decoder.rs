@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use tune_core::autograd::{masked_softmax, rms_norm, rope_interleaved};
+use tune_core::autograd::{attention, rms_norm, rope_interleaved};
 use tune_core::{Adapter, AdapterFactory, FrozenLinear};
 
 use crate::spec::{ModelSpec, TransformerConfig};
@@ -238,9 +238,8 @@ impl TransformerDecoder {
         let q = rope_interleaved(&q, cos, sin)?;
         let k = rope_interleaved(&k, cos, sin)?;
         let (k, v) = (repeat_kv(&k, c.num_heads / c.num_kv_heads)?, repeat_kv(&v, c.num_heads / c.num_kv_heads)?);
-        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?;
-        let probs = masked_softmax(&scores, Some(mask))?;
-        let attn = probs.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((b, s, c.num_heads * hd))?;
+        let attn = attention(&q, &k, &v, Some(mask), 1.0 / (hd as f64).sqrt())?;
+        let attn = attn.transpose(1, 2)?.reshape((b, s, c.num_heads * hd))?;
         let h = (x + proj(&a.output_proj, &attn, opts)?)?;
 
         let hn = rms_norm(&h, &layer.mlp_norm, c.norm_eps)?;

@@ -115,3 +115,61 @@ pub fn lora_step(repo: &Path, device: &Device, dtype: DType) -> Result<serde_jso
         "adapter_entries_total": total,
     }))
 }
+
+/// torchtune's trajectory config (tests/fixtures/trajectory/config.yaml) with its placeholders
+/// pointed at `work` (output dir and the 96 GSM8K rows it trained on), the bundled model, and the
+/// fixture's initial adapter.
+pub fn trajectory_config(repo: &Path, work: &Path) -> Result<String> {
+    let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(repo.join("assets/data/gsm8k_first_512.json"))?)?;
+    let rows: Vec<serde_json::Value> = rows.as_array().context("data file is not a JSON array")?.iter().take(96).cloned().collect();
+    let data = work.join("gsm8k_first96.json");
+    std::fs::write(&data, serde_json::to_string(&rows)?)?;
+    let text = std::fs::read_to_string(repo.join("tests/fixtures/trajectory/config.yaml"))?;
+    Ok(text
+        .replace("<WORK>/output", &work.join("output").display().to_string())
+        .replace("<WORK>/stories260K_ckpt", &repo.join("assets/stories260K").display().to_string())
+        .replace("<WORK>/gsm8k_first96.json", &data.display().to_string())
+        .replace("<SHARED>/assets/stories260K/tokenizer.model", &repo.join("assets/stories260K/tokenizer.model").display().to_string())
+        .replace(
+            "adapter_checkpoint: null",
+            &format!("adapter_checkpoint: {}", repo.join("tests/fixtures/lora_step/adapter_init.safetensors").display()),
+        ))
+}
+
+/// Runs the recipe on the trajectory config on `device`/`dtype` and reports every logged loss and
+/// lr against torchtune's, and the final adapter's difference.
+pub fn trajectory(repo: &Path, work: &Path, device_name: &str, dtype_name: &str) -> Result<serde_json::Value> {
+    crate::link();
+    let mut config = tune_core::Config::from_yaml_str(&trajectory_config(repo, work)?)?;
+    config.apply_overrides(&[format!("device={device_name}"), format!("dtype={dtype_name}")])?;
+    config.resolve_interpolations()?;
+    let started = std::time::Instant::now();
+    let summary = crate::lora_finetune_single_device::train(config, &tune_core::recipe::RunOptions::default())?;
+    let seconds = started.elapsed().as_secs_f64();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo.join("tests/fixtures/trajectory/meta.json"))?)?;
+    let want_losses: Vec<f64> = serde_json::from_value(meta["losses_logged"].clone())?;
+    let want_lrs: Vec<f64> = serde_json::from_value(meta["lrs_logged"].clone())?;
+    let losses: Vec<f64> = summary.steps.iter().map(|s| s.loss).collect();
+    let lrs: Vec<f64> = summary.steps.iter().map(|s| s.lr).collect();
+    let loss_rel = losses.iter().zip(&want_losses).map(|(a, b)| ((a - b) / b).abs()).fold(0.0, f64::max);
+    let lr_abs = lrs.iter().zip(&want_lrs).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let ours = load(&work.join("output/epoch_0/recipe_state/adapter_torchtune.safetensors"), &Device::Cpu)?;
+    let theirs = load(&repo.join("tests/fixtures/trajectory/adapter_final.safetensors"), &Device::Cpu)?;
+    let mut adapter_max: f64 = 0.0;
+    for (name, t) in &theirs {
+        adapter_max = adapter_max.max(max_abs_diff(ours.get(name).context("adapter tensor missing")?, t)?);
+    }
+    Ok(json!({
+        "check": "trajectory",
+        "device": device_name,
+        "dtype": dtype_name,
+        "steps": losses.len(),
+        "losses": losses,
+        "torchtune_losses": want_losses,
+        "loss_max_rel_diff": loss_rel,
+        "lr_max_abs_diff": lr_abs,
+        "final_adapter_max_abs_diff": adapter_max,
+        "seconds": seconds,
+    }))
+}

@@ -18,22 +18,6 @@ pub fn gsm8k_rows(dir: &Path, rows: usize) -> PathBuf {
     path
 }
 
-/// torchtune's trajectory config (tests/fixtures/trajectory/config.yaml) with its placeholders
-/// pointed at a temp work dir, the bundled model and the fixture's initial adapter.
-pub fn trajectory_config(work: &Path) -> String {
-    let data = gsm8k_rows(work, 96);
-    let text = std::fs::read_to_string(root().join("tests/fixtures/trajectory/config.yaml")).unwrap();
-    let root = root();
-    text.replace("<WORK>/output", &work.join("output").display().to_string())
-        .replace("<WORK>/stories260K_ckpt", &root.join("assets/stories260K").display().to_string())
-        .replace("<WORK>/gsm8k_first96.json", &data.display().to_string())
-        .replace("<SHARED>/assets/stories260K/tokenizer.model", &root.join("assets/stories260K/tokenizer.model").display().to_string())
-        .replace(
-            "adapter_checkpoint: null",
-            &format!("adapter_checkpoint: {}", root.join("tests/fixtures/lora_step/adapter_init.safetensors").display()),
-        )
-}
-
 /// The bundled stories260K LoRA config with `output_dir` in `work`, the given overrides applied
 /// and interpolations resolved. Paths are made absolute so tests run from any directory.
 pub fn stories_config(work: &Path, overrides: &[&str]) -> tune_core::Config {

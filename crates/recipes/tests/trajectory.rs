@@ -21,7 +21,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 fn recipe_reproduces_torchtune_trajectory() {
     tune_recipes::link();
     let work = tempfile::tempdir().unwrap();
-    let config = Config::from_yaml_str(&common::trajectory_config(work.path())).unwrap();
+    let config = Config::from_yaml_str(&tune_recipes::selfcheck::trajectory_config(&common::root(), work.path()).unwrap()).unwrap();
     let mut config = config;
     config.resolve_interpolations().unwrap();
     let summary = tune_recipes::lora_finetune_single_device::train(config, &RunOptions::default()).unwrap();

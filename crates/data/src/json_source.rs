@@ -1,0 +1,351 @@
+//! Local JSON data files, as Hugging Face `load_dataset("json", data_files=..., split=...)`
+//! reads them: each file is a JSON array of objects, JSON Lines (one object per line), an object
+//! with the rows under `field`, or an object of equal-length columns. Splits select rows with
+//! the `datasets` slicing syntax: `train`, `train[:100]`, `train[10:-10]`, `train[:10%]`,
+//! `train[:50%]+train[-10%:]`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{Map, Value};
+
+/// One row and where it came from (for error messages).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub file: PathBuf,
+    /// 0-based position of the row in its file.
+    pub index: usize,
+    /// 1-based line, for JSON Lines files.
+    pub line: Option<usize>,
+    pub columns: Map<String, Value>,
+}
+
+impl Row {
+    /// "file.json row 3" / "file.jsonl line 4".
+    pub fn location(&self) -> String {
+        match self.line {
+            Some(line) => format!("{} line {line}", self.file.display()),
+            None => format!("{} row {}", self.file.display(), self.index),
+        }
+    }
+}
+
+/// `data_files`: a file or list of files (the `train` split), or a mapping split -> file(s).
+#[derive(Debug, Clone, PartialEq)]
+pub enum DataFiles {
+    Train(Vec<PathBuf>),
+    Splits(BTreeMap<String, Vec<PathBuf>>),
+}
+
+impl DataFiles {
+    /// From a config value: a string, a list of strings, or a mapping of split names to either.
+    pub fn from_config(value: &serde_yaml::Value) -> Result<Self> {
+        fn list(v: &serde_yaml::Value) -> Result<Vec<PathBuf>> {
+            match v {
+                serde_yaml::Value::String(s) => Ok(vec![PathBuf::from(s)]),
+                serde_yaml::Value::Sequence(items) => items
+                    .iter()
+                    .map(|i| i.as_str().map(PathBuf::from).ok_or_else(|| anyhow!("data_files entries must be paths")))
+                    .collect(),
+                _ => bail!("data_files must be a path, a list of paths, or a mapping of split name to paths"),
+            }
+        }
+        match value {
+            serde_yaml::Value::Mapping(m) => {
+                let mut splits = BTreeMap::new();
+                for (k, v) in m {
+                    let k = k
+                        .as_str()
+                        .ok_or_else(|| anyhow!("data_files split names must be strings"))?;
+                    splits.insert(k.to_string(), list(v)?);
+                }
+                Ok(DataFiles::Splits(splits))
+            }
+            other => Ok(DataFiles::Train(list(other)?)),
+        }
+    }
+
+    /// The files of split `name`.
+    pub fn split(&self, name: &str) -> Result<&[PathBuf]> {
+        match self {
+            DataFiles::Train(files) if name == "train" => Ok(files),
+            DataFiles::Train(_) => bail!(
+                "split {name:?} does not exist: data_files given as a path or list form the single split \"train\" \
+                 (use split: train, or a slice such as train[:90%]; or give data_files as a mapping {{{name}: path}})"
+            ),
+            DataFiles::Splits(map) => map.get(name).map(Vec::as_slice).ok_or_else(|| {
+                anyhow!(
+                    "split {name:?} does not exist; data_files defines: {}",
+                    map.keys().cloned().collect::<Vec<_>>().join(", ")
+                )
+            }),
+        }
+    }
+}
+
+/// Reads every row of one file. `field` picks the rows out of a top-level object.
+pub fn read_rows(path: &Path, field: Option<&str>) -> Result<Vec<Row>> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!("cannot read data file {}: check `data_files` (relative paths are from the current directory)", path.display())
+    })?;
+    let body = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let trimmed = body.trim_start();
+    let row = |index, line, value: Value| -> Result<Row> {
+        match value {
+            Value::Object(columns) => Ok(Row { file: path.to_path_buf(), index, line, columns }),
+            other => bail!(
+                "{}: row {index} is {}, not an object of columns (expected rows like {{\"instruction\": ..., \"output\": ...}})",
+                path.display(),
+                kind(&other)
+            ),
+        }
+    };
+    let whole: Option<Value> = if trimmed.starts_with('[') || field.is_some() {
+        Some(
+            serde_json::from_str(trimmed)
+                .with_context(|| format!("{} is not valid JSON", path.display()))?,
+        )
+    } else {
+        serde_json::from_str(trimmed).ok()
+    };
+    let whole = match (whole, field) {
+        (Some(Value::Object(mut obj)), Some(field)) => {
+            Some(obj.remove(field).ok_or_else(|| {
+                anyhow!(
+                    "{}: no top-level key {field:?} (the `field` argument); keys: {}",
+                    path.display(),
+                    obj.keys().cloned().collect::<Vec<_>>().join(", ")
+                )
+            })?)
+        }
+        (_, Some(field)) => bail!(
+            "{}: `field: {field}` needs a top-level JSON object",
+            path.display()
+        ),
+        (w, None) => w,
+    };
+    match whole {
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| row(i, None, v))
+            .collect(),
+        Some(Value::Object(obj)) if !obj.is_empty() && obj.values().all(Value::is_array) => {
+            columns_to_rows(path, obj)
+        }
+        // A single object on one line is a one-row JSON Lines file.
+        Some(Value::Object(obj)) => Ok(vec![row(0, Some(1), Value::Object(obj))?]),
+        Some(other) => bail!(
+            "{}: expected a JSON array of rows, found {}",
+            path.display(),
+            kind(&other)
+        ),
+        None => {
+            let mut rows = Vec::new();
+            for (n, line) in body.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() {
+                    continue;
+                }
+                let value: Value = serde_json::from_str(line).with_context(|| {
+                    format!(
+                        "{} line {}: malformed JSON (a data file must be a JSON array of objects, or JSON Lines with one object per line)",
+                        path.display(),
+                        n + 1
+                    )
+                })?;
+                let index = rows.len();
+                rows.push(row(index, Some(n + 1), value)?);
+            }
+            Ok(rows)
+        }
+    }
+}
+
+fn columns_to_rows(path: &Path, obj: Map<String, Value>) -> Result<Vec<Row>> {
+    let len = obj
+        .values()
+        .next()
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    if let Some((k, _)) = obj
+        .iter()
+        .find(|(_, v)| v.as_array().map_or(0, Vec::len) != len)
+    {
+        bail!(
+            "{}: column {k:?} has a different length than the others",
+            path.display()
+        );
+    }
+    let mut rows: Vec<Row> = (0..len)
+        .map(|index| Row {
+            file: path.to_path_buf(),
+            index,
+            line: None,
+            columns: Map::new(),
+        })
+        .collect();
+    for (k, v) in obj {
+        if let Value::Array(items) = v {
+            for (row, item) in rows.iter_mut().zip(items) {
+                row.columns.insert(k.clone(), item);
+            }
+        }
+    }
+    Ok(rows)
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// One `name[from:to]` part of a split expression.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SplitSlice {
+    pub name: String,
+    pub from: Option<i64>,
+    pub to: Option<i64>,
+    pub percent: bool,
+}
+
+/// Parses a split expression (`train`, `train[:100]`, `train[10%:20%]`, `a+b[:5]`).
+pub fn parse_split(spec: &str) -> Result<Vec<SplitSlice>> {
+    let bad = |why: &str| {
+        anyhow!("split {spec:?} is not valid ({why}); use e.g. train, train[:100], train[10:-10], train[:10%] or train[:50%]+train[-10%:]")
+    };
+    let mut out = Vec::new();
+    for part in spec.split('+') {
+        let part = part.trim();
+        let (name, slice) = match part.find('[') {
+            None => (part, None),
+            Some(i) => {
+                let inner = part[i + 1..]
+                    .strip_suffix(']')
+                    .ok_or_else(|| bad("missing `]`"))?;
+                (&part[..i], Some(inner))
+            }
+        };
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_alphanumeric() || c == '_' || c == '-' || c == '.')
+        {
+            return Err(bad("bad split name"));
+        }
+        let mut s = SplitSlice {
+            name: name.to_string(),
+            from: None,
+            to: None,
+            percent: false,
+        };
+        if let Some(inner) = slice {
+            let (a, b) = inner
+                .split_once(':')
+                .ok_or_else(|| bad("a slice needs `:`"))?;
+            let mut units = Vec::new();
+            let mut bound = |t: &str| -> Result<Option<i64>> {
+                let t = t.trim();
+                if t.is_empty() {
+                    return Ok(None);
+                }
+                let (num, pct) = match t.strip_suffix('%') {
+                    Some(n) => (n, true),
+                    None => (t, false),
+                };
+                units.push(pct);
+                let v: i64 = num
+                    .parse()
+                    .map_err(|_| bad("bounds must be integers or percentages"))?;
+                if pct && !(-100..=100).contains(&v) {
+                    return Err(bad("percentages must be between -100% and 100%"));
+                }
+                Ok(Some(v))
+            };
+            s.from = bound(a)?;
+            s.to = bound(b)?;
+            if units.windows(2).any(|w| w[0] != w[1]) {
+                return Err(bad("both bounds must use the same unit"));
+            }
+            s.percent = units.first().copied().unwrap_or(false);
+        }
+        out.push(s);
+    }
+    Ok(out)
+}
+
+impl SplitSlice {
+    /// The row range this slice selects out of `n` rows (Hugging Face `datasets` semantics:
+    /// negative bounds count from the end, percentages round to the closest row, ties to even).
+    pub fn range(&self, n: usize) -> std::ops::Range<usize> {
+        let n_i = n as i64;
+        let abs = |v: i64| -> i64 {
+            if self.percent {
+                ((v as f64) * (n as f64) / 100.0).round_ties_even() as i64
+            } else {
+                v
+            }
+        };
+        let resolve = |v: Option<i64>, default: i64| -> usize {
+            let v = v.map_or(default, abs);
+            let v = if v < 0 { (n_i + v).max(0) } else { v.min(n_i) };
+            v as usize
+        };
+        let from = resolve(self.from, 0);
+        let to = resolve(self.to, n_i);
+        from..to.max(from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(spec: &str, n: usize) -> Vec<(usize, usize)> {
+        let slices = parse_split(spec).unwrap();
+        slices
+            .iter()
+            .map(|s| s.range(n))
+            .map(|r| (r.start, r.end))
+            .collect()
+    }
+
+    #[test]
+    fn split_slices_follow_datasets() {
+        assert_eq!(rows("train", 10), [(0, 10)]);
+        assert_eq!(rows("train[:3]", 10), [(0, 3)]);
+        assert_eq!(rows("train[2:]", 10), [(2, 10)]);
+        assert_eq!(rows("train[-3:]", 10), [(7, 10)]);
+        assert_eq!(rows("train[:-3]", 10), [(0, 7)]);
+        assert_eq!(rows("train[:100]", 10), [(0, 10)]);
+        assert_eq!(rows("train[8:2]", 10), [(8, 8)]);
+        assert_eq!(rows("train[:10%]", 7473), [(0, 747)]);
+        // 25% of 10 = 2.5 rounds to even (2); 35% of 10 = 3.5 rounds to 4.
+        assert_eq!(rows("train[:25%]", 10), [(0, 2)]);
+        assert_eq!(rows("train[:35%]", 10), [(0, 4)]);
+        assert_eq!(rows("train[:50%]+train[-10%:]", 10), [(0, 5), (9, 10)]);
+        assert_eq!(parse_split("validation").unwrap()[0].name, "validation");
+    }
+
+    #[test]
+    fn bad_splits_are_rejected() {
+        for bad in [
+            "train[:10",
+            "train[5]",
+            "train[:10%%]",
+            "train[1:5%]",
+            "train[:101%]",
+            "[:5]",
+            "train[a:b]",
+        ] {
+            assert!(parse_split(bad).is_err(), "{bad}");
+        }
+    }
+}
