@@ -1,1 +1,63 @@
-fn main() {}
+//! `tune`: torchtune's command line, for tune-rs.
+//!
+//! Verbs: `ls`, `cp`, `cat`, `validate`, `run`, `download`, plus `bench` and `selfcheck`
+//! (one module each under
+//! [`commands`]). Errors print as `Error: <what went wrong>: <why>` and exit with status 1.
+
+mod catalog;
+mod commands;
+mod logging;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Fine-tune Llama2 with LoRA/QLoRA: torchtune's recipes, configs and command line, in Rust.
+#[derive(Debug, Parser)]
+#[command(name = "tune", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Ls(commands::ls::Args),
+    Cp(commands::cp::Args),
+    Cat(commands::cat::Args),
+    Validate(commands::validate::Args),
+    Run(commands::run::Args),
+    Download(commands::download::Args),
+    Bench(commands::bench::Args),
+    Selfcheck(commands::selfcheck::Args),
+}
+
+fn main() -> ExitCode {
+    // Links the recipes crate, and through it every crate whose components register themselves.
+    tune_recipes::link();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Ls(args) => logging::init(None).and_then(|()| commands::ls::run(&args)),
+        Command::Cp(args) => logging::init(None).and_then(|()| commands::cp::run(&args)),
+        Command::Cat(args) => logging::init(None).and_then(|()| commands::cat::run(&args)),
+        Command::Validate(args) => {
+            logging::init(None).and_then(|()| commands::validate::run(&args))
+        }
+        // `run` starts logging once the config (and its `log_level`) is known.
+        Command::Run(args) => commands::run::run(&args),
+        Command::Download(args) => {
+            logging::init(None).and_then(|()| commands::download::run(&args))
+        }
+        Command::Bench(args) => logging::init(None).and_then(|()| commands::bench::run(&args)),
+        Command::Selfcheck(args) => {
+            logging::init(None).and_then(|()| commands::selfcheck::run(&args))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -65,7 +65,7 @@ fn dims_from_args(args: &Args) -> Result<TransformerConfig> {
         args.get("norm_eps")?,
     );
     c.attn_dropout = args.get("attn_dropout")?;
-    if c.embed_dim % c.num_heads != 0 || c.num_heads % c.num_kv_heads.max(1) != 0 {
+    if !c.embed_dim.is_multiple_of(c.num_heads) || !c.num_heads.is_multiple_of(c.num_kv_heads.max(1)) {
         bail!(
             "embed_dim ({}) must divide by num_heads ({}) and num_heads by num_kv_heads ({})",
             c.embed_dim,

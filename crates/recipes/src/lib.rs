@@ -2,6 +2,8 @@
 //!
 //! Recipes (each registers itself):
 //! - [`lora_finetune_single_device`]: torchtune's LoRA/QLoRA/DoRA fine-tune on one device.
+//! - [`eleuther_eval`]: TruthfulQA mc1/mc2 computed as lm-evaluation-harness does.
+//! - [`generate`]: text generation with a KV cache (greedy or sampled), with an optional adapter.
 //!
 //! Pieces:
 //! - [`settings`]: device, dtype and top-level keys.
@@ -18,6 +20,8 @@ pub mod atomic;
 pub mod bench;
 pub mod checkpointer;
 pub mod data;
+pub mod eleuther_eval;
+pub mod generate;
 pub mod lora_finetune_single_device;
 pub mod loss;
 pub mod lr_schedule;

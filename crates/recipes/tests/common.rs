@@ -5,13 +5,18 @@
 use std::path::{Path, PathBuf};
 
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// Writes the first `rows` GSM8K rows (alpaca format) to `dir/data.json`.
 pub fn gsm8k_rows(dir: &Path, rows: usize) -> PathBuf {
-    let all: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join("assets/data/gsm8k_first_512.json")).unwrap()).unwrap();
+    let all: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("assets/data/gsm8k_first_512.json")).unwrap(),
+    )
+    .unwrap();
     let rows: Vec<serde_json::Value> = all.as_array().unwrap().iter().take(rows).cloned().collect();
     let path = dir.join("data.json");
     std::fs::write(&path, serde_json::to_string(&rows).unwrap()).unwrap();

@@ -1,0 +1,128 @@
+//! `tune bench`: training-step speed and memory of a random-weight Llama2 with LoRA.
+
+use anyhow::Result;
+use tune_recipes::bench::{random_model, train_steps};
+use tune_recipes::settings::{parse_device, parse_dtype};
+
+/// Benchmark full LoRA training steps (forward, loss, backward, AdamW) on random weights.
+///
+/// Examples:
+///   $ tune bench --model llama2_7b --lora-attn-modules q_proj,v_proj --device cuda --dtype bf16
+///   $ tune bench --vocab-size 32000 --num-layers 8 --embed-dim 512 --num-heads 8 \
+///       --intermediate-dim 1376 --batch-size 4 --seq-len 256
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// A builder preset (llama2_7b, llama2_13b, llama2_70b); otherwise the dimensions below.
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long, default_value_t = 32000)]
+    pub vocab_size: usize,
+    #[arg(long, default_value_t = 8)]
+    pub num_layers: usize,
+    #[arg(long, default_value_t = 8)]
+    pub num_heads: usize,
+    #[arg(long)]
+    pub num_kv_heads: Option<usize>,
+    #[arg(long, default_value_t = 512)]
+    pub embed_dim: usize,
+    #[arg(long, default_value_t = 1376)]
+    pub intermediate_dim: usize,
+    #[arg(long, default_value_t = 4096)]
+    pub max_seq_len: usize,
+    /// Projections with LoRA, comma-separated.
+    #[arg(long, default_value = "q_proj,v_proj", value_delimiter = ',')]
+    pub lora_attn_modules: Vec<String>,
+    #[arg(long)]
+    pub apply_lora_to_mlp: bool,
+    #[arg(long, default_value_t = 8)]
+    pub lora_rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    /// Adapter kind (lora, dora, or a plugin's) and QLoRA base quantisation.
+    #[arg(long, default_value = "lora")]
+    pub adapter: String,
+    #[arg(long)]
+    pub quantize_base: bool,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value = "fp32")]
+    pub dtype: String,
+    /// The device's peak dense TFLOP/s for this dtype (e.g. 989 for H100/H200 bf16), to report MFU.
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype, &device)?;
+    let mut node = serde_yaml::Mapping::new();
+    let mut set = |k: &str, v: serde_yaml::Value| node.insert(k.into(), v);
+    match &args.model {
+        Some(preset) => {
+            set(
+                "_component_",
+                format!("torchtune.models.llama2.lora_{preset}").into(),
+            );
+        }
+        None => {
+            set("_component_", "torchtune.models.llama2.lora_llama2".into());
+            set("vocab_size", args.vocab_size.into());
+            set("num_layers", args.num_layers.into());
+            set("num_heads", args.num_heads.into());
+            set(
+                "num_kv_heads",
+                args.num_kv_heads.unwrap_or(args.num_heads).into(),
+            );
+            set("embed_dim", args.embed_dim.into());
+            set("intermediate_dim", args.intermediate_dim.into());
+            set("max_seq_len", args.max_seq_len.into());
+        }
+    }
+    set(
+        "lora_attn_modules",
+        args.lora_attn_modules
+            .iter()
+            .map(|m| serde_yaml::Value::from(m.as_str()))
+            .collect::<Vec<_>>()
+            .into(),
+    );
+    set("apply_lora_to_mlp", args.apply_lora_to_mlp.into());
+    set("lora_rank", args.lora_rank.into());
+    set("lora_alpha", args.lora_alpha.into());
+    set("quantize_base", args.quantize_base.into());
+    if args.adapter != "lora" {
+        set("adapter", args.adapter.as_str().into());
+    }
+    let spec = tune_models::builders::model_spec_from_node(&serde_yaml::Value::Mapping(node))?;
+    let counts = spec.counts()?;
+    let started = std::time::Instant::now();
+    let model = random_model(&spec, &device, dtype, 0)?;
+    let build_seconds = started.elapsed().as_secs_f64();
+    let mut result = train_steps(
+        &model,
+        args.batch_size,
+        args.seq_len,
+        args.warmup,
+        args.steps,
+    )?;
+    result["model"] = spec.builder.clone().into();
+    result["total_params"] = counts.total.into();
+    result["trainable_params"] = counts.trainable.into();
+    result["device"] = args.device.clone().into();
+    result["dtype"] = args.dtype.clone().into();
+    result["model_build_seconds"] = build_seconds.into();
+    if let (Some(peak), Some(achieved)) = (args.peak_tflops, result["achieved_tflops"].as_f64()) {
+        result["mfu"] = (achieved / peak).into();
+    }
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}

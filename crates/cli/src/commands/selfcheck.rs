@@ -1,0 +1,47 @@
+//! `tune selfcheck`: run the golden-fixture parity checks on any device and print JSON. This is how
+//! a CUDA build is verified on a GPU machine that has no Rust toolchain.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use tune_recipes::selfcheck;
+use tune_recipes::settings::{parse_device, parse_dtype};
+
+/// Check this build against torchtune's golden numbers (tests/fixtures).
+///
+/// Examples:
+///   $ tune selfcheck lora-step --device cuda --dtype bf16
+///   $ tune selfcheck trajectory --device cpu --dtype fp32
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// Which check: `lora-step` (one LoRA forward/backward + 5 AdamW steps) or `trajectory`
+    /// (torchtune's 10-step recipe run).
+    #[arg(value_parser = ["lora-step", "trajectory"])]
+    pub check: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// fp32 or bf16.
+    #[arg(long, default_value = "fp32")]
+    pub dtype: String,
+    /// The repository root holding assets/ and tests/fixtures/.
+    #[arg(long, default_value = ".")]
+    pub repo: PathBuf,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let result = match args.check.as_str() {
+        "lora-step" => {
+            let device = parse_device(&args.device)?;
+            let dtype = parse_dtype(&args.dtype, &device)?;
+            selfcheck::lora_step(&args.repo, &device, dtype)?
+        }
+        _ => {
+            let work = tempfile::tempdir()?;
+            selfcheck::trajectory(&args.repo, work.path(), &args.device, &args.dtype)?
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! `tune validate`: check a config against the component registry.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use tune_core::Config;
+
+use crate::catalog;
+
+/// Validate a config: every `_component_` exists, and every node's keys and value types match
+/// its component's arguments. Prints every problem at once.
+///
+/// Example:
+///   $ tune validate my_config.yaml
+///   Config is well-formed!
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// Path to the config to validate (or the name of a built-in config).
+    pub config: PathBuf,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let shown = args.config.display().to_string();
+    let config = load(args)?;
+    let problems = tune_core::validate::validate(&config);
+    if problems.is_empty() {
+        println!("Config is well-formed!");
+        return Ok(());
+    }
+    let count = match problems.len() {
+        1 => "1 problem".to_string(),
+        n => format!("{n} problems"),
+    };
+    bail!("{shown} has {count}:\n  - {}", problems.join("\n  - "))
+}
+
+fn load(args: &Args) -> Result<Config> {
+    let path = &args.config;
+    if path.exists() {
+        return Config::load(path);
+    }
+    let name = path.to_string_lossy();
+    match catalog::builtin_config(&name) {
+        Some(config) => config,
+        None => bail!(
+            "no config file {name} (and no built-in config of that name).{}",
+            catalog::did_you_mean(&name)
+        ),
+    }
+    .with_context(|| format!("cannot validate {name}"))
+}

@@ -1,0 +1,53 @@
+//! Logging to stderr with `tracing-subscriber`.
+//!
+//! The level is `RUST_LOG` when set (any `EnvFilter` directive, e.g. `debug` or
+//! `tune_recipes=trace`), else the config's `log_level` (torchtune's names: DEBUG, INFO,
+//! WARNING, ERROR, CRITICAL), else INFO.
+
+use std::io::IsTerminal;
+
+use anyhow::{bail, Result};
+use tracing_subscriber::EnvFilter;
+
+/// Starts logging; `log_level` is the config's `log_level` value, if it has one.
+pub fn init(log_level: Option<&str>) -> Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => match EnvFilter::try_new(&directives) {
+            Ok(filter) => filter,
+            Err(e) => bail!("RUST_LOG={directives:?} is not a valid log filter: {e}"),
+        },
+        _ => EnvFilter::new(level(log_level.unwrap_or("INFO"))?),
+    };
+    // A second init (only in tests) keeps the first subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
+    Ok(())
+}
+
+/// torchtune's (Python's) level names, as `tracing` levels.
+fn level(name: &str) -> Result<&'static str> {
+    Ok(match name.trim().to_ascii_uppercase().as_str() {
+        "TRACE" => "trace",
+        "DEBUG" => "debug",
+        "INFO" => "info",
+        "WARN" | "WARNING" => "warn",
+        "ERROR" | "CRITICAL" | "FATAL" => "error",
+        "OFF" | "NONE" => "off",
+        _ => bail!("log_level `{name}` is not a level; use DEBUG, INFO, WARNING or ERROR"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn python_level_names() {
+        assert_eq!(super::level("INFO").unwrap(), "info");
+        assert_eq!(super::level("warning").unwrap(), "warn");
+        assert_eq!(super::level("CRITICAL").unwrap(), "error");
+        assert!(super::level("LOUD").is_err());
+    }
+}

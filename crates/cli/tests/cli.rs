@@ -1,0 +1,496 @@
+//! The `tune` binary, run as a user would: ls, cp, cat, validate, run, download.
+//!
+//! A few checks depend on what the binary registers (models, recipes): they assert the precise
+//! message when the component or recipe is registered, and the "unknown" error otherwise, so
+//! they pass while other crates are being built and check fully once they are.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const LORA_7B: &str = include_str!("../../../configs/llama2/7B_lora_single_device.yaml");
+
+fn tune_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tune"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("the tune binary runs")
+}
+
+fn tune(args: &[&str]) -> Output {
+    tune_in(Path::new(env!("CARGO_MANIFEST_DIR")), args)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[track_caller]
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "expected success\nstdout:\n{}\nstderr:\n{}",
+        stdout(o),
+        stderr(o)
+    );
+    stdout(o)
+}
+
+/// Asserts exit status 1 with an `Error: ` message; returns stderr.
+#[track_caller]
+fn fails(o: &Output) -> String {
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected failure\nstdout:\n{}\nstderr:\n{}",
+        stdout(o),
+        stderr(o)
+    );
+    let err = stderr(o);
+    assert!(err.contains("Error: "), "{err}");
+    err
+}
+
+fn is_registered(component: &str) -> bool {
+    ok(&tune(&["ls", "--components"]))
+        .lines()
+        .any(|l| l.split_whitespace().any(|w| w == component))
+}
+
+#[test]
+fn help_for_every_verb() {
+    let top = ok(&tune(&["--help"]));
+    for verb in ["ls", "cp", "cat", "validate", "run", "download"] {
+        assert!(top.contains(verb), "{verb} missing from tune --help");
+        let help = ok(&tune(&[verb, "--help"]));
+        assert!(help.contains("Usage:"), "{verb} --help:\n{help}");
+    }
+    assert!(ok(&tune(&["run", "--help"])).contains("--nproc_per_node"));
+    assert!(ok(&tune(&["cp", "--help"])).contains("--make-parents"));
+}
+
+#[test]
+fn ls_prints_torchtunes_table() {
+    let out = ok(&tune(&["ls"]));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], format!("{:<40} {}", "RECIPE", "CONFIG"));
+    assert_eq!(
+        lines[1],
+        format!(
+            "{:<40} {}",
+            "lora_finetune_single_device", "llama2/7B_lora_single_device"
+        )
+    );
+    assert_eq!(
+        lines[2],
+        format!("{:<40} {}", "", "llama2/7B_qlora_single_device")
+    );
+    let distributed = lines
+        .iter()
+        .position(|l| l.starts_with("lora_finetune_distributed "))
+        .unwrap();
+    assert_eq!(
+        lines[distributed],
+        format!("{:<40} {}", "lora_finetune_distributed", "llama2/7B_lora")
+    );
+    for config in [
+        "llama2/13B_qlora_single_device",
+        "stories260K/lora_single_device",
+        "stories260K/qlora_single_device",
+        "llama2/13B_lora",
+        "llama2/70B_lora",
+        "llama2/7B_qlora",
+        "llama2/70B_qlora",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.trim() == config),
+            "{config} missing from:\n{out}"
+        );
+    }
+    assert!(ok(&tune(&["ls", "--components"])).starts_with("KIND") || !is_registered("x"));
+}
+
+#[test]
+fn cp_to_dot_keeps_the_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(&tune_in(
+        dir.path(),
+        &["cp", "llama2/7B_lora_single_device", "."],
+    ));
+    assert_eq!(out.trim(), "Copied file to ./7B_lora_single_device.yaml");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("7B_lora_single_device.yaml")).unwrap(),
+        LORA_7B
+    );
+}
+
+#[test]
+fn cp_to_an_existing_directory_and_to_a_new_name() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    ok(&tune_in(
+        dir.path(),
+        &["cp", "stories260K/lora_single_device", "sub"],
+    ));
+    assert!(dir.path().join("sub/lora_single_device.yaml").is_file());
+    // A path without the suffix gets `.yaml`.
+    let out = ok(&tune_in(
+        dir.path(),
+        &["cp", "llama2/7B_lora_single_device", "my_config"],
+    ));
+    assert_eq!(out.trim(), "Copied file to my_config.yaml");
+    assert!(dir.path().join("my_config.yaml").is_file());
+}
+
+#[test]
+fn cp_no_clobber_keeps_an_existing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("mine.yaml");
+    std::fs::write(&dest, "precious: 1\n").unwrap();
+    let out = ok(&tune_in(
+        dir.path(),
+        &["cp", "-n", "llama2/7B_lora_single_device", "mine.yaml"],
+    ));
+    assert!(
+        out.starts_with("File already exists at ") && out.contains("not overwriting"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_to_string(&dest).unwrap(), "precious: 1\n");
+    // The same check for a directory destination looks at the file inside it.
+    std::fs::write(
+        dir.path().join("7B_lora_single_device.yaml"),
+        "precious: 2\n",
+    )
+    .unwrap();
+    ok(&tune_in(
+        dir.path(),
+        &["cp", "--no-clobber", "llama2/7B_lora_single_device", "."],
+    ));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("7B_lora_single_device.yaml")).unwrap(),
+        "precious: 2\n"
+    );
+    // Without -n it is overwritten.
+    ok(&tune_in(
+        dir.path(),
+        &["cp", "llama2/7B_lora_single_device", "mine.yaml"],
+    ));
+    assert_eq!(std::fs::read_to_string(&dest).unwrap(), LORA_7B);
+}
+
+#[test]
+fn cp_missing_parent_needs_make_parents() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = fails(&tune_in(
+        dir.path(),
+        &["cp", "llama2/7B_lora", "new_dir/my_custom_lora.yaml"],
+    ));
+    assert!(
+        err.contains("Cannot create regular file: 'new_dir/my_custom_lora.yaml'"),
+        "{err}"
+    );
+    assert!(err.contains("--make-parents"), "{err}");
+    assert!(!dir.path().join("new_dir").exists());
+    let out = ok(&tune_in(
+        dir.path(),
+        &[
+            "cp",
+            "llama2/7B_lora",
+            "new_dir/my_custom_lora.yaml",
+            "--make-parents",
+        ],
+    ));
+    assert_eq!(out.trim(), "Copied file to new_dir/my_custom_lora.yaml");
+    assert!(dir.path().join("new_dir/my_custom_lora.yaml").is_file());
+}
+
+#[test]
+fn cp_unknown_name_lists_close_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = fails(&tune_in(
+        dir.path(),
+        &["cp", "llama2/7B_lora_singel_device", "."],
+    ));
+    assert!(
+        err.contains("Invalid file name: llama2/7B_lora_singel_device"),
+        "{err}"
+    );
+    assert!(
+        err.contains("Did you mean llama2/7B_lora_single_device"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn cp_a_recipe_copies_its_source_or_says_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = tune_in(dir.path(), &["cp", "lora_finetune_single_device", "."]);
+    if o.status.success() {
+        assert_eq!(
+            stdout(&o).trim(),
+            "Copied file to ./lora_finetune_single_device.rs"
+        );
+        assert!(dir.path().join("lora_finetune_single_device.rs").is_file());
+    } else {
+        assert!(fails(&o).contains("copy one of its configs instead"));
+    }
+}
+
+#[test]
+fn cat_prints_a_builtin_config() {
+    assert_eq!(ok(&tune(&["cat", "llama2/7B_lora_single_device"])), LORA_7B);
+    let sorted = ok(&tune(&["cat", "llama2/7B_lora_single_device", "--sort"]));
+    let keys: Vec<&str> = sorted
+        .lines()
+        .filter(|l| !l.starts_with(' ') && !l.starts_with('-'))
+        .collect();
+    assert_eq!(keys.first(), Some(&"batch_size: 2"));
+    let mut sorted_keys = keys.clone();
+    sorted_keys.sort();
+    assert_eq!(keys, sorted_keys);
+    assert!(sorted.contains("lr: 0.0003"), "{sorted}");
+}
+
+#[test]
+fn cat_a_local_file_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mine.yaml"), "b: 1\na: 2\n").unwrap();
+    assert_eq!(
+        ok(&tune_in(dir.path(), &["cat", "mine.yaml"])),
+        "b: 1\na: 2\n"
+    );
+    assert_eq!(
+        ok(&tune_in(dir.path(), &["cat", "mine.yaml", "--sort"])),
+        "a: 2\nb: 1\n"
+    );
+
+    let err = fails(&tune_in(
+        dir.path(),
+        &["cat", "llama2/7B_lora_singel_device"],
+    ));
+    assert!(
+        err.contains("Did you mean llama2/7B_lora_single_device"),
+        "{err}"
+    );
+    let err = fails(&tune_in(dir.path(), &["cat", "nothere.yaml"]));
+    assert!(err.contains("Config 'nothere.yaml' not found."), "{err}");
+    let err = fails(&tune_in(
+        dir.path(),
+        &["cat", "lora_finetune_single_device"],
+    ));
+    assert!(
+        err.contains("is a recipe, not a config") && err.contains("llama2/7B_lora_single_device"),
+        "{err}"
+    );
+    std::fs::write(dir.path().join("bad.yaml"), "a: [1, 2\n").unwrap();
+    let err = fails(&tune_in(dir.path(), &["cat", "bad.yaml"]));
+    assert!(err.contains("not valid YAML"), "{err}");
+}
+
+#[test]
+fn validate_a_well_formed_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("plain.yaml"),
+        "output_dir: /tmp/x\nlog_dir: ${output_dir}/logs\n",
+    )
+    .unwrap();
+    assert_eq!(
+        ok(&tune_in(dir.path(), &["validate", "plain.yaml"])),
+        "Config is well-formed!\n"
+    );
+}
+
+#[test]
+fn validate_invalid_yaml() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "model:\n  _component_: x\n   lora_rank: 8\n",
+    )
+    .unwrap();
+    let err = fails(&tune_in(dir.path(), &["validate", "bad.yaml"]));
+    assert!(err.contains("config is not valid YAML"), "{err}");
+    let err = fails(&tune_in(dir.path(), &["validate", "missing.yaml"]));
+    assert!(err.contains("no config file missing.yaml"), "{err}");
+}
+
+#[test]
+fn validate_reports_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "output_dir: /tmp/x\nmodel:\n  _component_: torchtune.models.llama2.lora_llama2_7b\n  \
+                lora_attn_modules: [q_proj, v_proj]\n  lora_rnak: 8\noptimizer:\n  _component_: torch.optim.AdamWW\n\
+                logs: ${outptu_dir}/logs\n";
+    std::fs::write(dir.path().join("typo.yaml"), text).unwrap();
+    let err = fails(&tune_in(dir.path(), &["validate", "typo.yaml"]));
+    assert!(err.contains("typo.yaml has 3 problems"), "{err}");
+    assert!(err.contains("did you mean `${output_dir}`?"), "{err}");
+    assert!(
+        err.contains("optimizer: unknown _component_ `torch.optim.AdamWW`"),
+        "{err}"
+    );
+    if is_registered("torchtune.models.llama2.lora_llama2_7b") {
+        assert!(
+            err.contains(
+                "model: unknown key `lora_rnak` for lora_llama2_7b; did you mean `lora_rank`?"
+            ),
+            "{err}"
+        );
+    } else {
+        assert!(err.contains("model: unknown _component_"), "{err}");
+    }
+}
+
+/// Every built-in config is well-formed against the components this binary registers.
+#[test]
+fn builtin_configs_validate() {
+    let out = ok(&tune(&["ls"]));
+    let configs: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    assert!(configs.len() >= 10);
+    for config in configs {
+        let o = tune(&["validate", config]);
+        assert!(o.status.success(), "{config}:\n{}", stderr(&o));
+        assert_eq!(stdout(&o), "Config is well-formed!\n");
+    }
+}
+
+#[test]
+fn run_errors_before_doing_any_work() {
+    let err = fails(&tune(&[
+        "run",
+        "lora_finetune_singel_device",
+        "--config",
+        "llama2/7B_lora_single_device",
+    ]));
+    assert!(
+        err.contains("recipe `lora_finetune_singel_device`"),
+        "{err}"
+    );
+
+    let probe = tune(&[
+        "run",
+        "lora_finetune_single_device",
+        "--config",
+        "no/such_config",
+    ]);
+    let err = fails(&probe);
+    if err.contains("not built into this binary") {
+        return; // the recipes are not registered yet
+    }
+    assert!(
+        err.contains("config `no/such_config` is neither a built-in config nor a file"),
+        "{err}"
+    );
+
+    let err = fails(&tune(&[
+        "run",
+        "--nproc_per_node",
+        "2",
+        "lora_finetune_single_device",
+        "--config",
+        "llama2/7B_lora_single_device",
+    ]));
+    assert!(
+        err.contains("does not support distributed training"),
+        "{err}"
+    );
+
+    let err = fails(&tune(&[
+        "run",
+        "lora_finetune_single_device",
+        "--config",
+        "llama2/7B_lora_single_device",
+        "lora_attn_modules=['q_proj','k_proj','v_proj','output_proj']",
+        "lora_rank=32",
+        "lora_alpha=64",
+        "output_dir=./lora_experiment_1",
+    ]));
+    if is_registered("torchtune.models.llama2.lora_llama2_7b") {
+        assert!(err.contains("did you mean model.lora_rank=32?"), "{err}");
+        assert!(err.contains("did you mean model.lora_alpha=64?"), "{err}");
+    }
+    let err = fails(&tune(&[
+        "run",
+        "lora_finetune_single_device",
+        "--config",
+        "llama2/7B_lora_single_device",
+        "model.lora_attn_modules=[]",
+    ]));
+    assert!(err.contains("empty list"), "{err}");
+}
+
+#[test]
+fn download_without_network_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_tune"))
+        .args([
+            "download",
+            "meta-llama/Llama-2-7b-hf",
+            "--output-dir",
+            "models/Llama-2-7b-hf",
+        ])
+        .current_dir(dir.path())
+        // A closed local port: the connection is refused at once.
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env_remove("HF_TOKEN")
+        .output()
+        .unwrap();
+    let err = fails(&o);
+    assert!(
+        err.contains("cannot reach the Hugging Face Hub at http://127.0.0.1:9"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("models").exists(),
+        "nothing may be created"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+    let err = fails(&tune(&["download", "not a repo/x/y"]));
+    assert!(err.contains("is not a repo id"), "{err}");
+}
+
+#[test]
+fn run_a_config_file_with_overrides_as_a_dry_run() {
+    let probe = tune(&[
+        "run",
+        "lora_finetune_single_device",
+        "--config",
+        "no/such_config",
+    ]);
+    if stderr(&probe).contains("not built into this binary") {
+        return; // the recipes are not registered yet
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tiny.yaml");
+    let config = config.to_str().unwrap();
+    ok(&tune(&["cp", "stories260K/lora_single_device", config]));
+    let output_dir = format!("output_dir={}", dir.path().join("out").display());
+    // From the repository root, where the config's relative asset paths point.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let o = tune_in(
+        &root,
+        &[
+            "run",
+            "lora_finetune_single_device",
+            "--config",
+            config,
+            "--dry-run",
+            "model.lora_rank=2",
+            &output_dir,
+        ],
+    );
+    let out = ok(&o) + &stderr(&o);
+    // stories260K with LoRA rank 2 on q and v: half the rank-4 adapter's 4480 parameters.
+    assert!(out.contains("2240 trainable params"), "{out}");
+}

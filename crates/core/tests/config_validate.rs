@@ -1,0 +1,164 @@
+//! `validate`: every component node checked against the registry, every problem reported.
+
+mod config_support;
+
+use config_support::lora_7b;
+use tune_core::registry;
+use tune_core::validate::validate;
+use tune_core::Config;
+
+fn problems(text: &str) -> Vec<String> {
+    validate(&Config::from_yaml_str(text).unwrap())
+}
+
+const GOOD: &str = "
+output_dir: /tmp/out
+model:
+  _component_: torchtune.models.llama2.lora_llama2_7b
+  lora_attn_modules: ['q_proj', 'v_proj']
+  lora_rank: 8
+checkpointer:
+  _component_: torchtune.training.FullModelHFCheckpointer
+  checkpoint_dir: /ckpt
+  checkpoint_files: [model.safetensors]
+  output_dir: ${output_dir}
+  model_type: LLAMA2
+dataset:
+  _component_: torchtune.datasets.alpaca_dataset
+  source: json
+  data_files: data.json
+";
+
+#[test]
+fn a_good_config_has_no_problems() {
+    assert_eq!(problems(GOOD), Vec::<String>::new());
+}
+
+#[test]
+fn the_builtin_config_checks_the_components_that_are_registered() {
+    // Only the model and checkpointer are registered in this test binary; everything else is
+    // reported as unknown, and nothing else is wrong.
+    let found = validate(&lora_7b());
+    assert!(!found.is_empty());
+    for p in &found {
+        assert!(p.contains("unknown _component_"), "{p}");
+    }
+    assert!(
+        !found
+            .iter()
+            .any(|p| p.starts_with("model:") || p.starts_with("checkpointer:")),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn unknown_component_names_the_closest() {
+    let found = problems("model:\n  _component_: torchtune.models.llama2.lora_llama2_7bb\n  lora_attn_modules: [q_proj]\n");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0]
+            .starts_with("model: unknown _component_ `torchtune.models.llama2.lora_llama2_7bb`"),
+        "{}",
+        found[0]
+    );
+    assert!(
+        found[0].contains("closest registered names: torchtune.models.llama2.lora_llama2_7b"),
+        "{}",
+        found[0]
+    );
+
+    let e = registry::lookup("lora_llama2_7").err().unwrap().to_string();
+    assert!(e.contains("lora_llama2_7b"), "{e}");
+    let e = registry::lookup("completely.different.thing")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("tune ls --components"), "{e}");
+}
+
+#[test]
+fn short_aliases_are_accepted() {
+    let found = problems("model:\n  _component_: lora_llama2_7b\n  lora_attn_modules: [q_proj]\n");
+    assert_eq!(found, Vec::<String>::new());
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = "
+model:
+  _component_: torchtune.models.llama2.lora_llama2_7b
+  lora_attn_modules: q_proj
+  lora_rnak: 8
+  lora_alpha: sixteen
+checkpointer:
+  _component_: torchtune.training.FullModelHFCheckpointer
+  checkpoint_dir: /ckpt
+  checkpoint_files: [model.safetensors]
+  model_type: LLAMA2
+optimizer:
+  _component_: torch.optim.AdamWW
+";
+    let found = problems(text);
+    let expect = [
+        "model: lora_llama2_7b.lora_attn_modules: expected list[str], found string \"q_proj\"",
+        "model: unknown key `lora_rnak` for lora_llama2_7b; did you mean `lora_rank`?",
+        "model: lora_llama2_7b.lora_alpha: expected float, found string \"sixteen\"",
+        "checkpointer: FullModelHFCheckpointer: missing required argument `output_dir` (str)",
+        "optimizer: unknown _component_ `torch.optim.AdamWW`",
+    ];
+    assert_eq!(found.len(), expect.len(), "{found:#?}");
+    for (got, want) in found.iter().zip(expect) {
+        assert!(got.starts_with(want), "got {got:?}, want {want:?}");
+    }
+}
+
+#[test]
+fn nested_component_nodes_are_checked() {
+    let text = "
+wrapper:
+  inner:
+    _component_: torchtune.models.llama2.lora_llama2_7b
+    lora_attn_modules: [q_proj]
+    lora_rnak: 8
+  list:
+    - _component_: torchtune.datasets.alpaca_dataset
+      packed: maybe
+";
+    let found = problems(text);
+    assert_eq!(found.len(), 2, "{found:#?}");
+    assert!(
+        found[0].starts_with("wrapper.inner: unknown key `lora_rnak`"),
+        "{}",
+        found[0]
+    );
+    assert!(
+        found[1].starts_with("wrapper.list.0: alpaca_dataset.packed: expected bool"),
+        "{}",
+        found[1]
+    );
+}
+
+#[test]
+fn component_must_be_a_string() {
+    let found = problems("model:\n  _component_: 3\n");
+    assert_eq!(found.len(), 1);
+    assert!(
+        found[0].contains("model._component_ must be a dotted name"),
+        "{}",
+        found[0]
+    );
+}
+
+#[test]
+fn interpolations_are_resolved_before_checking() {
+    let ok = problems("rank: 8\nmodel:\n  _component_: lora_llama2_7b\n  lora_attn_modules: [q_proj]\n  lora_rank: ${rank}\n");
+    assert_eq!(ok, Vec::<String>::new());
+    let bad = problems("model:\n  _component_: lora_llama2_7b\n  lora_attn_modules: [q_proj]\n  lora_rank: ${rnak}\n");
+    assert_eq!(bad.len(), 2, "{bad:#?}");
+    assert!(
+        bad[0].contains("in `model.lora_rank`") && bad[0].contains("names no key"),
+        "{}",
+        bad[0]
+    );
+    assert!(bad[1].contains("expected int"), "{}", bad[1]);
+}
