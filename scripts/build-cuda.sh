@@ -32,10 +32,11 @@ done
 [ -e "$CU/lib/libcurand.so" ] || ln -s libcurand.so.10 "$CU/lib/libcurand.so"
 
 # A link-time stub for libcuda (the driver library is only on the GPU machine).
-if [ ! -e "$CU/lib/stubs/libcuda.so" ]; then
+if [ ! -e "$CU/lib/stubs/libcuda.so" ] || ! grep -q cuMemcpyDtoHAsync_v2 "$CU/lib/stubs/libcuda_stub.c"; then
   mkdir -p "$CU/lib/stubs"
-  grep -oE '^(CUresult|void|int|size_t|unsigned int) +CUDAAPI +[A-Za-z0-9_]+' "$CU/include/cuda.h" \
-    | awk '{print $NF}' | sort -u \
+  # Every cuXxx identifier in cuda.h: declared names and the `_v2`-style names their #defines map
+  # them to (extra symbols are harmless in a link stub).
+  grep -ohE '\bcu[A-Z][A-Za-z0-9_]*' "$CU/include/cuda.h" | sort -u \
     | sed 's/.*/void &(void) {}/' > "$CU/lib/stubs/libcuda_stub.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$CU/lib/stubs/libcuda.so" "$CU/lib/stubs/libcuda_stub.c"
   ln -sf libcuda.so "$CU/lib/stubs/libcuda.so.1"

@@ -188,8 +188,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scal
     })
 }
 
+static PLAIN_FROZEN_MATMUL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Benchmarks only: make [`frozen_linear`] a plain candle matmul, whose backward also computes the
+/// (discarded) full-size gradient of the frozen weight, to measure what avoiding that saves.
+pub fn set_plain_frozen_matmul(on: bool) {
+    PLAIN_FROZEN_MATMUL.store(on, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// `x @ weight.T` for a frozen `weight` [out, in]: the backward returns only `grad @ weight`.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if PLAIN_FROZEN_MATMUL.load(std::sync::atomic::Ordering::Relaxed) {
+        return matmul_t(x, weight);
+    }
     let y = matmul_t(&x.detach(), weight)?;
     let weight = weight.clone();
     with_backward("frozen_linear", x, y, move |grad| {

@@ -56,12 +56,17 @@ pub struct Args {
     pub device: String,
     #[arg(long, default_value = "fp32")]
     pub dtype: String,
+    /// Use a plain matmul for frozen layers (its backward also computes the unused weight
+    /// gradient): shows what tune-rs's input-gradient-only frozen linear saves.
+    #[arg(long)]
+    pub plain_frozen_matmul: bool,
     /// The device's peak dense TFLOP/s for this dtype (e.g. 989 for H100/H200 bf16), to report MFU.
     #[arg(long)]
     pub peak_tflops: Option<f64>,
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    tune_core::autograd::set_plain_frozen_matmul(args.plain_frozen_matmul);
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype, &device)?;
     let mut node = serde_yaml::Mapping::new();
@@ -120,6 +125,7 @@ pub fn run(args: &Args) -> Result<()> {
     result["device"] = args.device.clone().into();
     result["dtype"] = args.dtype.clone().into();
     result["model_build_seconds"] = build_seconds.into();
+    result["plain_frozen_matmul"] = args.plain_frozen_matmul.into();
     if let (Some(peak), Some(achieved)) = (args.peak_tflops, result["achieved_tflops"].as_f64()) {
         result["mfu"] = (achieved / peak).into();
     }

@@ -1,0 +1,60 @@
+//! Parameter counts from shapes alone (no weights allocated), as torchtune prints them.
+
+use tune_models::builders::model_spec_from_node;
+
+fn counts(yaml: &str) -> (usize, usize, String) {
+    let node: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap();
+    let spec = model_spec_from_node(&node).unwrap();
+    let c = spec.counts().unwrap();
+    (c.total, c.trainable, c.summary())
+}
+
+#[test]
+fn lora_llama2_7b_qv_rank8_matches_torchtune() {
+    let (total, trainable, line) =
+        counts("{_component_: torchtune.models.llama2.lora_llama2_7b, lora_attn_modules: [q_proj, v_proj]}");
+    assert_eq!(total, 6_742_609_920);
+    assert_eq!(trainable, 4_194_304);
+    assert_eq!(line, "6742609920 total params, 4194304 trainable params, 0.06% of all params are trainable.");
+}
+
+#[test]
+fn stories260k_matches_the_lora_step_fixture() {
+    // tests/fixtures/lora_step/meta.json: total_params 297280, trainable_params 4480 (torchtune
+    // counts the untied output layer separately).
+    let (total, trainable, _) = counts(
+        "{_component_: torchtune.models.llama2.lora_llama2, lora_attn_modules: [q_proj, v_proj], vocab_size: 512,
+          num_layers: 5, num_heads: 8, num_kv_heads: 4, embed_dim: 64, max_seq_len: 512, intermediate_dim: 172,
+          lora_rank: 4, lora_alpha: 8}",
+    );
+    assert_eq!((total, trainable), (297_280, 4_480));
+}
+
+#[test]
+fn other_layer_choices_and_sizes() {
+    // Base Llama2-7B/13B/70B sizes (HF counts with untied lm_head).
+    let base = |name: &str| counts(&format!("{{_component_: torchtune.models.llama2.{name}}}")).0;
+    assert_eq!(base("llama2_7b"), 6_738_415_616);
+    assert_eq!(base("llama2_13b"), 13_015_864_320);
+    assert_eq!(base("llama2_70b"), 68_976_648_192);
+    // All attention projections + MLP + output, rank 8: every adapted [out, in] adds 8 * (in + out).
+    let (_, trainable, _) = counts(
+        "{_component_: lora_llama2_7b, lora_attn_modules: [q_proj, k_proj, v_proj, output_proj],
+          apply_lora_to_mlp: true, apply_lora_to_output: true}",
+    );
+    let per_layer = 4 * 8 * (4096 + 4096) + 3 * 8 * (4096 + 11008);
+    assert_eq!(trainable, 32 * per_layer + 8 * (4096 + 32000));
+    // 70B's grouped-query k/v projections are [1024, 8192].
+    let (_, trainable, _) = counts("{_component_: lora_llama2_70b, lora_attn_modules: [k_proj], lora_rank: 16}");
+    assert_eq!(trainable, 80 * 16 * (8192 + 1024));
+}
+
+#[test]
+fn empty_or_unknown_lora_modules_are_errors() {
+    for bad in ["[]", "[q_proj, vproj]"] {
+        let node: serde_yaml::Value =
+            serde_yaml::from_str(&format!("{{_component_: lora_llama2_7b, lora_attn_modules: {bad}}}")).unwrap();
+        let err = model_spec_from_node(&node).unwrap_err().to_string();
+        assert!(err.contains("lora_attn_modules"), "{err}");
+    }
+}
