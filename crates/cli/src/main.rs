@@ -33,6 +33,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // candle 0.11 reads the core count from /proc on every CPU matmul unless RAYON_NUM_THREADS is
+    // set (7x slower generation on stories260K). Fix it once, before any thread starts.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
+    }
     // Links the recipes crate, and through it every crate whose components register themselves.
     tune_recipes::link();
     let cli = Cli::parse();

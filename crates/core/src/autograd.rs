@@ -295,8 +295,11 @@ pub fn cross_entropy_sum(logits: &Tensor, labels: &Tensor, ignore_index: i64) ->
     let loss = (picked * &valid)?.sum_all()?.neg()?;
 
     let logits_dtype = logits.dtype();
+    // The backward recomputes the softmax from the logits (which the graph keeps anyway) rather
+    // than holding a second [rows, vocab] matrix for the whole step.
+    drop(log_probs);
     with_backward("cross_entropy", logits, loss, move |grad| {
-        let probs = log_probs.exp()?;
+        let probs = candle_nn::ops::softmax_last_dim(&x)?;
         let onehot = Tensor::zeros((rows, vocab), DType::F32, probs.device())?.scatter_add(
             &safe.unsqueeze(1)?,
             &Tensor::ones((rows, 1), DType::F32, probs.device())?,

@@ -1,23 +1,23 @@
 //! tune-data: tokenizers, datasets and batching for tune-rs, matching torchtune 0.6.1.
 //!
 //! Tokenizers
-//! - [`sentencepiece`]: SentencePiece `tokenizer.model` files (protobuf `ModelProto`,
+//! - [`sentencepiece`] — SentencePiece `tokenizer.model` files (protobuf `ModelProto`,
 //!   normalizer, BPE with byte fallback, decode), id-for-id with the `sentencepiece` library.
-//! - [`hf_tokenizer`]: Llama-style Hugging Face `tokenizer.json` files (BPE, byte fallback,
+//! - [`hf_tokenizer`] — Llama-style Hugging Face `tokenizer.json` files (BPE, byte fallback,
 //!   Metaspace), id-for-id with the `tokenizers` library.
-//! - [`tokenizer`]: [`Tokenizer`], one type over both formats, chosen by file name.
+//! - [`tokenizer`] — [`Tokenizer`], one type over both formats, chosen by file name.
 //! - [`llama2_tokenizer`]: torchtune's `llama2_tokenizer` (BOS/EOS, whitespace trimming,
 //!   `tokenize_messages` with truncation and loss masks).
-//! - [`messages`]: chat messages and prompt templates (`Llama2ChatTemplate`).
+//! - [`messages`] — chat messages and prompt templates (`Llama2ChatTemplate`).
 //!
 //! Data
-//! - [`json_source`]: local JSON / JSON Lines data files and `train[:10%]`-style splits.
-//! - [`alpaca`]: `alpaca_dataset` / `alpaca_cleaned_dataset` ([`DatasetSpec`]).
-//! - [`sft`]: the tokenized training [`Sample`] (tokens, labels, mask).
+//! - [`json_source`] — local JSON / JSON Lines data files and `train[:10%]`-style splits.
+//! - [`alpaca`] — `alpaca_dataset` / `alpaca_cleaned_dataset` ([`DatasetSpec`]).
+//! - [`sft`] — the tokenized training [`Sample`] (tokens, labels, mask).
 //!
 //! Batching
-//! - [`collate`]: `padded_collate_sft` into a [`Batch`].
-//! - [`loader`]: a seeded, resumable batch sampler and data loader.
+//! - [`collate`] — `padded_collate_sft` into a [`Batch`].
+//! - [`loader`] — a seeded, resumable batch sampler and data loader.
 //!
 //! Components registered in tune-core's registry: `torchtune.models.llama2.llama2_tokenizer`
 //! (builds a [`Llama2Tokenizer`]), `torchtune.datasets.alpaca_dataset` and

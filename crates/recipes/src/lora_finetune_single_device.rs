@@ -245,7 +245,7 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
             window_tokens += tokens_n;
             window_loss += loss_value as f64;
 
-            if (idx + 1) % grad_accum != 0 {
+            if !(idx + 1).is_multiple_of(grad_accum) {
                 continue;
             }
             let scale = 1.0f32 / window_tokens as f32;
@@ -271,7 +271,7 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
             let loss_to_log = window_loss / window_tokens as f64;
             let lr_logged = lr_at(state.global_step);
             let tps = window_tokens as f64 / elapsed.max(1e-9);
-            if state.global_step % log_every == 0 {
+            if state.global_step.is_multiple_of(log_every.max(1)) {
                 let mut metrics: Metrics = vec![("loss".into(), loss_to_log), ("lr".into(), lr_logged), ("tokens_per_second_per_gpu".into(), tps)];
                 if let Some(n) = grad_norm {
                     metrics.push(("grad_norm".into(), n));
@@ -287,7 +287,7 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
             progress.inc(1);
             summary.steps.push(StepLog { step: state.global_step, loss: loss_to_log, lr: lr_logged, tokens: window_tokens, tokens_per_second: tps });
             if let Some(every) = save_every_n_steps {
-                if every > 0 && state.global_step % every == 0 && (idx + 1) / grad_accum < steps_per_epoch {
+                if every > 0 && state.global_step.is_multiple_of(every) && (idx + 1) / grad_accum < steps_per_epoch {
                     let dir = checkpointer.save(&format!("step_{}", state.global_step), &model, &spec, &layout, false, &state, &optimizer)?;
                     summary.last_checkpoint = Some(dir);
                 }
