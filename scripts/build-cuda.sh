@@ -23,7 +23,8 @@ if ! "$VENV/bin/python" -c "import nvidia" 2>/dev/null || [ ! -x "$(ls -d "$VENV
     nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88 \
     nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35
 fi
-CU="$(ls -d "$VENV"/lib/python3*/site-packages/nvidia/cu13)"
+# Physical path: RUSTFLAGS carries it, and cargo rebuilds everything when RUSTFLAGS change.
+CU="$(cd "$(ls -d "$VENV"/lib/python3*/site-packages/nvidia/cu13)" && pwd -P)"
 
 # Unversioned names the linker looks for.
 for lib in cublas cublasLt cudart nvrtc; do

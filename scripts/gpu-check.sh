@@ -41,11 +41,11 @@ step() { # name timeout_seconds command...
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv | tee "$OUT/gpu.csv"
 "$BIN" --version | tee "$OUT/tune-version.txt"
 
-step lora_step_cuda_fp32 60 "$BIN" selfcheck lora-step --device cuda --dtype fp32
-step lora_step_cuda_bf16 60 "$BIN" selfcheck lora-step --device cuda --dtype bf16
-step trajectory_cuda_fp32 90 "$BIN" selfcheck trajectory --device cuda --dtype fp32
-step trajectory_cuda_bf16 90 "$BIN" selfcheck trajectory --device cuda --dtype bf16
-step bench_7b_lora_bf16 200 "$BIN" bench --model llama2_7b --lora-attn-modules q_proj,v_proj,output_proj \
+step lora_step_cuda_fp32 45 "$BIN" selfcheck lora-step --device cuda --dtype fp32
+step lora_step_cuda_bf16 45 "$BIN" selfcheck lora-step --device cuda --dtype bf16
+step trajectory_cuda_fp32 60 "$BIN" selfcheck trajectory --device cuda --dtype fp32
+step trajectory_cuda_bf16 60 "$BIN" selfcheck trajectory --device cuda --dtype bf16
+step bench_7b_lora_bf16 180 "$BIN" bench --model llama2_7b --lora-attn-modules q_proj,v_proj,output_proj \
   --apply-lora-to-mlp --lora-rank 8 --lora-alpha 16 --batch-size "$BENCH_BATCH" --seq-len "$BENCH_SEQ" \
   --warmup 1 --steps 3 --device cuda --dtype bf16 --peak-tflops 989
 echo "results in $OUT"
