@@ -51,13 +51,22 @@ pub fn check(component: &Component, node: &Value) -> Vec<ArgProblem> {
                     Some(h) => format!("; did you mean `{h}`?"),
                     None => format!(
                         "; its arguments are: {}",
-                        component.args.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
+                        component
+                            .args
+                            .iter()
+                            .map(|a| a.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 };
                 problems.push(ArgProblem(format!("unknown key `{key}` for {name}{hint}")));
             }
             Some(spec) => {
-                if let Err(why) = type_ok(spec.ty, spec.nullable || spec.default == Some("null"), value) {
+                if let Err(why) = type_ok(
+                    spec.ty,
+                    spec.nullable || spec.default == Some("null"),
+                    value,
+                ) {
                     problems.push(ArgProblem(format!(
                         "{name}.{key}: expected {}, found {why}",
                         spec.ty
@@ -135,12 +144,18 @@ impl Args {
                 }
             }
         }
-        Ok(Args { component: component.path, values })
+        Ok(Args {
+            component: component.path,
+            values,
+        })
     }
 
     /// Arguments from plain key/value pairs (tests, programmatic use); no schema check.
     pub fn from_pairs(component: &'static str, pairs: &[(&str, Value)]) -> Self {
-        let values = pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let values = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         Args { component, values }
     }
 
@@ -159,7 +174,11 @@ impl Args {
             .get(name)
             .ok_or_else(|| anyhow!("{}: missing argument `{name}`", short(self.component)))?;
         serde_yaml::from_value(value.clone()).map_err(|e| {
-            anyhow!("{}.{name}: {e} (value: {})", short(self.component), describe(value))
+            anyhow!(
+                "{}.{name}: {e} (value: {})",
+                short(self.component),
+                describe(value)
+            )
         })
     }
 

@@ -97,11 +97,16 @@ pub fn with_backward(
     if !input.track_op() {
         return Ok(output);
     }
-    let op = GradFn { name, output: Mutex::new(Some(output)), backward: Box::new(backward) };
+    let op = GradFn {
+        name,
+        output: Mutex::new(Some(output)),
+        backward: Box::new(backward),
+    };
     input.apply_op1_arc(Arc::new(Box::new(op)))
 }
 
-type Backward3Fn = Box<dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> + Send + Sync>;
+type Backward3Fn =
+    Box<dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> + Send + Sync>;
 
 /// [`GradFn`] for ops of three inputs.
 struct GradFn3 {
@@ -115,9 +120,26 @@ impl CustomOp3 for GradFn3 {
         self.name
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = self.output.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?.take();
-        cpu_copy(self.name, out.ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.name)))?)
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = self
+            .output
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
+            .take();
+        cpu_copy(
+            self.name,
+            out.ok_or_else(|| {
+                candle_core::Error::Msg(format!("{}: forward ran twice", self.name))
+            })?,
+        )
     }
 
     #[cfg(feature = "cuda")]
@@ -130,11 +152,27 @@ impl CustomOp3 for GradFn3 {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = self.output.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?.take();
-        cuda_copy(self.name, out.ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.name)))?)
+        let out = self
+            .output
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
+            .take();
+        cuda_copy(
+            self.name,
+            out.ok_or_else(|| {
+                candle_core::Error::Msg(format!("{}: forward ran twice", self.name))
+            })?,
+        )
     }
 
-    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         (self.backward)(grad)
     }
 }
@@ -144,13 +182,20 @@ pub fn with_backward3(
     name: &'static str,
     inputs: (&Tensor, &Tensor, &Tensor),
     output: Tensor,
-    backward: impl Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> + Send + Sync + 'static,
+    backward: impl Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync
+        + 'static,
 ) -> Result<Tensor> {
     let (a, b, c) = inputs;
     if !(a.track_op() || b.track_op() || c.track_op()) {
         return Ok(output);
     }
-    let op = GradFn3 { name, output: Mutex::new(Some(output)), backward: Box::new(backward) };
+    let op = GradFn3 {
+        name,
+        output: Mutex::new(Some(output)),
+        backward: Box::new(backward),
+    };
     a.apply_op3_arc(b, c, Arc::new(Box::new(op)))
 }
 
@@ -158,7 +203,13 @@ pub fn with_backward3(
 /// [batch, heads, seq, head_dim] that stores nothing but its inputs: the backward recomputes the
 /// attention probabilities (as flash attention does) instead of keeping [seq, seq] matrices per
 /// layer alive for the whole step.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let probs = |q: &Tensor, k: &Tensor| -> Result<Tensor> {
         let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
@@ -188,7 +239,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scal
     })
 }
 
-static PLAIN_FROZEN_MATMUL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static PLAIN_FROZEN_MATMUL: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// Benchmarks only: make [`frozen_linear`] a plain candle matmul, whose backward also computes the
 /// (discarded) full-size gradient of the frozen weight, to measure what avoiding that saves.
@@ -230,7 +282,11 @@ pub fn matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x32 = x.detach().to_dtype(DType::F32)?;
-    let rms = x32.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?;
+    let rms = x32
+        .sqr()?
+        .mean_keepdim(D::Minus1)?
+        .affine(1.0, eps)?
+        .sqrt()?;
     let normed = x32.broadcast_div(&rms)?.to_dtype(dtype)?;
     let y = normed.broadcast_mul(scale)?;
     let (scale, x_saved) = (scale.clone(), x.detach());
@@ -238,8 +294,15 @@ pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
         // y = x * r * g with r = (mean(x^2) + eps)^-1/2:
         // dx = r * (g*dy) - x * r^3 * mean(x * g*dy)
         let x32 = x_saved.to_dtype(DType::F32)?;
-        let r = x32.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?.recip()?;
-        let gdy = grad.to_dtype(DType::F32)?.broadcast_mul(&scale.to_dtype(DType::F32)?)?;
+        let r = x32
+            .sqr()?
+            .mean_keepdim(D::Minus1)?
+            .affine(1.0, eps)?
+            .sqrt()?
+            .recip()?;
+        let gdy = grad
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&scale.to_dtype(DType::F32)?)?;
         let dot = (&x32 * &gdy)?.mean_keepdim(D::Minus1)?;
         let dx = (gdy.broadcast_mul(&r)? - x32.broadcast_mul(&(r.powf(3.0)? * dot)?)?)?;
         dx.to_dtype(grad.dtype())
@@ -276,16 +339,29 @@ pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> 
 /// Sum over rows of `-log softmax(logits)[label]` for `logits` [rows, vocab] and `labels` [rows]
 /// (i64), skipping rows whose label is `ignore_index`. Computed in fp32. Backward:
 /// `(softmax - onehot) * valid * dy`. Returns (sum, number of counted rows).
-pub fn cross_entropy_sum(logits: &Tensor, labels: &Tensor, ignore_index: i64) -> Result<(Tensor, usize)> {
+pub fn cross_entropy_sum(
+    logits: &Tensor,
+    labels: &Tensor,
+    ignore_index: i64,
+) -> Result<(Tensor, usize)> {
     let device = logits.device().clone();
     let (rows, vocab) = logits.dims2()?;
     let labels_host: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1()?;
-    let valid_host: Vec<f32> = labels_host.iter().map(|&l| if l == ignore_index { 0.0 } else { 1.0 }).collect();
+    let valid_host: Vec<f32> = labels_host
+        .iter()
+        .map(|&l| if l == ignore_index { 0.0 } else { 1.0 })
+        .collect();
     let counted = valid_host.iter().filter(|v| **v > 0.0).count();
-    if let Some(bad) = labels_host.iter().find(|&&l| l != ignore_index && (l < 0 || l as usize >= vocab)) {
+    if let Some(bad) = labels_host
+        .iter()
+        .find(|&&l| l != ignore_index && (l < 0 || l as usize >= vocab))
+    {
         candle_core::bail!("label {bad} is outside the vocabulary (size {vocab})");
     }
-    let safe: Vec<u32> = labels_host.iter().map(|&l| if l == ignore_index { 0 } else { l as u32 }).collect();
+    let safe: Vec<u32> = labels_host
+        .iter()
+        .map(|&l| if l == ignore_index { 0 } else { l as u32 })
+        .collect();
     let safe = Tensor::from_vec(safe, rows, &device)?;
     let valid = Tensor::from_vec(valid_host, (rows, 1), &device)?;
 
@@ -299,14 +375,13 @@ pub fn cross_entropy_sum(logits: &Tensor, labels: &Tensor, ignore_index: i64) ->
     // than holding a second [rows, vocab] matrix for the whole step.
     drop(log_probs);
     with_backward("cross_entropy", logits, loss, move |grad| {
-        let probs = candle_nn::ops::softmax_last_dim(&x)?;
-        let onehot = Tensor::zeros((rows, vocab), DType::F32, probs.device())?.scatter_add(
-            &safe.unsqueeze(1)?,
-            &Tensor::ones((rows, 1), DType::F32, probs.device())?,
-            1,
-        )?;
-        let g = grad.to_dtype(DType::F32)?;
-        ((probs - onehot)?.broadcast_mul(&valid)?.broadcast_mul(&g)?).to_dtype(logits_dtype)
+        // d loss / d logits = (softmax - onehot) * valid * dy, built as softmax * c with c
+        // subtracted at each row's label (no dense one-hot: this runs on [rows, vocab]).
+        let c = valid.broadcast_mul(&grad.to_dtype(DType::F32)?)?; // [rows, 1]
+        let scaled = candle_nn::ops::softmax_last_dim(&x)?.broadcast_mul(&c)?;
+        scaled
+            .scatter_add(&safe.unsqueeze(1)?, &c.neg()?, 1)?
+            .to_dtype(logits_dtype)
     })
     .map(|loss| (loss, counted))
 }
@@ -317,16 +392,29 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         // Small deterministic pseudo-random values without pulling in an RNG.
         let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let v: Vec<f32> = (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
             })
             .collect();
@@ -334,16 +422,34 @@ mod tests {
     }
 
     /// Gradient of sum(f(x) * probe) wrt x: once through our op, once through plain candle ops.
-    fn grads(f_ours: impl Fn(&Tensor) -> Tensor, f_ref: impl Fn(&Tensor) -> Tensor, x: &Tensor) -> (Tensor, Tensor, f32) {
+    fn grads(
+        f_ours: impl Fn(&Tensor) -> Tensor,
+        f_ref: impl Fn(&Tensor) -> Tensor,
+        x: &Tensor,
+    ) -> (Tensor, Tensor, f32) {
         let probe = rand(f_ref(x).dims(), 99);
         let v1 = Var::from_tensor(x).unwrap();
         let y1 = f_ours(v1.as_tensor());
-        let g1 = (y1.clone() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g1 = (y1.clone() * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let v2 = Var::from_tensor(x).unwrap();
         let y2 = f_ref(v2.as_tensor());
-        let g2 = (y2.clone() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (y2.clone() * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let fwd = max_abs(&y1, &y2);
-        (g1.get(v1.as_tensor()).unwrap().clone(), g2.get(v2.as_tensor()).unwrap().clone(), fwd)
+        (
+            g1.get(v1.as_tensor()).unwrap().clone(),
+            g2.get(v2.as_tensor()).unwrap().clone(),
+            fwd,
+        )
     }
 
     #[test]
@@ -354,8 +460,15 @@ mod tests {
         let xv = Var::from_tensor(&x).unwrap();
         let y = frozen_linear(xv.as_tensor(), wv.as_tensor()).unwrap();
         let store = y.sum_all().unwrap().backward().unwrap();
-        assert!(store.get(wv.as_tensor()).is_none(), "frozen weight must get no gradient");
-        let (g, gr, fwd) = grads(|x| frozen_linear(x, &w).unwrap(), |x| x.broadcast_matmul(&w.t().unwrap()).unwrap(), &x);
+        assert!(
+            store.get(wv.as_tensor()).is_none(),
+            "frozen weight must get no gradient"
+        );
+        let (g, gr, fwd) = grads(
+            |x| frozen_linear(x, &w).unwrap(),
+            |x| x.broadcast_matmul(&w.t().unwrap()).unwrap(),
+            &x,
+        );
         assert!(fwd < 1e-6);
         assert!(max_abs(&g, &gr) < 1e-5);
     }
@@ -365,7 +478,15 @@ mod tests {
         let x = rand(&[2, 3, 16], 3);
         let scale = (rand(&[16], 4) + 1.0).unwrap();
         let reference = |x: &Tensor| {
-            let r = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap().affine(1.0, 1e-5).unwrap().sqrt().unwrap();
+            let r = x
+                .sqr()
+                .unwrap()
+                .mean_keepdim(D::Minus1)
+                .unwrap()
+                .affine(1.0, 1e-5)
+                .unwrap()
+                .sqrt()
+                .unwrap();
             x.broadcast_div(&r).unwrap().broadcast_mul(&scale).unwrap()
         };
         let (g, gr, fwd) = grads(|x| rms_norm(x, &scale, 1e-5).unwrap(), reference, &x);
@@ -385,7 +506,10 @@ mod tests {
             let x1 = pairs.narrow(4, 1, 1).unwrap().squeeze(4).unwrap();
             let y0 = (x0.broadcast_mul(&cos).unwrap() - x1.broadcast_mul(&sin).unwrap()).unwrap();
             let y1 = (x0.broadcast_mul(&sin).unwrap() + x1.broadcast_mul(&cos).unwrap()).unwrap();
-            Tensor::stack(&[y0, y1], 4).unwrap().reshape((b, h, t, d)).unwrap()
+            Tensor::stack(&[y0, y1], 4)
+                .unwrap()
+                .reshape((b, h, t, d))
+                .unwrap()
         };
         let (g, gr, fwd) = grads(|x| rope_interleaved(x, &cos, &sin).unwrap(), reference, &x);
         assert!(fwd < 1e-6);
@@ -414,37 +538,82 @@ mod tests {
         let g = loss.backward().unwrap().get(v.as_tensor()).unwrap().clone();
         let v2 = Var::from_tensor(&logits).unwrap();
         let lp = candle_nn::ops::log_softmax(v2.as_tensor(), D::Minus1).unwrap();
-        let idx = Tensor::new(&[1u32, 0, 5, 0], &Device::Cpu).unwrap().unsqueeze(1).unwrap();
+        let idx = Tensor::new(&[1u32, 0, 5, 0], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
         let mask = Tensor::new(&[[1f32], [0.], [1.], [1.]], &Device::Cpu).unwrap();
-        let ref_loss = (lp.gather(&idx, 1).unwrap() * mask).unwrap().sum_all().unwrap().neg().unwrap();
-        let gr = ref_loss.backward().unwrap().get(v2.as_tensor()).unwrap().clone();
+        let ref_loss = (lp.gather(&idx, 1).unwrap() * mask)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .neg()
+            .unwrap();
+        let gr = ref_loss
+            .backward()
+            .unwrap()
+            .get(v2.as_tensor())
+            .unwrap()
+            .clone();
         assert!(max_abs(&loss, &ref_loss) < 1e-6);
         assert!(max_abs(&g, &gr) < 1e-6);
     }
 
     #[test]
     fn attention_backward_matches_composed_ops() {
-        let (q, k, v) = (rand(&[1, 2, 5, 4], 11), rand(&[1, 2, 5, 4], 12), rand(&[1, 2, 5, 4], 13));
+        let (q, k, v) = (
+            rand(&[1, 2, 5, 4], 11),
+            rand(&[1, 2, 5, 4], 12),
+            rand(&[1, 2, 5, 4], 13),
+        );
         let mask = Tensor::from_vec(
-            (0..25).map(|i| if i % 5 > i / 5 { f32::NEG_INFINITY } else { 0.0 }).collect::<Vec<f32>>(),
+            (0..25)
+                .map(|i| {
+                    if i % 5 > i / 5 {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect::<Vec<f32>>(),
             (5, 5),
             &Device::Cpu,
         )
         .unwrap();
         let probe = rand(&[1, 2, 5, 4], 14);
         let run = |fused: bool| {
-            let (qv, kv, vv) = (Var::from_tensor(&q).unwrap(), Var::from_tensor(&k).unwrap(), Var::from_tensor(&v).unwrap());
+            let (qv, kv, vv) = (
+                Var::from_tensor(&q).unwrap(),
+                Var::from_tensor(&k).unwrap(),
+                Var::from_tensor(&v).unwrap(),
+            );
             let out = if fused {
-                attention(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), Some(&mask), 0.5).unwrap()
+                attention(
+                    qv.as_tensor(),
+                    kv.as_tensor(),
+                    vv.as_tensor(),
+                    Some(&mask),
+                    0.5,
+                )
+                .unwrap()
             } else {
-                let s = (qv.as_tensor().matmul(&kv.as_tensor().t().unwrap()).unwrap() * 0.5).unwrap();
+                let s =
+                    (qv.as_tensor().matmul(&kv.as_tensor().t().unwrap()).unwrap() * 0.5).unwrap();
                 let s = s.broadcast_add(&mask).unwrap();
                 let e = s.exp().unwrap();
                 let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
                 p.matmul(vv.as_tensor()).unwrap()
             };
-            let g = (out.clone() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let grads: Vec<Tensor> = [&qv, &kv, &vv].iter().map(|v| g.get(v.as_tensor()).unwrap().clone()).collect();
+            let g = (out.clone() * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grads: Vec<Tensor> = [&qv, &kv, &vv]
+                .iter()
+                .map(|v| g.get(v.as_tensor()).unwrap().clone())
+                .collect();
             (out, grads)
         };
         let (o1, g1) = run(true);

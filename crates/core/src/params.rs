@@ -25,7 +25,11 @@ impl ParamCounts {
     pub fn of(params: &[ParamInfo]) -> Self {
         ParamCounts {
             total: params.iter().map(ParamInfo::numel).sum(),
-            trainable: params.iter().filter(|p| p.trainable).map(ParamInfo::numel).sum(),
+            trainable: params
+                .iter()
+                .filter(|p| p.trainable)
+                .map(ParamInfo::numel)
+                .sum(),
         }
     }
 

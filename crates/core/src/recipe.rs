@@ -36,7 +36,10 @@ inventory::collect!(RecipeEntry);
 
 /// Every registered recipe, sorted by name.
 pub fn all() -> Vec<&'static dyn Recipe> {
-    let mut v: Vec<&'static dyn Recipe> = inventory::iter::<RecipeEntry>.into_iter().map(|e| e.0).collect();
+    let mut v: Vec<&'static dyn Recipe> = inventory::iter::<RecipeEntry>
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
     v.sort_by_key(|r| r.name());
     v
 }
@@ -47,7 +50,11 @@ pub fn lookup(name: &str) -> anyhow::Result<&'static dyn Recipe> {
         let close = crate::registry::closest(name, names.iter().copied(), 3);
         anyhow::anyhow!(
             "unknown recipe `{name}`{}; `tune ls` lists recipes",
-            if close.is_empty() { String::new() } else { format!(" (did you mean {}?)", close.join(", ")) }
+            if close.is_empty() {
+                String::new()
+            } else {
+                format!(" (did you mean {}?)", close.join(", "))
+            }
         )
     })
 }

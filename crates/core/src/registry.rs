@@ -94,14 +94,29 @@ pub struct ArgSpec {
 
 impl ArgSpec {
     pub const fn required(name: &'static str, ty: ArgType) -> Self {
-        ArgSpec { name, ty, default: None, nullable: false }
+        ArgSpec {
+            name,
+            ty,
+            default: None,
+            nullable: false,
+        }
     }
     pub const fn optional(name: &'static str, ty: ArgType, default: &'static str) -> Self {
-        ArgSpec { name, ty, default: Some(default), nullable: false }
+        ArgSpec {
+            name,
+            ty,
+            default: Some(default),
+            nullable: false,
+        }
     }
     /// An optional argument whose default is null.
     pub const fn nullable(name: &'static str, ty: ArgType) -> Self {
-        ArgSpec { name, ty, default: Some("null"), nullable: true }
+        ArgSpec {
+            name,
+            ty,
+            default: Some("null"),
+            nullable: true,
+        }
     }
     pub fn is_required(&self) -> bool {
         self.default.is_none()
@@ -144,8 +159,13 @@ inventory::collect!(Component);
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("unknown _component_ `{name}`{}", suggestion_text(.suggestions))]
-    Unknown { name: String, suggestions: Vec<String> },
-    #[error("component `{name}` is already registered (by {existing}); a plugin may not replace it")]
+    Unknown {
+        name: String,
+        suggestions: Vec<String>,
+    },
+    #[error(
+        "component `{name}` is already registered (by {existing}); a plugin may not replace it"
+    )]
     Duplicate { name: String, existing: String },
 }
 
@@ -186,7 +206,9 @@ pub fn register_dynamic(component: Component) -> Result<&'static Component, Regi
 }
 
 fn find(name: &str) -> Option<&'static Component> {
-    all().into_iter().find(|c| c.path == name || c.aliases.contains(&name))
+    all()
+        .into_iter()
+        .find(|c| c.path == name || c.aliases.contains(&name))
 }
 
 /// Looks a component up by dotted path or alias. Unknown names list the closest registered ones.
@@ -221,7 +243,11 @@ pub fn by_kind() -> BTreeMap<ComponentKind, Vec<&'static Component>> {
 
 /// The `limit` candidates closest to `name`, best first. Compares both the full dotted path and
 /// its last segment, so `lora_llama_7b` finds `torchtune.models.llama2.lora_llama2_7b`.
-pub fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>, limit: usize) -> Vec<String> {
+pub fn closest<'a>(
+    name: &str,
+    candidates: impl Iterator<Item = &'a str>,
+    limit: usize,
+) -> Vec<String> {
     let last = |s: &str| s.rsplit('.').next().unwrap_or(s).to_string();
     let mut scored: Vec<(f64, String)> = candidates
         .map(|c| {

@@ -65,7 +65,9 @@ fn dims_from_args(args: &Args) -> Result<TransformerConfig> {
         args.get("norm_eps")?,
     );
     c.attn_dropout = args.get("attn_dropout")?;
-    if !c.embed_dim.is_multiple_of(c.num_heads) || !c.num_heads.is_multiple_of(c.num_kv_heads.max(1)) {
+    if !c.embed_dim.is_multiple_of(c.num_heads)
+        || !c.num_heads.is_multiple_of(c.num_kv_heads.max(1))
+    {
         bail!(
             "embed_dim ({}) must divide by num_heads ({}) and num_heads by num_kv_heads ({})",
             c.embed_dim,
@@ -90,7 +92,9 @@ pub fn lora_settings(args: &Args, quantize_base: bool) -> Result<LoraSettings> {
             let hint = tune_core::registry::closest(m, ATTN_MODULES.iter().copied(), 1);
             bail!(
                 "unknown module `{m}` in lora_attn_modules{}; choose from {ATTN_MODULES:?}",
-                hint.first().map(|h| format!(" (did you mean `{h}`?)")).unwrap_or_default()
+                hint.first()
+                    .map(|h| format!(" (did you mean `{h}`?)"))
+                    .unwrap_or_default()
             );
         }
     }
@@ -109,13 +113,22 @@ pub fn lora_settings(args: &Args, quantize_base: bool) -> Result<LoraSettings> {
         lora_attn_modules: modules,
         apply_lora_to_mlp: args.get("apply_lora_to_mlp")?,
         apply_lora_to_output: args.get("apply_lora_to_output")?,
-        adapter: AdapterSpec { kind, rank, alpha: args.get("lora_alpha")?, dropout: args.get("lora_dropout")? },
+        adapter: AdapterSpec {
+            kind,
+            rank,
+            alpha: args.get("lora_alpha")?,
+            dropout: args.get("lora_dropout")?,
+        },
         quantize_base,
     })
 }
 
 fn spec(builder: &str, transformer: TransformerConfig, lora: Option<LoraSettings>) -> ModelSpec {
-    ModelSpec { builder: builder.to_string(), transformer, lora }
+    ModelSpec {
+        builder: builder.to_string(),
+        transformer,
+        lora,
+    }
 }
 
 const DIM_ARGS: &[ArgSpec] = &[
@@ -183,14 +196,64 @@ macro_rules! lora_builder {
 }
 
 fixed_builder!("torchtune.models.llama2.llama2_7b", "llama2_7b", llama2_7b);
-fixed_builder!("torchtune.models.llama2.llama2_13b", "llama2_13b", llama2_13b);
-fixed_builder!("torchtune.models.llama2.llama2_70b", "llama2_70b", llama2_70b);
-lora_builder!("torchtune.models.llama2.lora_llama2_7b", "lora_llama2_7b", llama2_7b, "8", "16", false);
-lora_builder!("torchtune.models.llama2.lora_llama2_13b", "lora_llama2_13b", llama2_13b, "8", "16", false);
-lora_builder!("torchtune.models.llama2.lora_llama2_70b", "lora_llama2_70b", llama2_70b, "8", "16", false);
-lora_builder!("torchtune.models.llama2.qlora_llama2_7b", "qlora_llama2_7b", llama2_7b, "8", "16", true);
-lora_builder!("torchtune.models.llama2.qlora_llama2_13b", "qlora_llama2_13b", llama2_13b, "8", "16", true);
-lora_builder!("torchtune.models.llama2.qlora_llama2_70b", "qlora_llama2_70b", llama2_70b, "8", "16", true);
+fixed_builder!(
+    "torchtune.models.llama2.llama2_13b",
+    "llama2_13b",
+    llama2_13b
+);
+fixed_builder!(
+    "torchtune.models.llama2.llama2_70b",
+    "llama2_70b",
+    llama2_70b
+);
+lora_builder!(
+    "torchtune.models.llama2.lora_llama2_7b",
+    "lora_llama2_7b",
+    llama2_7b,
+    "8",
+    "16",
+    false
+);
+lora_builder!(
+    "torchtune.models.llama2.lora_llama2_13b",
+    "lora_llama2_13b",
+    llama2_13b,
+    "8",
+    "16",
+    false
+);
+lora_builder!(
+    "torchtune.models.llama2.lora_llama2_70b",
+    "lora_llama2_70b",
+    llama2_70b,
+    "8",
+    "16",
+    false
+);
+lora_builder!(
+    "torchtune.models.llama2.qlora_llama2_7b",
+    "qlora_llama2_7b",
+    llama2_7b,
+    "8",
+    "16",
+    true
+);
+lora_builder!(
+    "torchtune.models.llama2.qlora_llama2_13b",
+    "qlora_llama2_13b",
+    llama2_13b,
+    "8",
+    "16",
+    true
+);
+lora_builder!(
+    "torchtune.models.llama2.qlora_llama2_70b",
+    "qlora_llama2_70b",
+    llama2_70b,
+    "8",
+    "16",
+    true
+);
 
 tune_core::inventory::submit! {
     Component {
@@ -237,8 +300,14 @@ pub fn model_spec_from_node(node: &serde_yaml::Value) -> Result<ModelSpec> {
         .ok_or_else(|| anyhow::anyhow!("the `model` node needs a `_component_`"))?;
     let component = tune_core::registry::lookup(name)?;
     if component.kind != ComponentKind::Model {
-        bail!("`{name}` is a {} component; `model` needs a model builder", component.kind);
+        bail!(
+            "`{name}` is a {} component; `model` needs a model builder",
+            component.kind
+        );
     }
     let built = component.build_from(node)?;
-    built.downcast::<ModelSpec>().map(|b| *b).map_err(|_| anyhow::anyhow!("`{name}` did not build a model"))
+    built
+        .downcast::<ModelSpec>()
+        .map(|b| *b)
+        .map_err(|_| anyhow::anyhow!("`{name}` did not build a model"))
 }

@@ -29,7 +29,8 @@ pub fn resolve_files(checkpoint_dir: &Path, files: &[String]) -> Result<Vec<Path
         let path = checkpoint_dir.join(f);
         if f.ends_with(".index.json") {
             let index: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?,
+                &std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
             )
             .with_context(|| format!("{} is not valid JSON", path.display()))?;
             let map = index["weight_map"]
@@ -41,7 +42,11 @@ pub fn resolve_files(checkpoint_dir: &Path, files: &[String]) -> Result<Vec<Path
         }
         if !path.is_file() {
             let present: Vec<String> = std::fs::read_dir(checkpoint_dir)
-                .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
                 .unwrap_or_default();
             bail!(
                 "checkpoint file {} not found; checkpointer.checkpoint_files lists files inside \
@@ -69,8 +74,9 @@ pub fn read_tensors(paths: &[PathBuf]) -> Result<HashMap<String, Tensor>> {
                 .into_iter()
                 .collect()
         } else if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
-            candle_core::pickle::read_all(path)
-                .with_context(|| format!("cannot read PyTorch checkpoint {name}: truncated or not a torch.save zip"))?
+            candle_core::pickle::read_all(path).with_context(|| {
+                format!("cannot read PyTorch checkpoint {name}: truncated or not a torch.save zip")
+            })?
         } else {
             bail!("unsupported checkpoint file {name}: expected .safetensors or a PyTorch .bin");
         };
@@ -85,7 +91,10 @@ pub fn read_tensors(paths: &[PathBuf]) -> Result<HashMap<String, Tensor>> {
 
 /// Converts HF-named tensors to torchtune names (with the q/k row permutation).
 /// Names that are not Llama weights are returned in the error list of unexpected keys.
-pub fn hf_to_tune(spec: &ModelSpec, hf: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+pub fn hf_to_tune(
+    spec: &ModelSpec,
+    hf: HashMap<String, Tensor>,
+) -> Result<HashMap<String, Tensor>> {
     let c = &spec.transformer;
     let mut out = HashMap::new();
     let mut unknown = Vec::new();
@@ -108,7 +117,10 @@ pub fn hf_to_tune(spec: &ModelSpec, hf: HashMap<String, Tensor>) -> Result<HashM
     }
     if !unknown.is_empty() {
         unknown.sort();
-        bail!("unexpected keys in the checkpoint (not Llama2 weights): {}", unknown.join(", "));
+        bail!(
+            "unexpected keys in the checkpoint (not Llama2 weights): {}",
+            unknown.join(", ")
+        );
     }
     Ok(out)
 }
@@ -116,16 +128,22 @@ pub fn hf_to_tune(spec: &ModelSpec, hf: HashMap<String, Tensor>) -> Result<HashM
 /// torchtune's check: every base key present, nothing unexpected, every shape right.
 pub fn validate_base(spec: &ModelSpec, weights: &HashMap<String, Tensor>) -> Result<()> {
     let params = spec.params()?;
-    let base: HashMap<&str, &[usize]> =
-        params.iter().filter(|p| !p.trainable).map(|p| (p.name.as_str(), p.shape.as_slice())).collect();
+    let base: HashMap<&str, &[usize]> = params
+        .iter()
+        .filter(|p| !p.trainable)
+        .map(|p| (p.name.as_str(), p.shape.as_slice()))
+        .collect();
     let mut missing: Vec<&str> = base
         .keys()
         .copied()
         .filter(|k| !weights.contains_key(*k))
         .filter(|k| !(*k == "output.weight" && spec.transformer.tie_word_embeddings))
         .collect();
-    let mut unexpected: Vec<&str> =
-        weights.keys().map(String::as_str).filter(|k| !base.contains_key(k)).collect();
+    let mut unexpected: Vec<&str> = weights
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !base.contains_key(k))
+        .collect();
     missing.sort();
     unexpected.sort();
     if !missing.is_empty() || !unexpected.is_empty() {
@@ -149,7 +167,10 @@ pub fn validate_base(spec: &ModelSpec, weights: &HashMap<String, Tensor>) -> Res
             );
         }
         if !t.dtype().is_float() {
-            bail!("tensor `{name}` has dtype {:?}; expected a floating-point weight", t.dtype());
+            bail!(
+                "tensor `{name}` has dtype {:?}; expected a floating-point weight",
+                t.dtype()
+            );
         }
     }
     Ok(())
@@ -161,8 +182,11 @@ pub fn read_hf_config(checkpoint_dir: &Path) -> Result<Option<serde_json::Value>
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?))
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Some(serde_json::from_str(&text).with_context(|| {
+        format!("{} is not valid JSON", path.display())
+    })?))
 }
 
 /// Loads a Llama2 HF checkpoint into the model described by `spec`.

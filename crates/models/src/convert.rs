@@ -32,7 +32,11 @@ pub fn hf_to_tune_name(hf: &str) -> Option<String> {
     idx.parse::<usize>().ok()?;
     for (h, t) in LAYER_NAMES {
         if let Some(tail) = rest.strip_prefix(h) {
-            let tail = if t.ends_with("norm") && tail == ".weight" { ".scale" } else { tail };
+            let tail = if t.ends_with("norm") && tail == ".weight" {
+                ".scale"
+            } else {
+                tail
+            };
             return Some(format!("layers.{idx}.{t}{tail}"));
         }
     }
@@ -51,7 +55,11 @@ pub fn tune_to_hf_name(tune: &str) -> Option<String> {
     let (idx, rest) = rest.split_once('.')?;
     for (h, t) in LAYER_NAMES {
         if let Some(tail) = rest.strip_prefix(t) {
-            let tail = if t.ends_with("norm") && tail == ".scale" { ".weight" } else { tail };
+            let tail = if t.ends_with("norm") && tail == ".scale" {
+                ".weight"
+            } else {
+                tail
+            };
             return Some(format!("model.layers.{idx}.{h}{tail}"));
         }
     }
@@ -165,24 +173,37 @@ mod tests {
             let tune = hf_to_tune_name(hf).unwrap();
             assert_eq!(tune_to_hf_name(&tune).unwrap(), hf);
         }
-        assert_eq!(hf_to_tune_name("model.layers.1.input_layernorm.weight").unwrap(), "layers.1.sa_norm.scale");
+        assert_eq!(
+            hf_to_tune_name("model.layers.1.input_layernorm.weight").unwrap(),
+            "layers.1.sa_norm.scale"
+        );
         assert_eq!(
             tune_to_peft_adapter_name("layers.0.attn.q_proj.lora_a.weight").unwrap(),
             "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
         );
         assert_eq!(
-            peft_to_tune_adapter_name("base_model.model.model.layers.3.mlp.up_proj.lora_B.weight").unwrap(),
+            peft_to_tune_adapter_name("base_model.model.model.layers.3.mlp.up_proj.lora_B.weight")
+                .unwrap(),
             "layers.3.mlp.w3.lora_b.weight"
         );
     }
 
     #[test]
     fn permutation_round_trips() {
-        let t = Tensor::arange(0f32, 48., &Device::Cpu).unwrap().reshape((16, 3)).unwrap();
+        let t = Tensor::arange(0f32, 48., &Device::Cpu)
+            .unwrap()
+            .reshape((16, 3))
+            .unwrap();
         let p = permute_hf_to_tune(&t, 2).unwrap();
         assert_ne!(p.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
         // Head 0 rows in HF order 0..8 = [first half 0..4, second half 4..8] interleave as 0,4,1,5,...
-        let first_col: Vec<f32> = p.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let first_col: Vec<f32> = p
+            .narrow(1, 0, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(&first_col[..8], &[0., 12., 3., 15., 6., 18., 9., 21.]);
         let back = permute_tune_to_hf(&p, 2).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());

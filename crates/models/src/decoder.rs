@@ -67,34 +67,60 @@ impl TransformerDecoder {
     /// Builds the model from base weights in torchtune names (already validated and converted to
     /// the run's dtype/device). Adapted projections get their adapter from the registry; `seed`
     /// makes adapter initialisation reproducible.
-    pub fn from_weights(spec: &ModelSpec, mut weights: HashMap<String, Tensor>, seed: u64) -> Result<Self> {
+    pub fn from_weights(
+        spec: &ModelSpec,
+        mut weights: HashMap<String, Tensor>,
+        seed: u64,
+    ) -> Result<Self> {
         let config = spec.transformer.clone();
         let factory: Option<std::sync::Arc<dyn AdapterFactory>> = match &spec.lora {
             Some(l) => Some(tune_adapters::factory(&l.adapter.kind)?),
             None => None,
         };
-        let mut take = |name: &str| weights.remove(name).ok_or_else(|| anyhow!("missing weight `{name}`"));
+        let mut take = |name: &str| {
+            weights
+                .remove(name)
+                .ok_or_else(|| anyhow!("missing weight `{name}`"))
+        };
         let tok_embeddings = take("tok_embeddings.weight")?;
         let device = tok_embeddings.device().clone();
         let dtype = tok_embeddings.dtype();
 
         let mut layer_seed = seed;
-        let mut make = |slot_name: &str, adapted: bool, weight: Tensor| -> Result<Box<dyn Adapter>> {
-            layer_seed = layer_seed.wrapping_add(1);
-            match (&factory, &spec.lora) {
-                (Some(f), Some(l)) if adapted => f
-                    .build(&l.adapter, weight, layer_seed)
-                    .with_context(|| format!("building the {} adapter of {slot_name}", l.adapter.kind)),
-                _ => Ok(Box::new(FrozenLinear { weight })),
-            }
-        };
+        let quantize_base = spec.lora.as_ref().is_some_and(|l| l.quantize_base);
+        let mut make =
+            |slot_name: &str, adapted: bool, weight: Tensor| -> Result<Box<dyn Adapter>> {
+                layer_seed = layer_seed.wrapping_add(1);
+                // QLoRA: torchtune stores every attention/MLP projection in NF4 (in its own q/k layout,
+                // which is what `weight` is in here), never the output layer.
+                let quantize = quantize_base && slot_name != "output";
+                match (&factory, &spec.lora) {
+                    (Some(f), Some(l)) if adapted => {
+                        let f = if quantize {
+                            tune_adapters::quantized_factory(&l.adapter.kind)?
+                        } else {
+                            f.clone()
+                        };
+                        f.build_for(slot_name, &l.adapter, weight, layer_seed)
+                            .with_context(|| {
+                                format!("building the {} adapter of {slot_name}", l.adapter.kind)
+                            })
+                    }
+                    _ if quantize => tune_adapters::frozen_nf4_linear(&weight)
+                        .with_context(|| format!("quantising {slot_name} to NF4")),
+                    _ => Ok(Box::new(FrozenLinear { weight })),
+                }
+            };
         let slots = spec.linear_slots();
         let mut slot_iter = slots.iter();
-        let mut next_linear = |take: &mut dyn FnMut(&str) -> Result<Tensor>| -> Result<Box<dyn Adapter>> {
-            let slot = slot_iter.next().ok_or_else(|| anyhow!("model has fewer linear slots than expected"))?;
-            let w = take(&format!("{}.weight", slot.prefix))?;
-            make(&slot.prefix, slot.adapted, w)
-        };
+        let mut next_linear =
+            |take: &mut dyn FnMut(&str) -> Result<Tensor>| -> Result<Box<dyn Adapter>> {
+                let slot = slot_iter
+                    .next()
+                    .ok_or_else(|| anyhow!("model has fewer linear slots than expected"))?;
+                let w = take(&format!("{}.weight", slot.prefix))?;
+                make(&slot.prefix, slot.adapted, w)
+            };
 
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
@@ -106,18 +132,43 @@ impl TransformerDecoder {
                 output_proj: next_linear(&mut take)?,
             };
             let mlp_norm = take(&format!("layers.{i}.mlp_norm.scale"))?;
-            let mlp = FeedForward { w1: next_linear(&mut take)?, w2: next_linear(&mut take)?, w3: next_linear(&mut take)? };
-            layers.push(DecoderLayer { sa_norm, attn, mlp_norm, mlp });
+            let mlp = FeedForward {
+                w1: next_linear(&mut take)?,
+                w2: next_linear(&mut take)?,
+                w3: next_linear(&mut take)?,
+            };
+            layers.push(DecoderLayer {
+                sa_norm,
+                attn,
+                mlp_norm,
+                mlp,
+            });
         }
         let norm = take("norm.scale")?;
         let output_weight = if config.tie_word_embeddings {
-            weights.remove("output.weight").unwrap_or_else(|| tok_embeddings.clone())
+            weights
+                .remove("output.weight")
+                .unwrap_or_else(|| tok_embeddings.clone())
         } else {
             take("output.weight")?
         };
         let output = next_linear(&mut |_: &str| Ok(output_weight.clone()))?;
-        let (rope_cos, rope_sin) = rope_cache(config.head_dim(), config.max_seq_len, config.rope_base, &device, dtype)?;
-        Ok(TransformerDecoder { config, tok_embeddings, layers, norm, output, rope_cos, rope_sin })
+        let (rope_cos, rope_sin) = rope_cache(
+            config.head_dim(),
+            config.max_seq_len,
+            config.rope_base,
+            &device,
+            dtype,
+        )?;
+        Ok(TransformerDecoder {
+            config,
+            tok_embeddings,
+            layers,
+            norm,
+            output,
+            rope_cos,
+            rope_sin,
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -164,8 +215,15 @@ impl TransformerDecoder {
     pub fn load_adapter(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
         let params = self.adapter_params();
         let known: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
-        let unexpected: Vec<&String> = tensors.keys().filter(|k| !known.contains(&k.as_str())).collect();
-        let missing: Vec<&str> = known.iter().copied().filter(|k| !tensors.contains_key(*k)).collect();
+        let unexpected: Vec<&String> = tensors
+            .keys()
+            .filter(|k| !known.contains(&k.as_str()))
+            .collect();
+        let missing: Vec<&str> = known
+            .iter()
+            .copied()
+            .filter(|k| !tensors.contains_key(*k))
+            .collect();
         if !unexpected.is_empty() || !missing.is_empty() {
             anyhow::bail!(
                 "adapter checkpoint does not fit the model: missing {missing:?}, unexpected {unexpected:?} \
@@ -175,7 +233,11 @@ impl TransformerDecoder {
         for (name, var) in params {
             let t = &tensors[&name];
             if t.dims() != var.dims() {
-                anyhow::bail!("adapter tensor `{name}`: expected shape {:?}, found {:?}", var.dims(), t.dims());
+                anyhow::bail!(
+                    "adapter tensor `{name}`: expected shape {:?}, found {:?}",
+                    var.dims(),
+                    t.dims()
+                );
             }
             var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
         }
@@ -186,17 +248,32 @@ impl TransformerDecoder {
     }
 
     pub fn forward(&self, tokens: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self.forward_with(tokens, Forward { train, ..Default::default() })?.logits)
+        Ok(self
+            .forward_with(
+                tokens,
+                Forward {
+                    train,
+                    ..Default::default()
+                },
+            )?
+            .logits)
     }
 
     /// `tokens` [batch, seq] (u32 or i64) -> fp32 logits [batch, seq, vocab].
     pub fn forward_with(&self, tokens: &Tensor, opts: Forward) -> Result<ForwardOutput> {
         let (batch, seq) = tokens.dims2()?;
         if seq > self.config.max_seq_len {
-            anyhow::bail!("sequence length {seq} exceeds the model's max_seq_len {}", self.config.max_seq_len);
+            anyhow::bail!(
+                "sequence length {seq} exceeds the model's max_seq_len {}",
+                self.config.max_seq_len
+            );
         }
         let ids = tokens.flatten_all()?.to_dtype(DType::U32)?;
-        let mut h = self.tok_embeddings.index_select(&ids, 0)?.reshape((batch, seq, self.config.embed_dim))?;
+        let mut h = self.tok_embeddings.index_select(&ids, 0)?.reshape((
+            batch,
+            seq,
+            self.config.embed_dim,
+        ))?;
         let mut hidden = Vec::new();
         if opts.capture_hidden {
             hidden.push(("tok_embeddings".to_string(), h.clone()));
@@ -214,7 +291,7 @@ impl TransformerDecoder {
         if opts.capture_hidden {
             hidden.push(("norm".to_string(), normed.clone()));
         }
-        let logits = proj(&self.output, &normed, opts)?.to_dtype(DType::F32)?;
+        let logits = proj(self.output.as_ref(), &normed, opts)?.to_dtype(DType::F32)?;
         Ok(ForwardOutput { logits, hidden })
     }
 
@@ -232,26 +309,35 @@ impl TransformerDecoder {
         let hd = c.head_dim();
         let a = &layer.attn;
         let xn = rms_norm(x, &layer.sa_norm, c.norm_eps)?;
-        let q = proj(&a.q_proj, &xn, opts)?.reshape((b, s, c.num_heads, hd))?.transpose(1, 2)?;
-        let k = proj(&a.k_proj, &xn, opts)?.reshape((b, s, c.num_kv_heads, hd))?.transpose(1, 2)?;
-        let v = proj(&a.v_proj, &xn, opts)?.reshape((b, s, c.num_kv_heads, hd))?.transpose(1, 2)?;
+        let q = proj(a.q_proj.as_ref(), &xn, opts)?
+            .reshape((b, s, c.num_heads, hd))?
+            .transpose(1, 2)?;
+        let k = proj(a.k_proj.as_ref(), &xn, opts)?
+            .reshape((b, s, c.num_kv_heads, hd))?
+            .transpose(1, 2)?;
+        let v = proj(a.v_proj.as_ref(), &xn, opts)?
+            .reshape((b, s, c.num_kv_heads, hd))?
+            .transpose(1, 2)?;
         let q = rope_interleaved(&q, cos, sin)?;
         let k = rope_interleaved(&k, cos, sin)?;
-        let (k, v) = (repeat_kv(&k, c.num_heads / c.num_kv_heads)?, repeat_kv(&v, c.num_heads / c.num_kv_heads)?);
+        let (k, v) = (
+            repeat_kv(&k, c.num_heads / c.num_kv_heads)?,
+            repeat_kv(&v, c.num_heads / c.num_kv_heads)?,
+        );
         let attn = attention(&q, &k, &v, Some(mask), 1.0 / (hd as f64).sqrt())?;
         let attn = attn.transpose(1, 2)?.reshape((b, s, c.num_heads * hd))?;
-        let h = (x + proj(&a.output_proj, &attn, opts)?)?;
+        let h = (x + proj(a.output_proj.as_ref(), &attn, opts)?)?;
 
         let hn = rms_norm(&h, &layer.mlp_norm, c.norm_eps)?;
         let m = &layer.mlp;
-        let gate = proj(&m.w1, &hn, opts)?.silu()?;
-        let up = proj(&m.w3, &hn, opts)?;
-        let out = proj(&m.w2, &(gate * up)?, opts)?;
+        let gate = proj(m.w1.as_ref(), &hn, opts)?.silu()?;
+        let up = proj(m.w3.as_ref(), &hn, opts)?;
+        let out = proj(m.w2.as_ref(), &(gate * up)?, opts)?;
         Ok((h + out)?)
     }
 }
 
-fn proj(layer: &Box<dyn Adapter>, x: &Tensor, opts: Forward) -> candle_core::Result<Tensor> {
+fn proj(layer: &dyn Adapter, x: &Tensor, opts: Forward) -> candle_core::Result<Tensor> {
     if opts.adapters_disabled {
         layer.forward_base(x)
     } else {
@@ -265,7 +351,9 @@ fn repeat_kv(x: &Tensor, times: usize) -> candle_core::Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, kv, s, d) = x.dims4()?;
-    x.unsqueeze(2)?.expand((b, kv, times, s, d))?.reshape((b, kv * times, s, d))
+    x.unsqueeze(2)?
+        .expand((b, kv, times, s, d))?
+        .reshape((b, kv * times, s, d))
 }
 
 /// Additive causal mask [seq, seq]: 0 on and below the diagonal, -inf above.
@@ -277,11 +365,209 @@ pub fn causal_mask(seq: usize, device: &Device, dtype: DType) -> candle_core::Re
 }
 
 /// torchtune's RoPE tables: theta_i = base^(-2i/d), angle = position * theta_i, in fp32.
-pub fn rope_cache(head_dim: usize, max_seq_len: usize, base: f64, device: &Device, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
+pub fn rope_cache(
+    head_dim: usize,
+    max_seq_len: usize,
+    base: f64,
+    device: &Device,
+    dtype: DType,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
-    let theta: Vec<f32> = (0..half).map(|i| 1.0 / (base as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
+    let theta: Vec<f32> = (0..half)
+        .map(|i| 1.0 / (base as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect();
     let theta = Tensor::from_vec(theta, (1, half), device)?;
-    let positions = Tensor::arange(0u32, max_seq_len as u32, device)?.to_dtype(DType::F32)?.reshape((max_seq_len, 1))?;
+    let positions = Tensor::arange(0u32, max_seq_len as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((max_seq_len, 1))?;
     let angles = positions.broadcast_mul(&theta)?;
-    Ok((angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?))
+    Ok((
+        angles.cos()?.to_dtype(dtype)?,
+        angles.sin()?.to_dtype(dtype)?,
+    ))
+}
+
+/// Keys and values of every token a [`TransformerDecoder`] has seen, per layer, for incremental
+/// decoding ([`TransformerDecoder::forward_cached`]). Each layer holds `[batch, kv_heads, len,
+/// head_dim]` tensors after RoPE and before the kv heads are repeated.
+#[derive(Clone, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache (the next token is at position 0).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Tokens cached so far: the position of the next token.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Rows in the cache (0 when empty).
+    pub fn batch(&self) -> usize {
+        self.layers
+            .first()
+            .map(|(k, _)| k.dim(0).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// This single-row cache repeated for `rows` rows (one prefix continued in several ways).
+    pub fn repeat_batch(&self, rows: usize) -> Result<KvCache> {
+        if self.is_empty() {
+            return Ok(self.clone());
+        }
+        if self.batch() != 1 {
+            anyhow::bail!(
+                "repeat_batch needs a cache of one row, this one has {}",
+                self.batch()
+            );
+        }
+        let grow = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let (_, h, s, d) = t.dims4()?;
+            t.broadcast_as((rows, h, s, d))?.contiguous()
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((grow(k)?, grow(v)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            len: self.len,
+        })
+    }
+}
+
+impl TransformerDecoder {
+    /// Runs `tokens` [batch, seq] at positions `cache.len()..cache.len() + seq`, attending to the
+    /// cached tokens and causally to each other, and appends their keys/values to `cache`.
+    /// Returns fp32 logits [batch, seq, vocab]: the same numbers [`Self::forward_with`] gives for
+    /// these positions of the whole sequence (up to float rounding). Adapters are applied in
+    /// inference mode (no dropout).
+    pub fn forward_cached(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (batch, seq) = tokens.dims2()?;
+        let start = cache.len();
+        if start + seq > self.config.max_seq_len {
+            anyhow::bail!(
+                "positions {start}..{} exceed the model's max_seq_len {}; shorten the prompt or generate fewer tokens",
+                start + seq,
+                self.config.max_seq_len
+            );
+        }
+        if !cache.is_empty() && cache.batch() != batch {
+            anyhow::bail!(
+                "the cache holds {} rows but {batch} were given",
+                cache.batch()
+            );
+        }
+        let ids = tokens.flatten_all()?.to_dtype(DType::U32)?;
+        let mut h = self.tok_embeddings.index_select(&ids, 0)?.reshape((
+            batch,
+            seq,
+            self.config.embed_dim,
+        ))?;
+        let cos = self.rope_cos.narrow(0, start, seq)?;
+        let sin = self.rope_sin.narrow(0, start, seq)?;
+        // One mask row per new token, stacked for the query heads that share a kv head (see below).
+        let heads_per_kv = self.config.num_heads / self.config.num_kv_heads;
+        let mask = match seq {
+            1 => None,
+            _ => Some(
+                offset_causal_mask(seq, start, h.device(), h.dtype())?.repeat((heads_per_kv, 1))?,
+            ),
+        };
+        let mut new_layers = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let past = cache.layers.get(i);
+            let (out, kv) =
+                self.layer_forward_cached(layer, &h, &cos, &sin, mask.as_ref(), past)?;
+            h = out;
+            new_layers.push(kv);
+        }
+        cache.layers = new_layers;
+        cache.len = start + seq;
+        let normed = rms_norm(&h, &self.norm, self.config.norm_eps)?;
+        Ok(proj(self.output.as_ref(), &normed, Forward::default())?.to_dtype(DType::F32)?)
+    }
+
+    fn layer_forward_cached(
+        &self,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let c = &self.config;
+        let opts = Forward::default();
+        let (b, s, _) = x.dims3()?;
+        let hd = c.head_dim();
+        let a = &layer.attn;
+        let xn = rms_norm(x, &layer.sa_norm, c.norm_eps)?;
+        let q = proj(a.q_proj.as_ref(), &xn, opts)?
+            .reshape((b, s, c.num_heads, hd))?
+            .transpose(1, 2)?;
+        let k = proj(a.k_proj.as_ref(), &xn, opts)?
+            .reshape((b, s, c.num_kv_heads, hd))?
+            .transpose(1, 2)?;
+        let v = proj(a.v_proj.as_ref(), &xn, opts)?
+            .reshape((b, s, c.num_kv_heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = rope_interleaved(&q, cos, sin)?;
+        let k = rope_interleaved(&k, cos, sin)?;
+        let (k, v) = match past {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
+        };
+        // Grouped-query attention without copying the cache for every query head: the `times`
+        // query heads that share a kv head are stacked as rows ([b, kv, times * s, d]).
+        let times = c.num_heads / c.num_kv_heads;
+        let q = q.reshape((b, c.num_kv_heads, times * s, hd))?;
+        let attn = attention(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?;
+        let attn = attn
+            .reshape((b, c.num_heads, s, hd))?
+            .transpose(1, 2)?
+            .reshape((b, s, c.num_heads * hd))?;
+        let h = (x + proj(a.output_proj.as_ref(), &attn, opts)?)?;
+
+        let hn = rms_norm(&h, &layer.mlp_norm, c.norm_eps)?;
+        let m = &layer.mlp;
+        let gate = proj(m.w1.as_ref(), &hn, opts)?.silu()?;
+        let up = proj(m.w3.as_ref(), &hn, opts)?;
+        let out = proj(m.w2.as_ref(), &(gate * up)?, opts)?;
+        Ok(((h + out)?, (k, v)))
+    }
+}
+
+/// Additive mask [seq, start + seq] for `seq` new tokens after `start` cached ones: new token `i`
+/// sees every cached token and the new tokens up to itself.
+pub fn offset_causal_mask(
+    seq: usize,
+    start: usize,
+    device: &Device,
+    dtype: DType,
+) -> candle_core::Result<Tensor> {
+    let total = start + seq;
+    let values: Vec<f32> = (0..seq)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(values, (seq, total), device)?.to_dtype(dtype)
 }

@@ -49,6 +49,10 @@ pub struct ModelSpec {
     pub lora: Option<LoraSettings>,
 }
 
+/// `(slot, in_dim, out_dim) -> [(name, shape)]`: the trainable tensors an adapter adds to the
+/// linear layer `slot` (torchtune prefix, e.g. `layers.0.attn.k_proj`).
+pub type AdapterShapes<'a> = dyn Fn(&str, usize, usize) -> Vec<(String, Vec<usize>)> + 'a;
+
 /// One linear layer of the model: torchtune name prefix and its `[out, in]` shape.
 #[derive(Debug, Clone)]
 pub struct LinearSlot {
@@ -64,7 +68,8 @@ impl ModelSpec {
         let c = &self.transformer;
         let hd = c.head_dim();
         let lora = self.lora.as_ref();
-        let attn_adapted = |m: &str| lora.is_some_and(|l| l.lora_attn_modules.iter().any(|x| x == m));
+        let attn_adapted =
+            |m: &str| lora.is_some_and(|l| l.lora_attn_modules.iter().any(|x| x == m));
         let mlp_adapted = lora.is_some_and(|l| l.apply_lora_to_mlp);
         let mut slots = Vec::new();
         for i in 0..c.num_layers {
@@ -104,40 +109,56 @@ impl ModelSpec {
         slots
     }
 
-    /// Every parameter with torchtune's name and shape. `adapter_shapes` gives the trainable
-    /// tensors an adapter adds to a `[out, in]` layer (from its factory).
-    pub fn params_with(
-        &self,
-        adapter_shapes: &dyn Fn(usize, usize) -> Vec<(String, Vec<usize>)>,
-    ) -> Vec<ParamInfo> {
+    /// Every parameter with torchtune's name and shape. `adapter_shapes(slot, in, out)` gives the
+    /// trainable tensors an adapter adds to the `[out, in]` layer `slot` (from its factory).
+    pub fn params_with(&self, adapter_shapes: &AdapterShapes) -> Vec<ParamInfo> {
         let c = &self.transformer;
-        let frozen = |name: String, shape: Vec<usize>| ParamInfo { name, shape, trainable: false };
-        let mut params = vec![frozen("tok_embeddings.weight".into(), vec![c.vocab_size, c.embed_dim])];
+        let frozen = |name: String, shape: Vec<usize>| ParamInfo {
+            name,
+            shape,
+            trainable: false,
+        };
+        let mut params = vec![frozen(
+            "tok_embeddings.weight".into(),
+            vec![c.vocab_size, c.embed_dim],
+        )];
         let slots = self.linear_slots();
         let per_layer = 7;
         for i in 0..c.num_layers {
-            params.push(frozen(format!("layers.{i}.sa_norm.scale"), vec![c.embed_dim]));
+            params.push(frozen(
+                format!("layers.{i}.sa_norm.scale"),
+                vec![c.embed_dim],
+            ));
             for slot in &slots[i * per_layer..i * per_layer + 4] {
                 push_linear(&mut params, slot, adapter_shapes);
             }
-            params.push(frozen(format!("layers.{i}.mlp_norm.scale"), vec![c.embed_dim]));
+            params.push(frozen(
+                format!("layers.{i}.mlp_norm.scale"),
+                vec![c.embed_dim],
+            ));
             for slot in &slots[i * per_layer + 4..(i + 1) * per_layer] {
                 push_linear(&mut params, slot, adapter_shapes);
             }
         }
         params.push(frozen("norm.scale".into(), vec![c.embed_dim]));
-        push_linear(&mut params, slots.last().expect("output slot"), adapter_shapes);
+        push_linear(
+            &mut params,
+            slots.last().expect("output slot"),
+            adapter_shapes,
+        );
         params
     }
 
     /// Parameter names/shapes using the registered adapter's shapes.
     pub fn params(&self) -> anyhow::Result<Vec<ParamInfo>> {
         match &self.lora {
-            None => Ok(self.params_with(&|_, _| Vec::new())),
+            None => Ok(self.params_with(&|_, _, _| Vec::new())),
             Some(lora) => {
                 let factory = tune_adapters::factory(&lora.adapter.kind)?;
                 let spec = lora.adapter.clone();
-                Ok(self.params_with(&move |in_dim, out_dim| factory.param_shapes(&spec, in_dim, out_dim)))
+                Ok(self.params_with(&move |slot, in_dim, out_dim| {
+                    factory.param_shapes_for(slot, &spec, in_dim, out_dim)
+                }))
             }
         }
     }
@@ -147,19 +168,19 @@ impl ModelSpec {
     }
 }
 
-fn push_linear(
-    params: &mut Vec<ParamInfo>,
-    slot: &LinearSlot,
-    adapter_shapes: &dyn Fn(usize, usize) -> Vec<(String, Vec<usize>)>,
-) {
+fn push_linear(params: &mut Vec<ParamInfo>, slot: &LinearSlot, adapter_shapes: &AdapterShapes) {
     params.push(ParamInfo {
         name: format!("{}.weight", slot.prefix),
         shape: vec![slot.out_dim, slot.in_dim],
         trainable: false,
     });
     if slot.adapted {
-        for (suffix, shape) in adapter_shapes(slot.in_dim, slot.out_dim) {
-            params.push(ParamInfo { name: format!("{}.{suffix}", slot.prefix), shape, trainable: true });
+        for (suffix, shape) in adapter_shapes(&slot.prefix, slot.in_dim, slot.out_dim) {
+            params.push(ParamInfo {
+                name: format!("{}.{suffix}", slot.prefix),
+                shape,
+                trainable: true,
+            });
         }
     }
 }

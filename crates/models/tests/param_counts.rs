@@ -15,7 +15,10 @@ fn lora_llama2_7b_qv_rank8_matches_torchtune() {
         counts("{_component_: torchtune.models.llama2.lora_llama2_7b, lora_attn_modules: [q_proj, v_proj]}");
     assert_eq!(total, 6_742_609_920);
     assert_eq!(trainable, 4_194_304);
-    assert_eq!(line, "6742609920 total params, 4194304 trainable params, 0.06% of all params are trainable.");
+    assert_eq!(
+        line,
+        "6742609920 total params, 4194304 trainable params, 0.06% of all params are trainable."
+    );
 }
 
 #[test]
@@ -45,15 +48,18 @@ fn other_layer_choices_and_sizes() {
     let per_layer = 4 * 8 * (4096 + 4096) + 3 * 8 * (4096 + 11008);
     assert_eq!(trainable, 32 * per_layer + 8 * (4096 + 32000));
     // 70B's grouped-query k/v projections are [1024, 8192].
-    let (_, trainable, _) = counts("{_component_: lora_llama2_70b, lora_attn_modules: [k_proj], lora_rank: 16}");
+    let (_, trainable, _) =
+        counts("{_component_: lora_llama2_70b, lora_attn_modules: [k_proj], lora_rank: 16}");
     assert_eq!(trainable, 80 * 16 * (8192 + 1024));
 }
 
 #[test]
 fn empty_or_unknown_lora_modules_are_errors() {
     for bad in ["[]", "[q_proj, vproj]"] {
-        let node: serde_yaml::Value =
-            serde_yaml::from_str(&format!("{{_component_: lora_llama2_7b, lora_attn_modules: {bad}}}")).unwrap();
+        let node: serde_yaml::Value = serde_yaml::from_str(&format!(
+            "{{_component_: lora_llama2_7b, lora_attn_modules: {bad}}}"
+        ))
+        .unwrap();
         let err = model_spec_from_node(&node).unwrap_err().to_string();
         assert!(err.contains("lora_attn_modules"), "{err}");
     }

@@ -10,17 +10,20 @@
 //! Each mode runs in its own process so that peak RSS is that mode's alone. Freed buffers are
 //! returned to the OS (glibc's mmap threshold is pinned at 64 KiB): the dense random weights that
 //! `bench::random_model` builds before quantising would otherwise stay resident and hide the
-//! difference. Peak RSS is reported for building (which holds the dense fp32 weights in both
+//! difference. The random weights are built like `bench::random_model` (see [`random_model`]).
+//! Peak RSS is reported for building (which holds the dense fp32 weights in both
 //! modes, as any loader of an fp32 checkpoint must) and, after resetting the high-water mark,
 //! for training.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use tune_models::builders::model_spec_from_node;
-use tune_recipes::bench::{random_model, train_steps};
+use tune_models::{ModelSpec, TransformerDecoder};
+use tune_recipes::bench::train_steps;
 
 const BATCH: usize = 1;
 const SEQ: usize = 256;
@@ -34,17 +37,47 @@ fn model_node(quantize_base: bool) -> Result<serde_yaml::Value> {
     ))?)
 }
 
+/// `tune_recipes::bench::random_model` without its `device.set_seed` (which candle's CPU device
+/// refuses): N(0, 0.02) base weights, norm scales 1, random B so the adapter path does real work.
+fn random_model(spec: &ModelSpec) -> Result<TransformerDecoder> {
+    let device = Device::Cpu;
+    let mut weights = HashMap::new();
+    for p in spec.params()?.into_iter().filter(|p| !p.trainable) {
+        let t = if p.shape.len() == 1 {
+            Tensor::ones(p.shape.as_slice(), DType::F32, &device)?
+        } else {
+            Tensor::randn(0f32, 0.02, p.shape.as_slice(), &device)?
+        };
+        weights.insert(p.name, t);
+    }
+    let model = TransformerDecoder::from_weights(spec, weights, 0)?;
+    for (name, var) in model.adapter_params() {
+        if name.ends_with("lora_b.weight") {
+            var.set(&Tensor::randn(0f32, 0.02, var.shape(), &device)?)?;
+        }
+    }
+    Ok(model)
+}
+
 /// A `/proc/self/status` field in MiB (`VmRSS`, `VmHWM`).
 fn status_mib(field: &str) -> Result<f64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
-    let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field}"))?;
-    let kib: f64 = line.split_whitespace().nth(1).context("malformed status line")?.parse()?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .with_context(|| format!("no {field}"))?;
+    let kib: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("malformed status line")?
+        .parse()?;
     Ok(kib / 1024.0)
 }
 
 /// Resets `VmHWM` to the current RSS (Linux >= 4.0).
 fn reset_peak() -> Result<()> {
-    std::fs::write("/proc/self/clear_refs", "5").context("cannot reset the peak RSS via /proc/self/clear_refs")
+    std::fs::write("/proc/self/clear_refs", "5")
+        .context("cannot reset the peak RSS via /proc/self/clear_refs")
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -71,15 +104,22 @@ fn run_mode(mode: &str) -> Result<serde_json::Value> {
     let spec = model_spec_from_node(&model_node(quantize)?)?;
     let params = spec.params()?;
     // Base linears: every `.weight` of a projection except the (never quantised) output layer.
-    let is_base_linear = |n: &str| n.starts_with("layers.") && n.ends_with(".weight") && !n.contains("lora_");
-    let base_linear: usize =
-        params.iter().filter(|p| is_base_linear(&p.name)).map(|p| p.shape.iter().product::<usize>()).sum();
-    let other_fp32: usize =
-        params.iter().filter(|p| !is_base_linear(&p.name)).map(|p| p.shape.iter().product::<usize>()).sum();
+    let is_base_linear =
+        |n: &str| n.starts_with("layers.") && n.ends_with(".weight") && !n.contains("lora_");
+    let base_linear: usize = params
+        .iter()
+        .filter(|p| is_base_linear(&p.name))
+        .map(|p| p.shape.iter().product::<usize>())
+        .sum();
+    let other_fp32: usize = params
+        .iter()
+        .filter(|p| !is_base_linear(&p.name))
+        .map(|p| p.shape.iter().product::<usize>())
+        .sum();
 
     let rss_before = status_mib("VmRSS:")?;
     let started = Instant::now();
-    let model = random_model(&spec, &Device::Cpu, DType::F32, 0)?;
+    let model = random_model(&spec)?;
     let build_seconds = started.elapsed().as_secs_f64();
     let (rss_built, peak_build) = (status_mib("VmRSS:")?, status_mib("VmHWM:")?);
     // What the base linears occupy: the model's resident bytes minus the fp32 tensors that are

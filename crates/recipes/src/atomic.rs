@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 fn temp_name(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -24,14 +27,20 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
         return Err(e).with_context(|| {
-            format!("cannot write {} (is the disk full or the folder read-only?)", path.display())
+            format!(
+                "cannot write {} (is the disk full or the folder read-only?)",
+                path.display()
+            )
         });
     }
     Ok(())
 }
 
 /// Saves tensors as safetensors atomically.
-pub fn save_safetensors(path: &Path, tensors: &std::collections::HashMap<String, candle_core::Tensor>) -> Result<()> {
+pub fn save_safetensors(
+    path: &Path,
+    tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+) -> Result<()> {
     let tmp = temp_name(path);
     let saved = candle_core::safetensors::save(tensors, &tmp)
         .with_context(|| format!("cannot write {} (is the disk full?)", path.display()));
@@ -47,14 +56,17 @@ pub fn save_safetensors(path: &Path, tensors: &std::collections::HashMap<String,
 pub fn replace_dir(staging: &Path, dest: &Path) -> Result<()> {
     let old = dest.with_file_name(format!(
         ".{}.old-{}",
-        dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        dest.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         std::process::id()
     ));
     let had_old = dest.exists();
     if had_old {
         fs::rename(dest, &old).with_context(|| format!("cannot move aside {}", dest.display()))?;
     }
-    fs::rename(staging, dest).with_context(|| format!("cannot move {} into place", dest.display()))?;
+    fs::rename(staging, dest)
+        .with_context(|| format!("cannot move {} into place", dest.display()))?;
     if had_old {
         fs::remove_dir_all(&old).ok();
     }
@@ -65,7 +77,9 @@ pub fn replace_dir(staging: &Path, dest: &Path) -> Result<()> {
 pub fn staging_dir(dest: &Path) -> Result<PathBuf> {
     let staging = dest.with_file_name(format!(
         ".{}.partial-{}",
-        dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        dest.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         std::process::id()
     ));
     if staging.exists() {

@@ -14,7 +14,12 @@ use crate::optim::{AdamW, AdamWConfig};
 use crate::settings::peak_rss_gib;
 
 /// Builds `spec` with N(0, 0.02) base weights (norm scales 1) directly on `device`.
-pub fn random_model(spec: &ModelSpec, device: &Device, dtype: DType, seed: u64) -> Result<TransformerDecoder> {
+pub fn random_model(
+    spec: &ModelSpec,
+    device: &Device,
+    dtype: DType,
+    seed: u64,
+) -> Result<TransformerDecoder> {
     // CUDA can be seeded; candle's CPU generator cannot (the values just differ run to run).
     let _ = device.set_seed(seed);
     let mut weights = HashMap::new();
@@ -50,12 +55,27 @@ pub fn device_memory_used(device: &Device) -> Option<u64> {
 }
 
 /// Runs `warmup + steps` full training steps (forward, loss, backward, AdamW) on random tokens.
-pub fn train_steps(model: &TransformerDecoder, batch: usize, seq: usize, warmup: usize, steps: usize) -> Result<serde_json::Value> {
+pub fn train_steps(
+    model: &TransformerDecoder,
+    batch: usize,
+    seq: usize,
+    warmup: usize,
+    steps: usize,
+) -> Result<serde_json::Value> {
     let device = model.device().clone();
     let c = model.config.clone();
     let params = model.adapter_params();
-    let mut opt = AdamW::new(AdamWConfig { lr: 1e-4, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01 }, params.clone())?;
-    let tokens = Tensor::rand(0f32, c.vocab_size as f32, (batch, seq), &device)?.to_dtype(DType::U32)?;
+    let mut opt = AdamW::new(
+        AdamWConfig {
+            lr: 1e-4,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+        params.clone(),
+    )?;
+    let tokens =
+        Tensor::rand(0f32, c.vocab_size as f32, (batch, seq), &device)?.to_dtype(DType::U32)?;
     let labels = tokens.to_dtype(DType::I64)?;
     let mut peak_device: u64 = device_memory_used(&device).unwrap_or(0);
     let mut times = Vec::new();
@@ -66,7 +86,10 @@ pub fn train_steps(model: &TransformerDecoder, batch: usize, seq: usize, warmup:
         let (sum, n) = chunked_ce_sum(&logits, &labels)?;
         let loss = (sum / n as f64)?;
         let store = loss.backward()?;
-        let grads: Vec<Tensor> = params.iter().map(|(_, v)| store.get(v.as_tensor()).cloned().expect("adapter grad")).collect();
+        let grads: Vec<Tensor> = params
+            .iter()
+            .map(|(_, v)| store.get(v.as_tensor()).cloned().expect("adapter grad"))
+            .collect();
         if let Some(used) = device_memory_used(&device) {
             peak_device = peak_device.max(used);
         }
@@ -81,7 +104,15 @@ pub fn train_steps(model: &TransformerDecoder, batch: usize, seq: usize, warmup:
     let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
     let tokens_per_step = (batch * seq) as f64;
     // Model FLOPs per token, the usual 6N (+ causal attention 6 * layers * seq * dim) convention.
-    let n_params: f64 = model.linears().iter().map(|(_, l)| l.base_weight().map(|w| w.elem_count() as f64).unwrap_or(0.0)).sum();
+    let n_params: f64 = model
+        .linears()
+        .iter()
+        .map(|(_, l)| {
+            l.base_weight()
+                .map(|w| w.elem_count() as f64)
+                .unwrap_or(0.0)
+        })
+        .sum();
     let attn = 6.0 * c.num_layers as f64 * seq as f64 * c.embed_dim as f64;
     let flops_per_token = 6.0 * n_params + attn;
     Ok(json!({

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use tune_core::{ArgSpec, ArgType, Args, Component, ComponentKind};
+use tune_core::{AdapterFactory, ArgSpec, ArgType, Args, Component, ComponentKind, PeftTarget};
 use tune_models::checkpoint::{load_model, resolve_files};
 use tune_models::convert::{
     peft_to_tune_adapter_name, permute_hf_to_tune, permute_tune_to_hf, rope_rows, tune_to_hf_name,
@@ -74,15 +74,31 @@ fn expand_files(value: Option<&serde_yaml::Value>) -> Result<Vec<String>> {
         Some(serde_yaml::Value::String(s)) => Ok(vec![s.clone()]),
         Some(serde_yaml::Value::Sequence(items)) => items
             .iter()
-            .map(|v| v.as_str().map(str::to_string).context("checkpoint_files must be strings"))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .context("checkpoint_files must be strings")
+            })
             .collect(),
         // torchtune's compact form: {filename_format: "model-{}-of-{}.safetensors", max_filename: "00003"}
         Some(serde_yaml::Value::Mapping(m)) => {
-            let format = m.get("filename_format").and_then(|v| v.as_str()).context("checkpoint_files.filename_format missing")?;
-            let max = m.get("max_filename").and_then(|v| v.as_str()).context("checkpoint_files.max_filename missing (a string like \"00003\")")?;
-            let n: usize = max.parse().context("checkpoint_files.max_filename must be digits")?;
+            let format = m
+                .get("filename_format")
+                .and_then(|v| v.as_str())
+                .context("checkpoint_files.filename_format missing")?;
+            let max = m
+                .get("max_filename")
+                .and_then(|v| v.as_str())
+                .context("checkpoint_files.max_filename missing (a string like \"00003\")")?;
+            let n: usize = max
+                .parse()
+                .context("checkpoint_files.max_filename must be digits")?;
             Ok((1..=n)
-                .map(|i| format.replacen("{}", &format!("{i:0width$}", width = max.len()), 1).replacen("{}", max, 1))
+                .map(|i| {
+                    format
+                        .replacen("{}", &format!("{i:0width$}", width = max.len()), 1)
+                        .replacen("{}", max, 1)
+                })
                 .collect())
         }
         _ => bail!("checkpointer.checkpoint_files must list the model's weight files"),
@@ -99,8 +115,12 @@ impl HfCheckpointer {
         let output_dir = PathBuf::from(args.get::<String>("output_dir")?);
         let c = HfCheckpointer {
             checkpoint_files: expand_files(args.raw("checkpoint_files"))?,
-            adapter_checkpoint: args.get_opt::<String>("adapter_checkpoint")?.map(|p| checkpoint_dir.join(p)),
-            recipe_checkpoint: args.get_opt::<String>("recipe_checkpoint")?.map(|p| checkpoint_dir.join(p)),
+            adapter_checkpoint: args
+                .get_opt::<String>("adapter_checkpoint")?
+                .map(|p| checkpoint_dir.join(p)),
+            recipe_checkpoint: args
+                .get_opt::<String>("recipe_checkpoint")?
+                .map(|p| checkpoint_dir.join(p)),
             checkpoint_dir,
             output_dir,
             model_type,
@@ -124,11 +144,29 @@ impl HfCheckpointer {
     }
 
     /// Loads the base model (and nothing else) into `spec`'s model on `device`.
-    pub fn load_base(&self, spec: &ModelSpec, dtype: DType, device: &Device, seed: u64) -> Result<(TransformerDecoder, ModelSpec, SourceLayout)> {
+    pub fn load_base(
+        &self,
+        spec: &ModelSpec,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> Result<(TransformerDecoder, ModelSpec, SourceLayout)> {
         let paths = resolve_files(&self.checkpoint_dir, &self.checkpoint_files)?;
         let layout = source_layout(&paths)?;
-        let (model, spec) = load_model(spec, &self.checkpoint_dir, &self.checkpoint_files, dtype, device, seed)
-            .with_context(|| format!("loading the checkpoint in {}", self.checkpoint_dir.display()))?;
+        let (model, spec) = load_model(
+            spec,
+            &self.checkpoint_dir,
+            &self.checkpoint_files,
+            dtype,
+            device,
+            seed,
+        )
+        .with_context(|| {
+            format!(
+                "loading the checkpoint in {}",
+                self.checkpoint_dir.display()
+            )
+        })?;
         Ok((model, spec, layout))
     }
 
@@ -137,19 +175,28 @@ impl HfCheckpointer {
         if !path.is_file() {
             bail!("adapter checkpoint {} not found (checkpointer.adapter_checkpoint is relative to checkpoint_dir)", path.display());
         }
-        let raw = candle_core::safetensors::load(path, &Device::Cpu)
-            .with_context(|| format!("cannot read adapter {}: truncated or not safetensors", path.display()))?;
+        let raw = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| {
+            format!(
+                "cannot read adapter {}: truncated or not safetensors",
+                path.display()
+            )
+        })?;
+        let factory = tune_adapters::factory(
+            spec.lora
+                .as_ref()
+                .map_or("lora", |l| l.adapter.kind.as_str()),
+        )?;
         let mut out = HashMap::new();
         for (name, t) in raw {
             if name.starts_with("layers.") {
                 out.insert(name, t);
                 continue;
             }
-            let tune = peft_to_tune_adapter_name(&name)
-                .with_context(|| format!("adapter tensor `{name}` is neither a torchtune nor a PEFT LoRA name"))?;
-            let t = match rope_rows(&tune) {
-                Some("q") => permute_hf_to_tune(&t, spec.transformer.num_heads)?,
-                Some(_) => permute_hf_to_tune(&t, spec.transformer.num_kv_heads)?,
+            let tune = peft_to_tune_adapter_name(&name).with_context(|| {
+                format!("adapter tensor `{name}` is neither a torchtune nor a PEFT adapter name")
+            })?;
+            let t = match rope_heads(factory.as_ref(), &tune, spec) {
+                Some(heads) => permute_hf_to_tune(&t, heads)?,
                 None => t,
             };
             out.insert(tune, t);
@@ -195,7 +242,10 @@ impl HfCheckpointer {
                 moments.insert(format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.clone());
             }
             atomic::save_safetensors(&state_dir.join("optimizer.safetensors"), &moments)?;
-            atomic::write(&state_dir.join("recipe_state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+            atomic::write(
+                &state_dir.join("recipe_state.json"),
+                serde_json::to_string_pretty(state)?.as_bytes(),
+            )?;
             Ok(())
         })();
         if let Err(e) = result {
@@ -209,93 +259,137 @@ impl HfCheckpointer {
     fn copy_model_files(&self, dest: &Path) -> Result<()> {
         for entry in std::fs::read_dir(&self.checkpoint_dir)? {
             let path = entry?.path();
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let is_weights = name.ends_with(".safetensors") || name.ends_with(".bin") || name.ends_with(".pt")
-                || name.ends_with(".pth") || name == "model.safetensors.index.json" || name == "pytorch_model.bin.index.json";
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let is_weights = name.ends_with(".safetensors")
+                || name.ends_with(".bin")
+                || name.ends_with(".pt")
+                || name.ends_with(".pth")
+                || name == "model.safetensors.index.json"
+                || name == "pytorch_model.bin.index.json";
             if path.is_file() && !is_weights && !name.starts_with('.') {
-                std::fs::copy(&path, dest.join(&name)).with_context(|| format!("cannot copy {}", path.display()))?;
+                std::fs::copy(&path, dest.join(&name))
+                    .with_context(|| format!("cannot copy {}", path.display()))?;
             }
         }
         Ok(())
     }
 
-    fn write_peft_adapter(&self, dir: &Path, model: &TransformerDecoder, spec: &ModelSpec) -> Result<()> {
-        let lora = spec.lora.as_ref().context("the model has no adapter to save")?;
+    fn write_peft_adapter(
+        &self,
+        dir: &Path,
+        model: &TransformerDecoder,
+        spec: &ModelSpec,
+    ) -> Result<()> {
+        let lora = spec
+            .lora
+            .as_ref()
+            .context("the model has no adapter to save")?;
+        // The adapter decides its PEFT config and which of its tensors follow the weight's rows.
+        let factory = tune_adapters::factory(&lora.adapter.kind)?;
         let mut tensors = HashMap::new();
         for (name, var) in model.adapter_params() {
-            let peft = tune_to_peft_adapter_name(&name).with_context(|| format!("no PEFT name for {name}"))?;
+            let peft = tune_to_peft_adapter_name(&name)
+                .with_context(|| format!("no PEFT name for {name}"))?;
             let t = var.as_tensor();
-            let t = match rope_rows(&name) {
-                Some("q") => permute_tune_to_hf(t, spec.transformer.num_heads)?,
-                Some(_) => permute_tune_to_hf(t, spec.transformer.num_kv_heads)?,
+            let t = match rope_heads(factory.as_ref(), &name, spec) {
+                Some(heads) => permute_tune_to_hf(t, heads)?,
                 None => t.clone(),
             };
             tensors.insert(peft, t);
         }
         atomic::save_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
-        let mut config = serde_json::json!({
-            "r": lora.adapter.rank,
-            "lora_alpha": json_number(lora.adapter.alpha),
-            "target_modules": peft_target_modules(spec),
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "lora_dropout": lora.adapter.dropout,
-            "bias": "none",
-            "fan_in_fan_out": false,
-            "inference_mode": true,
-        });
-        if lora.adapter.kind == "dora" {
-            config["use_dora"] = serde_json::Value::Bool(true);
-        }
+        let mut config = factory.peft_config(&lora.adapter, &peft_targets(model)?);
         if let Some(repo) = original_repo_id(&self.checkpoint_dir) {
             config["base_model_name_or_path"] = serde_json::Value::String(repo);
         }
-        atomic::write(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())
+        atomic::write(
+            &dir.join("adapter_config.json"),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )
     }
 }
 
-/// An integral alpha is written as an integer (as PEFT/torchtune do), otherwise as a float.
-fn json_number(x: f64) -> serde_json::Value {
-    if x.fract() == 0.0 && x.abs() < 1e15 {
-        serde_json::json!(x as i64)
-    } else {
-        serde_json::json!(x)
-    }
-}
-
-/// HF module names of the adapted layers, in torchtune's order.
-pub fn peft_target_modules(spec: &ModelSpec) -> Vec<String> {
-    let Some(lora) = &spec.lora else { return Vec::new() };
-    let mut out = Vec::new();
-    for (tune, hf) in [("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"), ("output_proj", "o_proj")] {
-        if lora.lora_attn_modules.iter().any(|m| m == tune) {
-            out.push(hf.to_string());
+/// The projections that carry trainable tensors, one per module name, in torchtune's order
+/// (q, k, v, output_proj, w1, w2, w3, output): what PEFT's `target_modules` lists. Taken from the
+/// built model, not the config, because an adapter may leave a selected projection frozen (IA3
+/// adapts w2 alone of the MLP).
+pub fn peft_targets(model: &TransformerDecoder) -> Result<Vec<PeftTarget>> {
+    let mut out: Vec<PeftTarget> = Vec::new();
+    for (prefix, layer) in model.linears() {
+        let module = prefix.rsplit('.').next().unwrap_or(&prefix).to_string();
+        if layer.trainable().is_empty() || out.iter().any(|t| t.module == module) {
+            continue;
         }
+        let hf = tune_to_hf_name(&format!("{prefix}.weight"))
+            .with_context(|| format!("no HF name for {prefix}"))?;
+        let hf_module = hf
+            .trim_end_matches(".weight")
+            .rsplit('.')
+            .next()
+            .unwrap_or(&hf)
+            .to_string();
+        out.push(PeftTarget { module, hf_module });
     }
-    if lora.apply_lora_to_mlp {
-        out.extend(["gate_proj", "down_proj", "up_proj"].map(String::from));
+    Ok(out)
+}
+
+/// `(slot, leaf)` of an adapter tensor's torchtune name:
+/// `layers.0.attn.k_proj.lora_a.weight` -> (`layers.0.attn.k_proj`, `lora_a.weight`).
+fn split_adapter_name(name: &str) -> Option<(&str, &str)> {
+    if let Some(leaf) = name.strip_prefix("output.") {
+        return Some(("output", leaf));
     }
-    if lora.apply_lora_to_output {
-        out.push("lm_head".into());
+    // layers.{i}.{attn|mlp}.{projection}.{leaf}
+    let end = name.match_indices('.').nth(3)?.0;
+    Some((&name[..end], &name[end + 1..]))
+}
+
+/// The number of heads whose RoPE layout the rows of adapter tensor `name` follow: set for
+/// q_proj/k_proj tensors with one row per output feature (which the adapter says), else `None`.
+fn rope_heads(factory: &dyn AdapterFactory, name: &str, spec: &ModelSpec) -> Option<usize> {
+    let (slot, leaf) = split_adapter_name(name)?;
+    if !factory.rows_are_outputs(slot, leaf) {
+        return None;
     }
-    out
+    if slot.ends_with(".attn.q_proj") {
+        Some(spec.transformer.num_heads)
+    } else if slot.ends_with(".attn.k_proj") {
+        Some(spec.transformer.num_kv_heads)
+    } else {
+        None
+    }
 }
 
 fn original_repo_id(dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join("original_repo_id.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v.get("repo_id").and_then(|r| r.as_str()).map(str::to_string)
+    v.get("repo_id")
+        .and_then(|r| r.as_str())
+        .map(str::to_string)
 }
 
 fn source_layout(paths: &[PathBuf]) -> Result<SourceLayout> {
-    let mut layout = SourceLayout { num_shards: paths.len(), ..Default::default() };
+    let mut layout = SourceLayout {
+        num_shards: paths.len(),
+        ..Default::default()
+    };
     for (i, path) in paths.iter().enumerate() {
         if path.extension().is_some_and(|e| e == "safetensors") {
             // SAFETY: the file is only read while mapped, and not modified by us meanwhile.
             let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
-                .with_context(|| format!("cannot read {}: the file is truncated or not safetensors; re-download it", path.display()))?;
+                .with_context(|| {
+                    format!(
+                        "cannot read {}: the file is truncated or not safetensors; re-download it",
+                        path.display()
+                    )
+                })?;
             for (name, view) in st.tensors() {
-                layout.dtype.get_or_insert(DType::try_from(view.dtype()).unwrap_or(DType::F32));
+                layout
+                    .dtype
+                    .get_or_insert(DType::try_from(view.dtype()).unwrap_or(DType::F32));
                 layout.shard_of.insert(name, i);
             }
         } else {
@@ -309,7 +403,12 @@ fn source_layout(paths: &[PathBuf]) -> Result<SourceLayout> {
 }
 
 /// Writes merged HF weights in the input's shards and dtype, plus `model.safetensors.index.json`.
-fn write_merged(dir: &Path, model: &TransformerDecoder, spec: &ModelSpec, layout: &SourceLayout) -> Result<()> {
+fn write_merged(
+    dir: &Path,
+    model: &TransformerDecoder,
+    spec: &ModelSpec,
+    layout: &SourceLayout,
+) -> Result<()> {
     let dtype = layout.dtype.unwrap_or(model.dtype());
     let c = &spec.transformer;
     let mut tune: Vec<(String, Tensor)> = vec![
@@ -346,10 +445,17 @@ fn write_merged(dir: &Path, model: &TransformerDecoder, spec: &ModelSpec, layout
         shards[shard].insert(hf, t);
     }
     for (i, tensors) in shards.iter().enumerate() {
-        atomic::save_safetensors(&dir.join(format!("model-{:05}-of-{:05}.safetensors", i + 1, n)), tensors)?;
+        atomic::save_safetensors(
+            &dir.join(format!("model-{:05}-of-{:05}.safetensors", i + 1, n)),
+            tensors,
+        )?;
     }
-    let index = serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
-    atomic::write(&dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?.as_bytes())?;
+    let index =
+        serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
+    atomic::write(
+        &dir.join("model.safetensors.index.json"),
+        serde_json::to_string_pretty(&index)?.as_bytes(),
+    )?;
     if output_adapted && c.tie_word_embeddings {
         // The merged output no longer equals the embedding: untie it in the copied config.
         let path = dir.join("config.json");
@@ -364,7 +470,9 @@ fn write_merged(dir: &Path, model: &TransformerDecoder, spec: &ModelSpec, layout
 
 /// Reads the newest checkpoint in `output_dir` (largest global_step), if any.
 pub fn newest_checkpoint(output_dir: &Path) -> Result<Option<(PathBuf, RecipeState)>> {
-    let Ok(entries) = std::fs::read_dir(output_dir) else { return Ok(None) };
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return Ok(None);
+    };
     let mut best: Option<(PathBuf, RecipeState)> = None;
     for entry in entries {
         let path = entry?.path();
@@ -374,7 +482,10 @@ pub fn newest_checkpoint(output_dir: &Path) -> Result<Option<(PathBuf, RecipeSta
         }
         let state: RecipeState = serde_json::from_str(&std::fs::read_to_string(&state_file)?)
             .with_context(|| format!("{} is corrupt", state_file.display()))?;
-        if best.as_ref().is_none_or(|(_, b)| state.global_step > b.global_step) {
+        if best
+            .as_ref()
+            .is_none_or(|(_, b)| state.global_step > b.global_step)
+        {
             best = Some((path, state));
         }
     }

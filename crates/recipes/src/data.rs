@@ -3,7 +3,9 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use tune_core::ComponentKind;
-use tune_data::{BatchSampler, CollateSft, DatasetSpec, Llama2Tokenizer, Sample, CROSS_ENTROPY_IGNORE_IDX};
+use tune_data::{
+    BatchSampler, CollateSft, DatasetSpec, Llama2Tokenizer, Sample, CROSS_ENTROPY_IGNORE_IDX,
+};
 
 use crate::settings::TopLevel;
 
@@ -24,7 +26,13 @@ pub struct DeviceBatch {
 }
 
 /// Builds the tokenizer and dataset named by the config and checks them against the model.
-pub fn build(cfg: &TopLevel, model_vocab: usize, batch_size: usize, shuffle: bool, seed: u64) -> Result<TrainData> {
+pub fn build(
+    cfg: &TopLevel,
+    model_vocab: usize,
+    batch_size: usize,
+    shuffle: bool,
+    seed: u64,
+) -> Result<TrainData> {
     let tokenizer: Llama2Tokenizer = cfg.build("tokenizer", ComponentKind::Tokenizer)?;
     if tokenizer.vocab_size() > model_vocab {
         bail!(
@@ -44,7 +52,9 @@ pub fn build(cfg: &TopLevel, model_vocab: usize, batch_size: usize, shuffle: boo
         Err(_) => CollateSft::default(),
     };
     // torchtune's recipe always drops the last partial batch.
-    let sampler = BatchSampler::new(samples.len(), batch_size)?.with_shuffle(shuffle, seed).with_drop_last(true);
+    let sampler = BatchSampler::new(samples.len(), batch_size)?
+        .with_shuffle(shuffle, seed)
+        .with_drop_last(true);
     if sampler.num_batches() == 0 {
         bail!(
             "batch_size {batch_size} is larger than the dataset ({} samples) and the last partial batch is \
@@ -52,7 +62,12 @@ pub fn build(cfg: &TopLevel, model_vocab: usize, batch_size: usize, shuffle: boo
             samples.len()
         );
     }
-    Ok(TrainData { tokenizer, samples, sampler, collate })
+    Ok(TrainData {
+        tokenizer,
+        samples,
+        sampler,
+        collate,
+    })
 }
 
 impl TrainData {
@@ -70,7 +85,9 @@ impl TrainData {
     }
 
     pub fn collate(&self, indices: &[usize], device: &Device) -> Result<DeviceBatch> {
-        let batch = self.collate.collate(indices.iter().map(|&i| &self.samples[i]));
+        let batch = self
+            .collate
+            .collate(indices.iter().map(|&i| &self.samples[i]));
         let shape = batch.shape();
         Ok(DeviceBatch {
             tokens: Tensor::from_vec(batch.tokens_flat(), shape, device)?,

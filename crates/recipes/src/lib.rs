@@ -1,19 +1,19 @@
 //! tune-recipes: the recipes `tune run` dispatches to, and the training pieces they share.
 //!
 //! Recipes (each registers itself):
-//! - [`lora_finetune_single_device`]: torchtune's LoRA/QLoRA/DoRA fine-tune on one device.
-//! - [`eleuther_eval`]: TruthfulQA mc1/mc2 computed as lm-evaluation-harness does.
-//! - [`generate`]: text generation with a KV cache (greedy or sampled), with an optional adapter.
+//! - [`lora_finetune_single_device`] — torchtune's LoRA/QLoRA/DoRA fine-tune on one device.
+//! - [`eleuther_eval`] — TruthfulQA mc1/mc2 computed as lm-evaluation-harness does.
+//! - [`generate`] — text generation with a KV cache (greedy or sampled), with an optional adapter.
 //!
 //! Pieces:
-//! - [`settings`]: device, dtype and top-level keys.
-//! - [`data`]: tokenizer + dataset + sampler + collate from the config.
-//! - [`loss`]: `CEWithChunkedOutputLoss`.
-//! - [`optim`]: AdamW with torch's semantics.
-//! - [`lr_schedule`]: torchtune's cosine schedule with warmup.
-//! - [`checkpointer`]: `FullModelHFCheckpointer` (load; save merged weights, PEFT adapter, state).
-//! - [`metric_logging`]: DiskLogger, StdoutLogger, TensorBoardLogger.
-//! - [`atomic`]: crash-safe file and folder writes.
+//! - [`settings`] — device, dtype and top-level keys.
+//! - [`data`] — tokenizer + dataset + sampler + collate from the config.
+//! - [`loss`] — `CEWithChunkedOutputLoss`.
+//! - [`optim`] — AdamW with torch's semantics.
+//! - [`lr_schedule`] — torchtune's cosine schedule with warmup.
+//! - [`checkpointer`] — `FullModelHFCheckpointer` (load; save merged weights, PEFT adapter, state).
+//! - [`metric_logging`] — DiskLogger, StdoutLogger, TensorBoardLogger.
+//! - [`atomic`] — crash-safe file and folder writes.
 //! - [`selfcheck`] and [`bench`]: fixture parity and speed on any device (`tune selfcheck`, `tune bench`).
 
 pub mod atomic;

@@ -94,18 +94,26 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
     // ---- Model -------------------------------------------------------------------------
     let spec = model_spec_from_node(cfg.node("model")?).context("building `model`")?;
     if spec.lora.is_none() {
-        bail!("`{}` has no adapter; this recipe trains LoRA models (e.g. lora_llama2_7b)", spec.builder);
+        bail!(
+            "`{}` has no adapter; this recipe trains LoRA models (e.g. lora_llama2_7b)",
+            spec.builder
+        );
     }
     let checkpointer: HfCheckpointer = cfg.build("checkpointer", ComponentKind::Checkpointer)?;
     if options.dry_run {
         println!("{}", config.to_yaml_string());
         println!("{}", spec.counts()?.summary());
-        return Ok(RunSummary { steps: Vec::new(), output_dir: checkpointer.output_dir.clone(), last_checkpoint: None });
+        return Ok(RunSummary {
+            steps: Vec::new(),
+            output_dir: checkpointer.output_dir.clone(),
+            last_checkpoint: None,
+        });
     }
     let started = Instant::now();
 
     // ---- Data (before the weights: a bad tokenizer or dataset fails fast) ------------------
-    let data: TrainData = data::build(&cfg, spec.transformer.vocab_size, batch_size, shuffle, seed)?;
+    let data: TrainData =
+        data::build(&cfg, spec.transformer.vocab_size, batch_size, shuffle, seed)?;
     let (model, spec, layout) = checkpointer.load_base(&spec, dtype, &device, seed)?;
     tracing::info!("{}", spec.counts()?.summary());
 
@@ -128,27 +136,48 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
     let schedule = match cfg.node("lr_scheduler") {
         Ok(_) => {
             let a: CosineArgs = cfg.build("lr_scheduler", ComponentKind::LrScheduler)?;
-            CosineWithWarmup { num_warmup_steps: a.num_warmup_steps, num_training_steps: epochs * steps_per_epoch, num_cycles: a.num_cycles }
+            CosineWithWarmup {
+                num_warmup_steps: a.num_warmup_steps,
+                num_training_steps: epochs * steps_per_epoch,
+                num_cycles: a.num_cycles,
+            }
         }
-        Err(_) => CosineWithWarmup { num_warmup_steps: 0, num_training_steps: usize::MAX, num_cycles: 0.0 },
+        Err(_) => CosineWithWarmup {
+            num_warmup_steps: 0,
+            num_training_steps: usize::MAX,
+            num_cycles: 0.0,
+        },
     };
     if let Ok(node) = cfg.node("profiler") {
         if node.get("enabled").and_then(|v| v.as_bool()) == Some(true) {
-            tracing::warn!("profiler.enabled=True: the torch profiler has no tune-rs equivalent; ignoring it");
+            tracing::warn!(
+                "profiler.enabled=True: the torch profiler has no tune-rs equivalent; ignoring it"
+            );
         }
     }
     if cfg.get("enable_activation_checkpointing", false)? {
-        tracing::warn!("enable_activation_checkpointing is not implemented yet; training without it");
+        tracing::warn!(
+            "enable_activation_checkpointing is not implemented yet; training without it"
+        );
     }
     let constant_lr = cfg.node("lr_scheduler").is_err();
     let _loss: crate::loss::ChunkedCrossEntropy = cfg.build("loss", ComponentKind::Loss)?;
     let mut logger = match cfg.node("metric_logger") {
-        Ok(_) => cfg.build::<LoggerSpec>("metric_logger", ComponentKind::MetricLogger)?.open()?,
+        Ok(_) => cfg
+            .build::<LoggerSpec>("metric_logger", ComponentKind::MetricLogger)?
+            .open()?,
         Err(_) => LoggerSpec::Stdout.open()?,
     };
-    std::fs::create_dir_all(&checkpointer.output_dir)
-        .with_context(|| format!("cannot create output_dir {}", checkpointer.output_dir.display()))?;
-    crate::atomic::write(&checkpointer.output_dir.join("torchtune_config.yaml"), config.to_yaml_string().as_bytes())?;
+    std::fs::create_dir_all(&checkpointer.output_dir).with_context(|| {
+        format!(
+            "cannot create output_dir {}",
+            checkpointer.output_dir.display()
+        )
+    })?;
+    crate::atomic::write(
+        &checkpointer.output_dir.join("torchtune_config.yaml"),
+        config.to_yaml_string().as_bytes(),
+    )?;
 
     let params = model.adapter_params();
     let mut optimizer = AdamW::new(opt_config.clone(), params.clone())?;
@@ -166,7 +195,10 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
     };
     if resume {
         let (dir, saved) = newest_checkpoint(&checkpointer.output_dir)?.with_context(|| {
-            format!("resume_from_checkpoint is True but {} holds no checkpoint; set it to False", checkpointer.output_dir.display())
+            format!(
+                "resume_from_checkpoint is True but {} holds no checkpoint; set it to False",
+                checkpointer.output_dir.display()
+            )
         })?;
         if saved.seed != seed || saved.gradient_accumulation_steps != grad_accum {
             bail!(
@@ -176,19 +208,42 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
                 saved.gradient_accumulation_steps
             );
         }
-        let adapter = candle_core::safetensors::load(dir.join("recipe_state/adapter_torchtune.safetensors"), &device)?;
+        let adapter = candle_core::safetensors::load(
+            dir.join("recipe_state/adapter_torchtune.safetensors"),
+            &device,
+        )?;
         model.load_adapter(&adapter)?;
-        let moments = candle_core::safetensors::load(dir.join("recipe_state/optimizer.safetensors"), &device)?;
+        let moments = candle_core::safetensors::load(
+            dir.join("recipe_state/optimizer.safetensors"),
+            &device,
+        )?;
         for p in optimizer.params.iter_mut() {
-            p.exp_avg = moments.get(&format!("exp_avg.{}", p.name)).cloned().context("optimizer state incomplete")?;
-            p.exp_avg_sq = moments.get(&format!("exp_avg_sq.{}", p.name)).cloned().context("optimizer state incomplete")?;
+            p.exp_avg = moments
+                .get(&format!("exp_avg.{}", p.name))
+                .cloned()
+                .context("optimizer state incomplete")?;
+            p.exp_avg_sq = moments
+                .get(&format!("exp_avg_sq.{}", p.name))
+                .cloned()
+                .context("optimizer state incomplete")?;
         }
         optimizer.step = saved.optimizer_step;
-        tracing::info!("resuming from {} (epoch {}, step {})", dir.display(), saved.epochs_run, saved.global_step);
-        state = RecipeState { total_epochs: epochs, max_steps_per_epoch, ..saved };
+        tracing::info!(
+            "resuming from {} (epoch {}, step {})",
+            dir.display(),
+            saved.epochs_run,
+            saved.global_step
+        );
+        state = RecipeState {
+            total_epochs: epochs,
+            max_steps_per_epoch,
+            ..saved
+        };
     } else if let Some(path) = &checkpointer.adapter_checkpoint {
         let adapter = HfCheckpointer::read_adapter(path, &spec)?;
-        model.load_adapter(&adapter).with_context(|| format!("loading adapter_checkpoint {}", path.display()))?;
+        model
+            .load_adapter(&adapter)
+            .with_context(|| format!("loading adapter_checkpoint {}", path.display()))?;
     } else {
         for (_, layer) in model.linears() {
             layer.on_weights_loaded()?;
@@ -204,15 +259,29 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     progress.set_position(state.global_step as u64);
-    let mut summary = RunSummary { steps: Vec::new(), output_dir: checkpointer.output_dir.clone(), last_checkpoint: None };
-    let lr_at = |step: usize| if constant_lr { opt_config.lr } else { opt_config.lr * schedule.multiplier(step) };
+    let mut summary = RunSummary {
+        steps: Vec::new(),
+        output_dir: checkpointer.output_dir.clone(),
+        last_checkpoint: None,
+    };
+    let lr_at = |step: usize| {
+        if constant_lr {
+            opt_config.lr
+        } else {
+            opt_config.lr * schedule.multiplier(step)
+        }
+    };
 
     for epoch in state.epochs_run..epochs {
         let batches = data.epoch_batches(epoch)?;
         let mut window_grads: Option<Vec<Tensor>> = None;
         let (mut window_tokens, mut window_loss) = (0usize, 0f64);
         let mut window_start = Instant::now();
-        let first_batch = if epoch == state.epochs_run { state.batches_in_epoch } else { 0 };
+        let first_batch = if epoch == state.epochs_run {
+            state.batches_in_epoch
+        } else {
+            0
+        };
         for (idx, batch_indices) in batches.iter().enumerate().skip(first_batch) {
             if idx / grad_accum == steps_per_epoch {
                 break;
@@ -235,12 +304,21 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
             let store = loss.backward()?;
             let grads = params
                 .iter()
-                .map(|(name, var)| store.get(var.as_tensor()).cloned().with_context(|| format!("no gradient reached {name}")))
+                .map(|(name, var)| {
+                    store
+                        .get(var.as_tensor())
+                        .cloned()
+                        .with_context(|| format!("no gradient reached {name}"))
+                })
                 .collect::<Result<Vec<_>>>()?;
             drop(store);
             window_grads = Some(match window_grads {
                 None => grads,
-                Some(acc) => acc.iter().zip(&grads).map(|(a, g)| a.add(g)).collect::<candle_core::Result<Vec<_>>>()?,
+                Some(acc) => acc
+                    .iter()
+                    .zip(&grads)
+                    .map(|(a, g)| a.add(g))
+                    .collect::<candle_core::Result<Vec<_>>>()?,
             });
             window_tokens += tokens_n;
             window_loss += loss_value as f64;
@@ -255,7 +333,11 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
             }
             let mut grad_norm = None;
             if let Some(max_norm) = clip_grad_norm {
-                let total = grads.iter().map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()).sum::<candle_core::Result<f32>>()?.sqrt();
+                let total = grads
+                    .iter()
+                    .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>())
+                    .sum::<candle_core::Result<f32>>()?
+                    .sqrt();
                 let coef = (max_norm as f32 / (total + 1e-6)).min(1.0);
                 for g in grads.iter_mut() {
                     *g = (&*g * coef as f64)?;
@@ -272,7 +354,11 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
             let lr_logged = lr_at(state.global_step);
             let tps = window_tokens as f64 / elapsed.max(1e-9);
             if state.global_step.is_multiple_of(log_every.max(1)) {
-                let mut metrics: Metrics = vec![("loss".into(), loss_to_log), ("lr".into(), lr_logged), ("tokens_per_second_per_gpu".into(), tps)];
+                let mut metrics: Metrics = vec![
+                    ("loss".into(), loss_to_log),
+                    ("lr".into(), lr_logged),
+                    ("tokens_per_second_per_gpu".into(), tps),
+                ];
                 if let Some(n) = grad_norm {
                     metrics.push(("grad_norm".into(), n));
                 }
@@ -283,19 +369,46 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
                 }
                 logger.log(state.global_step, &metrics)?;
             }
-            progress.set_message(format!("loss {loss_to_log:.4} lr {lr_logged:.2e} {tps:.0} tok/s"));
+            progress.set_message(format!(
+                "loss {loss_to_log:.4} lr {lr_logged:.2e} {tps:.0} tok/s"
+            ));
             progress.inc(1);
-            summary.steps.push(StepLog { step: state.global_step, loss: loss_to_log, lr: lr_logged, tokens: window_tokens, tokens_per_second: tps });
+            summary.steps.push(StepLog {
+                step: state.global_step,
+                loss: loss_to_log,
+                lr: lr_logged,
+                tokens: window_tokens,
+                tokens_per_second: tps,
+            });
             if let Some(every) = save_every_n_steps {
-                if every > 0 && state.global_step.is_multiple_of(every) && (idx + 1) / grad_accum < steps_per_epoch {
-                    let dir = checkpointer.save(&format!("step_{}", state.global_step), &model, &spec, &layout, false, &state, &optimizer)?;
+                if every > 0
+                    && state.global_step.is_multiple_of(every)
+                    && (idx + 1) / grad_accum < steps_per_epoch
+                {
+                    let dir = checkpointer.save(
+                        &format!("step_{}", state.global_step),
+                        &model,
+                        &spec,
+                        &layout,
+                        false,
+                        &state,
+                        &optimizer,
+                    )?;
                     summary.last_checkpoint = Some(dir);
                 }
             }
             window_tokens = 0;
             window_loss = 0.0;
             if tune_core::recipe::stop_requested() && (idx + 1) / grad_accum < steps_per_epoch {
-                let dir = checkpointer.save(&format!("step_{}", state.global_step), &model, &spec, &layout, false, &state, &optimizer)?;
+                let dir = checkpointer.save(
+                    &format!("step_{}", state.global_step),
+                    &model,
+                    &spec,
+                    &layout,
+                    false,
+                    &state,
+                    &optimizer,
+                )?;
                 progress.finish_and_clear();
                 eprintln!(
                     "Stopped at step {} on request; saved {}. Continue with resume_from_checkpoint=True",
@@ -309,7 +422,15 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
         }
         state.epochs_run = epoch + 1;
         state.batches_in_epoch = 0;
-        let dir = checkpointer.save(&format!("epoch_{epoch}"), &model, &spec, &layout, !save_adapter_weights_only, &state, &optimizer)?;
+        let dir = checkpointer.save(
+            &format!("epoch_{epoch}"),
+            &model,
+            &spec,
+            &layout,
+            !save_adapter_weights_only,
+            &state,
+            &optimizer,
+        )?;
         tracing::info!("saved {}", dir.display());
         summary.last_checkpoint = Some(dir);
     }

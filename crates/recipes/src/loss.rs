@@ -24,7 +24,11 @@ pub fn shift_labels(labels: &Tensor) -> Result<Tensor> {
 pub fn chunked_ce_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
     let (b, s, v) = logits.dims3()?;
     let shifted = shift_labels(labels)?.reshape(b * s)?;
-    Ok(cross_entropy_sum(&logits.reshape((b * s, v))?, &shifted, IGNORE_INDEX)?)
+    Ok(cross_entropy_sum(
+        &logits.reshape((b * s, v))?,
+        &shifted,
+        IGNORE_INDEX,
+    )?)
 }
 
 /// Mean loss over counted tokens (what torchtune's loss module returns).

@@ -19,7 +19,10 @@ impl CosineWithWarmup {
             return step as f64 / self.num_warmup_steps.max(1) as f64;
         }
         let progress = (step - self.num_warmup_steps) as f64
-            / self.num_training_steps.saturating_sub(self.num_warmup_steps).max(1) as f64;
+            / self
+                .num_training_steps
+                .saturating_sub(self.num_warmup_steps)
+                .max(1) as f64;
         let cosine = 0.5 * (1.0 + (std::f64::consts::PI * self.num_cycles * 2.0 * progress).cos());
         cosine.max(0.0)
     }
@@ -34,7 +37,10 @@ pub struct CosineArgs {
 
 impl CosineArgs {
     fn from_args(args: &Args) -> Result<Self> {
-        Ok(CosineArgs { num_warmup_steps: args.get("num_warmup_steps")?, num_cycles: args.get("num_cycles")? })
+        Ok(CosineArgs {
+            num_warmup_steps: args.get("num_warmup_steps")?,
+            num_cycles: args.get("num_cycles")?,
+        })
     }
 }
 
@@ -62,8 +68,19 @@ mod tests {
     #[test]
     fn matches_torchtune_trajectory_lrs() {
         // From the trajectory fixture: warmup 2, 10 steps, base lr 3e-3.
-        let s = CosineWithWarmup { num_warmup_steps: 2, num_training_steps: 10, num_cycles: 0.5 };
-        let used = [0.0, 0.0015, 0.003, 0.00288581929876693, 0.002560660171779821, 0.002074025148547635];
+        let s = CosineWithWarmup {
+            num_warmup_steps: 2,
+            num_training_steps: 10,
+            num_cycles: 0.5,
+        };
+        let used = [
+            0.0,
+            0.0015,
+            0.003,
+            0.00288581929876693,
+            0.002560660171779821,
+            0.002074025148547635,
+        ];
         for (i, lr) in used.iter().enumerate() {
             assert!((s.multiplier(i) * 3e-3 - lr).abs() < 1e-12, "step {i}");
         }

@@ -28,7 +28,11 @@ pub fn py_float(x: f64) -> String {
         return if x > 0.0 { "inf".into() } else { "-inf".into() };
     }
     if x == 0.0 {
-        return if x.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if x.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     // Rust's `{:e}` gives the shortest round-trip digits, like Python's repr.
     let sci = format!("{x:e}");
@@ -36,7 +40,11 @@ pub fn py_float(x: f64) -> String {
     let exp: i32 = exp.parse().expect("integer exponent");
     if (-4..16).contains(&exp) {
         let s = format!("{x}");
-        if s.contains('.') { s } else { format!("{s}.0") }
+        if s.contains('.') {
+            s
+        } else {
+            format!("{s}.0")
+        }
     } else {
         let sign = if exp < 0 { '-' } else { '+' };
         format!("{mantissa}e{sign}{:02}", exp.abs())
@@ -54,11 +62,18 @@ pub struct DiskLogger {
 
 impl DiskLogger {
     pub fn new(log_dir: &Path, jsonl: bool) -> Result<Self> {
-        std::fs::create_dir_all(log_dir).with_context(|| format!("cannot create log_dir {}", log_dir.display()))?;
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        std::fs::create_dir_all(log_dir)
+            .with_context(|| format!("cannot create log_dir {}", log_dir.display()))?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
         let ext = if jsonl { "jsonl" } else { "txt" };
         let path = log_dir.join(format!("log_{stamp}.{ext}"));
-        let file = OpenOptions::new().create(true).append(true).open(&path)
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
             .with_context(|| format!("cannot open log file {}", path.display()))?;
         Ok(DiskLogger { path, file, jsonl })
     }
@@ -91,7 +106,10 @@ pub struct StdoutLogger;
 
 impl MetricLogger for StdoutLogger {
     fn log(&mut self, step: usize, metrics: &Metrics) -> Result<()> {
-        let parts: Vec<String> = metrics.iter().map(|(k, v)| format!("{k}:{}", py_float(*v))).collect();
+        let parts: Vec<String> = metrics
+            .iter()
+            .map(|(k, v)| format!("{k}:{}", py_float(*v)))
+            .collect();
         println!("Step {step} | {}", parts.join(" "));
         Ok(())
     }
@@ -105,11 +123,17 @@ pub struct TensorBoardLogger {
 
 impl TensorBoardLogger {
     pub fn new(log_dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(log_dir).with_context(|| format!("cannot create log_dir {}", log_dir.display()))?;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+        std::fs::create_dir_all(log_dir)
+            .with_context(|| format!("cannot create log_dir {}", log_dir.display()))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
         let path = log_dir.join(format!("events.out.tfevents.{}.{host}", now.as_secs()));
-        let file = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        let file =
+            File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
         let mut logger = TensorBoardLogger { path, file };
         let mut event = Vec::new();
         proto_double(&mut event, 1, now.as_secs_f64());
@@ -125,7 +149,9 @@ impl TensorBoardLogger {
         rec.extend_from_slice(&masked_crc(&len).to_le_bytes());
         rec.extend_from_slice(data);
         rec.extend_from_slice(&masked_crc(data).to_le_bytes());
-        self.file.write_all(&rec).context("cannot write TensorBoard events (disk full?)")?;
+        self.file
+            .write_all(&rec)
+            .context("cannot write TensorBoard events (disk full?)")?;
         self.file.flush()?;
         Ok(())
     }
@@ -133,7 +159,10 @@ impl TensorBoardLogger {
 
 impl MetricLogger for TensorBoardLogger {
     fn log(&mut self, step: usize, metrics: &Metrics) -> Result<()> {
-        let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
         let mut summary = Vec::new();
         for (tag, value) in metrics {
             let mut v = Vec::new();
@@ -208,7 +237,10 @@ fn disk(args: &Args) -> Result<LoggerSpec> {
         "jsonl" => true,
         other => bail!("metric_logger.output_fmt `{other}`: use `txt` or `jsonl`"),
     };
-    Ok(LoggerSpec::Disk { log_dir: PathBuf::from(args.get::<String>("log_dir")?), jsonl })
+    Ok(LoggerSpec::Disk {
+        log_dir: PathBuf::from(args.get::<String>("log_dir")?),
+        jsonl,
+    })
 }
 
 tune_core::inventory::submit! {
@@ -280,7 +312,8 @@ mod tests {
             let len_crc = u32::from_le_bytes(bytes[pos + 8..pos + 12].try_into().unwrap());
             assert_eq!(len_crc, masked_crc(&bytes[pos..pos + 8]));
             let data = &bytes[pos + 12..pos + 12 + len];
-            let data_crc = u32::from_le_bytes(bytes[pos + 12 + len..pos + 16 + len].try_into().unwrap());
+            let data_crc =
+                u32::from_le_bytes(bytes[pos + 12 + len..pos + 16 + len].try_into().unwrap());
             assert_eq!(data_crc, masked_crc(data));
             pos += 16 + len;
             records += 1;

@@ -26,7 +26,12 @@ impl AdamWConfig {
         if args.get::<bool>("amsgrad")? {
             bail!("optimizer.amsgrad=True is not supported; remove it");
         }
-        Ok(AdamWConfig { lr: args.get("lr")?, betas: (betas[0], betas[1]), eps: args.get("eps")?, weight_decay: args.get("weight_decay")? })
+        Ok(AdamWConfig {
+            lr: args.get("lr")?,
+            betas: (betas[0], betas[1]),
+            eps: args.get("eps")?,
+            weight_decay: args.get("weight_decay")?,
+        })
     }
 }
 
@@ -51,16 +56,29 @@ impl AdamW {
             .into_iter()
             .map(|(name, var)| {
                 let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
-                Ok(ParamState { name, var, exp_avg: zeros.clone(), exp_avg_sq: zeros })
+                Ok(ParamState {
+                    name,
+                    var,
+                    exp_avg: zeros.clone(),
+                    exp_avg_sq: zeros,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(AdamW { config, params, step: 0 })
+        Ok(AdamW {
+            config,
+            params,
+            step: 0,
+        })
     }
 
     /// One update at learning rate `lr`; `grads[i]` is the gradient of `params[i]`.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         if grads.len() != self.params.len() {
-            bail!("AdamW got {} gradients for {} parameters", grads.len(), self.params.len());
+            bail!(
+                "AdamW got {} gradients for {} parameters",
+                grads.len(),
+                self.params.len()
+            );
         }
         self.step += 1;
         let c = &self.config;

@@ -15,7 +15,8 @@ use crate::loss::chunked_ce_sum;
 use crate::optim::{AdamW, AdamWConfig};
 
 fn load(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, device).with_context(|| format!("cannot read fixture {}", path.display()))
+    candle_core::safetensors::load(path, device)
+        .with_context(|| format!("cannot read fixture {}", path.display()))
 }
 
 fn f32s(t: &Tensor) -> Result<Tensor> {
@@ -23,7 +24,11 @@ fn f32s(t: &Tensor) -> Result<Tensor> {
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    Ok((f32s(a)? - f32s(b)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64)
+    Ok((f32s(a)? - f32s(b)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()? as f64)
 }
 
 pub fn rel_norm_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
@@ -43,8 +48,18 @@ pub fn lora_step_model(repo: &Path, device: &Device, dtype: DType) -> Result<Tra
           norm_eps: 1e-5, lora_rank: 4, lora_alpha: 8.0, lora_dropout: 0.0}",
     )?;
     let spec = builders::model_spec_from_node(&node)?;
-    let (model, _) = checkpoint::load_model(&spec, &repo.join("assets/stories260K"), &["model.safetensors".into()], dtype, device, 0)?;
-    model.load_adapter(&load(&repo.join("tests/fixtures/lora_step/adapter_init.safetensors"), device)?)?;
+    let (model, _) = checkpoint::load_model(
+        &spec,
+        &repo.join("assets/stories260K"),
+        &["model.safetensors".into()],
+        dtype,
+        device,
+        0,
+    )?;
+    model.load_adapter(&load(
+        &repo.join("tests/fixtures/lora_step/adapter_init.safetensors"),
+        device,
+    )?)?;
     Ok(model)
 }
 
@@ -56,22 +71,52 @@ pub fn lora_step(repo: &Path, device: &Device, dtype: DType) -> Result<serde_jso
     let batch = load(&fx.join("batch.safetensors"), device)?;
     let (tokens, labels) = (&batch["tokens"], &batch["labels"]);
 
-    let out = model.forward_with(tokens, Forward { train: true, capture_hidden: true, ..Default::default() })?;
+    let out = model.forward_with(
+        tokens,
+        Forward {
+            train: true,
+            capture_hidden: true,
+            ..Default::default()
+        },
+    )?;
     let want_logits = load(&fx.join("logits.safetensors"), device)?;
     let logits_diff = max_abs_diff(&out.logits, &want_logits["logits"])?;
     let hidden = load(&fx.join("hidden_states.safetensors"), device)?;
     let mut hidden_diff: f64 = 0.0;
     for (name, t) in &out.hidden {
-        hidden_diff = hidden_diff.max(max_abs_diff(t, hidden.get(name).context("hidden state missing")?)?);
+        hidden_diff = hidden_diff.max(max_abs_diff(
+            t,
+            hidden.get(name).context("hidden state missing")?,
+        )?);
     }
-    let base = model.forward_with(tokens, Forward { adapters_disabled: true, ..Default::default() })?;
+    let base = model.forward_with(
+        tokens,
+        Forward {
+            adapters_disabled: true,
+            ..Default::default()
+        },
+    )?;
     let base_diff = max_abs_diff(&base.logits, &want_logits["base_logits_lora_disabled"])?;
 
     let params = model.adapter_params();
     let want_grads = load(&fx.join("grads.safetensors"), device)?;
     let per_step = load(&fx.join("adapter_per_step.safetensors"), device)?;
-    let want_losses = [5.633181571960449f64, 4.741989612579346, 4.276536464691162, 3.970587730407715, 3.6425726413726807];
-    let mut opt = AdamW::new(AdamWConfig { lr: 1e-2, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01 }, params.clone())?;
+    let want_losses = [
+        5.633181571960449f64,
+        4.741989612579346,
+        4.276536464691162,
+        3.970587730407715,
+        3.6425726413726807,
+    ];
+    let mut opt = AdamW::new(
+        AdamWConfig {
+            lr: 1e-2,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+        params.clone(),
+    )?;
     let (mut losses, mut grad_rel, mut adapter_max, mut adapter_rel, mut beyond_1e5, mut total) =
         (Vec::new(), 0f64, 0f64, 0f64, 0usize, 0usize);
     for step in 0..5 {
@@ -80,8 +125,15 @@ pub fn lora_step(repo: &Path, device: &Device, dtype: DType) -> Result<serde_jso
         let loss = (sum / n as f64)?;
         losses.push(loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64);
         let store = loss.backward()?;
-        let grads: Vec<Tensor> =
-            params.iter().map(|(n, v)| store.get(v.as_tensor()).cloned().with_context(|| format!("no grad for {n}"))).collect::<Result<_>>()?;
+        let grads: Vec<Tensor> = params
+            .iter()
+            .map(|(n, v)| {
+                store
+                    .get(v.as_tensor())
+                    .cloned()
+                    .with_context(|| format!("no grad for {n}"))
+            })
+            .collect::<Result<_>>()?;
         if step == 0 {
             for ((name, _), g) in params.iter().zip(&grads) {
                 grad_rel = grad_rel.max(rel_norm_diff(g, &want_grads[name])?);
@@ -92,12 +144,19 @@ pub fn lora_step(repo: &Path, device: &Device, dtype: DType) -> Result<serde_jso
             let want = &per_step[&format!("step{}.{name}", step + 1)];
             adapter_max = adapter_max.max(max_abs_diff(var.as_tensor(), want)?);
             adapter_rel = adapter_rel.max(rel_norm_diff(var.as_tensor(), want)?);
-            let d: Vec<f32> = (f32s(var.as_tensor())? - f32s(want)?)?.abs()?.flatten_all()?.to_vec1()?;
+            let d: Vec<f32> = (f32s(var.as_tensor())? - f32s(want)?)?
+                .abs()?
+                .flatten_all()?
+                .to_vec1()?;
             beyond_1e5 += d.iter().filter(|x| **x > 1e-5).count();
             total += d.len();
         }
     }
-    let loss_rel: f64 = losses.iter().zip(want_losses).map(|(a, b)| ((a - b) / b).abs()).fold(0.0, f64::max);
+    let loss_rel: f64 = losses
+        .iter()
+        .zip(want_losses)
+        .map(|(a, b)| ((a - b) / b).abs())
+        .fold(0.0, f64::max);
     Ok(json!({
         "check": "lora_step",
         "device": format!("{device:?}"),
@@ -120,45 +179,95 @@ pub fn lora_step(repo: &Path, device: &Device, dtype: DType) -> Result<serde_jso
 /// pointed at `work` (output dir and the 96 GSM8K rows it trained on), the bundled model, and the
 /// fixture's initial adapter.
 pub fn trajectory_config(repo: &Path, work: &Path) -> Result<String> {
-    let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(repo.join("assets/data/gsm8k_first_512.json"))?)?;
-    let rows: Vec<serde_json::Value> = rows.as_array().context("data file is not a JSON array")?.iter().take(96).cloned().collect();
+    let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        repo.join("assets/data/gsm8k_first_512.json"),
+    )?)?;
+    let rows: Vec<serde_json::Value> = rows
+        .as_array()
+        .context("data file is not a JSON array")?
+        .iter()
+        .take(96)
+        .cloned()
+        .collect();
     let data = work.join("gsm8k_first96.json");
     std::fs::write(&data, serde_json::to_string(&rows)?)?;
     let text = std::fs::read_to_string(repo.join("tests/fixtures/trajectory/config.yaml"))?;
     Ok(text
         .replace("<WORK>/output", &work.join("output").display().to_string())
-        .replace("<WORK>/stories260K_ckpt", &repo.join("assets/stories260K").display().to_string())
+        .replace(
+            "<WORK>/stories260K_ckpt",
+            &repo.join("assets/stories260K").display().to_string(),
+        )
         .replace("<WORK>/gsm8k_first96.json", &data.display().to_string())
-        .replace("<SHARED>/assets/stories260K/tokenizer.model", &repo.join("assets/stories260K/tokenizer.model").display().to_string())
+        .replace(
+            "<SHARED>/assets/stories260K/tokenizer.model",
+            &repo
+                .join("assets/stories260K/tokenizer.model")
+                .display()
+                .to_string(),
+        )
         .replace(
             "adapter_checkpoint: null",
-            &format!("adapter_checkpoint: {}", repo.join("tests/fixtures/lora_step/adapter_init.safetensors").display()),
+            &format!(
+                "adapter_checkpoint: {}",
+                repo.join("tests/fixtures/lora_step/adapter_init.safetensors")
+                    .display()
+            ),
         ))
 }
 
 /// Runs the recipe on the trajectory config on `device`/`dtype` and reports every logged loss and
 /// lr against torchtune's, and the final adapter's difference.
-pub fn trajectory(repo: &Path, work: &Path, device_name: &str, dtype_name: &str) -> Result<serde_json::Value> {
+pub fn trajectory(
+    repo: &Path,
+    work: &Path,
+    device_name: &str,
+    dtype_name: &str,
+) -> Result<serde_json::Value> {
     crate::link();
     let mut config = tune_core::Config::from_yaml_str(&trajectory_config(repo, work)?)?;
-    config.apply_overrides(&[format!("device={device_name}"), format!("dtype={dtype_name}")])?;
+    config.apply_overrides(&[
+        format!("device={device_name}"),
+        format!("dtype={dtype_name}"),
+    ])?;
     config.resolve_interpolations()?;
     let started = std::time::Instant::now();
-    let summary = crate::lora_finetune_single_device::train(config, &tune_core::recipe::RunOptions::default())?;
+    let summary = crate::lora_finetune_single_device::train(
+        config,
+        &tune_core::recipe::RunOptions::default(),
+    )?;
     let seconds = started.elapsed().as_secs_f64();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(repo.join("tests/fixtures/trajectory/meta.json"))?)?;
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        repo.join("tests/fixtures/trajectory/meta.json"),
+    )?)?;
     let want_losses: Vec<f64> = serde_json::from_value(meta["losses_logged"].clone())?;
     let want_lrs: Vec<f64> = serde_json::from_value(meta["lrs_logged"].clone())?;
     let losses: Vec<f64> = summary.steps.iter().map(|s| s.loss).collect();
     let lrs: Vec<f64> = summary.steps.iter().map(|s| s.lr).collect();
-    let loss_rel = losses.iter().zip(&want_losses).map(|(a, b)| ((a - b) / b).abs()).fold(0.0, f64::max);
-    let lr_abs = lrs.iter().zip(&want_lrs).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-    let ours = load(&work.join("output/epoch_0/recipe_state/adapter_torchtune.safetensors"), &Device::Cpu)?;
-    let theirs = load(&repo.join("tests/fixtures/trajectory/adapter_final.safetensors"), &Device::Cpu)?;
+    let loss_rel = losses
+        .iter()
+        .zip(&want_losses)
+        .map(|(a, b)| ((a - b) / b).abs())
+        .fold(0.0, f64::max);
+    let lr_abs = lrs
+        .iter()
+        .zip(&want_lrs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    let ours = load(
+        &work.join("output/epoch_0/recipe_state/adapter_torchtune.safetensors"),
+        &Device::Cpu,
+    )?;
+    let theirs = load(
+        &repo.join("tests/fixtures/trajectory/adapter_final.safetensors"),
+        &Device::Cpu,
+    )?;
     let mut adapter_max: f64 = 0.0;
     for (name, t) in &theirs {
-        adapter_max = adapter_max.max(max_abs_diff(ours.get(name).context("adapter tensor missing")?, t)?);
+        adapter_max = adapter_max.max(max_abs_diff(
+            ours.get(name).context("adapter tensor missing")?,
+            t,
+        )?);
     }
     Ok(json!({
         "check": "trajectory",

@@ -12,7 +12,9 @@ pub fn parse_device(name: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
             let ordinal: usize = match s.strip_prefix("cuda:") {
-                Some(n) => n.parse().with_context(|| format!("device `{s}`: expected cuda:<index>"))?,
+                Some(n) => n
+                    .parse()
+                    .with_context(|| format!("device `{s}`: expected cuda:<index>"))?,
                 None => 0,
             };
             if !candle_core::utils::cuda_is_available() {
@@ -34,7 +36,9 @@ pub fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
     let dtype = match name {
         "fp32" | "float32" => DType::F32,
         "bf16" | "bfloat16" => DType::BF16,
-        "fp16" | "float16" => bail!("dtype fp16 is not supported (torchtune refuses it too); use bf16 or fp32"),
+        "fp16" | "float16" => {
+            bail!("dtype fp16 is not supported (torchtune refuses it too); use bf16 or fp32")
+        }
         "fp64" | "float64" => DType::F64,
         other => bail!("unknown dtype `{other}`; use fp32 or bf16"),
     };
@@ -55,24 +59,29 @@ impl TopLevel<'_> {
     pub fn get<T: serde::de::DeserializeOwned>(&self, key: &str, default: T) -> Result<T> {
         match self.value(key) {
             None => Ok(default),
-            Some(v) => serde_yaml::from_value(v.clone()).with_context(|| format!("config key `{key}` has the wrong type ({v:?})")),
+            Some(v) => serde_yaml::from_value(v.clone())
+                .with_context(|| format!("config key `{key}` has the wrong type ({v:?})")),
         }
     }
 
     pub fn opt<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         match self.value(key) {
             None => Ok(None),
-            Some(v) => serde_yaml::from_value(v.clone()).map(Some).with_context(|| format!("config key `{key}` has the wrong type ({v:?})")),
+            Some(v) => serde_yaml::from_value(v.clone())
+                .map(Some)
+                .with_context(|| format!("config key `{key}` has the wrong type ({v:?})")),
         }
     }
 
     pub fn require<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T> {
-        self.opt(key)?.with_context(|| format!("config key `{key}` is required"))
+        self.opt(key)?
+            .with_context(|| format!("config key `{key}` is required"))
     }
 
     /// A component node (`model`, `tokenizer`, ...): its `_component_` must be of `kind`.
     pub fn node(&self, key: &str) -> Result<&Value> {
-        self.value(key).with_context(|| format!("config has no `{key}` section"))
+        self.value(key)
+            .with_context(|| format!("config has no `{key}` section"))
     }
 
     pub fn build<T: 'static>(&self, key: &str, kind: tune_core::ComponentKind) -> Result<T> {
@@ -83,9 +92,14 @@ impl TopLevel<'_> {
             .with_context(|| format!("`{key}` needs a `_component_`"))?;
         let component = tune_core::registry::lookup(name)?;
         if component.kind != kind {
-            bail!("`{key}._component_` is `{name}`, a {} component; expected a {kind}", component.kind);
+            bail!(
+                "`{key}._component_` is `{name}`, a {} component; expected a {kind}",
+                component.kind
+            );
         }
-        let built = component.build_from(node).with_context(|| format!("building `{key}` ({name})"))?;
+        let built = component
+            .build_from(node)
+            .with_context(|| format!("building `{key}` ({name})"))?;
         built
             .downcast::<T>()
             .map(|b| *b)

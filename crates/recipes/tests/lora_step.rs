@@ -11,7 +11,11 @@ use tune_recipes::loss::chunked_ce_sum;
 use tune_recipes::selfcheck::{self, max_abs_diff};
 
 fn fixture(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(common::root().join("tests/fixtures/lora_step").join(name), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(
+        common::root().join("tests/fixtures/lora_step").join(name),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -28,7 +32,10 @@ fn forward_gradients_and_adamw_steps_match_torchtune() {
     // torch's gradients differ by ~3e-6 relative, as much as our fp64 run does) are amplified to
     // ~2e-5. So: every entry within 5e-5 and at most 0.1% of entries beyond 1e-5 (here 1 of 4480).
     assert!(num("adapter_max_abs_diff_over_5_steps") <= 5e-5, "{r:#}");
-    let (beyond, total) = (r["adapter_entries_beyond_1e-5"].as_u64().unwrap(), r["adapter_entries_total"].as_u64().unwrap());
+    let (beyond, total) = (
+        r["adapter_entries_beyond_1e-5"].as_u64().unwrap(),
+        r["adapter_entries_total"].as_u64().unwrap(),
+    );
     assert!(beyond * 1000 <= total, "{r:#}");
 }
 
@@ -37,9 +44,15 @@ fn base_weights_are_permuted_like_torchtune() {
     let model = selfcheck::lora_step_model(&common::root(), &Device::Cpu, DType::F32).unwrap();
     let want = fixture("base_model_torchtune.safetensors");
     let q = model.layers[2].attn.q_proj.base_weight().unwrap();
-    assert_eq!(max_abs_diff(&q, &want["layers.2.attn.q_proj.weight"]).unwrap(), 0.0);
+    assert_eq!(
+        max_abs_diff(&q, &want["layers.2.attn.q_proj.weight"]).unwrap(),
+        0.0
+    );
     let k = model.layers[4].attn.k_proj.base_weight().unwrap();
-    assert_eq!(max_abs_diff(&k, &want["layers.4.attn.k_proj.weight"]).unwrap(), 0.0);
+    assert_eq!(
+        max_abs_diff(&k, &want["layers.4.attn.k_proj.weight"]).unwrap(),
+        0.0
+    );
 }
 
 #[test]
@@ -50,7 +63,10 @@ fn only_adapter_tensors_receive_gradients() {
     let (sum, n) = chunked_ce_sum(&logits, &batch["labels"]).unwrap();
     let store = (sum / n as f64).unwrap().backward().unwrap();
     for (name, var) in model.adapter_params() {
-        assert!(store.get(var.as_tensor()).is_some(), "no gradient for {name}");
+        assert!(
+            store.get(var.as_tensor()).is_some(),
+            "no gradient for {name}"
+        );
     }
     // No frozen tensor has a gradient: embeddings, norms, every base linear, the output.
     let mut frozen = vec![model.tok_embeddings.clone(), model.norm.clone()];
@@ -62,6 +78,10 @@ fn only_adapter_tensors_receive_gradients() {
         frozen.push(l.mlp_norm.clone());
     }
     for t in &frozen {
-        assert!(store.get(t).is_none(), "a frozen tensor of shape {:?} received a gradient", t.dims());
+        assert!(
+            store.get(t).is_none(),
+            "a frozen tensor of shape {:?} received a gradient",
+            t.dims()
+        );
     }
 }

@@ -352,3 +352,25 @@ fn q_and_k_are_quantised_in_torchtune_layout() {
         );
     }
 }
+
+/// On a GPU (CUDA build, `cargo test --features cuda -- --ignored`): the fp32 recipe run with the
+/// CPU tolerances, and the bf16 recipe run (`qlora_bf16`) with meta.json's bf16 tolerances
+/// (loss abs 2e-3, gradients by relative norm < 2e-2). Prints every measured difference.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_qlora_matches_the_recipes_fp32_and_bf16_runs() {
+    let device = Device::new_cuda(0).expect("a CUDA device");
+    let d = compare(&step(&build(true, &device, DType::F32)), RECIPE_FP32_RUN);
+    eprintln!("cuda fp32 vs {RECIPE_FP32_RUN}: {d:?}");
+    assert!(d.loss_rel <= 1e-5 && d.grad_rel_norm_max <= 1e-4, "{d:?}");
+    let ours = step(&build(true, &device, DType::BF16));
+    let d = compare(&ours, "qlora_bf16");
+    eprintln!("cuda bf16 vs qlora_bf16: {d:?} (loss {})", ours.loss);
+    let want_loss = 6.461775779724121;
+    assert!(
+        (ours.loss - want_loss).abs() <= 2e-3 && d.grad_rel_norm_max < 2e-2,
+        "{d:?}"
+    );
+    let dense = compare(&step(&build(false, &device, DType::BF16)), "lora_bf16");
+    eprintln!("cuda bf16 dense vs lora_bf16: {dense:?}");
+}

@@ -8,12 +8,19 @@ use tune_recipes::lora_finetune_single_device::train;
 fn run_err(overrides: &[&str]) -> String {
     tune_recipes::link();
     let work = tempfile::tempdir().unwrap();
-    let err = train(common::stories_config(work.path(), overrides), &RunOptions::default()).unwrap_err();
+    let err = train(
+        common::stories_config(work.path(), overrides),
+        &RunOptions::default(),
+    )
+    .unwrap_err();
     // No half-written checkpoint is ever left behind.
     if let Ok(entries) = std::fs::read_dir(work.path().join("output")) {
         for e in entries {
             let name = e.unwrap().file_name().to_string_lossy().into_owned();
-            assert!(!name.contains(".partial-") && !name.contains(".tmp-"), "left behind {name}");
+            assert!(
+                !name.contains(".partial-") && !name.contains(".tmp-"),
+                "left behind {name}"
+            );
         }
     }
     format!("{err:#}")
@@ -21,7 +28,11 @@ fn run_err(overrides: &[&str]) -> String {
 
 #[test]
 fn nan_loss_stops_with_a_clear_error() {
-    let e = run_err(&["optimizer.lr=1e30", "lr_scheduler.num_warmup_steps=0", "max_steps_per_epoch=5"]);
+    let e = run_err(&[
+        "optimizer.lr=1e30",
+        "lr_scheduler.num_warmup_steps=0",
+        "max_steps_per_epoch=5",
+    ]);
     assert!(e.contains("loss became"), "{e}");
     assert!(e.contains("lower the learning rate"), "{e}");
 }
@@ -30,8 +41,14 @@ fn nan_loss_stops_with_a_clear_error() {
 fn batch_larger_than_dataset() {
     let work = tempfile::tempdir().unwrap();
     let data = common::gsm8k_rows(work.path(), 3);
-    let e = run_err(&[&format!("dataset.data_files={}", data.display()), "batch_size=8"]);
-    assert!(e.contains("batch_size 8 is larger than the dataset (3 samples)"), "{e}");
+    let e = run_err(&[
+        &format!("dataset.data_files={}", data.display()),
+        "batch_size=8",
+    ]);
+    assert!(
+        e.contains("batch_size 8 is larger than the dataset (3 samples)"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -85,7 +102,11 @@ fn truncated_checkpoint() {
     std::fs::create_dir_all(&ckpt).unwrap();
     let bytes = std::fs::read(common::root().join("assets/stories260K/model.safetensors")).unwrap();
     std::fs::write(ckpt.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-    std::fs::copy(common::root().join("assets/stories260K/config.json"), ckpt.join("config.json")).unwrap();
+    std::fs::copy(
+        common::root().join("assets/stories260K/config.json"),
+        ckpt.join("config.json"),
+    )
+    .unwrap();
     let e = run_err(&[&format!("checkpointer.checkpoint_dir={}", ckpt.display())]);
     assert!(e.contains("truncated"), "{e}");
 }
@@ -94,7 +115,17 @@ fn truncated_checkpoint() {
 fn dry_run_counts_without_loading() {
     tune_recipes::link();
     let work = tempfile::tempdir().unwrap();
-    let config = common::stories_config(work.path(), &["checkpointer.checkpoint_dir=/nonexistent/but/not/read"]);
-    let summary = train(config, &RunOptions { dry_run: true, ..Default::default() }).unwrap();
+    let config = common::stories_config(
+        work.path(),
+        &["checkpointer.checkpoint_dir=/nonexistent/but/not/read"],
+    );
+    let summary = train(
+        config,
+        &RunOptions {
+            dry_run: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(summary.steps.is_empty());
 }

@@ -20,36 +20,77 @@ const OVERRIDES: &[&str] = &[
 ];
 
 fn final_adapter(work: &std::path::Path) -> std::collections::HashMap<String, candle_core::Tensor> {
-    candle_core::safetensors::load(work.join("output/epoch_1/recipe_state/adapter_torchtune.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(
+        work.join("output/epoch_1/recipe_state/adapter_torchtune.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 #[test]
 fn interrupted_and_resumed_equals_uninterrupted() {
     tune_recipes::link();
     let straight = tempfile::tempdir().unwrap();
-    let full = train(common::stories_config(straight.path(), OVERRIDES), &RunOptions::default()).unwrap();
+    let full = train(
+        common::stories_config(straight.path(), OVERRIDES),
+        &RunOptions::default(),
+    )
+    .unwrap();
     assert_eq!(full.steps.len(), 8);
 
     let interrupted = tempfile::tempdir().unwrap();
     request_stop();
-    let first = train(common::stories_config(interrupted.path(), OVERRIDES), &RunOptions::default()).unwrap();
+    let first = train(
+        common::stories_config(interrupted.path(), OVERRIDES),
+        &RunOptions::default(),
+    )
+    .unwrap();
     clear_stop();
-    assert_eq!(first.steps.len(), 1, "the stop request is honoured after the first step");
-    assert!(interrupted.path().join("output/step_1/recipe_state/recipe_state.json").is_file());
+    assert_eq!(
+        first.steps.len(),
+        1,
+        "the stop request is honoured after the first step"
+    );
+    assert!(interrupted
+        .path()
+        .join("output/step_1/recipe_state/recipe_state.json")
+        .is_file());
     assert!(!interrupted.path().join("output/epoch_0").exists());
 
     let mut resume_overrides = OVERRIDES.to_vec();
     resume_overrides.push("resume_from_checkpoint=True");
-    let rest = train(common::stories_config(interrupted.path(), &resume_overrides), &RunOptions::default()).unwrap();
+    let rest = train(
+        common::stories_config(interrupted.path(), &resume_overrides),
+        &RunOptions::default(),
+    )
+    .unwrap();
     assert_eq!(rest.steps.len(), 7);
     for (a, b) in full.steps[1..].iter().zip(&rest.steps) {
         assert_eq!(a.step, b.step);
-        assert!((a.loss - b.loss).abs() <= 1e-6 * a.loss.abs(), "step {}: {} vs {}", a.step, a.loss, b.loss);
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-6 * a.loss.abs(),
+            "step {}: {} vs {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
         assert_eq!(a.lr, b.lr);
     }
-    let (want, got) = (final_adapter(straight.path()), final_adapter(interrupted.path()));
+    let (want, got) = (
+        final_adapter(straight.path()),
+        final_adapter(interrupted.path()),
+    );
     for (name, t) in &want {
-        let d: f32 = (t - &got[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        let d: f32 = (t - &got[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(d <= 1e-6, "{name} differs by {d} after resuming");
     }
 }

@@ -14,27 +14,55 @@ fn load(path: &std::path::Path) -> HashMap<String, Tensor> {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 #[test]
 fn recipe_reproduces_torchtune_trajectory() {
     tune_recipes::link();
     let work = tempfile::tempdir().unwrap();
-    let config = Config::from_yaml_str(&tune_recipes::selfcheck::trajectory_config(&common::root(), work.path()).unwrap()).unwrap();
+    let config = Config::from_yaml_str(
+        &tune_recipes::selfcheck::trajectory_config(&common::root(), work.path()).unwrap(),
+    )
+    .unwrap();
     let mut config = config;
     config.resolve_interpolations().unwrap();
-    let summary = tune_recipes::lora_finetune_single_device::train(config, &RunOptions::default()).unwrap();
+    let summary =
+        tune_recipes::lora_finetune_single_device::train(config, &RunOptions::default()).unwrap();
 
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::root().join("tests/fixtures/trajectory/meta.json")).unwrap()).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::root().join("tests/fixtures/trajectory/meta.json"))
+            .unwrap(),
+    )
+    .unwrap();
     let losses: Vec<f64> = serde_json::from_value(meta["losses_logged"].clone()).unwrap();
     let lrs: Vec<f64> = serde_json::from_value(meta["lrs_logged"].clone()).unwrap();
     assert_eq!(summary.steps.len(), 10);
     for (i, step) in summary.steps.iter().enumerate() {
         let rel = ((step.loss - losses[i]) / losses[i]).abs();
-        assert!(rel <= 1e-5, "step {}: loss {} vs torchtune {} (rel {rel:e})", i + 1, step.loss, losses[i]);
-        assert!((step.lr - lrs[i]).abs() <= 1e-5 * lrs[i].abs().max(1e-12), "step {}: lr {} vs {}", i + 1, step.lr, lrs[i]);
+        assert!(
+            rel <= 1e-5,
+            "step {}: loss {} vs torchtune {} (rel {rel:e})",
+            i + 1,
+            step.loss,
+            losses[i]
+        );
+        assert!(
+            (step.lr - lrs[i]).abs() <= 1e-5 * lrs[i].abs().max(1e-12),
+            "step {}: lr {} vs {}",
+            i + 1,
+            step.lr,
+            lrs[i]
+        );
     }
 
     let out = work.path().join("output/epoch_0");
@@ -47,7 +75,8 @@ fn recipe_reproduces_torchtune_trajectory() {
         assert!(d <= 1e-4, "final adapter {name} differs by {d}");
     }
     let peft_ours = load(&out.join("adapter/adapter_model.safetensors"));
-    let peft_theirs = load(&common::root().join("tests/fixtures/trajectory/adapter_model.safetensors"));
+    let peft_theirs =
+        load(&common::root().join("tests/fixtures/trajectory/adapter_model.safetensors"));
     let mut names_ours: Vec<&String> = peft_ours.keys().collect();
     let mut names_theirs: Vec<&String> = peft_theirs.keys().collect();
     names_ours.sort();
@@ -58,13 +87,22 @@ fn recipe_reproduces_torchtune_trajectory() {
         let d = max_abs_diff(&peft_ours[name], t);
         assert!(d <= 1e-4, "PEFT tensor {name} differs by {d}");
     }
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(cfg["r"], 4);
     assert_eq!(cfg["lora_alpha"], 8);
-    assert_eq!(cfg["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["task_type"], "CAUSAL_LM");
-    assert!(!out.join("adapter_config.json").exists(), "adapter_config.json next to config.json would be applied twice by transformers");
+    assert!(
+        !out.join("adapter_config.json").exists(),
+        "adapter_config.json next to config.json would be applied twice by transformers"
+    );
 
     // Merged weights: W + (alpha/r) B A in HF layout for adapted layers, everything else unchanged.
     let merged = load(&out.join("model-00001-of-00001.safetensors"));
@@ -81,17 +119,28 @@ fn recipe_reproduces_torchtune_trajectory() {
             assert_eq!(max_abs_diff(m, w), 0.0, "{name} must be unchanged");
         }
     }
-    for f in ["config.json", "tokenizer.model", "model.safetensors.index.json"] {
+    for f in [
+        "config.json",
+        "tokenizer.model",
+        "model.safetensors.index.json",
+    ] {
         assert!(out.join(f).is_file(), "epoch_0/{f} missing");
     }
 
     // torchtune's DiskLogger line format.
-    let logs: Vec<_> = std::fs::read_dir(work.path().join("output/logs")).unwrap().map(|e| e.unwrap().path()).collect();
+    let logs: Vec<_> = std::fs::read_dir(work.path().join("output/logs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(logs.len(), 1);
     let text = std::fs::read_to_string(&logs[0]).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 10);
     assert!(lines[0].starts_with("Step 1 | loss:4.5993"), "{}", lines[0]);
-    assert!(lines[9].contains(" lr:0.0 tokens_per_second_per_gpu:"), "{}", lines[9]);
+    assert!(
+        lines[9].contains(" lr:0.0 tokens_per_second_per_gpu:"),
+        "{}",
+        lines[9]
+    );
     assert!(work.path().join("output/torchtune_config.yaml").is_file());
 }

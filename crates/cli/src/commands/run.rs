@@ -1,7 +1,7 @@
 //! `tune run`: resolve a config (built-in name or path, overrides, interpolation) and hand it to
 //! a registered recipe.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use tune_core::recipe::RunOptions;
@@ -16,13 +16,18 @@ use crate::catalog;
 ///   $ tune run lora_finetune_single_device --config llama2/7B_lora_single_device \
 ///       model.lora_rank=16 model.lora_attn_modules=[q_proj,k_proj,v_proj] output_dir=./run1
 ///   $ tune run --nproc_per_node 2 lora_finetune_distributed --config llama2/7B_lora
+///   $ tune run --plugin plugins/ia3/target/release/libtune_ia3.so lora_finetune_single_device \
+///       --config stories260K/lora_single_device model.adapter=ia3 model.lora_attn_modules=[k_proj,v_proj]
 ///
 /// Overrides: `a.b=value`; lists as [a,b], ['a','b'] or ["a", "b"]; `~a.b` deletes a key;
 /// `model=<dotted.name>` swaps a component; null/None is null. `tune cat <config>` shows the keys.
+///
+/// Adapter plugins are loaded from the directories in TUNE_PLUGIN_PATH (colon-separated), then
+/// the config's `plugins: [PATH, ...]`, then each --plugin; `tune ls --adapters` lists adapters.
 #[derive(Debug, clap::Args)]
 #[command(
     verbatim_doc_comment,
-    override_usage = "tune run [--nnodes N] [--nproc_per_node M] [--dry-run] <RECIPE> --config <CONFIG> [OVERRIDES]..."
+    override_usage = "tune run [--nnodes N] [--nproc_per_node M] [--dry-run] [--plugin PATH]... <RECIPE> --config <CONFIG> [OVERRIDES]..."
 )]
 pub struct Args {
     /// Number of nodes (machines) for a distributed run.
@@ -39,6 +44,9 @@ pub struct Args {
     /// Resolve the config and build what needs no weights, print it, and exit.
     #[arg(long)]
     pub dry_run: bool,
+    /// Load an adapter plugin (a shared library built against tune-plugin-api); repeatable.
+    #[arg(long = "plugin", value_name = "PATH")]
+    pub plugins: Vec<PathBuf>,
     /// The recipe to run (`tune ls` lists them).
     pub recipe: String,
     /// A built-in config name (looked up among the recipe's configs, then all built-in configs)
@@ -91,6 +99,8 @@ pub fn run(args: &Args) -> Result<()> {
         .and_then(|v| v.as_str())
         .map(str::to_string);
     crate::logging::init(log_level.as_deref())?;
+    // Before the checks: a config may name a plugin's adapter.
+    load_plugins(&args.plugins, Some(&config))?;
     check(&config)?;
 
     tracing::info!(
@@ -125,6 +135,26 @@ pub fn load_config(name: &str, recipe_configs: &[String]) -> Result<Config> {
          configs).{}",
         catalog::did_you_mean(name)
     )
+}
+
+/// Loads the adapter plugins in the directories of TUNE_PLUGIN_PATH, then those the config's
+/// `plugins` key lists, then `cli` (`--plugin`). A file named twice is loaded once.
+pub fn load_plugins(cli: &[PathBuf], config: Option<&Config>) -> Result<()> {
+    let mut paths = tune_adapters::plugin::env_plugin_paths()?;
+    if let Some(config) = config {
+        paths.extend(tune_adapters::plugin::config_plugin_paths(&config.root)?);
+    }
+    paths.extend(cli.iter().cloned());
+    for plugin in tune_adapters::plugin::load_all(&paths)? {
+        tracing::info!(
+            "loaded plugin {} {} ({}): adapters {}",
+            plugin.name,
+            plugin.version,
+            plugin.path.display(),
+            plugin.adapters.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// `tune validate`'s checks, before anything is built: every problem at once.

@@ -1,0 +1,360 @@
+//! `generate` reproduces llama2.c's greedy stories260K sample (tests/fixtures/generate) exactly,
+//! with and without the KV cache; the cached forward equals the full one; sampling follows the
+//! seed, temperature and top_k.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use serde_yaml::Value;
+use tune_core::recipe::RunOptions;
+use tune_models::decoder::{Forward, KvCache};
+use tune_models::TransformerDecoder;
+use tune_recipes::generate::{self, generate, Generation, Sampler};
+
+fn fixture() -> serde_json::Value {
+    let path = common::root().join("tests/fixtures/generate/stories260K_greedy.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The bundled stories260K generation config, paths made absolute, plus overrides.
+fn gen_config(overrides: &[&str]) -> tune_core::Config {
+    let root = common::root();
+    let text = std::fs::read_to_string(root.join("configs/stories260K/generation.yaml"))
+        .unwrap()
+        .replace("assets/", &format!("{}/assets/", root.display()));
+    let mut config = tune_core::Config::from_yaml_str(&text).unwrap();
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    config.apply_overrides(&overrides).unwrap();
+    config.resolve_interpolations().unwrap();
+    config
+}
+
+fn run(mut config: tune_core::Config, prompt: Option<&str>) -> Generation {
+    tune_recipes::link();
+    if let Some(p) = prompt {
+        config
+            .set("prompt.user", Value::String(p.to_string()))
+            .unwrap();
+    }
+    generate(config, &RunOptions::default())
+        .unwrap()
+        .expect("not a dry run")
+}
+
+fn stories_model() -> TransformerDecoder {
+    tune_recipes::link();
+    let node: Value = serde_yaml::from_str(
+        "{_component_: torchtune.models.llama2.llama2, vocab_size: 512, num_layers: 5, num_heads: 8,
+          num_kv_heads: 4, embed_dim: 64, max_seq_len: 512, intermediate_dim: 172}",
+    )
+    .unwrap();
+    let spec = tune_models::builders::model_spec_from_node(&node).unwrap();
+    let dir = common::root().join("assets/stories260K");
+    tune_models::checkpoint::load_model(
+        &spec,
+        Path::new(&dir),
+        &["model.safetensors".into()],
+        DType::F32,
+        &Device::Cpu,
+        0,
+    )
+    .unwrap()
+    .0
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn greedy_from_bos_matches_llama2c_with_kv_cache() {
+    let fx = fixture();
+    let want: Vec<u32> = serde_json::from_value(fx["token_ids"].clone()).unwrap();
+    let out = run(
+        gen_config(&["temperature=0", "max_new_tokens=256"]),
+        Some(""),
+    );
+    assert_eq!(out.prompt_ids, vec![1], "an empty prompt is BOS alone");
+    assert!(out.used_kv_cache);
+    assert_eq!(out.token_ids, want);
+    assert_eq!(out.text, fx["text"].as_str().unwrap());
+    eprintln!(
+        "KV cache: {} tokens in {:.3}s = {:.0} tokens/s",
+        out.token_ids.len(),
+        out.seconds,
+        out.tokens_per_second()
+    );
+}
+
+#[test]
+fn greedy_from_bos_matches_llama2c_without_kv_cache() {
+    let want: Vec<u32> = serde_json::from_value(fixture()["token_ids"].clone()).unwrap();
+    let out = run(
+        gen_config(&[
+            "temperature=0",
+            "max_new_tokens=256",
+            "enable_kv_cache=False",
+        ]),
+        Some(""),
+    );
+    assert!(!out.used_kv_cache);
+    assert_eq!(out.token_ids, want);
+    eprintln!(
+        "no cache: {} tokens in {:.3}s = {:.0} tokens/s",
+        out.token_ids.len(),
+        out.seconds,
+        out.tokens_per_second()
+    );
+}
+
+#[test]
+fn cached_forward_equals_full_forward() {
+    let model = stories_model();
+    let ids: Vec<u32> = serde_json::from_value(fixture()["token_ids"].clone()).unwrap();
+    // Two rows, so batching is covered too.
+    let rows: Vec<u32> = [&[1u32][..], &ids[..99]]
+        .concat()
+        .into_iter()
+        .chain([&[1u32][..], &ids[100..199]].concat())
+        .collect();
+    let tokens = Tensor::from_vec(rows, (2, 100), &Device::Cpu).unwrap();
+    let full = model
+        .forward_with(&tokens, Forward::default())
+        .unwrap()
+        .logits;
+    // Uneven chunks: a prompt of 37, single tokens, then a chunk of 50.
+    let mut cache = KvCache::new();
+    let mut parts = Vec::new();
+    let mut at = 0;
+    for len in [37, 1, 1, 1, 10, 50] {
+        parts.push(
+            model
+                .forward_cached(&tokens.narrow(1, at, len).unwrap(), &mut cache)
+                .unwrap(),
+        );
+        at += len;
+        assert_eq!(cache.len(), at);
+    }
+    let cached = Tensor::cat(&parts, 1).unwrap();
+    let diff = max_abs_diff(&full, &cached);
+    assert!(diff < 1e-4, "cached vs full logits differ by {diff}");
+
+    // A one-row prefix repeated for several continuations gives each row's full-sequence logits.
+    let mut prefix = KvCache::new();
+    model
+        .forward_cached(&tokens.i((0..1, 0..40)).unwrap(), &mut prefix)
+        .unwrap();
+    let mut three = prefix.repeat_batch(3).unwrap();
+    let rest = tokens.i((0..1, 40..60)).unwrap().repeat((3, 1)).unwrap();
+    let out = model.forward_cached(&rest, &mut three).unwrap();
+    for r in 0..3 {
+        let diff = max_abs_diff(&out.i(r).unwrap(), &full.i((0, 40..60)).unwrap());
+        assert!(diff < 1e-4, "row {r}: {diff}");
+    }
+    assert!(
+        prefix.repeat_batch(2).unwrap().repeat_batch(2).is_err(),
+        "only one-row caches repeat"
+    );
+}
+
+#[test]
+fn cache_refuses_positions_past_max_seq_len() {
+    let model = stories_model();
+    let mut cache = KvCache::new();
+    let long = Tensor::zeros((1, 500), DType::U32, &Device::Cpu).unwrap();
+    model.forward_cached(&long, &mut cache).unwrap();
+    let err = model
+        .forward_cached(&long.narrow(1, 0, 13).unwrap(), &mut cache)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("exceed the model's max_seq_len 512"), "{err}");
+}
+
+#[test]
+fn sampling_follows_seed_temperature_and_top_k() {
+    let prompt = "Once upon a time";
+    let a = run(gen_config(&["max_new_tokens=40", "seed=7"]), Some(prompt));
+    let b = run(gen_config(&["max_new_tokens=40", "seed=7"]), Some(prompt));
+    let c = run(gen_config(&["max_new_tokens=40", "seed=8"]), Some(prompt));
+    assert_eq!(a.token_ids, b.token_ids, "same seed, same text");
+    assert!(
+        a.full_text.starts_with("Once upon a time") && a.full_text.ends_with(&a.text),
+        "{:?}",
+        a.full_text
+    );
+    assert_ne!(a.token_ids, c.token_ids, "another seed, another text");
+    // Sampling from the single most likely token is greedy decoding.
+    let top1 = run(
+        gen_config(&["max_new_tokens=40", "top_k=1", "temperature=1.5"]),
+        Some(prompt),
+    );
+    let greedy = run(
+        gen_config(&["max_new_tokens=40", "temperature=0"]),
+        Some(prompt),
+    );
+    assert_eq!(top1.token_ids, greedy.token_ids);
+    // Sampled without the cache: the same tokens for the same seed.
+    let no_cache = run(
+        gen_config(&["max_new_tokens=40", "seed=7", "enable_kv_cache=False"]),
+        Some(prompt),
+    );
+    assert_eq!(no_cache.token_ids, a.token_ids);
+}
+
+#[test]
+fn sampler_draws_from_the_softmax() {
+    // logits ln(1), ln(2), ln(3), ln(4): probabilities 0.1..0.4 at temperature 1.
+    let logits: Vec<f32> = [1f32, 2., 3., 4.].iter().map(|p| p.ln()).collect();
+    let mut sampler = Sampler::new(1.0, None, 3).unwrap();
+    let mut counts = [0usize; 4];
+    let n = 40_000;
+    for _ in 0..n {
+        counts[sampler.next_token(&logits).unwrap() as usize] += 1;
+    }
+    for (i, &c) in counts.iter().enumerate() {
+        let p = (i + 1) as f64 / 10.0;
+        assert!(
+            (c as f64 / n as f64 - p).abs() < 0.01,
+            "token {i}: {c} of {n}, expected p={p}"
+        );
+    }
+    // top_k 2 keeps tokens 2 and 3 only, in proportion 3:4.
+    let mut sampler = Sampler::new(1.0, Some(2), 3).unwrap();
+    let mut counts = [0usize; 4];
+    for _ in 0..n {
+        counts[sampler.next_token(&logits).unwrap() as usize] += 1;
+    }
+    assert_eq!(counts[0] + counts[1], 0);
+    assert!(
+        (counts[2] as f64 / n as f64 - 3.0 / 7.0).abs() < 0.01,
+        "{counts:?}"
+    );
+    assert_eq!(
+        Sampler::greedy().next_token(&[0.5, 2.0, 2.0]).unwrap(),
+        1,
+        "first maximum wins"
+    );
+    assert!(Sampler::new(-0.1, None, 0).is_err());
+    assert!(Sampler::new(1.0, Some(0), 0).is_err());
+}
+
+#[test]
+fn prompt_forms() {
+    let tokenizer = tune_data::Llama2Tokenizer::new(
+        common::root().join("assets/stories260K/tokenizer.model"),
+        None,
+        None,
+    )
+    .unwrap();
+    let text = "Once upon a time";
+    let want = tokenizer.encode(text, true, false, false);
+    let mapping: Value = serde_yaml::from_str("{system: null, user: Once upon a time}").unwrap();
+    assert_eq!(
+        generate::prompt_tokens(Some(&mapping), &tokenizer).unwrap(),
+        want
+    );
+    assert_eq!(
+        generate::prompt_tokens(Some(&Value::String(text.into())), &tokenizer).unwrap(),
+        want
+    );
+    let bad: Value = serde_yaml::from_str("{usr: hi}").unwrap();
+    let e = generate::prompt_tokens(Some(&bad), &tokenizer)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("prompt.usr: unknown key"), "{e}");
+    let e = generate::prompt_tokens(None, &tokenizer)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`prompt` is required"), "{e}");
+    // With the Llama-2 chat template the system prompt is folded into the user turn.
+    let chat = tune_data::Llama2Tokenizer::new(
+        common::root().join("assets/stories260K/tokenizer.model"),
+        None,
+        Some(tune_data::PromptTemplate::Llama2Chat),
+    )
+    .unwrap();
+    let with_system: Value = serde_yaml::from_str("{system: Be brief., user: Hi}").unwrap();
+    let ids = generate::prompt_tokens(Some(&with_system), &chat).unwrap();
+    let decoded = chat.decode(&ids).unwrap();
+    // (torchtune encodes each template piece separately, so SentencePiece adds its spaces.)
+    assert_eq!(
+        decoded,
+        "[INST] <<SYS>>\n Be brief. \n<</SYS>>\n\n Hi [/INST]"
+    );
+}
+
+#[test]
+fn too_many_new_tokens_is_an_error_that_says_how_many_fit() {
+    tune_recipes::link();
+    let mut config = gen_config(&["max_new_tokens=600"]);
+    config
+        .set("prompt.user", Value::String(String::new()))
+        .unwrap();
+    let e = format!(
+        "{:#}",
+        generate(config, &RunOptions::default()).unwrap_err()
+    );
+    assert!(
+        e.contains("exceeds the model's max_seq_len (512); lower max_new_tokens to at most 511"),
+        "{e}"
+    );
+}
+
+/// The benchmark: greedy tokens/s of stories260K on the CPU, with and without the KV cache.
+/// `cargo test -p tune-recipes --test generate_stories -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn benchmark_tokens_per_second() {
+    for cache in ["True", "False"] {
+        let overrides = [
+            "temperature=0",
+            "max_new_tokens=256",
+            &format!("enable_kv_cache={cache}"),
+        ];
+        // Best of three.
+        let best = (0..3)
+            .map(|_| run(gen_config(&overrides), Some("")).tokens_per_second())
+            .fold(0.0, f64::max);
+        eprintln!("enable_kv_cache={cache}: 256 greedy tokens from BOS, {best:.0} tokens/s");
+    }
+}
+
+#[test]
+fn bundled_configs_validate_and_register() {
+    tune_recipes::link();
+    for name in [
+        "llama2/7B_eval",
+        "stories260K/eval",
+        "llama2/generation",
+        "stories260K/generation",
+    ] {
+        let path = common::root().join(format!("configs/{name}.yaml"));
+        let config = tune_core::Config::load(&path).unwrap();
+        let problems = tune_core::validate::validate(&config);
+        assert!(problems.is_empty(), "{name}: {problems:?}");
+    }
+    let generate = tune_core::recipe::lookup("generate").unwrap();
+    assert_eq!(
+        generate.configs(),
+        ["llama2/generation", "stories260K/generation"]
+    );
+    let eval = tune_core::recipe::lookup("eleuther_eval").unwrap();
+    assert_eq!(eval.configs(), ["llama2/7B_eval", "stories260K/eval"]);
+    // A dry run builds nothing heavy and returns no output.
+    let dry = RunOptions {
+        dry_run: true,
+        ..Default::default()
+    };
+    assert!(generate::generate(gen_config(&[]), &dry).unwrap().is_none());
+}
