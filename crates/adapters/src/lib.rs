@@ -21,7 +21,12 @@ use tune_core::{Adapter, AdapterFactory};
 
 /// Looks up an adapter factory by registry name (`lora`, `dora`, a plugin's name, ...).
 pub fn factory(name: &str) -> anyhow::Result<Arc<dyn AdapterFactory>> {
-    let component = tune_core::registry::lookup(name)?;
+    let component = tune_core::registry::lookup(name).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}. `tune ls --adapters` lists the adapters; a plugin's adapter needs the plugin loaded \
+             (`tune run --plugin PATH`, `plugins: [PATH]` in the config, or TUNE_PLUGIN_PATH)"
+        )
+    })?;
     if component.kind != tune_core::ComponentKind::Adapter {
         anyhow::bail!("`{name}` is a {} component, not an adapter", component.kind);
     }

@@ -23,8 +23,9 @@ pub trait Adapter: Send + Sync {
     /// The frozen base weight, dense, in the run's dtype.
     fn base_weight(&self) -> Result<Tensor>;
 
-    /// Called once base weights and adapter weights are final before training (DoRA initialises
-    /// its magnitude here). The default does nothing.
+    /// Called once base and adapter weights are final, before training, for adapters that derive
+    /// state from both. The default does nothing (DoRA sets its magnitude when it is built, as
+    /// torchtune does, so that a magnitude loaded from a checkpoint is kept).
     fn on_weights_loaded(&self) -> Result<()> {
         Ok(())
     }

@@ -155,23 +155,29 @@ pub fn validate_base(spec: &ModelSpec, weights: &HashMap<String, Tensor>) -> Res
             unexpected.join(", ")
         );
     }
+    let mut wrong: Vec<String> = Vec::new();
     for (name, t) in weights {
         let expected = base[name.as_str()];
         if t.dims() != expected {
-            bail!(
-                "tensor `{name}` has shape {:?}, the model expects {:?}; the checkpoint was made for \
-                 different dimensions than {}",
-                t.dims(),
-                expected,
-                spec.builder
-            );
-        }
-        if !t.dtype().is_float() {
-            bail!(
+            wrong.push(format!(
+                "tensor `{name}` has shape {:?}, the model expects {expected:?}",
+                t.dims()
+            ));
+        } else if !t.dtype().is_float() {
+            wrong.push(format!(
                 "tensor `{name}` has dtype {:?}; expected a floating-point weight",
                 t.dtype()
-            );
+            ));
         }
+    }
+    if !wrong.is_empty() {
+        wrong.sort();
+        bail!(
+            "the checkpoint was made for different dimensions than {}: {}. Check the model builder's \
+             arguments against the checkpoint's config.json",
+            spec.builder,
+            wrong.join("; ")
+        );
     }
     Ok(())
 }

@@ -23,13 +23,23 @@ fn stories_spec() -> ModelSpec {
 
 fn logits(dir: &Path, files: &[&str]) -> Tensor {
     let files: Vec<String> = files.iter().map(|f| f.to_string()).collect();
-    let (model, _) = checkpoint::load_model(&stories_spec(), dir, &files, DType::F32, &Device::Cpu, 0).unwrap();
+    let (model, _) =
+        checkpoint::load_model(&stories_spec(), dir, &files, DType::F32, &Device::Cpu, 0).unwrap();
     let tokens = Tensor::new(&[[1u32, 50, 300, 7, 2, 480]], &Device::Cpu).unwrap();
     model.forward(&tokens, false).unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 fn load_err(dir: &Path, files: &[&str], spec: &ModelSpec) -> String {
@@ -45,7 +55,10 @@ fn pytorch_bin_shards_load_like_safetensors() {
     let reference = logits(&root().join("assets/stories260K"), &["model.safetensors"]);
     let from_bin = logits(
         &root().join("tests/fixtures/torch_bin"),
-        &["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"],
+        &[
+            "pytorch_model-00001-of-00002.bin",
+            "pytorch_model-00002-of-00002.bin",
+        ],
     );
     assert_eq!(max_abs_diff(&reference, &from_bin), 0.0);
 }
@@ -55,7 +68,10 @@ fn sharded_safetensors_via_index() {
     // torchtune's merged output of the trajectory run: one shard plus its index, lm_head included.
     let dir = tempfile::tempdir().unwrap();
     let fx = root().join("tests/fixtures/trajectory");
-    for f in ["model-00001-of-00001.safetensors", "model.safetensors.index.json"] {
+    for f in [
+        "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json",
+    ] {
         std::fs::copy(fx.join(f), dir.path().join(f)).unwrap();
     }
     let via_index = logits(dir.path(), &["model.safetensors.index.json"]);
@@ -66,30 +82,63 @@ fn sharded_safetensors_via_index() {
 #[test]
 fn missing_and_unexpected_keys_are_listed() {
     let dir = tempfile::tempdir().unwrap();
-    let mut tensors: HashMap<String, Tensor> =
-        candle_core::safetensors::load(root().join("assets/stories260K/model.safetensors"), &Device::Cpu).unwrap();
+    let mut tensors: HashMap<String, Tensor> = candle_core::safetensors::load(
+        root().join("assets/stories260K/model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     tensors.remove("model.layers.3.mlp.up_proj.weight");
-    tensors.insert("model.layers.9.self_attn.q_proj.weight".into(), Tensor::zeros((64, 64), DType::F32, &Device::Cpu).unwrap());
+    tensors.insert(
+        "model.layers.9.self_attn.q_proj.weight".into(),
+        Tensor::zeros((64, 64), DType::F32, &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
     let e = load_err(dir.path(), &["model.safetensors"], &stories_spec());
-    assert!(e.contains("missing base keys [layers.3.mlp.w3.weight"), "{e}");
-    assert!(e.contains("unexpected keys [layers.9.attn.q_proj.weight]"), "{e}");
+    assert!(
+        e.contains("missing base keys [layers.3.mlp.w3.weight"),
+        "{e}"
+    );
+    assert!(
+        e.contains("unexpected keys [layers.9.attn.q_proj.weight]"),
+        "{e}"
+    );
 }
 
 #[test]
 fn wrong_shapes_name_the_tensor() {
     let mut spec = stories_spec();
     spec.transformer.intermediate_dim = 176;
-    let e = load_err(&root().join("assets/stories260K"), &["model.safetensors"], &spec);
-    assert!(e.contains("has shape [172, 64], the model expects [176, 64]"), "{e}");
+    let e = load_err(
+        &root().join("assets/stories260K"),
+        &["model.safetensors"],
+        &spec,
+    );
+    assert!(
+        e.contains(
+            "tensor `layers.0.mlp.w1.weight` has shape [172, 64], the model expects [176, 64]"
+        ),
+        "{e}"
+    );
+    assert!(
+        e.contains(
+            "tensor `layers.4.mlp.w2.weight` has shape [64, 172], the model expects [64, 176]"
+        ),
+        "{e}"
+    );
 }
 
 #[test]
 fn non_llama_names_are_unexpected() {
     let dir = tempfile::tempdir().unwrap();
-    let mut tensors: HashMap<String, Tensor> =
-        candle_core::safetensors::load(root().join("assets/stories260K/model.safetensors"), &Device::Cpu).unwrap();
-    tensors.insert("vision_tower.proj.weight".into(), Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap());
+    let mut tensors: HashMap<String, Tensor> = candle_core::safetensors::load(
+        root().join("assets/stories260K/model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    tensors.insert(
+        "vision_tower.proj.weight".into(),
+        Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
     let e = load_err(dir.path(), &["model.safetensors"], &stories_spec());
     assert!(e.contains("vision_tower.proj.weight"), "{e}");

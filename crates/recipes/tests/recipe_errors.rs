@@ -129,3 +129,11 @@ fn dry_run_counts_without_loading() {
     .unwrap();
     assert!(summary.steps.is_empty());
 }
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_device_without_cuda_build() {
+    let e = run_err(&["device=cuda", "dtype=bf16"]);
+    assert!(e.contains("built without CUDA support"), "{e}");
+    assert!(e.contains("device=cpu dtype=fp32"), "{e}");
+}
