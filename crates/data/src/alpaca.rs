@@ -105,6 +105,48 @@ pub struct DatasetSpec {
     pub field: Option<String>,
 }
 
+/// Downloads a Hugging Face Hub dataset's JSON/JSON Lines files (those named in `data_files`, or
+/// every .json/.jsonl file of the repo) into the Hugging Face cache, with hf-hub.
+fn fetch_from_hub(
+    component: &str,
+    repo_id: &str,
+    data_files: Option<DataFiles>,
+) -> Result<DataFiles> {
+    let fix = "Without network access, download the data yourself, then set `source: json` and \
+               `data_files: path/to/data.json` (a JSON array or JSON Lines file of instruction/input/output rows)";
+    let fetch = || -> Result<Vec<PathBuf>> {
+        let api = hf_hub::api::sync::ApiBuilder::from_env()
+            .with_progress(false)
+            .build()?;
+        let repo = api.dataset(repo_id.to_string());
+        let names: Vec<String> = match &data_files {
+            Some(DataFiles::Train(files)) => files
+                .iter()
+                .map(|f| f.to_string_lossy().into_owned())
+                .collect(),
+            Some(DataFiles::Splits(_)) => {
+                bail!("per-split data_files are only supported with `source: json`")
+            }
+            None => repo
+                .info()?
+                .siblings
+                .into_iter()
+                .map(|s| s.rfilename)
+                .filter(|f| looks_like_data_file(Path::new(f)))
+                .collect(),
+        };
+        if names.is_empty() {
+            bail!(
+                "the repo has no .json/.jsonl data files (tune-rs does not read parquet or arrow)"
+            );
+        }
+        names.iter().map(|name| Ok(repo.get(name)?)).collect()
+    };
+    fetch().map(DataFiles::Train).with_context(|| {
+        format!("{component}: cannot download Hugging Face Hub dataset {repo_id:?}. {fix}")
+    })
+}
+
 fn looks_like_data_file(p: &Path) -> bool {
     p.extension()
         .and_then(|e| e.to_str())
@@ -214,11 +256,7 @@ impl DatasetSpec {
                 }
                 Ok(Source::Json(DataFiles::Train(files)))
             }
-            _ => bail!(
-                "{component}: source {source:?} is a Hugging Face Hub dataset, and tune-rs does not download \
-                 datasets (no network access). Download its data yourself, then set `source: json` and \
-                 `data_files: path/to/data.json` (a JSON array or JSON Lines file of instruction/input/output rows)"
-            ),
+            (_, files) => Ok(Source::Json(fetch_from_hub(component, source, files)?)),
         }
     }
 

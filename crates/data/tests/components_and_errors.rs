@@ -190,7 +190,11 @@ fn hub_sources_and_unsupported_options_are_refused_with_the_fix() {
     );
     let err =
         build_err("{_component_: alpaca_dataset, source: tatsu-lab/alpaca, data_files: x.json}");
-    assert!(err.contains("does not download"), "{err}");
+    assert!(
+        err.contains("cannot download Hugging Face Hub dataset"),
+        "{err}"
+    );
+    assert!(err.contains("source: json"), "{err}");
     let err = build_err("{_component_: alpaca_dataset, source: json}");
     assert!(err.contains("data_files"), "{err}");
     let err = build_err("{_component_: alpaca_dataset, source: csv, data_files: x.csv}");
