@@ -386,6 +386,75 @@ pub fn cross_entropy_sum(
     .map(|loss| (loss, counted))
 }
 
+/// Sum over rows of the cross-entropy of `hidden @ weight.T` ([rows, dim] x [vocab, dim], weight
+/// frozen) without ever materialising the [rows, vocab] logits: the forward and the backward each
+/// compute them `chunk_rows` rows at a time (fp32 softmax, as torchtune's chunked loss), so the
+/// step holds O(chunk x vocab) instead of O(rows x vocab). Returns (sum, counted rows).
+pub fn linear_cross_entropy_sum(
+    hidden: &Tensor,
+    weight: &Tensor,
+    labels: &Tensor,
+    ignore_index: i64,
+    chunk_rows: usize,
+) -> Result<(Tensor, usize)> {
+    let (rows, _) = hidden.dims2()?;
+    let vocab = weight.dim(0)?;
+    let device = hidden.device().clone();
+    let labels_host: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1()?;
+    if let Some(bad) = labels_host
+        .iter()
+        .find(|&&l| l != ignore_index && (l < 0 || l as usize >= vocab))
+    {
+        candle_core::bail!("label {bad} is outside the vocabulary (size {vocab})");
+    }
+    let counted = labels_host.iter().filter(|&&l| l != ignore_index).count();
+    let safe: Vec<u32> = labels_host
+        .iter()
+        .map(|&l| if l == ignore_index { 0 } else { l as u32 })
+        .collect();
+    let valid: Vec<f32> = labels_host
+        .iter()
+        .map(|&l| if l == ignore_index { 0.0 } else { 1.0 })
+        .collect();
+    let safe = Tensor::from_vec(safe, (rows, 1), &device)?;
+    let valid = Tensor::from_vec(valid, (rows, 1), &device)?;
+    let chunk_rows = chunk_rows.max(1);
+    let chunks: Vec<(usize, usize)> = (0..rows)
+        .step_by(chunk_rows)
+        .map(|start| (start, chunk_rows.min(rows - start)))
+        .collect();
+
+    let h = hidden.detach();
+    let logits_of = |h: &Tensor, start: usize, len: usize| -> Result<Tensor> {
+        h.narrow(0, start, len)?
+            .matmul(&weight.t()?)?
+            .to_dtype(DType::F32)
+    };
+    let mut total = Tensor::zeros((), DType::F32, &device)?;
+    for &(start, len) in &chunks {
+        let log_probs = candle_nn::ops::log_softmax(&logits_of(&h, start, len)?, D::Minus1)?;
+        let picked = log_probs.gather(&safe.narrow(0, start, len)?, 1)?;
+        total = (total - (picked * valid.narrow(0, start, len)?)?.sum_all()?)?;
+    }
+    let weight = weight.clone();
+    with_backward("linear_cross_entropy", hidden, total, move |grad| {
+        let g = grad.to_dtype(DType::F32)?;
+        let mut parts = Vec::with_capacity(chunks.len());
+        for &(start, len) in &chunks {
+            let logits = h
+                .narrow(0, start, len)?
+                .matmul(&weight.t()?)?
+                .to_dtype(DType::F32)?;
+            let c = valid.narrow(0, start, len)?.broadcast_mul(&g)?;
+            let d_logits = candle_nn::ops::softmax_last_dim(&logits)?.broadcast_mul(&c)?;
+            let d_logits = d_logits.scatter_add(&safe.narrow(0, start, len)?, &c.neg()?, 1)?;
+            parts.push(d_logits.to_dtype(weight.dtype())?.matmul(&weight)?);
+        }
+        Tensor::cat(&parts, 0)?.to_dtype(h.dtype())
+    })
+    .map(|loss| (loss, counted))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -622,5 +691,22 @@ mod tests {
         for (a, b) in g1.iter().zip(&g2) {
             assert!(max_abs(a, b) < 1e-5, "{}", max_abs(a, b));
         }
+    }
+
+    #[test]
+    fn linear_cross_entropy_matches_logits_then_cross_entropy() {
+        let h = rand(&[7, 5], 21);
+        let w = rand(&[11, 5], 22);
+        let labels = Tensor::new(&[3i64, -100, 10, 0, 4, 4, -100], &Device::Cpu).unwrap();
+        let v1 = Var::from_tensor(&h).unwrap();
+        let (l1, n1) = linear_cross_entropy_sum(v1.as_tensor(), &w, &labels, -100, 3).unwrap();
+        let g1 = l1.backward().unwrap().get(v1.as_tensor()).unwrap().clone();
+        let v2 = Var::from_tensor(&h).unwrap();
+        let (l2, n2) =
+            cross_entropy_sum(&frozen_linear(v2.as_tensor(), &w).unwrap(), &labels, -100).unwrap();
+        let g2 = l2.backward().unwrap().get(v2.as_tensor()).unwrap().clone();
+        assert_eq!((n1, n2), (5, 5));
+        assert!(max_abs(&l1, &l2) < 1e-5);
+        assert!(max_abs(&g1, &g2) < 1e-6);
     }
 }

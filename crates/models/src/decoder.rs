@@ -261,6 +261,18 @@ impl TransformerDecoder {
 
     /// `tokens` [batch, seq] (u32 or i64) -> fp32 logits [batch, seq, vocab].
     pub fn forward_with(&self, tokens: &Tensor, opts: Forward) -> Result<ForwardOutput> {
+        let (normed, hidden) = self.final_hidden(tokens, opts)?;
+        let logits = proj(self.output.as_ref(), &normed, opts)?.to_dtype(DType::F32)?;
+        Ok(ForwardOutput { logits, hidden })
+    }
+
+    /// Everything but the output projection: the final RMSNorm's output [batch, seq, dim] (plus
+    /// the named hidden states when `opts.capture_hidden`).
+    pub fn final_hidden(
+        &self,
+        tokens: &Tensor,
+        opts: Forward,
+    ) -> Result<(Tensor, Vec<(String, Tensor)>)> {
         let (batch, seq) = tokens.dims2()?;
         if seq > self.config.max_seq_len {
             anyhow::bail!(
@@ -291,8 +303,7 @@ impl TransformerDecoder {
         if opts.capture_hidden {
             hidden.push(("norm".to_string(), normed.clone()));
         }
-        let logits = proj(self.output.as_ref(), &normed, opts)?.to_dtype(DType::F32)?;
-        Ok(ForwardOutput { logits, hidden })
+        Ok((normed, hidden))
     }
 
     fn layer_forward(

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use tune_models::{ModelSpec, TransformerDecoder};
 
-use crate::loss::chunked_ce_sum;
+use crate::loss::model_ce_sum;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::settings::peak_rss_gib;
 
@@ -82,8 +82,7 @@ pub fn train_steps(
     for i in 0..warmup + steps {
         device.synchronize()?;
         let start = Instant::now();
-        let logits = model.forward(&tokens, true)?;
-        let (sum, n) = chunked_ce_sum(&logits, &labels)?;
+        let (sum, n) = model_ce_sum(model, &tokens, &labels, true)?;
         let loss = (sum / n as f64)?;
         let store = loss.backward()?;
         let grads: Vec<Tensor> = params

@@ -16,7 +16,7 @@ use tune_models::builders::model_spec_from_node;
 
 use crate::checkpointer::{newest_checkpoint, HfCheckpointer, RecipeState};
 use crate::data::{self, TrainData};
-use crate::loss::chunked_ce_sum;
+use crate::loss::model_ce_sum;
 use crate::lr_schedule::{CosineArgs, CosineWithWarmup};
 use crate::metric_logging::{LoggerSpec, Metrics};
 use crate::optim::{AdamW, AdamWConfig};
@@ -288,8 +288,7 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
             }
             let batch = data.collate(batch_indices, &device)?;
             let tokens_n = batch.num_label_tokens;
-            let logits = model.forward(&batch.tokens, true)?;
-            let (ce_sum, shifted) = chunked_ce_sum(&logits, &batch.labels)?;
+            let (ce_sum, shifted) = model_ce_sum(&model, &batch.tokens, &batch.labels, true)?;
             // torchtune weights each micro-batch's mean loss by its (unshifted) label count.
             let loss = ((ce_sum / shifted.max(1) as f64)? * tokens_n as f64)?;
             let loss_value: f32 = loss.to_dtype(DType::F32)?.to_scalar()?;

@@ -6,7 +6,7 @@
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
-use tune_core::autograd::cross_entropy_sum;
+use tune_core::autograd::{cross_entropy_sum, linear_cross_entropy_sum};
 use tune_core::{ArgSpec, ArgType, Component, ComponentKind};
 
 pub const IGNORE_INDEX: i64 = -100;
@@ -28,6 +28,38 @@ pub fn chunked_ce_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize
         &logits.reshape((b * s, v))?,
         &shifted,
         IGNORE_INDEX,
+    )?)
+}
+
+/// Rows of logits computed at a time by [`model_ce_sum`] (torchtune splits into 8 chunks).
+pub const OUTPUT_CHUNK_ROWS: usize = 256;
+
+/// The training loss of `model` on a batch: (sum of token losses, counted tokens). When the
+/// output layer carries no adapter the logits are never materialised (the output projection and
+/// the loss run together, a chunk of rows at a time); otherwise it is `chunked_ce_sum(forward)`.
+pub fn model_ce_sum(
+    model: &tune_models::TransformerDecoder,
+    tokens: &Tensor,
+    labels: &Tensor,
+    train: bool,
+) -> Result<(Tensor, usize)> {
+    if !model.output.trainable().is_empty() {
+        return chunked_ce_sum(&model.forward(tokens, train)?, labels);
+    }
+    let opts = tune_models::decoder::Forward {
+        train,
+        ..Default::default()
+    };
+    let (normed, _) = model.final_hidden(tokens, opts)?;
+    let (b, s, d) = normed.dims3()?;
+    let shifted = shift_labels(labels)?.reshape(b * s)?;
+    let weight = model.output.base_weight()?;
+    Ok(linear_cross_entropy_sum(
+        &normed.reshape((b * s, d))?,
+        &weight,
+        &shifted,
+        IGNORE_INDEX,
+        OUTPUT_CHUNK_ROWS,
     )?)
 }
 

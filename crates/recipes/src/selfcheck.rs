@@ -11,7 +11,7 @@ use serde_json::json;
 use tune_models::decoder::Forward;
 use tune_models::{builders, checkpoint, TransformerDecoder};
 
-use crate::loss::chunked_ce_sum;
+use crate::loss::model_ce_sum;
 use crate::optim::{AdamW, AdamWConfig};
 
 fn load(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
@@ -120,8 +120,8 @@ pub fn lora_step(repo: &Path, device: &Device, dtype: DType) -> Result<serde_jso
     let (mut losses, mut grad_rel, mut adapter_max, mut adapter_rel, mut beyond_1e5, mut total) =
         (Vec::new(), 0f64, 0f64, 0f64, 0usize, 0usize);
     for step in 0..5 {
-        let logits = model.forward(tokens, true)?;
-        let (sum, n) = chunked_ce_sum(&logits, labels)?;
+        // The recipe's fused output-projection + loss path, checked against the fixture.
+        let (sum, n) = model_ce_sum(&model, tokens, labels, true)?;
         let loss = (sum / n as f64)?;
         losses.push(loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64);
         let store = loss.backward()?;
