@@ -494,3 +494,27 @@ fn run_a_config_file_with_overrides_as_a_dry_run() {
     // stories260K with LoRA rank 2 on q and v: half the rank-4 adapter's 4480 parameters.
     assert!(out.contains("2240 trainable params"), "{out}");
 }
+
+#[test]
+fn dry_run_counts_7b_without_weights_or_a_gpu() {
+    // The 7B config names device: cuda and a checkpoint that isn't here; a dry run needs neither.
+    let out = ok(&tune(&[
+        "run",
+        "lora_finetune_single_device",
+        "--config",
+        "llama2/7B_lora_single_device",
+        "--dry-run",
+        "model.lora_attn_modules=[q_proj,v_proj]",
+        "model.apply_lora_to_mlp=False",
+    ]));
+    assert!(
+        out.contains(
+            "6742609920 total params, 4194304 trainable params, 0.06% of all params are trainable."
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("lora_llama2_7b"),
+        "the resolved config is printed: {out}"
+    );
+}

@@ -70,8 +70,6 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
     let cfg = TopLevel(&config);
 
     // ---- Environment -------------------------------------------------------------------
-    let device = parse_device(&cfg.get("device", "cpu".to_string())?)?;
-    let dtype = parse_dtype(&cfg.get("dtype", "fp32".to_string())?, &device)?;
     let seed: u64 = match cfg.opt::<u64>("seed")? {
         Some(s) => s,
         None => rand::random::<u32>() as u64,
@@ -109,6 +107,9 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
             last_checkpoint: None,
         });
     }
+    // Past the dry run: only now does the device matter.
+    let device = parse_device(&cfg.get("device", "cpu".to_string())?)?;
+    let dtype = parse_dtype(&cfg.get("dtype", "fp32".to_string())?, &device)?;
     let started = Instant::now();
 
     // ---- Data (before the weights: a bad tokenizer or dataset fails fast) ------------------
