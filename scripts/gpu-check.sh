@@ -5,7 +5,7 @@
 #   scripts/build-cuda.sh                      # on the build machine (no GPU needed)
 #   OUT=/tmp/gpu scripts/gpu-check.sh          # on the GPU machine, from the repo root
 #
-# Checks: the GPU; lora_step and trajectory fixtures on CUDA in fp32 (CPU tolerances) and bf16
+# Checks: the GPU; lora_step, qlora_step and trajectory fixtures on CUDA in fp32 (CPU tolerances) and bf16
 # (loss within 1%); a 7B-shaped LoRA training benchmark (random weights, 7B_lora_single_device's
 # LoRA settings) with tokens/s, MFU and peak GPU memory.
 set -uo pipefail
@@ -43,6 +43,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv
 
 step lora_step_cuda_fp32 45 "$BIN" selfcheck lora-step --device cuda --dtype fp32
 step lora_step_cuda_bf16 45 "$BIN" selfcheck lora-step --device cuda --dtype bf16
+step qlora_step_cuda_fp32 45 "$BIN" selfcheck qlora-step --device cuda --dtype fp32
+step qlora_step_cuda_bf16 45 "$BIN" selfcheck qlora-step --device cuda --dtype bf16
 step trajectory_cuda_fp32 60 "$BIN" selfcheck trajectory --device cuda --dtype fp32
 step trajectory_cuda_bf16 60 "$BIN" selfcheck trajectory --device cuda --dtype bf16
 step bench_7b_lora_bf16 180 "$BIN" bench --model llama2_7b --lora-attn-modules q_proj,v_proj,output_proj \

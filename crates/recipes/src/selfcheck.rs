@@ -282,3 +282,150 @@ pub fn trajectory(
         "seconds": seconds,
     }))
 }
+
+/// The random-init model of `tests/fixtures/qlora_step` through the public builder
+/// (`lora_llama2`, q/v rank 8, `quantize_base` as given), base weights from its HF dir, adapter
+/// from its init file.
+pub fn qlora_step_model(
+    repo: &Path,
+    quantize_base: bool,
+    device: &Device,
+    dtype: DType,
+) -> Result<TransformerDecoder> {
+    crate::link();
+    let fx = repo.join("tests/fixtures/qlora_step");
+    let node: serde_yaml::Value = serde_yaml::from_str(&format!(
+        "{{_component_: torchtune.models.llama2.lora_llama2, lora_attn_modules: [q_proj, v_proj],
+          apply_lora_to_mlp: False, apply_lora_to_output: False, vocab_size: 512, num_layers: 2,
+          num_heads: 4, num_kv_heads: 2, embed_dim: 256, max_seq_len: 512, intermediate_dim: 192,
+          norm_eps: 1e-5, lora_rank: 8, lora_alpha: 16, lora_dropout: 0.0, quantize_base: {quantize_base}}}"
+    ))?;
+    let spec = builders::model_spec_from_node(&node)?;
+    let (model, _) = checkpoint::load_model(
+        &spec,
+        &fx.join("hf_model"),
+        &["model.safetensors".into()],
+        dtype,
+        device,
+        0,
+    )?;
+    model.load_adapter(&load(
+        &fx.join("adapter_init_torchtune.safetensors"),
+        device,
+    )?)?;
+    Ok(model)
+}
+
+/// One forward/loss/backward on the qlora_step fixture batch.
+pub struct StepResult {
+    pub loss: f64,
+    pub logits: Tensor,
+    pub grads: Vec<(String, Tensor)>,
+}
+
+pub fn qlora_step_run(repo: &Path, model: &TransformerDecoder) -> Result<StepResult> {
+    let batch = load(
+        &repo.join("tests/fixtures/qlora_step/batch.safetensors"),
+        model.device(),
+    )?;
+    let (tokens, labels) = (&batch["tokens"], &batch["labels"]);
+    let logits = model.forward(tokens, true)?;
+    let (sum, n) = model_ce_sum(model, tokens, labels, true)?;
+    let loss = (sum / n as f64)?;
+    let store = loss.backward()?;
+    let grads = model
+        .adapter_params()
+        .into_iter()
+        .map(|(name, v)| {
+            Ok((
+                name.clone(),
+                store
+                    .get(v.as_tensor())
+                    .cloned()
+                    .with_context(|| format!("no grad for {name}"))?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    Ok(StepResult {
+        loss: loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64,
+        logits,
+        grads,
+    })
+}
+
+/// Differences from one run recorded in the fixture's results.safetensors.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepDiff {
+    pub run: String,
+    pub loss: f64,
+    pub reference_loss: f64,
+    pub loss_rel: f64,
+    pub grad_rel_norm_max: f64,
+    pub grad_rel_norm_min: f64,
+    /// Max over tensors of max|ours - ref| / max|ref|.
+    pub grad_abs_over_max_ref: f64,
+    pub logits_max_abs: Option<f64>,
+}
+
+pub fn qlora_step_compare(repo: &Path, ours: &StepResult, run: &str) -> Result<StepDiff> {
+    let want = load(
+        &repo.join("tests/fixtures/qlora_step/results.safetensors"),
+        &Device::Cpu,
+    )?;
+    let reference_loss = want
+        .get(&format!("{run}.loss"))
+        .with_context(|| format!("no run {run} in the fixture"))?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?[0];
+    let (mut rel_max, mut rel_min, mut abs_ratio) = (0f64, f64::MAX, 0f64);
+    for (name, g) in &ours.grads {
+        let r = want
+            .get(&format!("{run}.grad.{name}"))
+            .with_context(|| format!("no reference gradient {name}"))?;
+        let rel = rel_norm_diff(g, r)?;
+        rel_max = rel_max.max(rel);
+        rel_min = rel_min.min(rel);
+        let scale = f32s(r)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+        abs_ratio = abs_ratio.max(max_abs_diff(g, r)? / scale);
+    }
+    Ok(StepDiff {
+        run: run.to_string(),
+        loss: ours.loss,
+        reference_loss,
+        loss_rel: ((ours.loss - reference_loss) / reference_loss).abs(),
+        grad_rel_norm_max: rel_max,
+        grad_rel_norm_min: rel_min,
+        grad_abs_over_max_ref: abs_ratio,
+        logits_max_abs: match want.get(&format!("{run}.logits")) {
+            Some(l) => Some(max_abs_diff(&ours.logits, l)?),
+            None => None,
+        },
+    })
+}
+
+/// QLoRA (and dense LoRA, same harness) against torchtune + torchao on `device`: fp32 against the
+/// recipe's fp32 run, bf16 against the bf16 runs.
+pub fn qlora_step(repo: &Path, device: &Device, dtype: DType) -> Result<serde_json::Value> {
+    let (qlora_run, lora_run) = match dtype {
+        DType::BF16 => ("qlora_bf16", "lora_bf16"),
+        _ => ("qlora_fp32_recipe", "lora_fp32"),
+    };
+    let qlora = qlora_step_compare(
+        repo,
+        &qlora_step_run(repo, &qlora_step_model(repo, true, device, dtype)?)?,
+        qlora_run,
+    )?;
+    let lora = qlora_step_compare(
+        repo,
+        &qlora_step_run(repo, &qlora_step_model(repo, false, device, dtype)?)?,
+        lora_run,
+    )?;
+    Ok(json!({
+        "check": "qlora_step",
+        "device": format!("{device:?}"),
+        "dtype": format!("{dtype:?}"),
+        "qlora": qlora,
+        "lora": lora,
+    }))
+}

@@ -18,8 +18,7 @@ use rand::{Rng, SeedableRng};
 use tune_adapters::nf4::Nf4Tensor;
 use tune_models::convert::permute_hf_to_tune;
 use tune_models::{builders, checkpoint, TransformerDecoder};
-use tune_recipes::loss::chunked_ce_sum;
-use tune_recipes::selfcheck::{max_abs_diff, rel_norm_diff};
+use tune_recipes::selfcheck::{self, max_abs_diff, StepDiff, StepResult};
 
 /// The run of results.safetensors that the recipe with `dtype: fp32` reproduces.
 const RECIPE_FP32_RUN: &str = "qlora_fp32_recipe";
@@ -32,114 +31,18 @@ fn load(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fx().join(name), &Device::Cpu).unwrap()
 }
 
-/// The fixture's model through the registry, base weights from its HF dir, adapter from its init.
 fn build(quantize_base: bool, device: &Device, dtype: DType) -> TransformerDecoder {
-    tune_recipes::link();
-    let node: serde_yaml::Value = serde_yaml::from_str(&format!(
-        "{{_component_: torchtune.models.llama2.lora_llama2, lora_attn_modules: [q_proj, v_proj],
-          apply_lora_to_mlp: False, apply_lora_to_output: False, vocab_size: 512, num_layers: 2,
-          num_heads: 4, num_kv_heads: 2, embed_dim: 256, max_seq_len: 512, intermediate_dim: 192,
-          norm_eps: 1e-5, lora_rank: 8, lora_alpha: 16, lora_dropout: 0.0, quantize_base: {}}}",
-        if quantize_base { "True" } else { "False" }
-    ))
-    .unwrap();
-    let spec = builders::model_spec_from_node(&node).unwrap();
-    assert_eq!(spec.lora.as_ref().unwrap().quantize_base, quantize_base);
-    let (model, _) = checkpoint::load_model(
-        &spec,
-        &fx().join("hf_model"),
-        &["model.safetensors".into()],
-        dtype,
-        device,
-        0,
-    )
-    .unwrap();
-    model
-        .load_adapter(&load("adapter_init_torchtune.safetensors"))
-        .unwrap();
-    model
+    selfcheck::qlora_step_model(&common::root(), quantize_base, device, dtype).unwrap()
 }
 
-/// Our loss, fp32 logits and LoRA gradients on the fixture batch.
-struct Step {
-    loss: f64,
-    logits: Tensor,
-    grads: Vec<(String, Tensor)>,
+fn step(model: &TransformerDecoder) -> StepResult {
+    selfcheck::qlora_step_run(&common::root(), model).unwrap()
 }
 
-fn step(model: &TransformerDecoder) -> Step {
-    let batch = load("batch.safetensors");
-    let device = model.device();
-    let tokens = batch["tokens"].to_device(device).unwrap();
-    let labels = batch["labels"].to_device(device).unwrap();
-    let logits = model.forward(&tokens, true).unwrap();
-    let (sum, n) = chunked_ce_sum(&logits, &labels).unwrap();
-    assert_eq!(n, 49, "meta.json label_token_counts.shifted");
-    let loss = (sum / n as f64).unwrap();
-    let store = loss.backward().unwrap();
-    let grads = model
-        .adapter_params()
-        .into_iter()
-        .map(|(name, v)| (name, store.get(v.as_tensor()).unwrap().clone()))
-        .collect();
-    Step {
-        loss: loss
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64,
-        logits,
-        grads,
-    }
-}
-
-/// Differences from one run of results.safetensors.
-#[derive(Debug)]
-struct Diff {
-    loss_rel: f64,
-    grad_rel_norm_max: f64,
-    grad_rel_norm_min: f64,
-    /// max over tensors of max|ours - ref| / max|ref|.
-    grad_abs_over_max_ref: f64,
-    logits_max_abs: Option<f64>,
-}
-
-fn compare(ours: &Step, run: &str) -> Diff {
-    let want = load("results.safetensors");
-    let want_loss = want[&format!("{run}.loss")]
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()[0];
-    let (mut rel_max, mut rel_min, mut abs_ratio) = (0f64, f64::MAX, 0f64);
-    for (name, g) in &ours.grads {
-        let r = &want[&format!("{run}.grad.{name}")];
-        let rel = rel_norm_diff(g, r).unwrap();
-        rel_max = rel_max.max(rel);
-        rel_min = rel_min.min(rel);
-        let scale = r
-            .to_dtype(DType::F32)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64;
-        abs_ratio = abs_ratio.max(max_abs_diff(g, r).unwrap() / scale);
-    }
+fn compare(ours: &StepResult, run: &str) -> StepDiff {
+    let d = selfcheck::qlora_step_compare(&common::root(), ours, run).unwrap();
     assert_eq!(ours.grads.len(), 8);
-    Diff {
-        loss_rel: ((ours.loss - want_loss) / want_loss).abs(),
-        grad_rel_norm_max: rel_max,
-        grad_rel_norm_min: rel_min,
-        grad_abs_over_max_ref: abs_ratio,
-        logits_max_abs: want
-            .get(&format!("{run}.logits"))
-            .map(|l| max_abs_diff(&ours.logits, l).unwrap()),
-    }
+    d
 }
 
 #[test]

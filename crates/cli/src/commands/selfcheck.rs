@@ -15,9 +15,10 @@ use tune_recipes::settings::{parse_device, parse_dtype};
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
-    /// Which check: `lora-step` (one LoRA forward/backward + 5 AdamW steps) or `trajectory`
-    /// (torchtune's 10-step recipe run).
-    #[arg(value_parser = ["lora-step", "trajectory"])]
+    /// Which check: `lora-step` (one LoRA forward/backward + 5 AdamW steps), `qlora-step`
+    /// (QLoRA and LoRA loss/gradients against torchtune + torchao) or `trajectory` (torchtune's
+    /// 10-step recipe run).
+    #[arg(value_parser = ["lora-step", "qlora-step", "trajectory"])]
     pub check: String,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
@@ -36,6 +37,11 @@ pub fn run(args: &Args) -> Result<()> {
             let device = parse_device(&args.device)?;
             let dtype = parse_dtype(&args.dtype, &device)?;
             selfcheck::lora_step(&args.repo, &device, dtype)?
+        }
+        "qlora-step" => {
+            let device = parse_device(&args.device)?;
+            let dtype = parse_dtype(&args.dtype, &device)?;
+            selfcheck::qlora_step(&args.repo, &device, dtype)?
         }
         _ => {
             let work = tempfile::tempdir()?;
