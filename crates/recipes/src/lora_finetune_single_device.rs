@@ -273,6 +273,7 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
         }
     };
 
+    let mut peak_device_bytes: u64 = 0;
     for epoch in state.epochs_run..epochs {
         let batches = data.epoch_batches(epoch)?;
         let mut window_grads: Option<Vec<Tensor>> = None;
@@ -302,6 +303,11 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
                 );
             }
             let store = loss.backward()?;
+            // On a GPU: device memory in use right after the backward, when activations and
+            // gradients are all alive (the driver's view, sampled once per micro-batch).
+            if let Some(used) = crate::bench::device_memory_used(&device) {
+                peak_device_bytes = peak_device_bytes.max(used);
+            }
             let grads = params
                 .iter()
                 .map(|(name, var)| {
@@ -365,6 +371,12 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
                 if log_peak_memory {
                     if let Some(gib) = peak_rss_gib() {
                         metrics.push(("peak_memory_rss".into(), gib));
+                    }
+                    if peak_device_bytes > 0 {
+                        metrics.push((
+                            "peak_memory_device".into(),
+                            peak_device_bytes as f64 / (1u64 << 30) as f64,
+                        ));
                     }
                 }
                 logger.log(state.global_step, &metrics)?;

@@ -137,3 +137,108 @@ fn cuda_device_without_cuda_build() {
     assert!(e.contains("built without CUDA support"), "{e}");
     assert!(e.contains("device=cpu dtype=fp32"), "{e}");
 }
+
+#[test]
+fn clip_grad_norm_logs_the_pre_clip_norm() {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    let overrides = [
+        "clip_grad_norm=1e-3",
+        "max_steps_per_epoch=2",
+        "save_adapter_weights_only=True",
+    ];
+    train(
+        common::stories_config(work.path(), &overrides),
+        &RunOptions::default(),
+    )
+    .unwrap();
+    let log_dir = work.path().join("output/logs");
+    let log = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let text = std::fs::read_to_string(log).unwrap();
+    for line in text.lines() {
+        let norm: f64 = line
+            .split("grad_norm:")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        // Pre-clip: the raw gradient norm is far above the 1e-3 limit.
+        assert!(norm > 1e-2, "{line}");
+    }
+    // Clipped to 1e-3, AdamW's first step still moves every weight by ~lr (sign-like), so the
+    // adapter must have changed: check B left zero.
+    let adapter = candle_core::safetensors::load(
+        work.path()
+            .join("output/epoch_0/recipe_state/adapter_torchtune.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let b = &adapter["layers.0.attn.q_proj.lora_b.weight"];
+    let max: f32 = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(max > 0.0);
+}
+
+#[test]
+fn saving_merged_weights_never_touches_the_live_base_weights() {
+    // torchtune 0.6.1 on CPU merged the LoRA delta into the live weights at each save, so epoch 1
+    // trained from W + dW0 and saved W + dW0 + dW1. Ours must save W + dW1 at epoch 1.
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    let overrides = [
+        "epochs=2",
+        "max_steps_per_epoch=2",
+        "lr_scheduler.num_warmup_steps=0",
+    ];
+    train(
+        common::stories_config(work.path(), &overrides),
+        &RunOptions::default(),
+    )
+    .unwrap();
+    let load = |p: std::path::PathBuf| {
+        candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap()
+    };
+    let original = load(common::root().join("assets/stories260K/model.safetensors"));
+    let merged = load(
+        work.path()
+            .join("output/epoch_1/model-00001-of-00001.safetensors"),
+    );
+    let peft = load(
+        work.path()
+            .join("output/epoch_1/adapter/adapter_model.safetensors"),
+    );
+    let name = "model.layers.0.self_attn.v_proj";
+    let a = &peft[&format!("base_model.model.{name}.lora_A.weight")];
+    let b = &peft[&format!("base_model.model.{name}.lora_B.weight")];
+    let expected =
+        (&original[&format!("{name}.weight")] + (b.matmul(a).unwrap() * 2.0).unwrap()).unwrap();
+    let d: f32 = (&merged[&format!("{name}.weight")] - expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(
+        d <= 1e-6,
+        "epoch_1's merged weight is not W + dW1 (off by {d})"
+    );
+}
