@@ -47,8 +47,11 @@ step qlora_step_cuda_fp32 45 "$BIN" selfcheck qlora-step --device cuda --dtype f
 step qlora_step_cuda_bf16 45 "$BIN" selfcheck qlora-step --device cuda --dtype bf16
 step trajectory_cuda_fp32 60 "$BIN" selfcheck trajectory --device cuda --dtype fp32
 step trajectory_cuda_bf16 60 "$BIN" selfcheck trajectory --device cuda --dtype bf16
-step bench_7b_lora_bf16 180 "$BIN" bench --model llama2_7b --lora-attn-modules q_proj,v_proj,output_proj \
+step bench_7b_lora_bf16 150 "$BIN" bench --model llama2_7b --lora-attn-modules q_proj,v_proj,output_proj \
   --apply-lora-to-mlp --lora-rank 8 --lora-alpha 16 --batch-size "$BENCH_BATCH" --seq-len "$BENCH_SEQ" \
-  --warmup 1 --steps 3 --device cuda --dtype bf16 --peak-tflops 989
+  --warmup 1 --steps 3 --device cuda --dtype bf16 --peak-tflops 989 --activation-checkpointing
+step bench_7b_lora_bf16_no_checkpointing 150 "$BIN" bench --model llama2_7b --lora-attn-modules q_proj,v_proj,output_proj \
+  --apply-lora-to-mlp --lora-rank 8 --lora-alpha 16 --batch-size "$BENCH_BATCH" --seq-len "$BENCH_SEQ" \
+  --warmup 1 --steps 2 --device cuda --dtype bf16 --peak-tflops 989
 echo "results in $OUT"
 ls -la "$OUT"

@@ -239,6 +239,47 @@ pub fn attention(
     })
 }
 
+/// Gradients of trainable tensors produced inside a custom op's backward (activation
+/// checkpointing reruns a layer there), keyed by the variable's id until the training loop
+/// collects them with [`param_grad`].
+fn side_grads() -> &'static Mutex<std::collections::HashMap<candle_core::TensorId, Tensor>> {
+    static SIDE: std::sync::OnceLock<
+        Mutex<std::collections::HashMap<candle_core::TensorId, Tensor>>,
+    > = std::sync::OnceLock::new();
+    SIDE.get_or_init(|| Mutex::new(std::collections::HashMap::new()))
+}
+
+/// Adds `grad` to the side gradient of `var` (see [`param_grad`]).
+pub fn accumulate_side_grad(var: &candle_core::Var, grad: &Tensor) -> Result<()> {
+    let mut side = side_grads()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("poisoned side gradients".into()))?;
+    let id = var.as_tensor().id();
+    let sum = match side.remove(&id) {
+        Some(prev) => (prev + grad)?,
+        None => grad.clone(),
+    };
+    side.insert(id, sum);
+    Ok(())
+}
+
+/// The full gradient of a trainable tensor after `loss.backward()`: what the graph delivered plus
+/// what custom ops handed over on the side. Taking it clears the side entry.
+pub fn param_grad(
+    store: &candle_core::backprop::GradStore,
+    var: &candle_core::Var,
+) -> Result<Option<Tensor>> {
+    let side = side_grads()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("poisoned side gradients".into()))?
+        .remove(&var.as_tensor().id());
+    Ok(match (store.get(var.as_tensor()), side) {
+        (Some(g), Some(s)) => Some((g + s)?),
+        (Some(g), None) => Some(g.clone()),
+        (None, s) => s,
+    })
+}
+
 static PLAIN_FROZEN_MATMUL: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 

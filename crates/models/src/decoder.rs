@@ -5,6 +5,7 @@
 //! Every projection is a `Box<dyn Adapter>`, so LoRA/QLoRA/DoRA/plugins never change this file.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -50,7 +51,11 @@ pub struct Forward {
 pub struct TransformerDecoder {
     pub config: TransformerConfig,
     pub tok_embeddings: Tensor,
-    pub layers: Vec<DecoderLayer>,
+    pub layers: Vec<Arc<DecoderLayer>>,
+    /// Recompute each layer's activations in the backward instead of keeping them (torchtune's
+    /// `enable_activation_checkpointing`). Training only; adapter gradients then arrive through
+    /// `tune_core::autograd::param_grad`.
+    pub activation_checkpointing: bool,
     pub norm: Tensor,
     pub output: Box<dyn Adapter>,
     rope_cos: Tensor,
@@ -137,12 +142,12 @@ impl TransformerDecoder {
                 w2: next_linear(&mut take)?,
                 w3: next_linear(&mut take)?,
             };
-            layers.push(DecoderLayer {
+            layers.push(Arc::new(DecoderLayer {
                 sa_norm,
                 attn,
                 mlp_norm,
                 mlp,
-            });
+            }));
         }
         let norm = take("norm.scale")?;
         let output_weight = if config.tie_word_embeddings {
@@ -164,6 +169,7 @@ impl TransformerDecoder {
             config,
             tok_embeddings,
             layers,
+            activation_checkpointing: false,
             norm,
             output,
             rope_cos,
@@ -293,8 +299,13 @@ impl TransformerDecoder {
         let cos = self.rope_cos.narrow(0, 0, seq)?;
         let sin = self.rope_sin.narrow(0, 0, seq)?;
         let mask = causal_mask(seq, h.device(), h.dtype())?;
+        let checkpoint = self.activation_checkpointing && opts.train && !opts.capture_hidden;
         for (i, layer) in self.layers.iter().enumerate() {
-            h = self.layer_forward(layer, &h, &cos, &sin, &mask, opts)?;
+            h = if checkpoint {
+                checkpointed_layer(&self.config, layer, &h, &cos, &sin, &mask, opts)?
+            } else {
+                layer_forward(&self.config, layer, &h, &cos, &sin, &mask, opts)?
+            };
             if opts.capture_hidden {
                 hidden.push((format!("layers.{i}"), h.clone()));
             }
@@ -305,46 +316,114 @@ impl TransformerDecoder {
         }
         Ok((normed, hidden))
     }
+}
 
-    fn layer_forward(
-        &self,
-        layer: &DecoderLayer,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        opts: Forward,
-    ) -> Result<Tensor> {
-        let c = &self.config;
-        let (b, s, _) = x.dims3()?;
-        let hd = c.head_dim();
-        let a = &layer.attn;
-        let xn = rms_norm(x, &layer.sa_norm, c.norm_eps)?;
-        let q = proj(a.q_proj.as_ref(), &xn, opts)?
-            .reshape((b, s, c.num_heads, hd))?
-            .transpose(1, 2)?;
-        let k = proj(a.k_proj.as_ref(), &xn, opts)?
-            .reshape((b, s, c.num_kv_heads, hd))?
-            .transpose(1, 2)?;
-        let v = proj(a.v_proj.as_ref(), &xn, opts)?
-            .reshape((b, s, c.num_kv_heads, hd))?
-            .transpose(1, 2)?;
-        let q = rope_interleaved(&q, cos, sin)?;
-        let k = rope_interleaved(&k, cos, sin)?;
-        let (k, v) = (
-            repeat_kv(&k, c.num_heads / c.num_kv_heads)?,
-            repeat_kv(&v, c.num_heads / c.num_kv_heads)?,
-        );
-        let attn = attention(&q, &k, &v, Some(mask), 1.0 / (hd as f64).sqrt())?;
-        let attn = attn.transpose(1, 2)?.reshape((b, s, c.num_heads * hd))?;
-        let h = (x + proj(a.output_proj.as_ref(), &attn, opts)?)?;
+fn layer_forward(
+    c: &TransformerConfig,
+    layer: &DecoderLayer,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &Tensor,
+    opts: Forward,
+) -> Result<Tensor> {
+    let (b, s, _) = x.dims3()?;
+    let hd = c.head_dim();
+    let a = &layer.attn;
+    let xn = rms_norm(x, &layer.sa_norm, c.norm_eps)?;
+    let q = proj(a.q_proj.as_ref(), &xn, opts)?
+        .reshape((b, s, c.num_heads, hd))?
+        .transpose(1, 2)?;
+    let k = proj(a.k_proj.as_ref(), &xn, opts)?
+        .reshape((b, s, c.num_kv_heads, hd))?
+        .transpose(1, 2)?;
+    let v = proj(a.v_proj.as_ref(), &xn, opts)?
+        .reshape((b, s, c.num_kv_heads, hd))?
+        .transpose(1, 2)?;
+    let q = rope_interleaved(&q, cos, sin)?;
+    let k = rope_interleaved(&k, cos, sin)?;
+    let (k, v) = (
+        repeat_kv(&k, c.num_heads / c.num_kv_heads)?,
+        repeat_kv(&v, c.num_heads / c.num_kv_heads)?,
+    );
+    let attn = attention(&q, &k, &v, Some(mask), 1.0 / (hd as f64).sqrt())?;
+    let attn = attn.transpose(1, 2)?.reshape((b, s, c.num_heads * hd))?;
+    let h = (x + proj(a.output_proj.as_ref(), &attn, opts)?)?;
 
-        let hn = rms_norm(&h, &layer.mlp_norm, c.norm_eps)?;
-        let m = &layer.mlp;
-        let gate = proj(m.w1.as_ref(), &hn, opts)?.silu()?;
-        let up = proj(m.w3.as_ref(), &hn, opts)?;
-        let out = proj(m.w2.as_ref(), &(gate * up)?, opts)?;
-        Ok((h + out)?)
+    let hn = rms_norm(&h, &layer.mlp_norm, c.norm_eps)?;
+    let m = &layer.mlp;
+    let gate = proj(m.w1.as_ref(), &hn, opts)?.silu()?;
+    let up = proj(m.w3.as_ref(), &hn, opts)?;
+    let out = proj(m.w2.as_ref(), &(gate * up)?, opts)?;
+    Ok((h + out)?)
+}
+
+/// A layer whose activations are recomputed in the backward (activation checkpointing): the
+/// forward runs and drops its graph, keeping only the layer's input and output; the backward
+/// reruns the layer with a graph, takes the input gradient, and hands the adapter gradients to
+/// `tune_core::autograd`'s side store (a custom op can only return its input's gradient).
+fn checkpointed_layer(
+    c: &TransformerConfig,
+    layer: &Arc<DecoderLayer>,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &Tensor,
+    opts: Forward,
+) -> Result<Tensor> {
+    let saved = x.detach();
+    // The graph built here dies with this temporary; only the detached output is kept.
+    let y = layer_forward(c, layer, &saved, cos, sin, mask, opts)?.detach();
+    // The first layer's input (the embedding lookup) is not tracked: make it a variable so the
+    // op is recorded and the backward reaches this layer's adapters.
+    let input = if x.track_op() {
+        x.clone()
+    } else {
+        Var::from_tensor(x)?.into_inner()
+    };
+    let (c, layer, cos, sin, mask) = (
+        c.clone(),
+        layer.clone(),
+        cos.clone(),
+        sin.clone(),
+        mask.clone(),
+    );
+    let to_candle = |e: anyhow::Error| candle_core::Error::Msg(format!("{e:#}"));
+    Ok(tune_core::autograd::with_backward(
+        "checkpointed_layer",
+        &input,
+        y,
+        move |grad| {
+            let xv = Var::from_tensor(&saved)?;
+            let y = layer_forward(&c, &layer, xv.as_tensor(), &cos, &sin, &mask, opts)
+                .map_err(to_candle)?;
+            let store = (y * grad)?.sum_all()?.backward()?;
+            for adapter in layer.projections() {
+                for (_, var) in adapter.trainable() {
+                    if let Some(g) = store.get(var.as_tensor()) {
+                        tune_core::autograd::accumulate_side_grad(&var, g)?;
+                    }
+                }
+            }
+            store.get(xv.as_tensor()).cloned().ok_or_else(|| {
+                candle_core::Error::Msg("checkpointed layer: no input gradient".into())
+            })
+        },
+    )?)
+}
+
+impl DecoderLayer {
+    /// The seven projections, in torchtune's order.
+    pub fn projections(&self) -> [&dyn Adapter; 7] {
+        [
+            self.attn.q_proj.as_ref(),
+            self.attn.k_proj.as_ref(),
+            self.attn.v_proj.as_ref(),
+            self.attn.output_proj.as_ref(),
+            self.mlp.w1.as_ref(),
+            self.mlp.w2.as_ref(),
+            self.mlp.w3.as_ref(),
+        ]
     }
 }
 

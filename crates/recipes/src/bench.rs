@@ -87,8 +87,11 @@ pub fn train_steps(
         let store = loss.backward()?;
         let grads: Vec<Tensor> = params
             .iter()
-            .map(|(_, v)| store.get(v.as_tensor()).cloned().expect("adapter grad"))
-            .collect();
+            .map(|(name, v)| {
+                tune_core::autograd::param_grad(&store, v)?
+                    .ok_or_else(|| anyhow::anyhow!("no gradient for {name}"))
+            })
+            .collect::<Result<_>>()?;
         if let Some(used) = device_memory_used(&device) {
             peak_device = peak_device.max(used);
         }

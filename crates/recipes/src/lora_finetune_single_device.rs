@@ -115,7 +115,7 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
     // ---- Data (before the weights: a bad tokenizer or dataset fails fast) ------------------
     let data: TrainData =
         data::build(&cfg, spec.transformer.vocab_size, batch_size, shuffle, seed)?;
-    let (model, spec, layout) = checkpointer.load_base(&spec, dtype, &device, seed)?;
+    let (mut model, spec, layout) = checkpointer.load_base(&spec, dtype, &device, seed)?;
     tracing::info!("{}", spec.counts()?.summary());
 
     let batches_per_epoch = data.batches_per_epoch();
@@ -157,9 +157,14 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
         }
     }
     if cfg.get("enable_activation_checkpointing", false)? {
-        tracing::warn!(
-            "enable_activation_checkpointing is not implemented yet; training without it"
-        );
+        if spec.lora.as_ref().is_some_and(|l| l.adapter.dropout > 0.0) {
+            bail!(
+                "enable_activation_checkpointing with lora_dropout > 0 is not supported (the \
+                 recomputed dropout mask would differ); set model.lora_dropout=0.0 or \
+                 enable_activation_checkpointing=False"
+            );
+        }
+        model.activation_checkpointing = true;
     }
     let constant_lr = cfg.node("lr_scheduler").is_err();
     let _loss: crate::loss::ChunkedCrossEntropy = cfg.build("loss", ComponentKind::Loss)?;
@@ -311,9 +316,7 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
             let grads = params
                 .iter()
                 .map(|(name, var)| {
-                    store
-                        .get(var.as_tensor())
-                        .cloned()
+                    tune_core::autograd::param_grad(&store, var)?
                         .with_context(|| format!("no gradient reached {name}"))
                 })
                 .collect::<Result<Vec<_>>>()?;

@@ -85,3 +85,38 @@ fn only_adapter_tensors_receive_gradients() {
         );
     }
 }
+
+#[test]
+fn activation_checkpointing_gives_the_same_loss_and_gradients() {
+    let mut model = selfcheck::lora_step_model(&common::root(), &Device::Cpu, DType::F32).unwrap();
+    let batch = fixture("batch.safetensors");
+    let mut run = |checkpointing: bool| {
+        model.activation_checkpointing = checkpointing;
+        let (sum, n) =
+            tune_recipes::loss::model_ce_sum(&model, &batch["tokens"], &batch["labels"], true)
+                .unwrap();
+        let loss = (sum / n as f64).unwrap();
+        let store = loss.backward().unwrap();
+        let grads: Vec<Tensor> = model
+            .adapter_params()
+            .iter()
+            .map(|(name, var)| {
+                tune_core::autograd::param_grad(&store, var)
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("no gradient for {name}"))
+            })
+            .collect();
+        (loss.to_scalar::<f32>().unwrap(), grads)
+    };
+    let (loss, plain) = run(false);
+    let (loss_ckpt, checkpointed) = run(true);
+    assert_eq!(loss, loss_ckpt);
+    assert_eq!(plain.len(), 20);
+    for (a, b) in plain.iter().zip(&checkpointed) {
+        assert!(
+            selfcheck::rel_norm_diff(b, a).unwrap() <= 1e-6,
+            "{}",
+            selfcheck::rel_norm_diff(b, a).unwrap()
+        );
+    }
+}

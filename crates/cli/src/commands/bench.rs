@@ -56,6 +56,10 @@ pub struct Args {
     pub device: String,
     #[arg(long, default_value = "fp32")]
     pub dtype: String,
+    /// Recompute each layer's activations in the backward (torchtune's
+    /// enable_activation_checkpointing).
+    #[arg(long)]
+    pub activation_checkpointing: bool,
     /// Use a plain matmul for frozen layers (its backward also computes the unused weight
     /// gradient): shows what tune-rs's input-gradient-only frozen linear saves.
     #[arg(long)]
@@ -110,7 +114,8 @@ pub fn run(args: &Args) -> Result<()> {
     let spec = tune_models::builders::model_spec_from_node(&serde_yaml::Value::Mapping(node))?;
     let counts = spec.counts()?;
     let started = std::time::Instant::now();
-    let model = random_model(&spec, &device, dtype, 0)?;
+    let mut model = random_model(&spec, &device, dtype, 0)?;
+    model.activation_checkpointing = args.activation_checkpointing;
     let build_seconds = started.elapsed().as_secs_f64();
     let mut result = train_steps(
         &model,
@@ -126,6 +131,7 @@ pub fn run(args: &Args) -> Result<()> {
     result["dtype"] = args.dtype.clone().into();
     result["model_build_seconds"] = build_seconds.into();
     result["plain_frozen_matmul"] = args.plain_frozen_matmul.into();
+    result["activation_checkpointing"] = args.activation_checkpointing.into();
     if let (Some(peak), Some(achieved)) = (args.peak_tflops, result["achieved_tflops"].as_f64()) {
         result["mfu"] = (achieved / peak).into();
     }
