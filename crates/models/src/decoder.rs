@@ -329,28 +329,48 @@ fn layer_forward(
 ) -> Result<Tensor> {
     let (b, s, _) = x.dims3()?;
     let hd = c.head_dim();
-    let a = &layer.attn;
     let xn = rms_norm(x, &layer.sa_norm, c.norm_eps)?;
-    let q = proj(a.q_proj.as_ref(), &xn, opts)?
-        .reshape((b, s, c.num_heads, hd))?
-        .transpose(1, 2)?;
-    let k = proj(a.k_proj.as_ref(), &xn, opts)?
-        .reshape((b, s, c.num_kv_heads, hd))?
-        .transpose(1, 2)?;
-    let v = proj(a.v_proj.as_ref(), &xn, opts)?
-        .reshape((b, s, c.num_kv_heads, hd))?
-        .transpose(1, 2)?;
-    let q = rope_interleaved(&q, cos, sin)?;
-    let k = rope_interleaved(&k, cos, sin)?;
+    let (q, k, v) = qkv(c, layer, &xn, cos, sin, opts)?;
     let (k, v) = (
         repeat_kv(&k, c.num_heads / c.num_kv_heads)?,
         repeat_kv(&v, c.num_heads / c.num_kv_heads)?,
     );
     let attn = attention(&q, &k, &v, Some(mask), 1.0 / (hd as f64).sqrt())?;
     let attn = attn.transpose(1, 2)?.reshape((b, s, c.num_heads * hd))?;
-    let h = (x + proj(a.output_proj.as_ref(), &attn, opts)?)?;
+    let h = (x + proj(layer.attn.output_proj.as_ref(), &attn, opts)?)?;
+    mlp_residual(c, layer, &h, opts)
+}
 
-    let hn = rms_norm(&h, &layer.mlp_norm, c.norm_eps)?;
+/// q and k (RoPE applied) and v of one attention block, each [batch, heads, seq, head_dim].
+fn qkv(
+    c: &TransformerConfig,
+    layer: &DecoderLayer,
+    xn: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    opts: Forward,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, s, _) = xn.dims3()?;
+    let a = &layer.attn;
+    let heads = |p: &dyn Adapter, n: usize| -> Result<Tensor> {
+        Ok(proj(p, xn, opts)?
+            .reshape((b, s, n, c.head_dim()))?
+            .transpose(1, 2)?)
+    };
+    let q = rope_interleaved(&heads(a.q_proj.as_ref(), c.num_heads)?, cos, sin)?;
+    let k = rope_interleaved(&heads(a.k_proj.as_ref(), c.num_kv_heads)?, cos, sin)?;
+    let v = heads(a.v_proj.as_ref(), c.num_kv_heads)?;
+    Ok((q, k, v))
+}
+
+/// The second half of a layer: `h + w2(silu(w1 n) * w3 n)` with `n = mlp_norm(h)`.
+fn mlp_residual(
+    c: &TransformerConfig,
+    layer: &DecoderLayer,
+    h: &Tensor,
+    opts: Forward,
+) -> Result<Tensor> {
+    let hn = rms_norm(h, &layer.mlp_norm, c.norm_eps)?;
     let m = &layer.mlp;
     let gate = proj(m.w1.as_ref(), &hn, opts)?.silu()?;
     let up = proj(m.w3.as_ref(), &hn, opts)?;
@@ -601,20 +621,9 @@ impl TransformerDecoder {
         let opts = Forward::default();
         let (b, s, _) = x.dims3()?;
         let hd = c.head_dim();
-        let a = &layer.attn;
         let xn = rms_norm(x, &layer.sa_norm, c.norm_eps)?;
-        let q = proj(a.q_proj.as_ref(), &xn, opts)?
-            .reshape((b, s, c.num_heads, hd))?
-            .transpose(1, 2)?;
-        let k = proj(a.k_proj.as_ref(), &xn, opts)?
-            .reshape((b, s, c.num_kv_heads, hd))?
-            .transpose(1, 2)?;
-        let v = proj(a.v_proj.as_ref(), &xn, opts)?
-            .reshape((b, s, c.num_kv_heads, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let q = rope_interleaved(&q, cos, sin)?;
-        let k = rope_interleaved(&k, cos, sin)?;
+        let (q, k, v) = qkv(c, layer, &xn, cos, sin, opts)?;
+        let v = v.contiguous()?;
         let (k, v) = match past {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
             None => (k, v),
@@ -628,14 +637,8 @@ impl TransformerDecoder {
             .reshape((b, c.num_heads, s, hd))?
             .transpose(1, 2)?
             .reshape((b, s, c.num_heads * hd))?;
-        let h = (x + proj(a.output_proj.as_ref(), &attn, opts)?)?;
-
-        let hn = rms_norm(&h, &layer.mlp_norm, c.norm_eps)?;
-        let m = &layer.mlp;
-        let gate = proj(m.w1.as_ref(), &hn, opts)?.silu()?;
-        let up = proj(m.w3.as_ref(), &hn, opts)?;
-        let out = proj(m.w2.as_ref(), &(gate * up)?, opts)?;
-        Ok(((h + out)?, (k, v)))
+        let h = (x + proj(layer.attn.output_proj.as_ref(), &attn, opts)?)?;
+        Ok((mlp_residual(c, layer, &h, opts)?, (k, v)))
     }
 }
 
