@@ -160,14 +160,7 @@ mod tests {
     use candle_core::Device;
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+        tune_core::compare::max_abs_diff(a, b).unwrap() as f32
     }
 
     fn spec() -> AdapterSpec {

@@ -96,16 +96,7 @@ fn tensor_bits(t: &Tensor) -> Vec<u32> {
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    tune_core::compare::max_abs_diff(a, b).unwrap() as f32
 }
 
 /// The bf16 input quantised the way torchtune does it at `dtype`: the bf16 tensor itself, or

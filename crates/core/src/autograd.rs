@@ -24,14 +24,12 @@ struct GradFn {
     backward: BackwardFn,
 }
 
-impl GradFn {
-    fn take_output(&self) -> Result<Tensor> {
-        self.output
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned grad_fn".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.name)))
-    }
+/// Hands over a custom op's precomputed output (exactly once: candle runs the forward once).
+fn take_output(name: &str, slot: &Mutex<Option<Tensor>>) -> Result<Tensor> {
+    slot.lock()
+        .map_err(|_| candle_core::Error::Msg(format!("{name}: poisoned output slot")))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{name}: forward ran twice")))
 }
 
 impl CustomOp1 for GradFn {
@@ -40,7 +38,7 @@ impl CustomOp1 for GradFn {
     }
 
     fn cpu_fwd(&self, _input: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_copy(self.name, self.take_output()?)
+        cpu_copy(self.name, take_output(self.name, &self.output)?)
     }
 
     #[cfg(feature = "cuda")]
@@ -49,7 +47,7 @@ impl CustomOp1 for GradFn {
         _input: &candle_core::CudaStorage,
         _layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda_copy(self.name, self.take_output()?)
+        cuda_copy(self.name, take_output(self.name, &self.output)?)
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -129,17 +127,7 @@ impl CustomOp3 for GradFn3 {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = self
-            .output
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
-            .take();
-        cpu_copy(
-            self.name,
-            out.ok_or_else(|| {
-                candle_core::Error::Msg(format!("{}: forward ran twice", self.name))
-            })?,
-        )
+        cpu_copy(self.name, take_output(self.name, &self.output)?)
     }
 
     #[cfg(feature = "cuda")]
@@ -152,17 +140,7 @@ impl CustomOp3 for GradFn3 {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = self
-            .output
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
-            .take();
-        cuda_copy(
-            self.name,
-            out.ok_or_else(|| {
-                candle_core::Error::Msg(format!("{}: forward ran twice", self.name))
-            })?,
-        )
+        cuda_copy(self.name, take_output(self.name, &self.output)?)
     }
 
     fn bwd(
@@ -502,16 +480,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+        crate::compare::max_abs_diff(a, b).unwrap() as f32
     }
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {

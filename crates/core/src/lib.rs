@@ -10,11 +10,13 @@
 //! - [`recipe`] — the `Recipe` trait that `tune run` dispatches to.
 //! - [`autograd`] — ops whose backward is exactly what training needs (no gradients for frozen
 //!   weights, backward for the fused kernels candle ships without one).
+//! - [`compare`] — how far two tensors are apart (parity checks, tests).
 //! - [`params`] — named parameter shapes, so models can be counted without allocating them.
 
 pub mod adapter;
 pub mod args;
 pub mod autograd;
+pub mod compare;
 pub mod config;
 pub mod params;
 pub mod recipe;

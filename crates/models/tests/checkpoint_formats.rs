@@ -30,16 +30,7 @@ fn logits(dir: &Path, files: &[&str]) -> Tensor {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    tune_core::compare::max_abs_diff(a, b).unwrap() as f32
 }
 
 fn load_err(dir: &Path, files: &[&str], spec: &ModelSpec) -> String {

@@ -134,20 +134,17 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
 
     // ---- Optimizer, schedule, loss, loggers ----------------------------------------------
     let opt_config: AdamWConfig = cfg.build("optimizer", ComponentKind::Optimizer)?;
-    let schedule = match cfg.node("lr_scheduler") {
+    // No `lr_scheduler` node means a constant learning rate.
+    let schedule: Option<CosineWithWarmup> = match cfg.node("lr_scheduler") {
         Ok(_) => {
             let a: CosineArgs = cfg.build("lr_scheduler", ComponentKind::LrScheduler)?;
-            CosineWithWarmup {
+            Some(CosineWithWarmup {
                 num_warmup_steps: a.num_warmup_steps,
                 num_training_steps: epochs * steps_per_epoch,
                 num_cycles: a.num_cycles,
-            }
+            })
         }
-        Err(_) => CosineWithWarmup {
-            num_warmup_steps: 0,
-            num_training_steps: usize::MAX,
-            num_cycles: 0.0,
-        },
+        Err(_) => None,
     };
     if let Ok(node) = cfg.node("profiler") {
         if node.get("enabled").and_then(|v| v.as_bool()) == Some(true) {
@@ -166,7 +163,6 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
         }
         model.activation_checkpointing = true;
     }
-    let constant_lr = cfg.node("lr_scheduler").is_err();
     let _loss: crate::loss::ChunkedCrossEntropy = cfg.build("loss", ComponentKind::Loss)?;
     let mut logger = match cfg.node("metric_logger") {
         Ok(_) => cfg
@@ -270,13 +266,7 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
         output_dir: checkpointer.output_dir.clone(),
         last_checkpoint: None,
     };
-    let lr_at = |step: usize| {
-        if constant_lr {
-            opt_config.lr
-        } else {
-            opt_config.lr * schedule.multiplier(step)
-        }
-    };
+    let lr_at = |step: usize| opt_config.lr * schedule.as_ref().map_or(1.0, |s| s.multiplier(step));
 
     let mut peak_device_bytes: u64 = 0;
     for epoch in state.epochs_run..epochs {

@@ -23,20 +23,7 @@ fn f32s(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
 }
 
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    Ok((f32s(a)? - f32s(b)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()? as f64)
-}
-
-pub fn rel_norm_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let (a, b) = (f32s(a)?, f32s(b)?);
-    let num = (&a - &b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
-    let den = b.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
-    Ok(num / den.max(1e-30))
-}
+pub use tune_core::compare::{max_abs_diff, rel_norm_diff};
 
 /// The stories260K LoRA model of `tests/fixtures/lora_step` (q/v, rank 4, alpha 8), with the
 /// fixture's initial adapter loaded.

@@ -52,16 +52,7 @@ fn logits(model: &InferenceModel) -> Tensor {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    tune_core::compare::max_abs_diff(a, b).unwrap() as f32
 }
 
 fn random(shape: (usize, usize), rng: &mut rand::rngs::StdRng) -> Tensor {

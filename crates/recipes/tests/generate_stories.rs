@@ -65,16 +65,7 @@ fn stories_model() -> TransformerDecoder {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    tune_core::compare::max_abs_diff(a, b).unwrap() as f32
 }
 
 #[test]

@@ -1,0 +1,24 @@
+//! How far two tensors are apart, as parity checks and tests measure it (in fp32, on the host).
+
+use candle_core::{DType, Device, Result, Tensor};
+
+fn host_f32(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::F32)?.to_device(&Device::Cpu)
+}
+
+/// max |a - b| over all elements.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    Ok((host_f32(a)? - host_f32(b)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()? as f64)
+}
+
+/// ||a - b|| / ||b|| (Frobenius norms).
+pub fn rel_norm_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (a, b) = (host_f32(a)?, host_f32(b)?);
+    let num = (&a - &b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+    let den = b.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+    Ok(num / den.max(1e-30))
+}
