@@ -40,6 +40,7 @@ pub const CONFIG_RECIPES: &[(&str, &str)] = &[
     ("llama2/70B_lora", "lora_finetune_distributed"),
     ("llama2/7B_qlora", "lora_finetune_distributed"),
     ("llama2/70B_qlora", "lora_finetune_distributed"),
+    ("stories260K/lora_distributed", "lora_finetune_distributed"),
     ("llama2/generation", "generate"),
     ("stories260K/generation", "generate"),
     ("llama2/7B_eval", "eleuther_eval"),

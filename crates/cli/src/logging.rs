@@ -2,7 +2,8 @@
 //!
 //! The level is `RUST_LOG` when set (any `EnvFilter` directive, e.g. `debug` or
 //! `tune_recipes=trace`), else the config's `log_level` (torchtune's names: DEBUG, INFO,
-//! WARNING, ERROR, CRITICAL), else INFO.
+//! WARNING, ERROR, CRITICAL), else INFO. Ranks other than 0 of a distributed run log warnings
+//! and errors only (rank 0 speaks for the job), unless `RUST_LOG` says otherwise.
 
 use std::io::IsTerminal;
 
@@ -16,7 +17,16 @@ pub fn init(log_level: Option<&str>) -> Result<()> {
             Ok(filter) => filter,
             Err(e) => bail!("RUST_LOG={directives:?} is not a valid log filter: {e}"),
         },
-        _ => EnvFilter::new(level(log_level.unwrap_or("INFO"))?),
+        _ => {
+            let level = level(log_level.unwrap_or("INFO"))?;
+            let quiet_rank = std::env::var("RANK").is_ok_and(|r| r.trim() != "0")
+                && std::env::var_os("WORLD_SIZE").is_some();
+            if quiet_rank && matches!(level, "info" | "debug" | "trace") {
+                EnvFilter::new("warn")
+            } else {
+                EnvFilter::new(level)
+            }
+        }
     };
     // A second init (only in tests) keeps the first subscriber.
     let _ = tracing_subscriber::fmt()

@@ -6,9 +6,15 @@
 
 mod catalog;
 mod commands;
+mod interrupt;
+mod launcher;
 mod logging;
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether RAYON_NUM_THREADS came from the user (the launcher then leaves it to each worker).
+static RAYON_THREADS_FROM_USER: AtomicBool = AtomicBool::new(false);
 
 /// Training allocates and frees many activation-sized buffers per step; glibc's malloc hands
 /// large ones back to the kernel each time, so every step pays page faults to zero fresh pages.
@@ -41,7 +47,9 @@ enum Command {
 fn main() -> ExitCode {
     // candle 0.11 reads the core count from /proc on every CPU matmul unless RAYON_NUM_THREADS is
     // set (7x slower generation on stories260K). Fix it once, before any thread starts.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        RAYON_THREADS_FROM_USER.store(true, Ordering::SeqCst);
+    } else {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
@@ -70,7 +78,12 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("Error: {e:#}");
+            match std::env::var("RANK") {
+                Ok(rank) if std::env::var_os("WORLD_SIZE").is_some() => {
+                    eprintln!("Error (rank {rank}): {e:#}")
+                }
+                _ => eprintln!("Error: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }

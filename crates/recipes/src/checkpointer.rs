@@ -67,6 +67,13 @@ pub struct RecipeState {
     pub max_steps_per_epoch: Option<usize>,
     pub gradient_accumulation_steps: usize,
     pub optimizer_step: u64,
+    /// Ranks that trained (`batches_in_epoch` counts each rank's batches). Older states: 1.
+    #[serde(default = "one_rank")]
+    pub world_size: usize,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 fn expand_files(value: Option<&serde_yaml::Value>) -> Result<Vec<String>> {

@@ -32,6 +32,7 @@ pub fn build(
     batch_size: usize,
     shuffle: bool,
     seed: u64,
+    (num_replicas, rank): (usize, usize),
 ) -> Result<TrainData> {
     let tokenizer: Llama2Tokenizer = cfg.build("tokenizer", ComponentKind::Tokenizer)?;
     if tokenizer.vocab_size() > model_vocab {
@@ -51,14 +52,16 @@ pub fn build(
         Ok(_) => cfg.build("collate_fn", ComponentKind::Collator)?,
         Err(_) => CollateSft::default(),
     };
-    // torchtune's recipe always drops the last partial batch.
+    // torchtune's recipe always drops the last partial batch; with several ranks each takes
+    // every `num_replicas`-th sample of the (padded) order, as DistributedSampler does.
     let sampler = BatchSampler::new(samples.len(), batch_size)?
         .with_shuffle(shuffle, seed)
-        .with_drop_last(true);
+        .with_drop_last(true)
+        .with_replicas(num_replicas, rank)?;
     if sampler.num_batches() == 0 {
         bail!(
-            "batch_size {batch_size} is larger than the dataset ({} samples) and the last partial batch is \
-             dropped; lower batch_size",
+            "batch_size {batch_size} is larger than each rank's share of the dataset ({} samples over \
+             {num_replicas} rank(s)) and the last partial batch is dropped; lower batch_size",
             samples.len()
         );
     }

@@ -2,6 +2,7 @@
 //!
 //! Recipes (each registers itself):
 //! - [`lora_finetune_single_device`] — torchtune's LoRA/QLoRA/DoRA fine-tune on one device.
+//! - [`lora_finetune_distributed`] — the same loop data-parallel over processes/GPUs.
 //! - [`eleuther_eval`] — TruthfulQA mc1/mc2 computed as lm-evaluation-harness does.
 //! - [`generate`] — text generation with a KV cache (greedy or sampled), with an optional adapter.
 //!
@@ -14,14 +15,17 @@
 //! - [`checkpointer`] — `FullModelHFCheckpointer` (load; save merged weights, PEFT adapter, state).
 //! - [`metric_logging`] — DiskLogger, StdoutLogger, TensorBoardLogger.
 //! - [`atomic`] — crash-safe file and folder writes.
+//! - [`distributed`] — the process group (rendezvous and all-reduce over TCP) ranks train in.
 //! - [`selfcheck`] and [`bench`]: fixture parity and speed on any device (`tune selfcheck`, `tune bench`).
 
 pub mod atomic;
 pub mod bench;
 pub mod checkpointer;
 pub mod data;
+pub mod distributed;
 pub mod eleuther_eval;
 pub mod generate;
+pub mod lora_finetune_distributed;
 pub mod lora_finetune_single_device;
 pub mod loss;
 pub mod lr_schedule;

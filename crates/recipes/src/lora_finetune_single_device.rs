@@ -4,6 +4,11 @@
 //! loss and loggers from the config; then for each epoch and each window of
 //! `gradient_accumulation_steps` micro-batches: forward, token-weighted loss, backward, scale the
 //! gradients by 1/tokens, optionally clip, AdamW step at the scheduled lr, log; save at epoch end.
+//!
+//! `lora_finetune_distributed` runs this same loop in every rank of a [`ProcessGroup`]: each rank
+//! takes its share of every batch, and at the end of each window the adapter gradients, token
+//! counts and losses are summed across ranks before the (identical) optimizer step. With one
+//! rank every collective is the identity, so both recipes are one loop.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -16,6 +21,7 @@ use tune_models::builders::model_spec_from_node;
 
 use crate::checkpointer::{newest_checkpoint, HfCheckpointer, RecipeState};
 use crate::data::{self, TrainData};
+use crate::distributed::ProcessGroup;
 use crate::loss::model_ce_sum;
 use crate::lr_schedule::{CosineArgs, CosineWithWarmup};
 use crate::metric_logging::{LoggerSpec, Metrics};
@@ -67,12 +73,22 @@ pub struct StepLog {
 }
 
 pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
+    train_data_parallel(config, options, &mut ProcessGroup::single())
+}
+
+/// The loop, run by every rank of `group` (a group of one for the single-device recipe).
+pub fn train_data_parallel(
+    config: Config,
+    options: &RunOptions,
+    group: &mut ProcessGroup,
+) -> Result<RunSummary> {
     let cfg = TopLevel(&config);
 
     // ---- Environment -------------------------------------------------------------------
+    // With `seed: null` rank 0 draws one and every rank uses it (same adapter init and order).
     let seed: u64 = match cfg.opt::<u64>("seed")? {
         Some(s) => s,
-        None => rand::random::<u32>() as u64,
+        None => group.broadcast_u64(rand::random::<u32>() as u64)?,
     };
     let epochs: usize = cfg.get("epochs", 1)?;
     let max_steps_per_epoch: Option<usize> = cfg.opt("max_steps_per_epoch")?;
@@ -108,13 +124,19 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
         });
     }
     // Past the dry run: only now does the device matter.
-    let device = parse_device(&cfg.get("device", "cpu".to_string())?)?;
+    let device = parse_device(&rank_device(&cfg.get("device", "cpu".to_string())?, group))?;
     let dtype = parse_dtype(&cfg.get("dtype", "fp32".to_string())?, &device)?;
     let started = Instant::now();
 
     // ---- Data (before the weights: a bad tokenizer or dataset fails fast) ------------------
-    let data: TrainData =
-        data::build(&cfg, spec.transformer.vocab_size, batch_size, shuffle, seed)?;
+    let data: TrainData = data::build(
+        &cfg,
+        spec.transformer.vocab_size,
+        batch_size,
+        shuffle,
+        seed,
+        (group.world_size(), group.rank()),
+    )?;
     let (mut model, spec, layout) = checkpointer.load_base(&spec, dtype, &device, seed)?;
     tracing::info!("{}", spec.counts()?.summary());
 
@@ -125,9 +147,9 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
     };
     if steps_per_epoch == 0 {
         bail!(
-            "one optimizer step needs batch_size * gradient_accumulation_steps = {} samples, but the \
-             dataset has {} (after drop_last); lower batch_size or gradient_accumulation_steps",
-            batch_size * grad_accum,
+            "one optimizer step needs batch_size * gradient_accumulation_steps * ranks = {} samples, \
+             but the dataset has {} (after drop_last); lower batch_size or gradient_accumulation_steps",
+            batch_size * grad_accum * group.world_size(),
             data.num_samples()
         );
     }
@@ -164,22 +186,24 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
         model.activation_checkpointing = true;
     }
     let _loss: crate::loss::ChunkedCrossEntropy = cfg.build("loss", ComponentKind::Loss)?;
-    let mut logger = match cfg.node("metric_logger") {
-        Ok(_) => cfg
-            .build::<LoggerSpec>("metric_logger", ComponentKind::MetricLogger)?
-            .open()?,
-        Err(_) => LoggerSpec::Stdout.open()?,
+    // Only rank 0 logs and writes; the other ranks build the logger spec for its checks.
+    let logger_spec = match cfg.node("metric_logger") {
+        Ok(_) => cfg.build::<LoggerSpec>("metric_logger", ComponentKind::MetricLogger)?,
+        Err(_) => LoggerSpec::Stdout,
     };
-    std::fs::create_dir_all(&checkpointer.output_dir).with_context(|| {
-        format!(
-            "cannot create output_dir {}",
-            checkpointer.output_dir.display()
-        )
-    })?;
-    crate::atomic::write(
-        &checkpointer.output_dir.join("torchtune_config.yaml"),
-        config.to_yaml_string().as_bytes(),
-    )?;
+    let mut logger = group.is_main().then(|| logger_spec.open()).transpose()?;
+    if group.is_main() {
+        std::fs::create_dir_all(&checkpointer.output_dir).with_context(|| {
+            format!(
+                "cannot create output_dir {}",
+                checkpointer.output_dir.display()
+            )
+        })?;
+        crate::atomic::write(
+            &checkpointer.output_dir.join("torchtune_config.yaml"),
+            config.to_yaml_string().as_bytes(),
+        )?;
+    }
 
     let params = model.adapter_params();
     let mut optimizer = AdamW::new(opt_config.clone(), params.clone())?;
@@ -194,6 +218,7 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
         max_steps_per_epoch,
         gradient_accumulation_steps: grad_accum,
         optimizer_step: 0,
+        world_size: group.world_size(),
     };
     if resume {
         let (dir, saved) = newest_checkpoint(&checkpointer.output_dir)?.with_context(|| {
@@ -208,6 +233,16 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
                 dir.display(),
                 saved.seed,
                 saved.gradient_accumulation_steps
+            );
+        }
+        // Mid-epoch, the saved position counts this many ranks' batches.
+        if saved.batches_in_epoch > 0 && saved.world_size != group.world_size() {
+            bail!(
+                "{} stopped mid-epoch in a run of {} rank(s); resume it with {} rank(s) (this run has {})",
+                dir.display(),
+                saved.world_size,
+                saved.world_size,
+                group.world_size()
             );
         }
         let adapter = candle_core::safetensors::load(
@@ -239,6 +274,7 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
         state = RecipeState {
             total_epochs: epochs,
             max_steps_per_epoch,
+            world_size: group.world_size(),
             ..saved
         };
     } else if let Some(path) = &checkpointer.adapter_checkpoint {
@@ -255,7 +291,11 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
 
     // ---- Train -------------------------------------------------------------------------------
     let total_steps = epochs * steps_per_epoch;
-    let progress = indicatif::ProgressBar::new(total_steps as u64);
+    let progress = if group.is_main() {
+        indicatif::ProgressBar::new(total_steps as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     progress.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -268,6 +308,21 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
     };
     let lr_at = |step: usize| opt_config.lr * schedule.as_ref().map_or(1.0, |s| s.multiplier(step));
 
+    // Rank 0 writes each checkpoint; the others wait for it, so a failed save stops them too.
+    let save = |name: &str,
+                merged: bool,
+                state: &RecipeState,
+                optimizer: &AdamW,
+                group: &mut ProcessGroup|
+     -> Result<PathBuf> {
+        let dir = if group.is_main() {
+            checkpointer.save(name, &model, &spec, &layout, merged, state, optimizer)?
+        } else {
+            checkpointer.output_dir.join(name)
+        };
+        group.barrier()?;
+        Ok(dir)
+    };
     let mut peak_device_bytes: u64 = 0;
     for epoch in state.epochs_run..epochs {
         let batches = data.epoch_batches(epoch)?;
@@ -325,8 +380,24 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
             if !(idx + 1).is_multiple_of(grad_accum) {
                 continue;
             }
-            let scale = 1.0f32 / window_tokens as f32;
+            // Across ranks: sum the gradients, token counts and losses; agree on stopping.
             let mut grads = window_grads.take().expect("window has gradients");
+            group.all_reduce_tensors(&mut grads)?;
+            let mut totals = [
+                window_tokens as f64,
+                window_loss,
+                tune_core::recipe::stop_requested() as u8 as f64,
+            ];
+            group.all_reduce_sum_f64(&mut totals)?;
+            let (step_tokens, step_loss, stop) = (totals[0] as usize, totals[1], totals[2] > 0.0);
+            if !step_loss.is_finite() {
+                bail!(
+                    "the loss summed over ranks became {step_loss} at step {}; lower the learning \
+                     rate, enable clip_grad_norm, or check the data",
+                    state.global_step + 1
+                );
+            }
+            let scale = 1.0f32 / step_tokens as f32;
             for g in grads.iter_mut() {
                 *g = (&*g * scale as f64)?;
             }
@@ -349,9 +420,10 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
             state.batches_in_epoch = idx + 1;
 
             let elapsed = window_start.elapsed().as_secs_f64();
-            let loss_to_log = window_loss / window_tokens as f64;
+            let loss_to_log = step_loss / step_tokens as f64;
             let lr_logged = lr_at(state.global_step);
-            let tps = window_tokens as f64 / elapsed.max(1e-9);
+            // torchtune: all ranks' tokens over the window's time, per rank.
+            let tps = step_tokens as f64 / (elapsed.max(1e-9) * group.world_size() as f64);
             if state.global_step.is_multiple_of(log_every.max(1)) {
                 let mut metrics: Metrics = vec![
                     ("loss".into(), loss_to_log),
@@ -372,7 +444,9 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
                         ));
                     }
                 }
-                logger.log(state.global_step, &metrics)?;
+                if let Some(logger) = logger.as_mut() {
+                    logger.log(state.global_step, &metrics)?;
+                }
             }
             progress.set_message(format!(
                 "loss {loss_to_log:.4} lr {lr_logged:.2e} {tps:.0} tok/s"
@@ -382,7 +456,7 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
                 step: state.global_step,
                 loss: loss_to_log,
                 lr: lr_logged,
-                tokens: window_tokens,
+                tokens: step_tokens,
                 tokens_per_second: tps,
             });
             if let Some(every) = save_every_n_steps {
@@ -390,36 +464,24 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
                     && state.global_step.is_multiple_of(every)
                     && (idx + 1) / grad_accum < steps_per_epoch
                 {
-                    let dir = checkpointer.save(
-                        &format!("step_{}", state.global_step),
-                        &model,
-                        &spec,
-                        &layout,
-                        false,
-                        &state,
-                        &optimizer,
-                    )?;
+                    let name = format!("step_{}", state.global_step);
+                    let dir = save(&name, false, &state, &optimizer, group)?;
                     summary.last_checkpoint = Some(dir);
                 }
             }
             window_tokens = 0;
             window_loss = 0.0;
-            if tune_core::recipe::stop_requested() && (idx + 1) / grad_accum < steps_per_epoch {
-                let dir = checkpointer.save(
-                    &format!("step_{}", state.global_step),
-                    &model,
-                    &spec,
-                    &layout,
-                    false,
-                    &state,
-                    &optimizer,
-                )?;
+            if stop && (idx + 1) / grad_accum < steps_per_epoch {
+                let name = format!("step_{}", state.global_step);
+                let dir = save(&name, false, &state, &optimizer, group)?;
                 progress.finish_and_clear();
-                eprintln!(
-                    "Stopped at step {} on request; saved {}. Continue with resume_from_checkpoint=True",
-                    state.global_step,
-                    dir.display()
-                );
+                if group.is_main() {
+                    eprintln!(
+                        "Stopped at step {} on request; saved {}. Continue with resume_from_checkpoint=True",
+                        state.global_step,
+                        dir.display()
+                    );
+                }
                 summary.last_checkpoint = Some(dir);
                 return Ok(summary);
             }
@@ -427,22 +489,32 @@ pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
         }
         state.epochs_run = epoch + 1;
         state.batches_in_epoch = 0;
-        let dir = checkpointer.save(
+        let dir = save(
             &format!("epoch_{epoch}"),
-            &model,
-            &spec,
-            &layout,
             !save_adapter_weights_only,
             &state,
             &optimizer,
+            group,
         )?;
         tracing::info!("saved {}", dir.display());
         summary.last_checkpoint = Some(dir);
     }
     progress.finish_and_clear();
-    logger.close()?;
+    if let Some(mut logger) = logger {
+        logger.close()?;
+    }
     if let Some(gib) = peak_rss_gib() {
         tracing::info!("peak RSS {gib:.3} GiB");
     }
     Ok(summary)
+}
+
+/// The device this rank trains on: with several ranks, `cuda` means this rank's GPU
+/// (`cuda:{local_rank}`), as under torchrun.
+fn rank_device(configured: &str, group: &ProcessGroup) -> String {
+    if group.world_size() > 1 && (configured == "cuda" || configured.starts_with("cuda:")) {
+        format!("cuda:{}", group.local_rank())
+    } else {
+        configured.to_string()
+    }
 }

@@ -247,6 +247,7 @@ fn save_writes_peft_dora_with_hf_layout_magnitude() {
         max_steps_per_epoch: None,
         gradient_accumulation_steps: 1,
         optimizer_step: 0,
+        world_size: 1,
     };
     let dir = ckpt
         .save("epoch_0", &model, &spec, &layout, true, &state, &opt)

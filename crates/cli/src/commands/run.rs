@@ -27,7 +27,7 @@ use crate::catalog;
 #[derive(Debug, clap::Args)]
 #[command(
     verbatim_doc_comment,
-    override_usage = "tune run [--nnodes N] [--nproc_per_node M] [--dry-run] [--plugin PATH]... <RECIPE> --config <CONFIG> [OVERRIDES]..."
+    override_usage = "tune run [--nnodes N] [--nproc_per_node M] [--node_rank R] [--master_addr HOST] [--master_port PORT] [--dry-run] [--plugin PATH]... <RECIPE> --config <CONFIG> [OVERRIDES]..."
 )]
 pub struct Args {
     /// Number of nodes (machines) for a distributed run.
@@ -41,6 +41,27 @@ pub struct Args {
         value_name = "M"
     )]
     pub nproc_per_node: usize,
+    /// This node's index in a multi-node run (0 on the node whose rank 0 listens).
+    #[arg(
+        long = "node_rank",
+        alias = "node-rank",
+        default_value_t = 0,
+        value_name = "R"
+    )]
+    pub node_rank: usize,
+    /// Address of the node running rank 0 (multi-node runs; default: this machine).
+    #[arg(long = "master_addr", alias = "master-addr", value_name = "HOST")]
+    pub master_addr: Option<String>,
+    /// Port rank 0 listens on (default: a free port, single node).
+    #[arg(long = "master_port", alias = "master-port", value_name = "PORT")]
+    pub master_port: Option<u16>,
+    /// HOST:PORT of rank 0, instead of --master_addr/--master_port.
+    #[arg(
+        long = "rdzv_endpoint",
+        alias = "rdzv-endpoint",
+        value_name = "HOST:PORT"
+    )]
+    pub rdzv_endpoint: Option<String>,
     /// Resolve the config and build what needs no weights, print it, and exit.
     #[arg(long)]
     pub dry_run: bool,
@@ -76,7 +97,11 @@ pub fn run(args: &Args) -> Result<()> {
         nnodes: args.nnodes,
         nproc_per_node: args.nproc_per_node,
     };
-    if options.is_distributed() && !recipe.supports_distributed() {
+    let launcher_options_given = args.node_rank > 0
+        || args.master_addr.is_some()
+        || args.master_port.is_some()
+        || args.rdzv_endpoint.is_some();
+    if (options.is_distributed() || launcher_options_given) && !recipe.supports_distributed() {
         bail!(
             "recipe {} does not support distributed training (--nnodes {} --nproc_per_node {}); run \
              it without launcher options, or use lora_finetune_distributed",
@@ -102,6 +127,17 @@ pub fn run(args: &Args) -> Result<()> {
     // Before the checks: a config may name a plugin's adapter.
     load_plugins(&args.plugins, Some(&config))?;
     check(&config)?;
+    crate::interrupt::install()?;
+
+    // The launcher: start the ranks (each re-reads and re-checks the config) and wait for them.
+    if options.is_distributed() && !args.dry_run {
+        if std::env::var_os("WORLD_SIZE").is_some() {
+            bail!(
+                "launcher options were given inside a distributed job (WORLD_SIZE is set); start                  workers as `tune run <recipe> --config ...` without --nproc_per_node/--nnodes"
+            );
+        }
+        return crate::launcher::launch(&job(args)?, &worker_args(args));
+    }
 
     tracing::info!(
         "Running {} with resolved config:\n\n{}",
@@ -111,6 +147,48 @@ pub fn run(args: &Args) -> Result<()> {
     recipe
         .run(config, &options)
         .with_context(|| format!("recipe {} failed", recipe.name()))
+}
+
+/// The launcher's job description from the command line.
+fn job(args: &Args) -> Result<crate::launcher::Job> {
+    let endpoint = match (&args.rdzv_endpoint, &args.master_addr, args.master_port) {
+        (Some(endpoint), None, None) => Some(crate::launcher::parse_endpoint(endpoint)?),
+        (Some(_), _, _) => {
+            bail!("give either --rdzv_endpoint or --master_addr/--master_port, not both")
+        }
+        (None, addr, Some(port)) => {
+            Some((addr.clone().unwrap_or_else(|| "127.0.0.1".into()), port))
+        }
+        (None, Some(_), None) => bail!("--master_addr needs --master_port"),
+        (None, None, None) => None,
+    };
+    // Workers share the cores unless the user chose the thread count.
+    let threads_per_worker =
+        (!crate::RAYON_THREADS_FROM_USER.load(std::sync::atomic::Ordering::SeqCst)).then(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / args.nproc_per_node).max(1)
+        });
+    Ok(crate::launcher::Job {
+        nnodes: args.nnodes,
+        nproc_per_node: args.nproc_per_node,
+        node_rank: args.node_rank,
+        endpoint,
+        threads_per_worker,
+    })
+}
+
+/// The command line each worker runs: this one without the launcher options.
+fn worker_args(args: &Args) -> Vec<std::ffi::OsString> {
+    let mut out: Vec<std::ffi::OsString> = vec!["run".into()];
+    for plugin in &args.plugins {
+        out.push("--plugin".into());
+        out.push(plugin.into());
+    }
+    out.push(args.recipe.clone().into());
+    out.push("--config".into());
+    out.push(args.config.clone().into());
+    out.extend(args.overrides.iter().map(Into::into));
+    out
 }
 
 /// The config named `name`: one of the recipe's configs, else any built-in config, else a file.

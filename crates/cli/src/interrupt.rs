@@ -1,0 +1,58 @@
+//! Ctrl-C (SIGINT, or SIGTERM) during `tune run`: the first asks the recipe to save a checkpoint
+//! and stop at the next step boundary; the second quits at once. The distributed launcher
+//! counts interrupts instead and forwards each one to its workers.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use anyhow::{Context, Result};
+
+static RECEIVED: AtomicUsize = AtomicUsize::new(0);
+static FORWARDING: AtomicBool = AtomicBool::new(false);
+
+/// Installs the handler (once per process).
+pub fn install() -> Result<()> {
+    ctrlc::set_handler(|| {
+        let received = RECEIVED.fetch_add(1, Ordering::SeqCst) + 1;
+        if FORWARDING.load(Ordering::SeqCst) {
+            return;
+        }
+        // In a distributed job rank 0 speaks for all ranks.
+        let speaks = std::env::var("RANK").map_or(true, |r| r.trim() == "0");
+        if received == 1 {
+            tune_core::recipe::request_stop();
+            if speaks {
+                eprintln!(
+                    "\nInterrupted: saving a checkpoint at the next step boundary, then stopping \
+                     (press Ctrl-C again to quit without saving)"
+                );
+            }
+        } else {
+            if speaks {
+                eprintln!("\nInterrupted again: quitting without saving");
+            }
+            std::process::exit(130);
+        }
+    })
+    .context("cannot install the Ctrl-C handler")
+}
+
+/// Interrupts received so far.
+pub fn count() -> usize {
+    RECEIVED.load(Ordering::SeqCst)
+}
+
+/// In the launcher: count interrupts and leave them to [`send`], instead of acting on them.
+pub fn set_forwarding(on: bool) {
+    FORWARDING.store(on, Ordering::SeqCst);
+}
+
+/// Passes one interrupt on to a worker process.
+pub fn send(child: &std::process::Child) {
+    #[cfg(unix)]
+    // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    #[cfg(not(unix))]
+    let _ = child;
+}
