@@ -1,6 +1,7 @@
-//! Ctrl-C (SIGINT, or SIGTERM) during `tune run`: the first asks the recipe to save a checkpoint
-//! and stop at the next step boundary; the second quits at once. The distributed launcher
-//! counts interrupts instead and forwards each one to its workers.
+//! Ctrl-C (SIGINT, or SIGTERM) during `tune run`: while a training loop runs, the first asks it to
+//! save a checkpoint and stop at the next step boundary and the second quits at once; at any
+//! other time (loading, evaluation, generation) the first quits. The distributed launcher counts
+//! interrupts instead and forwards each one to its workers.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -18,6 +19,10 @@ pub fn install() -> Result<()> {
         }
         // In a distributed job rank 0 speaks for all ranks.
         let speaks = std::env::var("RANK").map_or(true, |r| r.trim() == "0");
+        if !tune_core::recipe::stop_is_listened() {
+            // Loading, evaluating, generating: nothing would save, so stop now.
+            std::process::exit(130);
+        }
         if received == 1 {
             tune_core::recipe::request_stop();
             if speaks {

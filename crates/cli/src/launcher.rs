@@ -4,11 +4,12 @@
 //! Workers are this same binary running `tune run <recipe> --config ... <overrides>` without the
 //! launcher options. They get their own process group, so a terminal's Ctrl-C reaches only the
 //! launcher, which forwards each interrupt once to every worker (first: save and stop at the
-//! next step; second: quit). When one worker fails the others notice within a collective; any
-//! still alive after a grace period are killed, and the launcher reports the first failure.
+//! next step; second: quit; a third kills them). On Linux a worker whose launcher dies gets
+//! SIGTERM (and saves and stops like on Ctrl-C). When one worker fails the others notice within
+//! a collective; any still alive after a grace period are killed, and the launcher reports the
+//! first failure.
 
 use std::ffi::OsString;
-use std::net::TcpListener;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,9 @@ pub struct Job {
     pub node_rank: usize,
     /// `host:port` rank 0 listens on; `None` picks a free local port (single node only).
     pub endpoint: Option<(String, u16)>,
+    /// Shared by every rank of the job (`--rdzv_id` on several nodes); a new one per
+    /// single-node job, so two jobs meeting on one port never mix.
+    pub job_token: Option<u64>,
     /// Worker threads for CPU math: RAYON_NUM_THREADS unless the user set it.
     pub threads_per_worker: Option<usize>,
 }
@@ -49,7 +53,9 @@ pub fn launch(job: &Job, worker_args: &[OsString]) -> Result<()> {
     }
     let (addr, port) = match &job.endpoint {
         Some(endpoint) => endpoint.clone(),
-        None if job.nnodes == 1 => ("127.0.0.1".to_string(), free_port()?),
+        None if job.nnodes == 1 => {
+            parse_endpoint(&tune_recipes::distributed::free_local_endpoint()?)?
+        }
         None => bail!(
             "--nnodes {} needs the address rank 0 listens on: --master_addr HOST --master_port \
              PORT (or --rdzv_endpoint HOST:PORT), the same on every node",
@@ -57,6 +63,14 @@ pub fn launch(job: &Job, worker_args: &[OsString]) -> Result<()> {
         ),
     };
     let exe = std::env::current_exe().context("cannot find the tune binary to start workers")?;
+    // Several nodes must agree on the token without talking: the endpoint they all name.
+    let job_token = job.job_token.unwrap_or_else(|| {
+        if job.nnodes == 1 {
+            fresh_token()
+        } else {
+            token_of(&format!("{addr}:{port}"))
+        }
+    });
     interrupt::set_forwarding(true);
 
     let mut workers: Vec<(usize, Child)> = Vec::new();
@@ -70,12 +84,22 @@ pub fn launch(job: &Job, worker_args: &[OsString]) -> Result<()> {
             .env("WORLD_SIZE", job.world_size().to_string())
             .env("LOCAL_WORLD_SIZE", job.nproc_per_node.to_string())
             .env("MASTER_ADDR", &addr)
-            .env("MASTER_PORT", port.to_string());
+            .env("MASTER_PORT", port.to_string())
+            .env("TUNE_DIST_JOB", job_token.to_string());
         if let Some(threads) = job.threads_per_worker {
             command.env("RAYON_NUM_THREADS", threads.to_string());
         }
         #[cfg(unix)]
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec here.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                // Orphaned workers (launcher killed) save and stop instead of training on.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
         match command.spawn() {
             Ok(child) => workers.push((rank, child)),
             Err(e) => {
@@ -85,28 +109,40 @@ pub fn launch(job: &Job, worker_args: &[OsString]) -> Result<()> {
         }
     }
     tracing::info!(
-        "started ranks {}..{} of {} (rank 0 at {addr}:{port})",
+        "started ranks {}-{} of {} (rank 0 at {addr}:{port})",
         job.node_rank * job.nproc_per_node,
         (job.node_rank + 1) * job.nproc_per_node - 1,
         job.world_size()
     );
-    supervise(workers)
+    let result = supervise(&mut workers);
+    if result.is_err() {
+        stop_all(&mut workers);
+    }
+    result
 }
 
-fn supervise(mut workers: Vec<(usize, Child)>) -> Result<()> {
+/// Interrupts after which the launcher stops waiting for its workers and kills them.
+const KILL_AFTER_INTERRUPTS: usize = 3;
+
+fn supervise(workers: &mut [(usize, Child)]) -> Result<()> {
     let mut first_failure: Option<(usize, ExitStatus)> = None;
     let mut failed_at: Option<Instant> = None;
     let mut interrupts_forwarded = 0;
     let mut running: Vec<bool> = vec![true; workers.len()];
     while running.iter().any(|r| *r) {
         let interrupts = interrupt::count();
-        while interrupts_forwarded < interrupts {
+        while interrupts_forwarded < interrupts.min(KILL_AFTER_INTERRUPTS - 1) {
             for ((_, child), alive) in workers.iter().zip(&running) {
                 if *alive {
                     interrupt::send(child);
                 }
             }
             interrupts_forwarded += 1;
+        }
+        if interrupts >= KILL_AFTER_INTERRUPTS {
+            eprintln!("Interrupted {interrupts} times: killing the ranks");
+            stop_all(workers);
+            std::process::exit(130);
         }
         for ((rank, child), alive) in workers.iter_mut().zip(running.iter_mut()) {
             if !*alive {
@@ -121,19 +157,19 @@ fn supervise(mut workers: Vec<(usize, Child)>) -> Result<()> {
             }
         }
         if failed_at.is_some_and(|t| t.elapsed() > GRACE) {
-            for ((rank, child), alive) in workers.iter_mut().zip(running.iter_mut()) {
-                if *alive {
-                    tracing::warn!("rank {rank} did not stop after the failure; killing it");
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    *alive = false;
-                }
-            }
+            tracing::warn!("ranks still running {GRACE:?} after the failure; killing them");
+            stop_all(workers);
+            break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     match first_failure {
         None => Ok(()),
+        // Ranks that quit on the user's Ctrl-C (while loading, or on a second one) did not fail.
+        Some((rank, status)) if interrupts_forwarded > 0 => {
+            eprintln!("Interrupted: rank {rank} quit ({status})");
+            std::process::exit(130);
+        }
         Some((rank, status)) => bail!(
             "rank {rank} failed ({status}) and the job stopped; the ranks' errors are printed \
              above as `Error (rank N): ...`"
@@ -148,10 +184,20 @@ fn stop_all(workers: &mut [(usize, Child)]) {
     }
 }
 
-/// A port nothing listens on now (the OS picks it); rank 0 binds it moments later.
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("cannot find a free local port")?;
-    Ok(listener.local_addr()?.port())
+/// A token for a new single-node job: unique enough that two jobs on one machine differ.
+fn fresh_token() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ ((std::process::id() as u64) << 40)
+}
+
+/// The job token of a multi-node job from `--rdzv_id` (every node must pass the same id).
+pub fn token_of(rdzv_id: &str) -> u64 {
+    // FNV-1a: stable across runs and machines, unlike std's randomly keyed hasher.
+    rdzv_id.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// `host:port` from `--rdzv_endpoint`.
@@ -180,12 +226,19 @@ mod tests {
     }
 
     #[test]
+    fn rdzv_ids_give_stable_distinct_tokens() {
+        assert_eq!(token_of("job-1"), token_of("job-1"));
+        assert_ne!(token_of("job-1"), token_of("job-2"));
+    }
+
+    #[test]
     fn multi_node_needs_an_endpoint() {
         let job = Job {
             nnodes: 2,
             nproc_per_node: 1,
             node_rank: 0,
             endpoint: None,
+            job_token: None,
             threads_per_worker: None,
         };
         let e = launch(&job, &[]).unwrap_err().to_string();

@@ -75,3 +75,27 @@ pub fn stop_requested() -> bool {
 pub fn clear_stop() {
     STOP_REQUESTED.store(false, std::sync::atomic::Ordering::SeqCst);
 }
+
+static STOP_LISTENED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Marks that a running loop checks [`stop_requested`] (a training loop, while it trains); until
+/// then an interrupt should end the process at once rather than wait for a step that never comes.
+/// The returned guard unmarks it when dropped.
+pub fn listen_for_stop() -> StopListener {
+    STOP_LISTENED.store(true, std::sync::atomic::Ordering::SeqCst);
+    StopListener(())
+}
+
+/// Whether a loop is listening for [`request_stop`] now.
+pub fn stop_is_listened() -> bool {
+    STOP_LISTENED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// See [`listen_for_stop`].
+pub struct StopListener(());
+
+impl Drop for StopListener {
+    fn drop(&mut self) {
+        STOP_LISTENED.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}

@@ -41,7 +41,20 @@ pub fn random_model(
     Ok(model)
 }
 
-/// Device memory in use (bytes) as the driver reports it, on CUDA builds.
+/// Free device memory (bytes) as the driver reports it, on CUDA builds.
+pub fn device_memory_free(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = device {
+        use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
+        if let Ok((free, _total)) = mem_get_info() {
+            return Some(free as u64);
+        }
+    }
+    let _ = device;
+    None
+}
+
+/// Device memory in use (GPU: the driver's count), or `None` where it cannot be read.
 pub fn device_memory_used(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(_) = device {

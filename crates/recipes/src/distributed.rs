@@ -7,10 +7,11 @@
 //! star through rank 0 is enough: rank 0 adds the contributions in rank order and sends the sum
 //! back, which makes the result bit-identical on every rank (and independent of arrival order).
 //!
-//! Ranks find each other from torchrun's environment variables — `RANK`, `WORLD_SIZE`,
+//! Ranks find each other through the variables torchrun uses — `RANK`, `WORLD_SIZE`,
 //! `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT` — which `tune run --nproc_per_node N` sets for its
-//! worker processes (torchrun --no-python sets the same). Without `WORLD_SIZE` the group is a
-//! single process and every collective is the identity.
+//! worker processes, plus `TUNE_DIST_JOB`, a token that keeps two jobs that meet on one port
+//! apart. Without `WORLD_SIZE` the group is a single process and every collective is the
+//! identity. `TUNE_DIST_TIMEOUT_S` bounds every wait (default 30 minutes).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -25,6 +26,9 @@ const HELLO_MAGIC: &[u8; 8] = b"TUNERS01";
 /// How long a rank waits for the others (rendezvous, and each collective), unless
 /// `TUNE_DIST_TIMEOUT_S` says otherwise. Generous like NCCL's: rank 0 may be saving a checkpoint.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// How long a new connection may take to introduce itself before rank 0 drops it.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where this process sits in a data-parallel job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,9 +86,11 @@ fn env_usize(name: &str) -> Result<Option<usize>> {
 }
 
 fn timeout_from_env() -> Result<Duration> {
-    Ok(env_usize("TUNE_DIST_TIMEOUT_S")?
-        .map(|s| Duration::from_secs(s as u64))
-        .unwrap_or(DEFAULT_TIMEOUT))
+    match env_usize("TUNE_DIST_TIMEOUT_S")? {
+        Some(0) => bail!("TUNE_DIST_TIMEOUT_S=0: the timeout must be at least 1 second"),
+        Some(seconds) => Ok(Duration::from_secs(seconds as u64)),
+        None => Ok(DEFAULT_TIMEOUT),
+    }
 }
 
 enum Links {
@@ -117,13 +123,26 @@ impl ProcessGroup {
     pub fn from_env() -> Result<ProcessGroup> {
         match RankInfo::from_env()? {
             None => Ok(ProcessGroup::single()),
-            Some((info, endpoint)) => ProcessGroup::connect(info, &endpoint, timeout_from_env()?),
+            Some((info, endpoint)) => {
+                let job = env_usize("TUNE_DIST_JOB")?.unwrap_or(0) as u64;
+                ProcessGroup::connect_job(info, &endpoint, job, timeout_from_env()?)
+            }
         }
     }
 
     /// Rank 0 listens on `endpoint` and waits for every other rank; the others connect to it
     /// (retrying until rank 0 is up). Fails after `timeout` with the ranks still missing.
     pub fn connect(info: RankInfo, endpoint: &str, timeout: Duration) -> Result<ProcessGroup> {
+        ProcessGroup::connect_job(info, endpoint, 0, timeout)
+    }
+
+    /// [`connect`](Self::connect) for the job `job`: rank 0 accepts only ranks with the same token.
+    pub fn connect_job(
+        info: RankInfo,
+        endpoint: &str,
+        job: u64,
+        timeout: Duration,
+    ) -> Result<ProcessGroup> {
         if info.world_size == 1 {
             return Ok(ProcessGroup {
                 info,
@@ -131,9 +150,9 @@ impl ProcessGroup {
             });
         }
         let links = if info.rank == 0 {
-            Links::Root(accept_ranks(info.world_size, endpoint, timeout)?)
+            Links::Root(accept_ranks(info.world_size, endpoint, job, timeout)?)
         } else {
-            Links::Leaf(connect_to_root(info, endpoint, timeout)?)
+            Links::Leaf(connect_to_root(info, endpoint, job, timeout)?)
         };
         tracing::debug!("rank {} of {} joined the group", info.rank, info.world_size);
         Ok(ProcessGroup {
@@ -218,36 +237,19 @@ impl ProcessGroup {
             Links::Single => Ok(()),
             Links::Leaf(root) => send(root, &header, values)
                 .and_then(|()| receive(root, &header, values))
-                .with_context(|| {
-                    format!(
-                        "rank {} lost rank 0 during collective #{} (rank 0 probably failed; \
-                             its error is printed above)",
-                        self.info.rank, header.sequence
-                    )
-                }),
+                .map_err(|e| peer_error(e, self.info.rank, 0, header.sequence)),
             Links::Root(peers) => {
                 let mut incoming = vec![T::ZERO; values.len()];
                 for (i, peer) in peers.iter_mut().enumerate() {
-                    receive(peer, &header, &mut incoming).with_context(|| {
-                        format!(
-                            "rank 0 lost rank {} during collective #{} (that rank probably failed; \
-                             its error is printed above)",
-                            i + 1,
-                            header.sequence
-                        )
-                    })?;
+                    receive(peer, &header, &mut incoming)
+                        .map_err(|e| peer_error(e, 0, i + 1, header.sequence))?;
                     for (v, x) in values.iter_mut().zip(&incoming) {
                         *v = v.add(*x);
                     }
                 }
                 for (i, peer) in peers.iter_mut().enumerate() {
-                    send(peer, &header, values).with_context(|| {
-                        format!(
-                            "rank 0 could not send collective #{} to rank {}",
-                            header.sequence,
-                            i + 1
-                        )
-                    })?;
+                    send(peer, &header, values)
+                        .map_err(|e| peer_error(e, 0, i + 1, header.sequence))?;
                 }
                 Ok(())
             }
@@ -255,11 +257,59 @@ impl ProcessGroup {
     }
 }
 
-fn accept_ranks(world_size: usize, endpoint: &str, timeout: Duration) -> Result<Vec<TcpStream>> {
-    let listener = TcpListener::bind(endpoint).with_context(|| {
+/// What went wrong talking to `peer`: a timeout, a rank that went away, or a protocol error.
+fn peer_error(e: anyhow::Error, me: usize, peer: usize, sequence: u64) -> anyhow::Error {
+    use std::io::ErrorKind;
+    let kind = e.downcast_ref::<std::io::Error>().map(|io| io.kind());
+    match kind {
+        Some(ErrorKind::WouldBlock | ErrorKind::TimedOut) => e.context(format!(
+            "rank {me} timed out waiting for rank {peer} in collective #{sequence}; if that rank \
+             is just slow (a long checkpoint save), raise TUNE_DIST_TIMEOUT_S (seconds)"
+        )),
+        Some(_) => e.context(format!(
+            "rank {me} lost rank {peer} during collective #{sequence} (that rank probably failed; \
+             its error is printed above)"
+        )),
+        None => e.context(format!(
+            "rank {me} and rank {peer} disagree in collective #{sequence}"
+        )),
+    }
+}
+
+/// A free loopback `host:port` (the OS picks the port), for a group on this machine.
+pub fn free_local_endpoint() -> Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("cannot find a free local port")?;
+    Ok(format!("127.0.0.1:{}", listener.local_addr()?.port()))
+}
+
+/// Where rank 0 listens: `endpoint` itself on loopback, else every interface on its port (a
+/// host name may resolve to a loopback address on its own machine, unreachable from others).
+fn listen_address(endpoint: &str) -> Result<String> {
+    let (host, port) = endpoint
+        .rsplit_once(':')
+        .with_context(|| format!("{endpoint}: expected HOST:PORT"))?;
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    Ok(if loopback {
+        endpoint.to_string()
+    } else {
+        format!("0.0.0.0:{port}")
+    })
+}
+
+fn accept_ranks(
+    world_size: usize,
+    endpoint: &str,
+    job: u64,
+    timeout: Duration,
+) -> Result<Vec<TcpStream>> {
+    let address = listen_address(endpoint)?;
+    let listener = TcpListener::bind(&address).with_context(|| {
         format!(
-            "rank 0 cannot listen on {endpoint} (MASTER_ADDR:MASTER_PORT); is the port in use? \
-             Pick another with --master_port"
+            "rank 0 cannot listen on {address} (from MASTER_ADDR:MASTER_PORT {endpoint}); is the \
+             port in use? Pick another with --master_port"
         )
     })?;
     listener.set_nonblocking(true)?;
@@ -269,17 +319,24 @@ fn accept_ranks(world_size: usize, endpoint: &str, timeout: Duration) -> Result<
         match listener.accept() {
             Ok((mut stream, from)) => {
                 stream.set_nonblocking(false)?;
-                configure(&stream, timeout)?;
-                let rank = match read_hello(&mut stream, world_size) {
+                configure(&stream, HELLO_TIMEOUT)?;
+                let rank = match read_hello(&mut stream, world_size, job) {
+                    Ok(rank) if peers[rank - 1].is_some() => {
+                        let why = format!("RANK={rank} has already joined");
+                        let _ = reply(&mut stream, Err(&why));
+                        bail!("two processes claim RANK={rank}; each rank must be started once");
+                    }
                     Ok(rank) => rank,
                     Err(e) => {
-                        tracing::warn!("ignoring a connection from {from}: {e:#}");
+                        // Tell the stranger why, so it fails instead of waiting on us.
+                        let _ = reply(&mut stream, Err(&format!("{e:#}")));
+                        tracing::warn!("turned away a connection from {from}: {e:#}");
                         continue;
                     }
                 };
-                if peers[rank - 1].is_some() {
-                    bail!("two processes claim RANK={rank}; each rank must be started once");
-                }
+                reply(&mut stream, Ok(()))
+                    .with_context(|| format!("rank {rank} went away while joining"))?;
+                configure(&stream, timeout)?;
                 peers[rank - 1] = Some(stream);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -305,7 +362,12 @@ fn accept_ranks(world_size: usize, endpoint: &str, timeout: Duration) -> Result<
     Ok(peers.into_iter().map(|p| p.expect("all present")).collect())
 }
 
-fn connect_to_root(info: RankInfo, endpoint: &str, timeout: Duration) -> Result<TcpStream> {
+fn connect_to_root(
+    info: RankInfo,
+    endpoint: &str,
+    job: u64,
+    timeout: Duration,
+) -> Result<TcpStream> {
     let deadline = Instant::now() + timeout;
     loop {
         let attempt = endpoint
@@ -317,6 +379,19 @@ fn connect_to_root(info: RankInfo, endpoint: &str, timeout: Duration) -> Result<
             stream.write_all(HELLO_MAGIC)?;
             stream.write_all(&(info.rank as u64).to_le_bytes())?;
             stream.write_all(&(info.world_size as u64).to_le_bytes())?;
+            stream.write_all(&job.to_le_bytes())?;
+            let mut verdict = [0u8; 1];
+            stream.read_exact(&mut verdict).with_context(|| {
+                format!("rank 0 at {endpoint} closed the connection before accepting this rank")
+            })?;
+            if verdict[0] != 1 {
+                let mut reason = String::new();
+                let _ = stream.read_to_string(&mut reason);
+                bail!(
+                    "rank 0 at {endpoint} turned rank {} away: {reason}",
+                    info.rank
+                );
+            }
             return Ok(stream);
         }
         if Instant::now() > deadline {
@@ -338,7 +413,18 @@ fn configure(stream: &TcpStream, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
-fn read_hello(stream: &mut TcpStream, world_size: usize) -> Result<usize> {
+/// Rank 0's answer to a hello: 1 (joined), or 0 and the reason, then the connection closes.
+fn reply(stream: &mut TcpStream, verdict: std::result::Result<(), &str>) -> std::io::Result<()> {
+    match verdict {
+        Ok(()) => stream.write_all(&[1]),
+        Err(why) => {
+            stream.write_all(&[0])?;
+            stream.write_all(why.as_bytes())
+        }
+    }
+}
+
+fn read_hello(stream: &mut TcpStream, world_size: usize, job: u64) -> Result<usize> {
     let mut magic = [0u8; 8];
     stream.read_exact(&mut magic)?;
     if &magic != HELLO_MAGIC {
@@ -349,6 +435,13 @@ fn read_hello(stream: &mut TcpStream, world_size: usize) -> Result<usize> {
     let rank = u64::from_le_bytes(word) as usize;
     stream.read_exact(&mut word)?;
     let their_world = u64::from_le_bytes(word) as usize;
+    stream.read_exact(&mut word)?;
+    if u64::from_le_bytes(word) != job {
+        bail!(
+            "it belongs to another job (TUNE_DIST_JOB differs; on several nodes pass the same \
+             --rdzv_id, or none, everywhere)"
+        );
+    }
     if their_world != world_size {
         bail!("a rank started with WORLD_SIZE={their_world} joined a group of {world_size}; start every rank with the same --nnodes/--nproc_per_node");
     }
@@ -391,33 +484,26 @@ trait Element: Copy {
     fn read(bytes: &[u8]) -> Self;
 }
 
-impl Element for f32 {
-    const ZERO: Self = 0.0;
-    const BYTES: usize = 4;
-    fn add(self, other: Self) -> Self {
-        self + other
-    }
-    fn write(self, out: &mut [u8]) {
-        out.copy_from_slice(&self.to_le_bytes())
-    }
-    fn read(bytes: &[u8]) -> Self {
-        f32::from_le_bytes(bytes.try_into().expect("4 bytes"))
-    }
+macro_rules! wire_float {
+    ($t:ty, $bytes:expr) => {
+        impl Element for $t {
+            const ZERO: Self = 0.0;
+            const BYTES: usize = $bytes;
+            fn add(self, other: Self) -> Self {
+                self + other
+            }
+            fn write(self, out: &mut [u8]) {
+                out.copy_from_slice(&self.to_le_bytes())
+            }
+            fn read(bytes: &[u8]) -> Self {
+                <$t>::from_le_bytes(bytes.try_into().expect("one value's bytes"))
+            }
+        }
+    };
 }
 
-impl Element for f64 {
-    const ZERO: Self = 0.0;
-    const BYTES: usize = 8;
-    fn add(self, other: Self) -> Self {
-        self + other
-    }
-    fn write(self, out: &mut [u8]) {
-        out.copy_from_slice(&self.to_le_bytes())
-    }
-    fn read(bytes: &[u8]) -> Self {
-        f64::from_le_bytes(bytes.try_into().expect("8 bytes"))
-    }
-}
+wire_float!(f32, 4);
+wire_float!(f64, 8);
 
 fn send<T: Element>(stream: &mut TcpStream, header: &Header, values: &[T]) -> Result<()> {
     let mut buf = Vec::with_capacity(Header::BYTES + values.len() * T::BYTES);
@@ -459,17 +545,12 @@ fn receive<T: Element>(stream: &mut TcpStream, expected: &Header, values: &mut [
 mod tests {
     use super::*;
 
-    fn free_endpoint() -> String {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("127.0.0.1:{}", l.local_addr().unwrap().port())
-    }
-
     /// Runs `body` on `world` ranks (threads) joined into one group; returns each rank's result.
     fn on_ranks<R: Send + 'static>(
         world: usize,
         body: impl Fn(&mut ProcessGroup) -> Result<R> + Send + Sync + Clone + 'static,
     ) -> Vec<Result<R>> {
-        let endpoint = free_endpoint();
+        let endpoint = free_local_endpoint().unwrap();
         let handles: Vec<_> = (0..world)
             .map(|rank| {
                 let endpoint = endpoint.clone();
@@ -595,7 +676,7 @@ mod tests {
 
     #[test]
     fn a_missing_rank_times_out_with_its_number() {
-        let endpoint = free_endpoint();
+        let endpoint = free_local_endpoint().unwrap();
         let info = RankInfo {
             rank: 0,
             world_size: 3,
@@ -608,6 +689,72 @@ mod tests {
             e.to_string().contains("rank(s) 1, 2 never connected"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_rank_of_another_job_is_turned_away() {
+        let endpoint = free_local_endpoint().unwrap();
+        let info = |rank| RankInfo {
+            rank,
+            world_size: 2,
+            local_rank: rank,
+        };
+        let stranger = {
+            let endpoint = endpoint.clone();
+            std::thread::spawn(move || {
+                ProcessGroup::connect_job(info(1), &endpoint, 7, Duration::from_secs(5))
+            })
+        };
+        let root = ProcessGroup::connect_job(info(0), &endpoint, 8, Duration::from_secs(1));
+        let e = root.err().unwrap().to_string();
+        assert!(e.contains("rank(s) 1 never connected"), "{e}");
+        // The stranger learns why at once instead of waiting for a collective.
+        let e = stranger.join().unwrap().err().unwrap().to_string();
+        assert!(
+            e.contains("turned rank 1 away") && e.contains("another job"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_slow_rank_is_reported_as_a_timeout_not_a_crash() {
+        let endpoint = free_local_endpoint().unwrap();
+        let root = {
+            let endpoint = endpoint.clone();
+            std::thread::spawn(move || {
+                let info = RankInfo {
+                    rank: 0,
+                    world_size: 2,
+                    local_rank: 0,
+                };
+                let mut group = ProcessGroup::connect(info, &endpoint, Duration::from_millis(300))?;
+                group.barrier()
+            })
+        };
+        let info = RankInfo {
+            rank: 1,
+            world_size: 2,
+            local_rank: 1,
+        };
+        let group = ProcessGroup::connect(info, &endpoint, Duration::from_secs(5)).unwrap();
+        let e = format!("{:#}", root.join().unwrap().unwrap_err());
+        assert!(e.contains("timed out waiting for rank 1"), "{e}");
+        assert!(e.contains("TUNE_DIST_TIMEOUT_S"), "{e}");
+        drop(group);
+    }
+
+    #[test]
+    fn rank_zero_listens_on_all_interfaces_unless_on_loopback() {
+        assert_eq!(
+            listen_address("127.0.0.1:29500").unwrap(),
+            "127.0.0.1:29500"
+        );
+        assert_eq!(
+            listen_address("localhost:29500").unwrap(),
+            "localhost:29500"
+        );
+        assert_eq!(listen_address("node0:29500").unwrap(), "0.0.0.0:29500");
+        assert_eq!(listen_address("10.1.2.3:29500").unwrap(), "0.0.0.0:29500");
     }
 
     #[test]

@@ -10,7 +10,11 @@
 //!
 //! Unlike torchtune's FSDP, every rank holds the whole frozen base model: LoRA's trainable state
 //! is tiny, so sharding would only save the base weights' memory, at the cost of gathering them
-//! for every layer's forward and backward.
+//! for every layer's forward and backward. A model whose weights do not fit one device (70B in
+//! bf16) is refused before loading, with the numbers; its QLoRA config fits.
+//!
+//! Several nodes: every rank reads `output_dir` when resuming, so it must be a shared
+//! filesystem (only rank 0 writes).
 
 use anyhow::Result;
 use tune_core::recipe::{Recipe, RecipeEntry, RunOptions};
@@ -51,6 +55,13 @@ impl Recipe for LoraFinetuneDistributed {
         } else {
             ProcessGroup::from_env()?
         };
+        // torchtune's FSDP options: every rank here holds the whole model (see the module docs).
+        if config.get("fsdp.cpu_offload").and_then(|v| v.as_bool()) == Some(true) {
+            tracing::warn!(
+                "fsdp.cpu_offload=True has no effect: tune-rs does not shard or offload the frozen \
+                 base model; each rank keeps it on its device"
+            );
+        }
         if group.world_size() > 1 {
             tracing::info!(
                 "rank {} of {} (local rank {})",

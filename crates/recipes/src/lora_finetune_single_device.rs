@@ -126,6 +126,13 @@ pub fn train_data_parallel(
     // Past the dry run: only now does the device matter.
     let device = parse_device(&rank_device(&cfg.get("device", "cpu".to_string())?, group))?;
     let dtype = parse_dtype(&cfg.get("dtype", "fp32".to_string())?, &device)?;
+    crate::settings::check_weights_fit(
+        crate::settings::weight_bytes(&spec, dtype)?,
+        crate::bench::device_memory_free(&device),
+        &rank_device(&cfg.get("device", "cpu".to_string())?, group),
+        dtype,
+        group.world_size() > 1,
+    )?;
     let started = Instant::now();
 
     // ---- Data (before the weights: a bad tokenizer or dataset fails fast) ------------------
@@ -324,6 +331,9 @@ pub fn train_data_parallel(
         Ok(dir)
     };
     let mut peak_device_bytes: u64 = 0;
+    let _listening = tune_core::recipe::listen_for_stop();
+    // Set when the ranks agreed to stop at a step that ended an epoch: stop after its save.
+    let mut stopping = false;
     for epoch in state.epochs_run..epochs {
         let batches = data.epoch_batches(epoch)?;
         let mut window_grads: Option<Vec<Tensor>> = None;
@@ -390,6 +400,7 @@ pub fn train_data_parallel(
             ];
             group.all_reduce_sum_f64(&mut totals)?;
             let (step_tokens, step_loss, stop) = (totals[0] as usize, totals[1], totals[2] > 0.0);
+            stopping = stop;
             if !step_loss.is_finite() {
                 bail!(
                     "the loss summed over ranks became {step_loss} at step {}; lower the learning \
@@ -459,21 +470,18 @@ pub fn train_data_parallel(
                 tokens: step_tokens,
                 tokens_per_second: tps,
             });
-            if let Some(every) = save_every_n_steps {
-                if every > 0
-                    && state.global_step.is_multiple_of(every)
-                    && (idx + 1) / grad_accum < steps_per_epoch
-                {
-                    let name = format!("step_{}", state.global_step);
-                    let dir = save(&name, false, &state, &optimizer, group)?;
-                    summary.last_checkpoint = Some(dir);
-                }
-            }
             window_tokens = 0;
             window_loss = 0.0;
-            if stop && (idx + 1) / grad_accum < steps_per_epoch {
+            // A mid-epoch checkpoint when asked for (the epoch's end saves anyway).
+            let epoch_continues = (idx + 1) / grad_accum < steps_per_epoch;
+            let every_n_due = save_every_n_steps
+                .is_some_and(|every| every > 0 && state.global_step.is_multiple_of(every));
+            if epoch_continues && (every_n_due || stop) {
                 let name = format!("step_{}", state.global_step);
-                let dir = save(&name, false, &state, &optimizer, group)?;
+                summary.last_checkpoint = Some(save(&name, false, &state, &optimizer, group)?);
+            }
+            if stop && epoch_continues {
+                let dir = summary.last_checkpoint.clone().expect("saved just above");
                 progress.finish_and_clear();
                 if group.is_main() {
                     eprintln!(
@@ -482,7 +490,6 @@ pub fn train_data_parallel(
                         dir.display()
                     );
                 }
-                summary.last_checkpoint = Some(dir);
                 return Ok(summary);
             }
             window_start = Instant::now();
@@ -498,6 +505,15 @@ pub fn train_data_parallel(
         )?;
         tracing::info!("saved {}", dir.display());
         summary.last_checkpoint = Some(dir);
+        if stopping && epoch + 1 < epochs {
+            progress.finish_and_clear();
+            if group.is_main() {
+                eprintln!(
+                    "Stopped after epoch {epoch} on request. Continue with resume_from_checkpoint=True"
+                );
+            }
+            return Ok(summary);
+        }
     }
     progress.finish_and_clear();
     if let Some(mut logger) = logger {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use tune_core::recipe::RunOptions;
-use tune_recipes::distributed::{ProcessGroup, RankInfo};
+use tune_recipes::distributed::{free_local_endpoint, ProcessGroup, RankInfo};
 use tune_recipes::lora_finetune_single_device::{train, train_data_parallel, RunSummary};
 
 fn adapter(dir: &Path) -> HashMap<String, Tensor> {
@@ -22,12 +22,12 @@ fn adapter(dir: &Path) -> HashMap<String, Tensor> {
     .unwrap()
 }
 
-/// Runs `world` ranks of the recipe on `config_for(rank)`; returns each rank's summary.
-fn run_ranks(world: usize, config_for: impl Fn(usize) -> tune_core::Config) -> Vec<RunSummary> {
-    let endpoint = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("127.0.0.1:{}", l.local_addr().unwrap().port())
-    };
+/// Runs `world` ranks of the recipe on `config_for(rank)`; returns each rank's result.
+fn run_ranks(
+    world: usize,
+    config_for: impl Fn(usize) -> tune_core::Config,
+) -> Vec<anyhow::Result<RunSummary>> {
+    let endpoint = free_local_endpoint().unwrap();
     let handles: Vec<_> = (0..world)
         .map(|rank| {
             let config = config_for(rank);
@@ -38,21 +38,13 @@ fn run_ranks(world: usize, config_for: impl Fn(usize) -> tune_core::Config) -> V
                     world_size: world,
                     local_rank: rank,
                 };
-                let mut group =
-                    ProcessGroup::connect(info, &endpoint, Duration::from_secs(60)).unwrap();
+                let mut group = ProcessGroup::connect(info, &endpoint, Duration::from_secs(60))?;
+                // The group (its connections) closes when this thread ends, as a process's would.
                 train_data_parallel(config, &RunOptions::default(), &mut group)
             })
         })
         .collect();
-    handles
-        .into_iter()
-        .enumerate()
-        .map(|(rank, h)| {
-            h.join()
-                .unwrap()
-                .unwrap_or_else(|e| panic!("rank {rank}: {e:#}"))
-        })
-        .collect()
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
 const COMMON: &[&str] = &[
@@ -81,9 +73,13 @@ fn two_ranks_of_batch_2_take_the_steps_of_one_device_with_batch_4() {
     let dist_dir = tempfile::tempdir().unwrap();
     let mut dist_overrides = COMMON.to_vec();
     dist_overrides.push("batch_size=2");
-    let ranks = run_ranks(2, |_| {
+    let ranks: Vec<RunSummary> = run_ranks(2, |_| {
         common::stories_config(dist_dir.path(), &dist_overrides)
-    });
+    })
+    .into_iter()
+    .enumerate()
+    .map(|(rank, r)| r.unwrap_or_else(|e| panic!("rank {rank}: {e:#}")))
+    .collect();
 
     for summary in &ranks {
         assert_eq!(summary.steps.len(), 4);
@@ -128,33 +124,14 @@ fn two_ranks_of_batch_2_take_the_steps_of_one_device_with_batch_4() {
 fn a_rank_that_fails_stops_the_others_with_an_error() {
     tune_recipes::link();
     let work = tempfile::tempdir().unwrap();
-    let endpoint = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("127.0.0.1:{}", l.local_addr().unwrap().port())
-    };
-    let handles: Vec<_> = (0..2)
-        .map(|rank| {
-            // Rank 1 is handed a dataset that does not exist.
-            let mut overrides = vec!["batch_size=2", "max_steps_per_epoch=2"];
-            if rank == 1 {
-                overrides.push("dataset.data_files=/nonexistent/data.json");
-            }
-            let config = common::stories_config(work.path(), &overrides);
-            let endpoint = endpoint.clone();
-            std::thread::spawn(move || {
-                let info = RankInfo {
-                    rank,
-                    world_size: 2,
-                    local_rank: rank,
-                };
-                let mut group = ProcessGroup::connect(info, &endpoint, Duration::from_secs(60))?;
-                let result = train_data_parallel(config, &RunOptions::default(), &mut group);
-                drop(group);
-                result
-            })
-        })
-        .collect();
-    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let results = run_ranks(2, |rank| {
+        // Rank 1 is handed a dataset that does not exist.
+        let mut overrides = vec!["batch_size=2", "max_steps_per_epoch=2"];
+        if rank == 1 {
+            overrides.push("dataset.data_files=/nonexistent/data.json");
+        }
+        common::stories_config(work.path(), &overrides)
+    });
     let rank1 = format!("{:#}", results[1].as_ref().expect_err("rank 1 fails"));
     assert!(rank1.contains("nonexistent"), "{rank1}");
     let rank0 = format!("{:#}", results[0].as_ref().expect_err("rank 0 stops"));

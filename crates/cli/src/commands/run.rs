@@ -62,6 +62,12 @@ pub struct Args {
         value_name = "HOST:PORT"
     )]
     pub rdzv_endpoint: Option<String>,
+    /// A job id shared by every node of a multi-node run (keeps concurrent jobs apart).
+    #[arg(long = "rdzv_id", alias = "rdzv-id", value_name = "ID")]
+    pub rdzv_id: Option<String>,
+    /// Single-node run with a local rendezvous (the default; accepted for torchrun users).
+    #[arg(long)]
+    pub standalone: bool,
     /// Resolve the config and build what needs no weights, print it, and exit.
     #[arg(long)]
     pub dry_run: bool,
@@ -80,6 +86,8 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    // First, so an early Ctrl-C (a launcher forwarding one to a starting worker) ends cleanly.
+    crate::interrupt::install()?;
     let recipe = tune_core::recipe::lookup(&args.recipe).or_else(|e| {
         if catalog::is_recipe(&args.recipe) {
             bail!(
@@ -100,7 +108,9 @@ pub fn run(args: &Args) -> Result<()> {
     let launcher_options_given = args.node_rank > 0
         || args.master_addr.is_some()
         || args.master_port.is_some()
-        || args.rdzv_endpoint.is_some();
+        || args.rdzv_endpoint.is_some()
+        || args.rdzv_id.is_some()
+        || args.standalone;
     if (options.is_distributed() || launcher_options_given) && !recipe.supports_distributed() {
         bail!(
             "recipe {} does not support distributed training (--nnodes {} --nproc_per_node {}); run \
@@ -127,13 +137,13 @@ pub fn run(args: &Args) -> Result<()> {
     // Before the checks: a config may name a plugin's adapter.
     load_plugins(&args.plugins, Some(&config))?;
     check(&config)?;
-    crate::interrupt::install()?;
 
     // The launcher: start the ranks (each re-reads and re-checks the config) and wait for them.
     if options.is_distributed() && !args.dry_run {
         if std::env::var_os("WORLD_SIZE").is_some() {
             bail!(
-                "launcher options were given inside a distributed job (WORLD_SIZE is set); start                  workers as `tune run <recipe> --config ...` without --nproc_per_node/--nnodes"
+                "launcher options were given inside a distributed job (WORLD_SIZE is set); start \
+                 workers as `tune run <recipe> --config ...` without --nproc_per_node/--nnodes"
             );
         }
         return crate::launcher::launch(&job(args)?, &worker_args(args));
@@ -156,12 +166,19 @@ fn job(args: &Args) -> Result<crate::launcher::Job> {
         (Some(_), _, _) => {
             bail!("give either --rdzv_endpoint or --master_addr/--master_port, not both")
         }
-        (None, addr, Some(port)) => {
-            Some((addr.clone().unwrap_or_else(|| "127.0.0.1".into()), port))
-        }
+        (None, Some(addr), Some(port)) => Some((addr.clone(), port)),
+        (None, None, Some(port)) if args.nnodes == 1 => Some(("127.0.0.1".into(), port)),
+        (None, None, Some(_)) => bail!(
+            "--nnodes {} needs --master_addr: the address of the node running rank 0, the same on \
+             every node",
+            args.nnodes
+        ),
         (None, Some(_), None) => bail!("--master_addr needs --master_port"),
         (None, None, None) => None,
     };
+    if args.standalone && args.nnodes > 1 {
+        bail!("--standalone is for a single node; drop it or --nnodes");
+    }
     // Workers share the cores unless the user chose the thread count.
     let threads_per_worker =
         (!crate::RAYON_THREADS_FROM_USER.load(std::sync::atomic::Ordering::SeqCst)).then(|| {
@@ -173,6 +190,7 @@ fn job(args: &Args) -> Result<crate::launcher::Job> {
         nproc_per_node: args.nproc_per_node,
         node_rank: args.node_rank,
         endpoint,
+        job_token: args.rdzv_id.as_deref().map(crate::launcher::token_of),
         threads_per_worker,
     })
 }

@@ -1,6 +1,7 @@
-//! `tune run --nproc_per_node 2 lora_finetune_distributed`, as a user runs it: the launcher
-//! starts two worker processes that train together on stories260K (CPU), Ctrl-C saves a
-//! checkpoint that resumes to the uninterrupted result, and a failing rank fails the job.
+//! `tune run` as a user runs it, with processes and signals: `--nproc_per_node 2
+//! lora_finetune_distributed` starts two worker processes that train together on stories260K
+//! (CPU); Ctrl-C saves a checkpoint that resumes to the uninterrupted result (one process or
+//! two); Ctrl-C outside training quits at once; a failing rank fails the job.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -20,7 +21,9 @@ fn tune_command(args: &[&str]) -> Command {
         .current_dir(root())
         .env_remove("RUST_LOG")
         .env_remove("WORLD_SIZE")
-        .env_remove("RANK");
+        .env_remove("RANK")
+        // A test that goes wrong fails in minutes instead of the default half hour.
+        .env("TUNE_DIST_TIMEOUT_S", "120");
     command
 }
 
@@ -114,26 +117,12 @@ fn ctrl_c_saves_and_the_resumed_run_ends_where_an_uninterrupted_one_does() {
 
     let work = tempfile::tempdir().unwrap();
     let output_arg = format!("output_dir={}", work.path().display());
-    let mut child = tune_command(&distributed_args(&output_arg, &[steps]))
+    let child = tune_command(&distributed_args(&output_arg, &[steps]))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    while log_lines(work.path()).len() < 2 {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no steps logged"
-        );
-        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let interrupted = child.wait_with_output().unwrap();
+    let interrupted = interrupt_when(child, || log_lines(work.path()).len() >= 2);
     succeeded(&interrupted);
     let stderr = text(&interrupted.stderr);
     assert!(stderr.contains("Stopped at step"), "{stderr}");
@@ -180,6 +169,50 @@ fn a_failing_rank_fails_the_job_with_its_error() {
 }
 
 #[test]
+fn two_nodes_meet_at_the_master_address() {
+    // Two `tune run --nnodes 2` launchers, as on two machines, each starting one rank.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let work = tempfile::tempdir().unwrap();
+    let output_arg = format!("output_dir={}", work.path().display());
+    let node = |node_rank: &str| {
+        let mut args = vec![
+            "run",
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--node_rank",
+            node_rank,
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            &port,
+        ];
+        args.extend_from_slice(&distributed_args(&output_arg, &["max_steps_per_epoch=2"])[3..]);
+        tune_command(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = (node("0"), node("1"));
+    let (first, second) = (
+        first.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    );
+    succeeded(&first);
+    succeeded(&second);
+    assert!(text(&first.stderr).contains("rank 0 of 2"));
+    assert_eq!(log_lines(work.path()).len(), 2);
+    assert!(work.path().join("epoch_0/recipe_state").is_dir());
+}
+
+#[test]
 fn launcher_options_are_checked_before_anything_starts() {
     let run = tune_command(&[
         "run",
@@ -214,4 +247,75 @@ fn launcher_options_are_checked_before_anything_starts() {
     .unwrap();
     assert_eq!(run.status.code(), Some(1));
     assert!(text(&run.stderr).contains("expected HOST:PORT"));
+}
+
+/// Sends SIGINT to `child` once `ready()` holds; returns its output.
+fn interrupt_when(mut child: std::process::Child, ready: impl Fn() -> bool) -> Output {
+    let started = Instant::now();
+    while !ready() {
+        assert!(started.elapsed() < Duration::from_secs(120), "never ready");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn ctrl_c_in_a_single_device_run_saves_a_step_checkpoint() {
+    let work = tempfile::tempdir().unwrap();
+    let output_arg = format!("output_dir={}", work.path().display());
+    let child = tune_command(&[
+        "run",
+        "lora_finetune_single_device",
+        "--config",
+        "stories260K/lora_single_device",
+        &output_arg,
+        "max_steps_per_epoch=400",
+        "save_adapter_weights_only=True",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let out = interrupt_when(child, || log_lines(work.path()).len() >= 2);
+    succeeded(&out);
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("Interrupted: saving a checkpoint"),
+        "{stderr}"
+    );
+    let steps = log_lines(work.path()).len();
+    assert!(steps < 400, "{steps}");
+    assert!(work
+        .path()
+        .join(format!("step_{steps}/recipe_state/recipe_state.json"))
+        .is_file());
+}
+
+#[test]
+fn ctrl_c_outside_training_quits_at_once() {
+    let work = tempfile::tempdir().unwrap();
+    let output_arg = format!("output_dir={}", work.path().display());
+    // TruthfulQA mc2 over all 817 questions: minutes of evaluation, no checkpoint to save.
+    let child = tune_command(&[
+        "run",
+        "eleuther_eval",
+        "--config",
+        "stories260K/eval",
+        &output_arg,
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let started = Instant::now();
+    let out = interrupt_when(child, || started.elapsed() > Duration::from_secs(2));
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains("saving a checkpoint"));
+    assert!(started.elapsed() < Duration::from_secs(30));
 }

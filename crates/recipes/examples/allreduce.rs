@@ -1,0 +1,78 @@
+//! What one optimizer step's gradient all-reduce costs in `lora_finetune_distributed`: ranks are
+//! threads joined over loopback TCP exactly as worker processes are, summing a gradient the size
+//! of a LoRA config's trainable parameters (f32, as `ProcessGroup::all_reduce_tensors` sends).
+//!
+//! ```text
+//! cargo run --release -p tune-recipes --example allreduce -- [RANKS] [VALUES] [REPEATS]
+//! # defaults: 2 ranks, 17,891,328 values (llama2/7B_lora: q/v/output_proj + MLP, rank 8), 5 repeats
+//! ```
+//!
+//! Prints one JSON line: seconds per all-reduce (best and mean) and the payload per rank.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use serde_json::json;
+use tune_recipes::distributed::{ProcessGroup, RankInfo};
+
+fn main() -> Result<()> {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    let ranks = args.first().copied().unwrap_or(2);
+    let values = args.get(1).copied().unwrap_or(17_891_328);
+    let repeats = args.get(2).copied().unwrap_or(5);
+
+    let endpoint = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        format!("127.0.0.1:{}", listener.local_addr()?.port())
+    };
+    let workers: Vec<_> = (0..ranks)
+        .map(|rank| {
+            let endpoint = endpoint.clone();
+            std::thread::spawn(move || -> Result<Vec<f64>> {
+                let info = RankInfo {
+                    rank,
+                    world_size: ranks,
+                    local_rank: rank,
+                };
+                let mut group = ProcessGroup::connect(info, &endpoint, Duration::from_secs(60))?;
+                let gradient = Tensor::ones(values, candle_core::DType::F32, &Device::Cpu)?;
+                let mut seconds = Vec::new();
+                for _ in 0..repeats {
+                    let mut grads = vec![gradient.clone()];
+                    group.barrier()?;
+                    let started = Instant::now();
+                    group.all_reduce_tensors(&mut grads)?;
+                    seconds.push(started.elapsed().as_secs_f64());
+                    let first: f32 = grads[0].get(0)?.to_scalar()?;
+                    anyhow::ensure!(first == ranks as f32, "wrong sum {first}");
+                }
+                Ok(seconds)
+            })
+        })
+        .collect();
+    let mut per_rank = Vec::new();
+    for worker in workers {
+        per_rank.push(worker.join().expect("rank thread")?);
+    }
+    // A collective ends when its slowest rank has the result.
+    let slowest: Vec<f64> = (0..repeats)
+        .map(|i| per_rank.iter().map(|s| s[i]).fold(0.0, f64::max))
+        .collect();
+    let best = slowest.iter().copied().fold(f64::INFINITY, f64::min);
+    let mean = slowest.iter().sum::<f64>() / repeats as f64;
+    println!(
+        "{}",
+        json!({
+            "ranks": ranks,
+            "values": values,
+            "payload_mib_per_rank": values as f64 * 4.0 / (1 << 20) as f64,
+            "best_s": best,
+            "mean_s": mean,
+        })
+    );
+    Ok(())
+}
