@@ -5,6 +5,8 @@
 //! ```text
 //! cargo run --release -p tune-recipes --example qlora_memory            # both, one process each
 //! cargo run --release -p tune-recipes --example qlora_memory -- qlora   # one mode, JSON
+//! # a model whose weights dominate (7B's layer shape, 8 layers), one timed step:
+//! QLORA_DIM=4096 QLORA_HEADS=32 QLORA_MLP=11008 QLORA_STEPS=1 cargo run --release -p tune-recipes --example qlora_memory
 //! ```
 //!
 //! Each mode runs in its own process so that peak RSS is that mode's alone. Freed buffers are
@@ -28,11 +30,28 @@ use tune_recipes::bench::train_steps;
 const BATCH: usize = 1;
 const SEQ: usize = 256;
 
+/// `QLORA_<name>` from the environment, else `default` (the model shape and step count).
+fn setting(name: &str, default: usize) -> Result<usize> {
+    match std::env::var(format!("QLORA_{name}")) {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("QLORA_{name}={v:?} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
 fn model_node(quantize_base: bool) -> Result<serde_yaml::Value> {
+    let (dim, heads, mlp, layers) = (
+        setting("DIM", 1024)?,
+        setting("HEADS", 8)?,
+        setting("MLP", 2816)?,
+        setting("LAYERS", 8)?,
+    );
     Ok(serde_yaml::from_str(&format!(
         "{{_component_: torchtune.models.llama2.lora_llama2, lora_attn_modules: [q_proj, v_proj, output_proj],
-          apply_lora_to_mlp: True, apply_lora_to_output: False, vocab_size: 32000, num_layers: 8, num_heads: 8,
-          num_kv_heads: 8, embed_dim: 1024, max_seq_len: {SEQ}, lora_rank: 8, lora_alpha: 16, quantize_base: {}}}",
+          apply_lora_to_mlp: True, apply_lora_to_output: False, vocab_size: 32000, num_layers: {layers},
+          num_heads: {heads}, num_kv_heads: {heads}, embed_dim: {dim}, intermediate_dim: {mlp},
+          max_seq_len: {SEQ}, lora_rank: 8, lora_alpha: 16, quantize_base: {}}}",
         if quantize_base { "True" } else { "False" }
     ))?)
 }
@@ -142,7 +161,7 @@ fn run_mode(mode: &str) -> Result<serde_json::Value> {
     let dequant_per_step = 2.0 * started.elapsed().as_secs_f64() / reps as f64;
 
     reset_peak()?;
-    let train = train_steps(&model, BATCH, SEQ, 1, 3)?;
+    let train = train_steps(&model, BATCH, SEQ, 1, setting("STEPS", 3)?)?;
     let peak_train = status_mib("VmHWM:")?;
     Ok(json!({
         "mode": mode,

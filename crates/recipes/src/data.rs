@@ -59,10 +59,17 @@ pub fn build(
         .with_drop_last(true)
         .with_replicas(num_replicas, rank)?;
     if sampler.num_batches() == 0 {
+        let share = if num_replicas == 1 {
+            format!("the dataset ({} samples)", samples.len())
+        } else {
+            format!(
+                "each rank's share of the dataset ({} samples over {num_replicas} ranks)",
+                samples.len()
+            )
+        };
         bail!(
-            "batch_size {batch_size} is larger than each rank's share of the dataset ({} samples over \
-             {num_replicas} rank(s)) and the last partial batch is dropped; lower batch_size",
-            samples.len()
+            "batch_size {batch_size} is larger than {share} and the last partial batch is dropped; \
+             lower batch_size"
         );
     }
     Ok(TrainData {
