@@ -1,6 +1,8 @@
 //! What one optimizer step's gradient all-reduce costs in `lora_finetune_distributed`: ranks are
 //! threads joined over loopback TCP exactly as worker processes are, summing a gradient the size
-//! of a LoRA config's trainable parameters (f32, as `ProcessGroup::all_reduce_tensors` sends).
+//! of a LoRA config's trainable parameters, as tensors of one LoRA matrix each (rank 8 x 4096)
+//! through `ProcessGroup::all_reduce_tensors`. `RAW=1` times the f32 all-reduce of one flat
+//! buffer instead (the transport alone).
 //!
 //! ```text
 //! cargo run --release -p tune-recipes --example allreduce -- [RANKS] [VALUES] [REPEATS]
@@ -15,6 +17,9 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 use serde_json::json;
 use tune_recipes::distributed::{ProcessGroup, RankInfo};
+
+/// Values in one LoRA matrix of the 7B config (rank 8 x dim 4096).
+const LORA_MATRIX: usize = 8 * 4096;
 
 fn main() -> Result<()> {
     let args: Vec<usize> = std::env::args()
@@ -39,10 +44,26 @@ fn main() -> Result<()> {
                     local_rank: rank,
                 };
                 let mut group = ProcessGroup::connect(info, &endpoint, Duration::from_secs(60))?;
-                let gradient = Tensor::ones(values, candle_core::DType::F32, &Device::Cpu)?;
+                // LoRA gradients come as many small matrices: rank 8 x dim 4096 each.
+                let gradient: Vec<Tensor> = (0..values.div_ceil(LORA_MATRIX))
+                    .map(|i| {
+                        let n = LORA_MATRIX.min(values - i * LORA_MATRIX);
+                        Tensor::ones(n, candle_core::DType::F32, &Device::Cpu)
+                    })
+                    .collect::<candle_core::Result<_>>()?;
                 let mut seconds = Vec::new();
+                if std::env::var_os("RAW").is_some() {
+                    for _ in 0..repeats {
+                        let mut flat = vec![1f32; values];
+                        group.barrier()?;
+                        let started = Instant::now();
+                        group.all_reduce_sum_f32(&mut flat)?;
+                        seconds.push(started.elapsed().as_secs_f64());
+                    }
+                    return Ok(seconds);
+                }
                 for _ in 0..repeats {
-                    let mut grads = vec![gradient.clone()];
+                    let mut grads = gradient.clone();
                     group.barrier()?;
                     let started = Instant::now();
                     group.all_reduce_tensors(&mut grads)?;

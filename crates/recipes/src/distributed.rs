@@ -210,7 +210,7 @@ impl ProcessGroup {
         if self.world_size() == 1 {
             return Ok(());
         }
-        let mut flat = Vec::new();
+        let mut flat = Vec::with_capacity(tensors.iter().map(Tensor::elem_count).sum());
         for t in tensors.iter() {
             flat.extend(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
         }
@@ -236,16 +236,13 @@ impl ProcessGroup {
         match &mut self.links {
             Links::Single => Ok(()),
             Links::Leaf(root) => send(root, &header, values)
-                .and_then(|()| receive(root, &header, values))
+                .and_then(|()| receive(root, &header, values, |slot, sum| *slot = sum))
                 .map_err(|e| peer_error(e, self.info.rank, 0, header.sequence)),
             Links::Root(peers) => {
-                let mut incoming = vec![T::ZERO; values.len()];
+                // Adds each rank's values as they arrive, in rank order.
                 for (i, peer) in peers.iter_mut().enumerate() {
-                    receive(peer, &header, &mut incoming)
+                    receive(peer, &header, values, |slot, x| *slot = slot.add(x))
                         .map_err(|e| peer_error(e, 0, i + 1, header.sequence))?;
-                    for (v, x) in values.iter_mut().zip(&incoming) {
-                        *v = v.add(*x);
-                    }
                 }
                 for (i, peer) in peers.iter_mut().enumerate() {
                     send(peer, &header, values)
@@ -477,7 +474,6 @@ impl Header {
 
 /// The number types a collective carries, little-endian on the wire.
 trait Element: Copy {
-    const ZERO: Self;
     const BYTES: usize;
     fn add(self, other: Self) -> Self;
     fn write(self, out: &mut [u8]);
@@ -487,7 +483,6 @@ trait Element: Copy {
 macro_rules! wire_float {
     ($t:ty, $bytes:expr) => {
         impl Element for $t {
-            const ZERO: Self = 0.0;
             const BYTES: usize = $bytes;
             fn add(self, other: Self) -> Self {
                 self + other
@@ -505,21 +500,30 @@ macro_rules! wire_float {
 wire_float!(f32, 4);
 wire_float!(f64, 8);
 
+/// Values per write or read: large transfers stream through one small buffer instead of
+/// allocating (and page-faulting) a message-sized one per collective.
+const CHUNK_VALUES: usize = 1 << 16;
+
 fn send<T: Element>(stream: &mut TcpStream, header: &Header, values: &[T]) -> Result<()> {
-    let mut buf = Vec::with_capacity(Header::BYTES + values.len() * T::BYTES);
-    buf.extend_from_slice(&header.encode());
-    buf.resize(Header::BYTES + values.len() * T::BYTES, 0);
-    for (v, chunk) in values
-        .iter()
-        .zip(buf[Header::BYTES..].chunks_exact_mut(T::BYTES))
-    {
-        v.write(chunk);
+    stream.write_all(&header.encode())?;
+    let mut buf = vec![0u8; CHUNK_VALUES.min(values.len()) * T::BYTES];
+    for chunk in values.chunks(CHUNK_VALUES) {
+        let bytes = &mut buf[..chunk.len() * T::BYTES];
+        for (v, out) in chunk.iter().zip(bytes.chunks_exact_mut(T::BYTES)) {
+            v.write(out);
+        }
+        stream.write_all(bytes)?;
     }
-    stream.write_all(&buf)?;
     Ok(())
 }
 
-fn receive<T: Element>(stream: &mut TcpStream, expected: &Header, values: &mut [T]) -> Result<()> {
+/// Reads a message of `values.len()` values and hands each to `take(slot, value)`.
+fn receive<T: Element>(
+    stream: &mut TcpStream,
+    expected: &Header,
+    values: &mut [T],
+    take: impl Fn(&mut T, T),
+) -> Result<()> {
     let mut head = [0u8; Header::BYTES];
     stream.read_exact(&mut head)?;
     let expected_head = expected.encode();
@@ -533,10 +537,13 @@ fn receive<T: Element>(stream: &mut TcpStream, expected: &Header, values: &mut [
             expected.len
         );
     }
-    let mut body = vec![0u8; values.len() * T::BYTES];
-    stream.read_exact(&mut body)?;
-    for (v, chunk) in values.iter_mut().zip(body.chunks_exact(T::BYTES)) {
-        *v = T::read(chunk);
+    let mut buf = vec![0u8; CHUNK_VALUES.min(values.len()) * T::BYTES];
+    for chunk in values.chunks_mut(CHUNK_VALUES) {
+        let bytes = &mut buf[..chunk.len() * T::BYTES];
+        stream.read_exact(bytes)?;
+        for (slot, raw) in chunk.iter_mut().zip(bytes.chunks_exact(T::BYTES)) {
+            take(slot, T::read(raw));
+        }
     }
     Ok(())
 }
