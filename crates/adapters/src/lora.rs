@@ -4,6 +4,11 @@
 //! kaiming-uniform (a = sqrt 5, i.e. U(-1/sqrt(in), 1/sqrt(in))) and `B` [out, rank] zeros, so
 //! training starts from the base model. Dropout applies to the LoRA path only, in training only.
 //! The frozen `W` is dense, or NF4 for QLoRA ([`FrozenWeight`]).
+//!
+//! Without dropout the whole layer is one graph node ([`LoRALinear::fused_forward`]) that keeps
+//! only `x` and the rank-wide `A x` for the backward: recorded op by op, the base output, the
+//! low-rank output and its scaled copy (each as wide as the output) would all stay alive until
+//! the backward, which is most of a LoRA model's activation memory in the MLP.
 
 use std::sync::Arc;
 
@@ -50,6 +55,14 @@ impl FrozenWeight {
         match self {
             FrozenWeight::Dense(w) => w.device(),
             FrozenWeight::Nf4(w) => w.device(),
+        }
+    }
+
+    /// `grad @ W` for `grad` [rows, out]: the input gradient of [`linear`](Self::linear).
+    pub fn input_grad(&self, grad: &Tensor) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => grad.matmul(w),
+            FrozenWeight::Nf4(w) => grad.matmul(&w.dequantize_as(grad.dtype())?),
         }
     }
 
@@ -108,6 +121,39 @@ impl LoRALinear {
         self.lora_out(x, train)? * self.scale()
     }
 
+    /// `W x + (alpha/r) B A x` as one recorded op whose backward gives the gradients of `x`, `A`
+    /// and `B` from `x` and `A x` alone (no dropout: the low-rank path sees `x` itself).
+    pub fn fused_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (a, b) = (self.lora_a.as_tensor(), self.lora_b.as_tensor());
+        let (xd, ad, bd) = (x.detach(), a.detach(), b.detach());
+        let scale = self.scale();
+        let xa = matmul_t(&xd, &ad)?;
+        let y = (self.weight.linear(&xd)? + (matmul_t(&xa, &bd)? * scale)?)?;
+        let weight = self.weight.clone();
+        // The first layer's input is not tracked: skip its (full-size) input gradient.
+        let x_tracked = x.track_op();
+        tune_core::autograd::with_backward3("lora_linear", (x, a, b), y, move |grad| {
+            let dims = xd.dims().to_vec();
+            let in_dim = *dims
+                .last()
+                .expect("a linear's input has a feature dimension");
+            let rows = xd.elem_count() / in_dim;
+            let out_dim = grad.elem_count() / rows;
+            let grad = grad.reshape((rows, out_dim))?;
+            let x2 = xd.reshape((rows, in_dim))?;
+            let xa2 = xa.reshape((rows, ad.dim(0)?))?;
+            let grad_b = (grad.t()?.matmul(&xa2)? * scale)?;
+            let grad_xa = (grad.matmul(&bd)? * scale)?;
+            let grad_a = grad_xa.t()?.matmul(&x2)?;
+            let grad_x = if x_tracked {
+                Some((weight.input_grad(&grad)? + grad_xa.matmul(&ad)?)?.reshape(dims)?)
+            } else {
+                None
+            };
+            Ok((grad_x, Some(grad_a), Some(grad_b)))
+        })
+    }
+
     /// `(alpha/r) * B A` as a constant `[out, in]` matrix (no gradient), in the weight's dtype.
     pub fn delta_weight(&self) -> Result<Tensor> {
         let ba = self
@@ -121,7 +167,11 @@ impl LoRALinear {
 
 impl Adapter for LoRALinear {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.weight.linear(x)? + self.lora_delta(x, train)?
+        let dropout_active = train && self.dropout > 0.0;
+        if dropout_active || tune_core::autograd::plain_frozen_matmul() {
+            return self.weight.linear(x)? + self.lora_delta(x, train)?;
+        }
+        self.fused_forward(x)
     }
 
     fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
@@ -206,6 +256,62 @@ tune_core::inventory::submit! {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The fused layer and the op-by-op layer give the same output and the same gradients for the
+    /// input, A and B, for dense and NF4 bases.
+    #[test]
+    fn fused_forward_matches_the_recorded_ops() {
+        let device = Device::Cpu;
+        let weight = Tensor::randn(0f32, 0.5, (6, 128), &device).unwrap();
+        let bases = [
+            FrozenWeight::Dense(weight.clone()),
+            FrozenWeight::Nf4(Arc::new(Nf4Tensor::quantize(&weight).unwrap())),
+        ];
+        for base in bases {
+            let layer = LoRALinear {
+                weight: base,
+                lora_a: Var::from_tensor(&Tensor::randn(0f32, 0.3, (3, 128), &device).unwrap())
+                    .unwrap(),
+                lora_b: Var::from_tensor(&Tensor::randn(0f32, 0.3, (6, 3), &device).unwrap())
+                    .unwrap(),
+                rank: 3,
+                alpha: 6.0,
+                dropout: 0.0,
+            };
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 128), &device).unwrap()).unwrap();
+            // A loss that weighs every output differently.
+            let weights = Tensor::randn(0f32, 1.0, (2, 5, 6), &device).unwrap();
+            let run = |y: Tensor| {
+                let grads = (y.clone() * &weights)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let get = |t: &Tensor| grads.get(t).unwrap().clone();
+                (
+                    y,
+                    get(x.as_tensor()),
+                    get(layer.lora_a.as_tensor()),
+                    get(layer.lora_b.as_tensor()),
+                )
+            };
+            let fused = run(layer.fused_forward(x.as_tensor()).unwrap());
+            let recorded = run((layer.weight.linear(x.as_tensor()).unwrap()
+                + layer.lora_delta(x.as_tensor(), true).unwrap())
+            .unwrap());
+            for (what, f, r) in [
+                ("output", &fused.0, &recorded.0),
+                ("grad x", &fused.1, &recorded.1),
+                ("grad A", &fused.2, &recorded.2),
+                ("grad B", &fused.3, &recorded.3),
+            ] {
+                let rel = tune_core::compare::rel_norm_diff(f, r).unwrap();
+                assert!(rel < 1e-5, "{what}: relative difference {rel}");
+            }
+        }
+    }
 
     #[test]
     fn starts_as_the_base_layer_and_merges() {

@@ -267,6 +267,11 @@ pub fn set_plain_frozen_matmul(on: bool) {
     PLAIN_FROZEN_MATMUL.store(on, std::sync::atomic::Ordering::SeqCst);
 }
 
+/// Whether [`set_plain_frozen_matmul`] is on (fused ops then fall back to plain candle ops too).
+pub fn plain_frozen_matmul() -> bool {
+    PLAIN_FROZEN_MATMUL.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// `x @ weight.T` for a frozen `weight` [out, in]: the backward returns only `grad @ weight`.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if PLAIN_FROZEN_MATMUL.load(std::sync::atomic::Ordering::Relaxed) {
