@@ -27,6 +27,20 @@ fn tune_command(args: &[&str]) -> Command {
     command
 }
 
+/// Starting a run in the background with its output captured.
+trait SpawnPiped {
+    fn spawn_piped(&mut self) -> std::process::Child;
+}
+
+impl SpawnPiped for Command {
+    fn spawn_piped(&mut self) -> std::process::Child {
+        self.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -117,11 +131,7 @@ fn ctrl_c_saves_and_the_resumed_run_ends_where_an_uninterrupted_one_does() {
 
     let work = tempfile::tempdir().unwrap();
     let output_arg = format!("output_dir={}", work.path().display());
-    let child = tune_command(&distributed_args(&output_arg, &[steps]))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = tune_command(&distributed_args(&output_arg, &[steps])).spawn_piped();
     let interrupted = interrupt_when(child, || log_lines(work.path()).len() >= 2);
     succeeded(&interrupted);
     let stderr = text(&interrupted.stderr);
@@ -194,11 +204,7 @@ fn two_nodes_meet_at_the_master_address() {
             &port,
         ];
         args.extend_from_slice(&distributed_args(&output_arg, &["max_steps_per_epoch=2"])[3..]);
-        tune_command(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        tune_command(&args).spawn_piped()
     };
     let (first, second) = (node("0"), node("1"));
     let (first, second) = (
@@ -278,10 +284,7 @@ fn ctrl_c_in_a_single_device_run_saves_a_step_checkpoint() {
         "max_steps_per_epoch=400",
         "save_adapter_weights_only=True",
     ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    .spawn_piped();
     let out = interrupt_when(child, || log_lines(work.path()).len() >= 2);
     succeeded(&out);
     let stderr = text(&out.stderr);
@@ -309,10 +312,7 @@ fn ctrl_c_outside_training_quits_at_once() {
         "stories260K/eval",
         &output_arg,
     ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    .spawn_piped();
     let started = Instant::now();
     let out = interrupt_when(child, || started.elapsed() > Duration::from_secs(2));
     assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
