@@ -68,7 +68,8 @@ pub fn launch(job: &Job, worker_args: &[OsString]) -> Result<()> {
         if job.nnodes == 1 {
             fresh_token()
         } else {
-            token_of(&format!("{addr}:{port}"))
+            // The port: every node names it the same way (the host may be spelled differently).
+            token_of(&format!("port {port}"))
         }
     });
     interrupt::set_forwarding(true);
@@ -94,9 +95,16 @@ pub fn launch(job: &Job, worker_args: &[OsString]) -> Result<()> {
         #[cfg(target_os = "linux")]
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec here.
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            let launcher_pid = std::process::id() as libc::pid_t;
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
                 // Orphaned workers (launcher killed) save and stop instead of training on.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The launcher died before the line above took effect.
+                if libc::getppid() != launcher_pid {
+                    return Err(std::io::Error::other("the launcher exited"));
+                }
                 Ok(())
             });
         }
@@ -131,7 +139,8 @@ fn supervise(workers: &mut [(usize, Child)]) -> Result<()> {
     let mut running: Vec<bool> = vec![true; workers.len()];
     while running.iter().any(|r| *r) {
         let interrupts = interrupt::count();
-        while interrupts_forwarded < interrupts.min(KILL_AFTER_INTERRUPTS - 1) {
+        // One per pass (50 ms apart), so two quick Ctrl-Cs reach a worker as two signals.
+        if interrupts_forwarded < interrupts.min(KILL_AFTER_INTERRUPTS - 1) {
             for ((_, child), alive) in workers.iter().zip(&running) {
                 if *alive {
                     interrupt::send(child);
@@ -166,7 +175,7 @@ fn supervise(workers: &mut [(usize, Child)]) -> Result<()> {
     match first_failure {
         None => Ok(()),
         // Ranks that quit on the user's Ctrl-C (while loading, or on a second one) did not fail.
-        Some((rank, status)) if interrupts_forwarded > 0 => {
+        Some((rank, status)) if interrupts_forwarded > 0 && quit_on_interrupt(&status) => {
             eprintln!("Interrupted: rank {rank} quit ({status})");
             std::process::exit(130);
         }
@@ -175,6 +184,11 @@ fn supervise(workers: &mut [(usize, Child)]) -> Result<()> {
              above as `Error (rank N): ...`"
         ),
     }
+}
+
+/// A worker that ended on an interrupt: exit status 130 (`tune`'s own) or killed by a signal.
+fn quit_on_interrupt(status: &ExitStatus) -> bool {
+    matches!(status.code(), Some(130) | None)
 }
 
 fn stop_all(workers: &mut [(usize, Child)]) {

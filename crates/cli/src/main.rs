@@ -78,12 +78,14 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            match std::env::var("RANK") {
+            let line = match std::env::var("RANK") {
                 Ok(rank) if std::env::var_os("WORLD_SIZE").is_some() => {
-                    eprintln!("Error (rank {rank}): {e:#}")
+                    format!("Error (rank {rank}): {e:#}\n")
                 }
-                _ => eprintln!("Error: {e:#}"),
-            }
+                _ => format!("Error: {e:#}\n"),
+            };
+            // One write, so ranks sharing a terminal do not interleave inside a message.
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             ExitCode::FAILURE
         }
     }

@@ -21,7 +21,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 
 /// First bytes of every connection: tells a tune-rs rank from anything else on the port.
-const HELLO_MAGIC: &[u8; 8] = b"TUNERS01";
+/// Changes whenever the handshake does, so mismatched binaries fail at the hello.
+const HELLO_MAGIC: &[u8; 8] = b"TUNERS02";
 
 /// How long a rank waits for the others (rendezvous, and each collective), unless
 /// `TUNE_DIST_TIMEOUT_S` says otherwise. Generous like NCCL's: rank 0 may be saving a checkpoint.
@@ -155,11 +156,15 @@ impl ProcessGroup {
             Links::Leaf(connect_to_root(info, endpoint, job, timeout)?)
         };
         tracing::debug!("rank {} of {} joined the group", info.rank, info.world_size);
-        Ok(ProcessGroup {
+        let mut group = ProcessGroup {
             info,
             links,
             sequence: 0,
-        })
+        };
+        // Every rank returns only once the whole group has formed: a rank that rank 0 accepted
+        // before giving up fails here, not after loading a model.
+        group.barrier()?;
+        Ok(group)
     }
 
     pub fn rank(&self) -> usize {
@@ -172,6 +177,20 @@ impl ProcessGroup {
 
     pub fn local_rank(&self) -> usize {
         self.info.local_rank
+    }
+
+    /// How long each later collective may wait for another rank.
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<()> {
+        match &self.links {
+            Links::Single => {}
+            Links::Root(peers) => {
+                for peer in peers {
+                    configure(peer, timeout)?;
+                }
+            }
+            Links::Leaf(root) => configure(root, timeout)?,
+        }
+        Ok(())
     }
 
     /// Rank 0 logs, shows progress and writes checkpoints.
@@ -425,7 +444,7 @@ fn read_hello(stream: &mut TcpStream, world_size: usize, job: u64) -> Result<usi
     let mut magic = [0u8; 8];
     stream.read_exact(&mut magic)?;
     if &magic != HELLO_MAGIC {
-        bail!("not a tune-rs rank");
+        bail!("not a rank of this tune-rs version (use the same `tune` binary on every node)");
     }
     let mut word = [0u8; 8];
     stream.read_exact(&mut word)?;
@@ -435,8 +454,8 @@ fn read_hello(stream: &mut TcpStream, world_size: usize, job: u64) -> Result<usi
     stream.read_exact(&mut word)?;
     if u64::from_le_bytes(word) != job {
         bail!(
-            "it belongs to another job (TUNE_DIST_JOB differs; on several nodes pass the same \
-             --rdzv_id, or none, everywhere)"
+            "it belongs to another job (TUNE_DIST_JOB differs: every node must pass the same \
+             --rdzv_id, or none, and the same --master_port)"
         );
     }
     if their_world != world_size {
@@ -734,7 +753,8 @@ mod tests {
                     world_size: 2,
                     local_rank: 0,
                 };
-                let mut group = ProcessGroup::connect(info, &endpoint, Duration::from_millis(300))?;
+                let mut group = ProcessGroup::connect(info, &endpoint, Duration::from_secs(20))?;
+                group.set_timeout(Duration::from_millis(300))?;
                 group.barrier()
             })
         };

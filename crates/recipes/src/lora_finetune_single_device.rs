@@ -363,6 +363,9 @@ pub fn train_data_parallel(
                 );
             }
             let store = loss.backward()?;
+            // The graph (every kept activation) goes with the loss tensor: free it now, not
+            // after the all-reduce and the optimizer step.
+            drop(loss);
             // On a GPU: device memory in use right after the backward, when activations and
             // gradients are all alive (the driver's view, sampled once per micro-batch).
             if let Some(used) = crate::bench::device_memory_used(&device) {
