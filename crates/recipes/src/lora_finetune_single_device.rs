@@ -124,12 +124,14 @@ pub fn train_data_parallel(
         });
     }
     // Past the dry run: only now does the device matter.
-    let device = parse_device(&rank_device(&cfg.get("device", "cpu".to_string())?, group))?;
+    let device_name = rank_device(&cfg.get("device", "cpu".to_string())?, group);
+    let device = parse_device(&device_name)?;
     let dtype = parse_dtype(&cfg.get("dtype", "fp32".to_string())?, &device)?;
+    // A model that cannot fit fails here with the numbers, not as an allocation error mid-load.
     crate::settings::check_weights_fit(
         crate::settings::weight_bytes(&spec, dtype)?,
         crate::bench::device_memory_free(&device),
-        &rank_device(&cfg.get("device", "cpu".to_string())?, group),
+        &device_name,
         dtype,
         group.world_size() > 1,
     )?;
