@@ -217,6 +217,96 @@ pub fn attention(
     })
 }
 
+/// The middle of a causal self-attention block as one graph node, for training: `q`, `k`, `v`
+/// come straight from their projections ([batch, seq, heads * head_dim]; `num_kv_heads` heads
+/// for k and v), RoPE (interleaved pairs) is applied to q and k, each kv head serves
+/// `num_heads / num_kv_heads` consecutive query heads, and the result comes back as
+/// [batch, seq, num_heads * head_dim], ready for the output projection.
+///
+/// Only the three inputs (which their projections produce anyway) are kept for the backward;
+/// RoPE, the head layouts and the probabilities are recomputed there. Built from [`attention`]
+/// and [`rope_interleaved`], the rotated q and k, the contiguous v and the re-laid-out output
+/// would each stay alive until the backward as well.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    num_heads: usize,
+    num_kv_heads: usize,
+    (cos, sin): (&Tensor, &Tensor),
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, s, width) = q.dims3()?;
+    let head_dim = width / num_heads;
+    let times = num_heads / num_kv_heads;
+    let mask = mask.cloned();
+    let (cos, sin, neg_sin) = (cos.clone(), sin.clone(), sin.neg()?);
+    // [b, s, n * d] -> [b, n, s, d] and back.
+    let split = move |t: &Tensor, n: usize| {
+        t.reshape((b, s, n, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let merge = move |t: &Tensor, n: usize| t.transpose(1, 2)?.reshape((b, s, n * head_dim));
+    // [b, kv, s, d] -> [b, kv * times, s, d]: each kv head repeated for its query heads.
+    let repeat = move |t: &Tensor| -> Result<Tensor> {
+        if times == 1 {
+            return Ok(t.clone());
+        }
+        t.unsqueeze(2)?
+            .expand((b, num_kv_heads, times, s, head_dim))?
+            .reshape((b, num_heads, s, head_dim))
+    };
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    // Rotated q, repeated rotated k, repeated v and the probabilities, from the kept inputs.
+    let recompute = {
+        let (cos, sin, mask) = (cos.clone(), sin.clone(), mask.clone());
+        move |qd: &Tensor, kd: &Tensor, vd: &Tensor| -> Result<[Tensor; 4]> {
+            let qr = candle_nn::rotary_emb::rope_i(&split(qd, num_heads)?, &cos, &sin)?;
+            let kr = repeat(&candle_nn::rotary_emb::rope_i(
+                &split(kd, num_kv_heads)?,
+                &cos,
+                &sin,
+            )?)?;
+            let vr = repeat(&split(vd, num_kv_heads)?)?;
+            let scores = (qr.matmul(&kr.t()?.contiguous()?)? * scale)?;
+            let scores = match &mask {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
+            let p = candle_nn::ops::softmax_last_dim(&scores)?;
+            Ok([qr, kr, vr, p])
+        }
+    };
+    let [_, _, vr, p] = recompute(&qd, &kd, &vd)?;
+    let out = merge(&p.matmul(&vr)?, num_heads)?;
+    drop((vr, p));
+    // Per kv head, the sum of the gradients of the query heads it served.
+    let sum_groups = move |t: Tensor| -> Result<Tensor> {
+        if times == 1 {
+            return Ok(t);
+        }
+        t.reshape((b, num_kv_heads, times, s, head_dim))?.sum(2)
+    };
+    with_backward3("rope_attention", (q, k, v), out, move |grad| {
+        let [qr, kr, vr, p] = recompute(&qd, &kd, &vd)?;
+        let grad = split(grad, num_heads)?;
+        let dv = p.t()?.contiguous()?.matmul(&grad)?;
+        let dp = grad.matmul(&vr.t()?.contiguous()?)?;
+        let ds = p.mul(&dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
+        let dq = (ds.matmul(&kr)? * scale)?;
+        let dk = (ds.t()?.contiguous()?.matmul(&qr)? * scale)?;
+        // RoPE's backward is the rotation by the opposite angle.
+        let unrotate = |t: &Tensor| candle_nn::rotary_emb::rope_i(&t.contiguous()?, &cos, &neg_sin);
+        let dq = merge(&unrotate(&dq)?, num_heads)?;
+        let dk = merge(&unrotate(&sum_groups(dk)?)?, num_kv_heads)?;
+        let dv = merge(&sum_groups(dv)?, num_kv_heads)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    })
+}
+
 /// Gradients of trainable tensors produced inside a custom op's backward (activation
 /// checkpointing reruns a layer there), keyed by the variable's id until the training loop
 /// collects them with [`param_grad`].
@@ -641,6 +731,92 @@ mod tests {
             .clone();
         assert!(max_abs(&loss, &ref_loss) < 1e-6);
         assert!(max_abs(&g, &gr) < 1e-6);
+    }
+
+    /// The fused block against the ops it replaces (RoPE, head split, kv repeat, attention,
+    /// merge), with grouped-query heads: outputs and the gradients of q, k and v.
+    #[test]
+    fn rope_attention_matches_the_ops_it_fuses() {
+        let (b, s, heads, kv_heads, d) = (2, 5, 4, 2, 4);
+        let q = rand(&[b, s, heads * d], 21);
+        let k = rand(&[b, s, kv_heads * d], 22);
+        let v = rand(&[b, s, kv_heads * d], 23);
+        let (cos, sin) = (rand(&[s, d / 2], 24), rand(&[s, d / 2], 25));
+        let mask = causal(s);
+        let probe = rand(&[b, s, heads * d], 26);
+        let run = |fused: bool| {
+            let vars = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
+            let [qv, kv, vv] = [0, 1, 2].map(|i| vars[i].as_tensor().clone());
+            let out = if fused {
+                rope_attention(
+                    &qv,
+                    &kv,
+                    &vv,
+                    heads,
+                    kv_heads,
+                    (&cos, &sin),
+                    Some(&mask),
+                    0.5,
+                )
+                .unwrap()
+            } else {
+                let split = |t: &Tensor, n: usize| {
+                    t.reshape((b, s, n, d)).unwrap().transpose(1, 2).unwrap()
+                };
+                let repeat = |t: Tensor| {
+                    t.unsqueeze(2)
+                        .unwrap()
+                        .expand((b, kv_heads, heads / kv_heads, s, d))
+                        .unwrap()
+                        .reshape((b, heads, s, d))
+                        .unwrap()
+                };
+                let qr = rope_interleaved(&split(&qv, heads), &cos, &sin).unwrap();
+                let kr = repeat(rope_interleaved(&split(&kv, kv_heads), &cos, &sin).unwrap());
+                let vr = repeat(split(&vv, kv_heads).contiguous().unwrap());
+                attention(&qr, &kr, &vr, Some(&mask), 0.5)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .reshape((b, s, heads * d))
+                    .unwrap()
+            };
+            let g = (out.clone() * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grads: Vec<Tensor> = vars
+                .iter()
+                .map(|v| g.get(v.as_tensor()).unwrap().clone())
+                .collect();
+            (out, grads)
+        };
+        let (out, grads) = run(true);
+        let (ref_out, ref_grads) = run(false);
+        assert!(max_abs(&out, &ref_out) < 1e-6);
+        for (g, r) in grads.iter().zip(&ref_grads) {
+            assert_eq!(g.dims(), r.dims());
+            assert!(max_abs(g, r) < 1e-6, "{}", max_abs(g, r));
+        }
+    }
+
+    fn causal(s: usize) -> Tensor {
+        Tensor::from_vec(
+            (0..s * s)
+                .map(|i| {
+                    if i % s > i / s {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect::<Vec<f32>>(),
+            (s, s),
+            &Device::Cpu,
+        )
+        .unwrap()
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use tune_core::autograd::{attention, rms_norm, rope_interleaved};
+use tune_core::autograd::{attention, rms_norm, rope_attention, rope_interleaved};
 use tune_core::{Adapter, AdapterFactory, FrozenLinear};
 
 use crate::spec::{ModelSpec, TransformerConfig};
@@ -327,18 +327,35 @@ fn layer_forward(
     mask: &Tensor,
     opts: Forward,
 ) -> Result<Tensor> {
-    let (b, s, _) = x.dims3()?;
-    let hd = c.head_dim();
     let xn = rms_norm(x, &layer.sa_norm, c.norm_eps)?;
-    let (q, k, v) = qkv(c, layer, &xn, cos, sin, opts)?;
-    let (k, v) = (
-        repeat_kv(&k, c.num_heads / c.num_kv_heads)?,
-        repeat_kv(&v, c.num_heads / c.num_kv_heads)?,
-    );
-    let attn = attention(&q, &k, &v, Some(mask), 1.0 / (hd as f64).sqrt())?;
-    let attn = attn.transpose(1, 2)?.reshape((b, s, c.num_heads * hd))?;
+    let (q, k, v) = projections(layer, &xn, opts)?;
+    // RoPE, grouped heads and attention in one node that keeps only q, k and v.
+    let attn = rope_attention(
+        &q,
+        &k,
+        &v,
+        c.num_heads,
+        c.num_kv_heads,
+        (cos, sin),
+        Some(mask),
+        1.0 / (c.head_dim() as f64).sqrt(),
+    )?;
     let h = (x + proj(layer.attn.output_proj.as_ref(), &attn, opts)?)?;
     mlp_residual(c, layer, &h, opts)
+}
+
+/// The q, k and v projections of `xn`, each [batch, seq, heads * head_dim].
+fn projections(
+    layer: &DecoderLayer,
+    xn: &Tensor,
+    opts: Forward,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let a = &layer.attn;
+    Ok((
+        proj(a.q_proj.as_ref(), xn, opts)?,
+        proj(a.k_proj.as_ref(), xn, opts)?,
+        proj(a.v_proj.as_ref(), xn, opts)?,
+    ))
 }
 
 /// q and k (RoPE applied) and v of one attention block, each [batch, heads, seq, head_dim].
@@ -351,16 +368,13 @@ fn qkv(
     opts: Forward,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, s, _) = xn.dims3()?;
-    let a = &layer.attn;
-    let heads = |p: &dyn Adapter, n: usize| -> Result<Tensor> {
-        Ok(proj(p, xn, opts)?
-            .reshape((b, s, n, c.head_dim()))?
-            .transpose(1, 2)?)
+    let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+        Ok(t.reshape((b, s, n, c.head_dim()))?.transpose(1, 2)?)
     };
-    let q = rope_interleaved(&heads(a.q_proj.as_ref(), c.num_heads)?, cos, sin)?;
-    let k = rope_interleaved(&heads(a.k_proj.as_ref(), c.num_kv_heads)?, cos, sin)?;
-    let v = heads(a.v_proj.as_ref(), c.num_kv_heads)?;
-    Ok((q, k, v))
+    let (q, k, v) = projections(layer, xn, opts)?;
+    let q = rope_interleaved(&heads(q, c.num_heads)?, cos, sin)?;
+    let k = rope_interleaved(&heads(k, c.num_kv_heads)?, cos, sin)?;
+    Ok((q, k, heads(v, c.num_kv_heads)?))
 }
 
 /// The second half of a layer: `h + w2(silu(w1 n) * w3 n)` with `n = mlp_norm(h)`.
@@ -453,17 +467,6 @@ fn proj(layer: &dyn Adapter, x: &Tensor, opts: Forward) -> candle_core::Result<T
     } else {
         layer.forward(x, opts.train)
     }
-}
-
-/// Repeats each kv head `times` times consecutively ([b, kv, s, d] -> [b, kv*times, s, d]).
-fn repeat_kv(x: &Tensor, times: usize) -> candle_core::Result<Tensor> {
-    if times == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kv, s, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .expand((b, kv, times, s, d))?
-        .reshape((b, kv * times, s, d))
 }
 
 /// Additive causal mask [seq, seq]: 0 on and below the diagonal, -inf above.
