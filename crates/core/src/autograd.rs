@@ -282,6 +282,7 @@ pub fn rope_attention(
     };
     let [_, _, vr, p] = recompute(&qd, &kd, &vd)?;
     let out = merge(&p.matmul(&vr)?, num_heads)?;
+    // Freed before the op copies `out` into its own storage.
     drop((vr, p));
     // Per kv head, the sum of the gradients of the query heads it served.
     let sum_groups = move |t: Tensor| -> Result<Tensor> {
