@@ -189,32 +189,42 @@ pub fn attention(
     scale: f64,
 ) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let probs = |q: &Tensor, k: &Tensor| -> Result<Tensor> {
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        candle_nn::ops::softmax_last_dim(&scores)
-    };
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let out = probs(&qd, &kd)?.matmul(&vd)?;
+    let out = attention_probs(&qd, &kd, mask, scale)?.matmul(&vd)?;
     let mask = mask.cloned();
     with_backward3("attention", (&q, &k, &v), out, move |grad| {
-        let scores = (qd.matmul(&kd.t()?.contiguous()?)? * scale)?;
-        let scores = match &mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let p = candle_nn::ops::softmax_last_dim(&scores)?;
-        let grad = grad.contiguous()?;
-        let dv = p.t()?.contiguous()?.matmul(&grad)?;
-        let dp = grad.matmul(&vd.t()?.contiguous()?)?;
-        let ds = p.mul(&dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
-        let dq = (ds.matmul(&kd)? * scale)?;
-        let dk = (ds.t()?.contiguous()?.matmul(&qd)? * scale)?;
+        let p = attention_probs(&qd, &kd, mask.as_ref(), scale)?;
+        let (dq, dk, dv) = attention_grads(&qd, &kd, &vd, &p, &grad.contiguous()?, scale)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     })
+}
+
+/// `softmax(q k^T * scale + mask)` over the last dimension, for q/k [.., seq, head_dim].
+fn attention_probs(q: &Tensor, k: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    candle_nn::ops::softmax_last_dim(&scores)
+}
+
+/// The gradients of q, k and v of `p v`, where `p = attention_probs(q, k, ..)`, from the
+/// output's gradient `grad` (contiguous).
+fn attention_grads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    p: &Tensor,
+    grad: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dv = p.t()?.contiguous()?.matmul(grad)?;
+    let dp = grad.matmul(&v.t()?.contiguous()?)?;
+    let ds = p.mul(&dp.broadcast_sub(&(&dp * p)?.sum_keepdim(D::Minus1)?)?)?;
+    let dq = (ds.matmul(k)? * scale)?;
+    let dk = (ds.t()?.contiguous()?.matmul(q)? * scale)?;
+    Ok((dq, dk, dv))
 }
 
 /// The middle of a causal self-attention block as one graph node, for training: `q`, `k`, `v`
@@ -271,12 +281,7 @@ pub fn rope_attention(
                 &sin,
             )?)?;
             let vr = repeat(&split(vd, num_kv_heads)?)?;
-            let scores = (qr.matmul(&kr.t()?.contiguous()?)? * scale)?;
-            let scores = match &mask {
-                Some(m) => scores.broadcast_add(m)?,
-                None => scores,
-            };
-            let p = candle_nn::ops::softmax_last_dim(&scores)?;
+            let p = attention_probs(&qr, &kr, mask.as_ref(), scale)?;
             Ok([qr, kr, vr, p])
         }
     };
@@ -294,11 +299,7 @@ pub fn rope_attention(
     with_backward3("rope_attention", (q, k, v), out, move |grad| {
         let [qr, kr, vr, p] = recompute(&qd, &kd, &vd)?;
         let grad = split(grad, num_heads)?;
-        let dv = p.t()?.contiguous()?.matmul(&grad)?;
-        let dp = grad.matmul(&vr.t()?.contiguous()?)?;
-        let ds = p.mul(&dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
-        let dq = (ds.matmul(&kr)? * scale)?;
-        let dk = (ds.t()?.contiguous()?.matmul(&qr)? * scale)?;
+        let (dq, dk, dv) = attention_grads(&qr, &kr, &vr, &p, &grad, scale)?;
         // RoPE's backward is the rotation by the opposite angle.
         let unrotate = |t: &Tensor| candle_nn::rotary_emb::rope_i(&t.contiguous()?, &cos, &neg_sin);
         let dq = merge(&unrotate(&dq)?, num_heads)?;
