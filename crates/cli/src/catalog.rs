@@ -35,6 +35,10 @@ pub const CONFIG_RECIPES: &[(&str, &str)] = &[
         "stories260K/qlora_single_device",
         "lora_finetune_single_device",
     ),
+    (
+        "stories260K/lora_text_completion",
+        "lora_finetune_single_device",
+    ),
     ("llama2/7B_lora", "lora_finetune_distributed"),
     ("llama2/13B_lora", "lora_finetune_distributed"),
     ("llama2/70B_lora", "lora_finetune_distributed"),

@@ -102,6 +102,7 @@ fn ls_prints_torchtunes_table() {
         "llama2/13B_qlora_single_device",
         "stories260K/lora_single_device",
         "stories260K/qlora_single_device",
+        "stories260K/lora_text_completion",
         "llama2/13B_lora",
         "llama2/70B_lora",
         "llama2/7B_qlora",

@@ -11,6 +11,17 @@ use crate::sft::{Sample, CROSS_ENTROPY_IGNORE_IDX};
 pub struct Batch {
     pub tokens: Vec<Vec<i64>>,
     pub labels: Vec<Vec<i64>>,
+    /// Set for a batch of packs: where each row's samples start and their token positions.
+    pub packed: Option<PackedLayout>,
+}
+
+/// The sample layout of a batch of packs (see [`crate::packed`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PackedLayout {
+    /// `[batch_size][seq_len]`: each token's position inside its sample.
+    pub input_pos: Vec<Vec<u32>>,
+    /// Per row, the lengths of its samples in order (summing to `seq_len`).
+    pub seq_lens: Vec<Vec<usize>>,
 }
 
 impl Batch {
@@ -110,6 +121,7 @@ impl CollateSft {
         let mut batch = Batch {
             tokens: Vec::with_capacity(samples.len()),
             labels: Vec::with_capacity(samples.len()),
+            packed: None,
         };
         for s in samples {
             let mut tokens: Vec<i64> = s.tokens.iter().map(|&t| i64::from(t)).collect();

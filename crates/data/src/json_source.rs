@@ -1,6 +1,7 @@
-//! Local JSON data files, as Hugging Face `load_dataset("json", data_files=..., split=...)`
-//! reads them: each file is a JSON array of objects, JSON Lines (one object per line), an object
-//! with the rows under `field`, or an object of equal-length columns. Splits select rows with
+//! Local data files, as Hugging Face `load_dataset("json" | "text", data_files=..., split=...)`
+//! reads them. A JSON file is a JSON array of objects, JSON Lines (one object per line), an object
+//! with the rows under `field`, or an object of equal-length columns; a text file gives one row
+//! `{"text": ...}` per line (or per paragraph, or one for the whole file). Splits select rows with
 //! the `datasets` slicing syntax: `train`, `train[:100]`, `train[10:-10]`, `train[:10%]`,
 //! `train[:50%]+train[-10%:]`.
 
@@ -161,6 +162,88 @@ pub fn read_rows(path: &Path, field: Option<&str>) -> Result<Vec<Row>> {
             Ok(rows)
         }
     }
+}
+
+/// How `source: text` cuts a file into rows (Hugging Face's `sample_by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextSampleBy {
+    /// One row per line, empty lines included, line breaks removed.
+    Line,
+    /// One row per block of text between blank lines (`"\n\n"`); empty blocks are skipped.
+    Paragraph,
+    /// The whole file as one row.
+    Document,
+}
+
+impl TextSampleBy {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "line" => TextSampleBy::Line,
+            "paragraph" => TextSampleBy::Paragraph,
+            "document" => TextSampleBy::Document,
+            other => bail!("unknown sample_by {other:?}; use line, paragraph or document"),
+        })
+    }
+}
+
+/// Reads a text file as rows `{"text": ...}`. Line breaks are those of Python's
+/// `str.splitlines` after universal-newline reading (`\n`, `\r\n`, `\r`, and the Unicode
+/// separators), as Hugging Face's `text` loader splits them.
+pub fn read_text_rows(path: &Path, sample_by: TextSampleBy) -> Result<Vec<Row>> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read text file {}: check `data_files` (relative paths are from the current directory; the file must be UTF-8)",
+            path.display()
+        )
+    })?;
+    let body = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let body = body.replace("\r\n", "\n").replace('\r', "\n");
+    let pieces: Vec<&str> = match sample_by {
+        TextSampleBy::Line => python_splitlines(&body),
+        TextSampleBy::Paragraph => body.split("\n\n").filter(|p| !p.is_empty()).collect(),
+        TextSampleBy::Document if body.is_empty() => Vec::new(),
+        TextSampleBy::Document => vec![body.as_str()],
+    };
+    Ok(pieces
+        .into_iter()
+        .enumerate()
+        .map(|(index, piece)| {
+            let mut columns = Map::new();
+            columns.insert("text".to_string(), Value::String(piece.to_string()));
+            Row {
+                file: path.to_path_buf(),
+                index,
+                line: (sample_by == TextSampleBy::Line).then_some(index + 1),
+                columns,
+            }
+        })
+        .collect())
+}
+
+/// Python's `str.splitlines()` (without line ends) for text whose `\r` are already `\n`.
+fn python_splitlines(text: &str) -> Vec<&str> {
+    let is_break = |c: char| {
+        matches!(
+            c,
+            '\n' | '\u{0b}'
+                | '\u{0c}'
+                | '\u{1c}'
+                | '\u{1d}'
+                | '\u{1e}'
+                | '\u{85}'
+                | '\u{2028}'
+                | '\u{2029}'
+        )
+    };
+    if text.is_empty() {
+        return Vec::new();
+    }
+    let mut lines: Vec<&str> = text.split(is_break).collect();
+    // A final line break ends the last line rather than starting an empty one.
+    if text.ends_with(is_break) {
+        lines.pop();
+    }
+    lines
 }
 
 fn columns_to_rows(path: &Path, obj: Map<String, Value>) -> Result<Vec<Row>> {

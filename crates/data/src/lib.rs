@@ -11,38 +11,48 @@
 //! - [`messages`] — chat messages and prompt templates (`Llama2ChatTemplate`).
 //!
 //! Data
-//! - [`json_source`] — local JSON / JSON Lines data files and `train[:10%]`-style splits.
-//! - [`alpaca`] — `alpaca_dataset` / `alpaca_cleaned_dataset` ([`DatasetSpec`]).
+//! - [`json_source`] — local JSON / JSON Lines / text data files and `train[:10%]`-style splits.
+//! - [`dataset`] — what every dataset builder shares ([`DatasetSpec`]: source, split, packing).
+//! - [`alpaca`] — `alpaca_dataset` / `alpaca_cleaned_dataset`.
+//! - [`instruct`] — `instruct_dataset` (prompt/response columns).
+//! - [`chat`] — `chat_dataset` (ShareGPT / OpenAI conversations).
+//! - [`text_completion`] — `text_completion_dataset` (free text).
 //! - [`sft`] — the tokenized training [`Sample`] (tokens, labels, mask).
+//! - [`packed`] — `packed: True`: samples packed into fixed-length [`Pack`]s.
 //!
 //! Batching
 //! - [`collate`] — `padded_collate_sft` into a [`Batch`].
 //! - [`loader`] — a seeded, resumable batch sampler and data loader.
 //!
 //! Components registered in tune-core's registry: `torchtune.models.llama2.llama2_tokenizer`
-//! (builds a [`Llama2Tokenizer`]), `torchtune.datasets.alpaca_dataset` and
-//! `torchtune.datasets.alpaca_cleaned_dataset` (build a [`DatasetSpec`]; call
-//! [`DatasetSpec::load`] with the tokenizer), `torchtune.data.padded_collate_sft` (builds a
-//! [`CollateSft`]).
+//! (builds a [`Llama2Tokenizer`]), the `torchtune.datasets.*` builders above (each builds a
+//! [`DatasetSpec`]; call [`DatasetSpec::load_examples`] with the tokenizer), and
+//! `torchtune.data.padded_collate_sft` (builds a [`CollateSft`]).
 
 pub mod alpaca;
 mod bpe;
 mod charsmap;
+pub mod chat;
 pub mod collate;
+pub mod dataset;
 pub mod hf_tokenizer;
+pub mod instruct;
 pub mod json_source;
 pub mod llama2_tokenizer;
 pub mod loader;
 pub mod messages;
+pub mod packed;
 mod protobuf;
 pub mod sentencepiece;
 pub mod sft;
+pub mod text_completion;
 pub mod tokenizer;
 
-pub use alpaca::DatasetSpec;
-pub use collate::{padded_collate_sft, Batch, CollateSft};
+pub use collate::{padded_collate_sft, Batch, CollateSft, PackedLayout};
+pub use dataset::DatasetSpec;
 pub use llama2_tokenizer::Llama2Tokenizer;
 pub use loader::{BatchSampler, DataLoader, LoaderPosition};
 pub use messages::{Message, PromptTemplate, Role};
+pub use packed::{Examples, Pack};
 pub use sft::{Sample, CROSS_ENTROPY_IGNORE_IDX};
 pub use tokenizer::Tokenizer;

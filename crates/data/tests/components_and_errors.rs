@@ -199,12 +199,6 @@ fn hub_sources_and_unsupported_options_are_refused_with_the_fix() {
     assert!(err.contains("data_files"), "{err}");
     let err = build_err("{_component_: alpaca_dataset, source: csv, data_files: x.csv}");
     assert!(err.contains("convert the data to JSON"), "{err}");
-    let err =
-        build_err("{_component_: alpaca_dataset, source: json, data_files: x.json, packed: true}");
-    assert!(
-        err.contains("packed") && err.contains("packed: False"),
-        "{err}"
-    );
     let err = build_err("{_component_: alpaca_dataset, source: json, data_files: x.json, column_map: {response: out}}");
     assert!(
         err.contains("unknown key `response`") && err.contains("instruction, input, output"),

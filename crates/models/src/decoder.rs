@@ -267,7 +267,17 @@ impl TransformerDecoder {
 
     /// `tokens` [batch, seq] (u32 or i64) -> fp32 logits [batch, seq, vocab].
     pub fn forward_with(&self, tokens: &Tensor, opts: Forward) -> Result<ForwardOutput> {
-        let (normed, hidden) = self.final_hidden(tokens, opts)?;
+        self.forward_packed(tokens, None, opts)
+    }
+
+    /// [`Self::forward_with`] for rows that each hold several samples (`packed`), or one (`None`).
+    pub fn forward_packed(
+        &self,
+        tokens: &Tensor,
+        packed: Option<&PackedRows>,
+        opts: Forward,
+    ) -> Result<ForwardOutput> {
+        let (normed, hidden) = self.final_hidden_packed(tokens, packed, opts)?;
         let logits = proj(self.output.as_ref(), &normed, opts)?.to_dtype(DType::F32)?;
         Ok(ForwardOutput { logits, hidden })
     }
@@ -277,6 +287,16 @@ impl TransformerDecoder {
     pub fn final_hidden(
         &self,
         tokens: &Tensor,
+        opts: Forward,
+    ) -> Result<(Tensor, Vec<(String, Tensor)>)> {
+        self.final_hidden_packed(tokens, None, opts)
+    }
+
+    /// [`Self::final_hidden`] for rows that each hold several samples (`packed`), or one (`None`).
+    pub fn final_hidden_packed(
+        &self,
+        tokens: &Tensor,
+        packed: Option<&PackedRows>,
         opts: Forward,
     ) -> Result<(Tensor, Vec<(String, Tensor)>)> {
         let (batch, seq) = tokens.dims2()?;
@@ -296,9 +316,14 @@ impl TransformerDecoder {
         if opts.capture_hidden {
             hidden.push(("tok_embeddings".to_string(), h.clone()));
         }
-        let cos = self.rope_cos.narrow(0, 0, seq)?;
-        let sin = self.rope_sin.narrow(0, 0, seq)?;
-        let mask = causal_mask(seq, h.device(), h.dtype())?;
+        let (cos, sin, mask) = match packed {
+            None => (
+                self.rope_cos.narrow(0, 0, seq)?,
+                self.rope_sin.narrow(0, 0, seq)?,
+                causal_mask(seq, h.device(), h.dtype())?,
+            ),
+            Some(rows) => self.packed_rope_and_mask(rows, batch, seq)?,
+        };
         let checkpoint = self.activation_checkpointing && opts.train && !opts.capture_hidden;
         for (i, layer) in self.layers.iter().enumerate() {
             h = if checkpoint {
@@ -315,6 +340,88 @@ impl TransformerDecoder {
             hidden.push(("norm".to_string(), normed.clone()));
         }
         Ok((normed, hidden))
+    }
+
+    /// RoPE tables gathered at each token's position in its sample ([batch, seq, head_dim / 2])
+    /// and the rows' block-causal mask.
+    fn packed_rope_and_mask(
+        &self,
+        rows: &PackedRows,
+        batch: usize,
+        seq: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        if rows.input_pos.dims2()? != (batch, seq) {
+            anyhow::bail!(
+                "packed layout is for {:?} tokens but the batch is {:?}",
+                rows.input_pos.dims(),
+                (batch, seq)
+            );
+        }
+        if rows.max_position >= self.config.max_seq_len {
+            anyhow::bail!(
+                "packed position {} exceeds the model's max_seq_len {}; lower tokenizer.max_seq_len",
+                rows.max_position,
+                self.config.max_seq_len
+            );
+        }
+        let positions = rows.input_pos.flatten_all()?;
+        let half = self.config.head_dim() / 2;
+        let gather = |table: &Tensor| -> Result<Tensor> {
+            Ok(table
+                .index_select(&positions, 0)?
+                .reshape((batch, seq, half))?)
+        };
+        let mask = match rows.mask.dtype() == self.dtype() {
+            true => rows.mask.clone(),
+            false => rows.mask.to_dtype(self.dtype())?,
+        };
+        Ok((gather(&self.rope_cos)?, gather(&self.rope_sin)?, mask))
+    }
+}
+
+/// Rows that each hold several samples laid end to end (sample packing): every token's RoPE
+/// position inside its sample, and an attention mask that keeps each sample to itself.
+#[derive(Debug, Clone)]
+pub struct PackedRows {
+    /// [batch, seq] u32.
+    pub input_pos: Tensor,
+    /// Additive block-causal mask [batch, 1, seq, seq]: 0 where a token may attend (earlier or
+    /// same position, same sample), -inf elsewhere.
+    pub mask: Tensor,
+    max_position: usize,
+}
+
+impl PackedRows {
+    /// From each row's positions and sample lengths (which sum to the row's length).
+    pub fn new(input_pos: &[Vec<u32>], seq_lens: &[Vec<usize>], device: &Device) -> Result<Self> {
+        let batch = input_pos.len();
+        let seq = input_pos.first().map_or(0, Vec::len);
+        if seq_lens.len() != batch {
+            anyhow::bail!(
+                "{batch} rows of positions but {} of sample lengths",
+                seq_lens.len()
+            );
+        }
+        let mut mask = vec![f32::NEG_INFINITY; batch * seq * seq];
+        for (row, lens) in seq_lens.iter().enumerate() {
+            if input_pos[row].len() != seq || lens.iter().sum::<usize>() != seq {
+                anyhow::bail!("row {row}: sample lengths {lens:?} do not cover its {seq} tokens");
+            }
+            let mut start = 0;
+            for &len in lens {
+                for i in start..start + len {
+                    let line = (row * seq + i) * seq;
+                    mask[line + start..=line + i].fill(0.0);
+                }
+                start += len;
+            }
+        }
+        let max_position = input_pos.iter().flatten().copied().max().unwrap_or(0) as usize;
+        Ok(PackedRows {
+            input_pos: Tensor::from_vec(input_pos.concat(), (batch, seq), device)?,
+            mask: Tensor::from_vec(mask, (batch, 1, seq, seq), device)?,
+            max_position,
+        })
     }
 }
 

@@ -95,7 +95,7 @@ pub fn train_steps(
     for i in 0..warmup + steps {
         device.synchronize()?;
         let start = Instant::now();
-        let (sum, n) = model_ce_sum(model, &tokens, &labels, true)?;
+        let (sum, n) = model_ce_sum(model, &tokens, &labels, None, true)?;
         let loss = (sum / n as f64)?;
         let store = loss.backward()?;
         let grads: Vec<Tensor> = params

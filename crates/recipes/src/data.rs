@@ -4,15 +4,16 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use tune_core::ComponentKind;
 use tune_data::{
-    BatchSampler, CollateSft, DatasetSpec, Llama2Tokenizer, Sample, CROSS_ENTROPY_IGNORE_IDX,
+    BatchSampler, CollateSft, DatasetSpec, Examples, Llama2Tokenizer, CROSS_ENTROPY_IGNORE_IDX,
 };
+use tune_models::decoder::PackedRows;
 
 use crate::settings::TopLevel;
 
-/// Tokenized samples plus how to batch them.
+/// Tokenized samples (or packs of them) plus how to batch them.
 pub struct TrainData {
     pub tokenizer: Llama2Tokenizer,
-    pub samples: Vec<Sample>,
+    pub examples: Examples,
     pub sampler: BatchSampler,
     pub collate: CollateSft,
 }
@@ -23,12 +24,14 @@ pub struct DeviceBatch {
     pub labels: Tensor,
     /// Labels that count in the loss, before the shift (torchtune's token count).
     pub num_label_tokens: usize,
+    /// Where each row's samples start, for a batch of packs.
+    pub packed: Option<PackedRows>,
 }
 
 /// Builds the tokenizer and dataset named by the config and checks them against the model.
 pub fn build(
     cfg: &TopLevel,
-    model_vocab: usize,
+    (model_vocab, model_max_seq_len): (usize, usize),
     batch_size: usize,
     shuffle: bool,
     seed: u64,
@@ -44,8 +47,31 @@ pub fn build(
         );
     }
     let dataset: DatasetSpec = cfg.build("dataset", ComponentKind::Dataset)?;
-    let samples = dataset.load(&tokenizer).context("loading `dataset`")?;
-    if samples.is_empty() {
+    if dataset.packing.is_some() {
+        let pack_length = dataset.pack_length(&tokenizer)?;
+        if pack_length > model_max_seq_len {
+            bail!(
+                "tokenizer.max_seq_len {pack_length} (the length of every pack) exceeds the model's \
+                 max_seq_len {model_max_seq_len}; lower tokenizer.max_seq_len"
+            );
+        }
+        if cfg.node("collate_fn").is_ok() {
+            tracing::warn!(
+                "dataset.packed=True: packs are batched as they are; `collate_fn` is not used"
+            );
+        }
+    }
+    let examples = dataset
+        .load_examples(&tokenizer)
+        .context("loading `dataset`")?;
+    if let Examples::Packs(packs) = &examples {
+        tracing::info!(
+            "packed the dataset into {} packs of {} tokens",
+            packs.len(),
+            packs.first().map_or(0, |p| p.tokens.len())
+        );
+    }
+    if examples.is_empty() {
         bail!("the dataset is empty; check dataset.data_files and dataset.split");
     }
     let collate = match cfg.node("collate_fn") {
@@ -54,17 +80,21 @@ pub fn build(
     };
     // torchtune's recipe always drops the last partial batch; with several ranks each takes
     // every `num_replicas`-th sample of the (padded) order, as DistributedSampler does.
-    let sampler = BatchSampler::new(samples.len(), batch_size)?
+    let sampler = BatchSampler::new(examples.len(), batch_size)?
         .with_shuffle(shuffle, seed)
         .with_drop_last(true)
         .with_replicas(num_replicas, rank)?;
     if sampler.num_batches() == 0 {
+        let unit = match examples {
+            Examples::Samples(_) => "samples",
+            Examples::Packs(_) => "packs",
+        };
         let share = if num_replicas == 1 {
-            format!("the dataset ({} samples)", samples.len())
+            format!("the dataset ({} {unit})", examples.len())
         } else {
             format!(
-                "each rank's share of the dataset ({} samples over {num_replicas} ranks)",
-                samples.len()
+                "each rank's share of the dataset ({} {unit} over {num_replicas} ranks)",
+                examples.len()
             )
         };
         bail!(
@@ -74,15 +104,16 @@ pub fn build(
     }
     Ok(TrainData {
         tokenizer,
-        samples,
+        examples,
         sampler,
         collate,
     })
 }
 
 impl TrainData {
-    pub fn num_samples(&self) -> usize {
-        self.samples.len()
+    /// Samples, or packs with `packed: True`.
+    pub fn num_examples(&self) -> usize {
+        self.examples.len()
     }
 
     pub fn batches_per_epoch(&self) -> usize {
@@ -95,14 +126,21 @@ impl TrainData {
     }
 
     pub fn collate(&self, indices: &[usize], device: &Device) -> Result<DeviceBatch> {
-        let batch = self
-            .collate
-            .collate(indices.iter().map(|&i| &self.samples[i]));
+        let batch = self.examples.collate(indices, &self.collate);
         let shape = batch.shape();
+        let packed = match &batch.packed {
+            Some(layout) => Some(PackedRows::new(
+                &layout.input_pos,
+                &layout.seq_lens,
+                device,
+            )?),
+            None => None,
+        };
         Ok(DeviceBatch {
             tokens: Tensor::from_vec(batch.tokens_flat(), shape, device)?,
             labels: Tensor::from_vec(batch.labels_flat(), shape, device)?,
             num_label_tokens: batch.num_label_tokens(CROSS_ENTROPY_IGNORE_IDX),
+            packed,
         })
     }
 }

@@ -140,7 +140,7 @@ pub fn train_data_parallel(
     // ---- Data (before the weights: a bad tokenizer or dataset fails fast) ------------------
     let data: TrainData = data::build(
         &cfg,
-        spec.transformer.vocab_size,
+        (spec.transformer.vocab_size, spec.transformer.max_seq_len),
         batch_size,
         shuffle,
         seed,
@@ -157,9 +157,9 @@ pub fn train_data_parallel(
     if steps_per_epoch == 0 {
         bail!(
             "one optimizer step needs batch_size * gradient_accumulation_steps * ranks = {} samples, \
-             but the dataset has {} (after drop_last); lower batch_size or gradient_accumulation_steps",
+             but the dataset has {} (packs when packed=True; after drop_last); lower batch_size or gradient_accumulation_steps",
             batch_size * grad_accum * group.world_size(),
-            data.num_samples()
+            data.num_examples()
         );
     }
 
@@ -352,7 +352,13 @@ pub fn train_data_parallel(
             }
             let batch = data.collate(batch_indices, &device)?;
             let tokens_n = batch.num_label_tokens;
-            let (ce_sum, shifted) = model_ce_sum(&model, &batch.tokens, &batch.labels, true)?;
+            let (ce_sum, shifted) = model_ce_sum(
+                &model,
+                &batch.tokens,
+                &batch.labels,
+                batch.packed.as_ref(),
+                true,
+            )?;
             // torchtune weights each micro-batch's mean loss by its (unshifted) label count.
             let loss = ((ce_sum / shifted.max(1) as f64)? * tokens_n as f64)?;
             let loss_value: f32 = loss.to_dtype(DType::F32)?.to_scalar()?;

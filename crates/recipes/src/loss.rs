@@ -8,6 +8,7 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 use tune_core::autograd::{cross_entropy_sum, linear_cross_entropy_sum};
 use tune_core::{ArgSpec, ArgType, Component, ComponentKind};
+use tune_models::decoder::PackedRows;
 
 pub const IGNORE_INDEX: i64 = -100;
 
@@ -37,20 +38,24 @@ pub const OUTPUT_CHUNK_ROWS: usize = 256;
 /// The training loss of `model` on a batch: (sum of token losses, counted tokens). When the
 /// output layer carries no adapter the logits are never materialised (the output projection and
 /// the loss run together, a chunk of rows at a time); otherwise it is `chunked_ce_sum(forward)`.
+/// `packed` describes rows that hold several samples (`packed: True` datasets). As in
+/// torchtune, the labels are shifted along the whole row.
 pub fn model_ce_sum(
     model: &tune_models::TransformerDecoder,
     tokens: &Tensor,
     labels: &Tensor,
+    packed: Option<&PackedRows>,
     train: bool,
 ) -> Result<(Tensor, usize)> {
-    if !model.output.trainable().is_empty() {
-        return chunked_ce_sum(&model.forward(tokens, train)?, labels);
-    }
     let opts = tune_models::decoder::Forward {
         train,
         ..Default::default()
     };
-    let (normed, _) = model.final_hidden(tokens, opts)?;
+    if !model.output.trainable().is_empty() {
+        let logits = model.forward_packed(tokens, packed, opts)?.logits;
+        return chunked_ce_sum(&logits, labels);
+    }
+    let (normed, _) = model.final_hidden_packed(tokens, packed, opts)?;
     let (b, s, d) = normed.dims3()?;
     let shifted = shift_labels(labels)?.reshape(b * s)?;
     let weight = model.output.base_weight()?;

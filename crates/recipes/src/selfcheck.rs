@@ -108,7 +108,7 @@ pub fn lora_step(repo: &Path, device: &Device, dtype: DType) -> Result<serde_jso
         (Vec::new(), 0f64, 0f64, 0f64, 0usize, 0usize);
     for step in 0..5 {
         // The recipe's fused output-projection + loss path, checked against the fixture.
-        let (sum, n) = model_ce_sum(&model, tokens, labels, true)?;
+        let (sum, n) = model_ce_sum(&model, tokens, labels, None, true)?;
         let loss = (sum / n as f64)?;
         losses.push(loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64);
         let store = loss.backward()?;
@@ -317,7 +317,7 @@ pub fn qlora_step_run(repo: &Path, model: &TransformerDecoder) -> Result<StepRes
     )?;
     let (tokens, labels) = (&batch["tokens"], &batch["labels"]);
     let logits = model.forward(tokens, true)?;
-    let (sum, n) = model_ce_sum(model, tokens, labels, true)?;
+    let (sum, n) = model_ce_sum(model, tokens, labels, None, true)?;
     let loss = (sum / n as f64)?;
     let store = loss.backward()?;
     let grads = model

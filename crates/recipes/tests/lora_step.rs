@@ -92,9 +92,14 @@ fn activation_checkpointing_gives_the_same_loss_and_gradients() {
     let batch = fixture("batch.safetensors");
     let mut run = |checkpointing: bool| {
         model.activation_checkpointing = checkpointing;
-        let (sum, n) =
-            tune_recipes::loss::model_ce_sum(&model, &batch["tokens"], &batch["labels"], true)
-                .unwrap();
+        let (sum, n) = tune_recipes::loss::model_ce_sum(
+            &model,
+            &batch["tokens"],
+            &batch["labels"],
+            None,
+            true,
+        )
+        .unwrap();
         let loss = (sum / n as f64).unwrap();
         let store = loss.backward().unwrap();
         let grads: Vec<Tensor> = model

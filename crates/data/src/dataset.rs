@@ -1,0 +1,370 @@
+//! What every torchtune dataset builder shares: where the rows come from (`source`,
+//! `data_files`, `split`, `field`), whether to pack them (`packed`), and the per-row conversion
+//! into a tokenized [`Sample`] that each builder (`alpaca_dataset`, `instruct_dataset`,
+//! `chat_dataset`, `text_completion_dataset`) supplies.
+//!
+//! Sources are local files: `source: json` (JSON / JSON Lines) or `source: text` (one row per
+//! line, as Hugging Face's `text` loader) with `data_files`, or a path to such a file or a folder
+//! of them. A Hugging Face dataset id downloads its JSON files through hf-hub.
+
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use tune_core::Args;
+
+use crate::json_source::{parse_split, read_rows, read_text_rows, DataFiles, Row, TextSampleBy};
+use crate::llama2_tokenizer::Llama2Tokenizer;
+use crate::packed::{pack_samples, Examples};
+use crate::sft::Sample;
+
+/// Turns one row of a data file into a tokenized sample: the builder-specific part of a dataset.
+pub trait RowToSample: Debug + Send + Sync {
+    fn sample(&self, row: &Row, tokenizer: &Llama2Tokenizer) -> Result<Sample>;
+}
+
+/// Where the rows come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// `source: json` with `data_files`.
+    Json(DataFiles),
+    /// `source: text` with `data_files`: each row is `{"text": ...}`.
+    Text(DataFiles, TextSampleBy),
+}
+
+/// `packed: True`: torchtune's `PackedDataset` settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Packing {
+    /// Split a sample that does not fit the rest of a pack across two packs (text completion's
+    /// default) instead of starting the next pack with it (the SFT datasets).
+    pub split_across_pack: bool,
+}
+
+/// A dataset component's parsed arguments. Building the component gives this;
+/// [`DatasetSpec::load`] tokenizes once the tokenizer exists.
+#[derive(Debug, Clone)]
+pub struct DatasetSpec {
+    /// The component's short name, for messages.
+    pub component: &'static str,
+    pub source: Source,
+    pub split: String,
+    /// The `field` of `load_dataset("json", field=...)`: rows under this top-level key.
+    pub field: Option<String>,
+    /// Set when `packed: True`.
+    pub packing: Option<Packing>,
+    pub to_sample: Arc<dyn RowToSample>,
+}
+
+/// The arguments every dataset builder takes (besides its own).
+pub const COMMON_ARGS: [&str; 6] = [
+    "source",
+    "packed",
+    "filter_fn",
+    "split",
+    "data_files",
+    "field",
+];
+
+impl DatasetSpec {
+    /// Parses the common arguments of `component`; `own` names the builder's other arguments
+    /// (already read by the caller), and `split_across_pack` is the builder's packing default.
+    /// Unsupported settings fail here, before any model is loaded.
+    pub fn from_args(
+        args: &Args,
+        component: &'static str,
+        own: &[&str],
+        split_across_pack: bool,
+        to_sample: Arc<dyn RowToSample>,
+    ) -> Result<Self> {
+        let source: String = args.get("source")?;
+        let packing = args
+            .get_opt::<bool>("packed")?
+            .unwrap_or(false)
+            .then_some(Packing { split_across_pack });
+        if !args.is_null("filter_fn") {
+            bail!("{component}: filter_fn is not supported (a Python callable); filter the data file instead");
+        }
+        let split = args
+            .get_opt::<String>("split")?
+            .unwrap_or_else(|| "train".to_string());
+        parse_split(&split).with_context(|| format!("{component}.split"))?;
+        let field = args.get_opt::<String>("field")?;
+        let sample_by = match args.get_opt::<String>("sample_by")? {
+            None => TextSampleBy::Line,
+            Some(s) => TextSampleBy::parse(&s).with_context(|| format!("{component}.sample_by"))?,
+        };
+        let data_files = match args.raw("data_files").filter(|v| !v.is_null()) {
+            Some(v) => {
+                Some(DataFiles::from_config(v).with_context(|| format!("{component}.data_files"))?)
+            }
+            None => None,
+        };
+        let known: Vec<&str> = COMMON_ARGS
+            .iter()
+            .chain(own)
+            .chain(&["sample_by"])
+            .copied()
+            .collect();
+        for (key, value) in args.extra(&known) {
+            match key.as_str() {
+                "streaming" if value.as_bool() == Some(true) => {
+                    bail!(
+                        "{component}: streaming=True is not supported; local files are read whole"
+                    )
+                }
+                "name" | "cache_dir" | "streaming" | "trust_remote_code" | "keep_in_memory"
+                | "num_proc" => {
+                    tracing::warn!("{component}: ignoring load_dataset argument `{key}` (not needed for local files)")
+                }
+                other => bail!(
+                    "{component}: unsupported argument `{other}`; supported: {}",
+                    known.join(", ")
+                ),
+            }
+        }
+        let source = resolve_source(component, &source, data_files, sample_by)?;
+        Ok(DatasetSpec {
+            component,
+            source,
+            split,
+            field,
+            packing,
+            to_sample,
+        })
+    }
+
+    /// The selected rows, before tokenization.
+    pub fn rows(&self) -> Result<Vec<Row>> {
+        let files = match &self.source {
+            Source::Json(files) | Source::Text(files, _) => files,
+        };
+        let mut out = Vec::new();
+        for slice in parse_split(&self.split)? {
+            let mut rows = Vec::new();
+            let paths = files
+                .split(&slice.name)
+                .with_context(|| self.component.to_string())?;
+            for path in paths {
+                let read = match &self.source {
+                    Source::Json(_) => read_rows(path, self.field.as_deref()),
+                    Source::Text(_, by) => read_text_rows(path, *by),
+                };
+                rows.extend(read.with_context(|| self.component.to_string())?);
+            }
+            let total = rows.len();
+            if total == 0 {
+                bail!(
+                    "{}: the data files of split {:?} have no rows: {}",
+                    self.component,
+                    slice.name,
+                    paths
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            let range = slice.range(total);
+            out.extend(rows.into_iter().skip(range.start).take(range.len()));
+        }
+        if out.is_empty() {
+            bail!(
+                "{}: split {:?} selects no rows; widen the slice",
+                self.component,
+                self.split
+            );
+        }
+        Ok(out)
+    }
+
+    /// Reads, converts and tokenizes every selected row (torchtune's `ds[i]` for every `i`),
+    /// without packing.
+    pub fn load(&self, tokenizer: &Llama2Tokenizer) -> Result<Vec<Sample>> {
+        self.rows()?
+            .iter()
+            .map(|row| {
+                self.to_sample
+                    .sample(row, tokenizer)
+                    .with_context(|| row.location())
+            })
+            .collect()
+    }
+
+    /// What the recipe trains on: the samples, or with `packed: True` the packs of
+    /// `tokenizer.max_seq_len` tokens made from them.
+    pub fn load_examples(&self, tokenizer: &Llama2Tokenizer) -> Result<Examples> {
+        let Some(packing) = self.packing else {
+            return Ok(Examples::Samples(self.load(tokenizer)?));
+        };
+        let max_seq_len = self.pack_length(tokenizer)?;
+        let samples = self.load(tokenizer)?;
+        let packs = pack_samples(
+            &samples,
+            max_seq_len,
+            packing.split_across_pack,
+            tokenizer.pad_id(),
+        )
+        .with_context(|| format!("{}: packing the dataset", self.component))?;
+        Ok(Examples::Packs(packs))
+    }
+
+    /// The length of every pack (`tokenizer.max_seq_len`), or the error torchtune gives without one.
+    pub fn pack_length(&self, tokenizer: &Llama2Tokenizer) -> Result<usize> {
+        tokenizer.max_seq_len().ok_or_else(|| {
+            anyhow!(
+                "{}: packed=True needs a pack length: set `tokenizer.max_seq_len` (e.g. \
+                 tokenizer.max_seq_len=2048), or set `dataset.packed=False`",
+                self.component
+            )
+        })
+    }
+}
+
+fn resolve_source(
+    component: &str,
+    source: &str,
+    data_files: Option<DataFiles>,
+    sample_by: TextSampleBy,
+) -> Result<Source> {
+    let local = Path::new(source);
+    let is_text = |p: &Path| extension_is(p, &["txt", "text"]);
+    match (source, data_files) {
+        ("json", Some(files)) => Ok(Source::Json(files)),
+        ("text", Some(files)) => Ok(Source::Text(files, sample_by)),
+        ("json" | "text", None) => {
+            bail!("{component}: `source: {source}` needs `data_files` (a file, or a list of them)")
+        }
+        ("csv" | "parquet" | "arrow" | "pandas", _) => bail!(
+            "{component}: source {source:?} is not supported; convert the data to JSON and use \
+             `source: json` with `data_files` (or `source: text` for plain text)"
+        ),
+        (_, None) if local.is_file() && is_text(local) => Ok(Source::Text(
+            DataFiles::Train(vec![local.to_path_buf()]),
+            sample_by,
+        )),
+        (_, None) if local.is_file() && looks_like_json(local) => {
+            Ok(Source::Json(DataFiles::Train(vec![local.to_path_buf()])))
+        }
+        (_, None) if local.is_dir() => {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(local)
+                .with_context(|| format!("cannot list {}", local.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && looks_like_json(p))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                bail!("{component}: folder {source} has no .json or .jsonl files");
+            }
+            Ok(Source::Json(DataFiles::Train(files)))
+        }
+        (_, files) => Ok(Source::Json(fetch_from_hub(component, source, files)?)),
+    }
+}
+
+/// Downloads a Hugging Face Hub dataset's JSON/JSON Lines files (those named in `data_files`, or
+/// every .json/.jsonl file of the repo) into the Hugging Face cache, with hf-hub.
+fn fetch_from_hub(
+    component: &str,
+    repo_id: &str,
+    data_files: Option<DataFiles>,
+) -> Result<DataFiles> {
+    let fix = "Without network access, download the data yourself, then set `source: json` and \
+               `data_files: path/to/data.json` (a JSON array or JSON Lines file of rows)";
+    let fetch = || -> Result<Vec<PathBuf>> {
+        let api = hf_hub::api::sync::ApiBuilder::from_env()
+            .with_progress(false)
+            .build()?;
+        let repo = api.dataset(repo_id.to_string());
+        let names: Vec<String> = match &data_files {
+            Some(DataFiles::Train(files)) => files
+                .iter()
+                .map(|f| f.to_string_lossy().into_owned())
+                .collect(),
+            Some(DataFiles::Splits(_)) => {
+                bail!("per-split data_files are only supported with `source: json`")
+            }
+            None => repo
+                .info()?
+                .siblings
+                .into_iter()
+                .map(|s| s.rfilename)
+                .filter(|f| looks_like_json(Path::new(f)))
+                .collect(),
+        };
+        if names.is_empty() {
+            bail!(
+                "the repo has no .json/.jsonl data files (tune-rs does not read parquet or arrow)"
+            );
+        }
+        names.iter().map(|name| Ok(repo.get(name)?)).collect()
+    };
+    fetch().map(DataFiles::Train).with_context(|| {
+        format!("{component}: cannot download Hugging Face Hub dataset {repo_id:?}. {fix}")
+    })
+}
+
+fn looks_like_json(p: &Path) -> bool {
+    extension_is(p, &["json", "jsonl"])
+}
+
+fn extension_is(p: &Path, extensions: &[&str]) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| extensions.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// The text of column `key` of `row` (renamed by `column_map`), with an error that names the
+/// row, the columns it has, and the `column_map` fix. Missing or null optional columns are `None`.
+pub fn text_column(
+    row: &Row,
+    key: &str,
+    column_map: &std::collections::BTreeMap<String, String>,
+    required: bool,
+) -> Result<Option<String>> {
+    let name = column_map.get(key).map_or(key, String::as_str);
+    let hint = |what: &str| {
+        let present: Vec<&str> = row.columns.keys().map(String::as_str).collect();
+        anyhow!(
+            "{}: {what} (columns in this row: {}); if your data names the {key} column differently, \
+             set `column_map: {{{key}: <column>}}`",
+            row.location(),
+            if present.is_empty() { "none".to_string() } else { present.join(", ") }
+        )
+    };
+    match row.columns.get(name) {
+        None | Some(Value::Null) if !required => Ok(None),
+        None => Err(hint(&format!("no `{name}` column"))),
+        Some(Value::Null) => Err(hint(&format!("`{name}` is null"))),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(v @ (Value::Number(_) | Value::Bool(_))) => Ok(Some(python_str(v))),
+        Some(_) => Err(hint(&format!("`{name}` is not text"))),
+    }
+}
+
+/// What Python's `str()` gives for a JSON scalar.
+fn python_str(v: &Value) -> String {
+    match v {
+        Value::Bool(true) => "True".into(),
+        Value::Bool(false) => "False".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Checks a `column_map` against the keys a builder knows.
+pub fn check_column_map(
+    component: &str,
+    column_map: &std::collections::BTreeMap<String, String>,
+    keys: &[&str],
+) -> Result<()> {
+    for key in column_map.keys() {
+        if !keys.contains(&key.as_str()) {
+            bail!(
+                "{component}.column_map: unknown key `{key}`; its keys are {} (each mapped to a column name of your data)",
+                keys.join(", ")
+            );
+        }
+    }
+    Ok(())
+}

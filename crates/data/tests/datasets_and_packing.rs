@@ -1,0 +1,225 @@
+//! The dataset builders beyond Alpaca (`instruct_dataset`, `chat_dataset`,
+//! `text_completion_dataset`) built from YAML as a config would, and `packed: True`.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use serde_yaml::Value as Yaml;
+use tune_data::{
+    DatasetSpec, Examples, Llama2Tokenizer, Message, PromptTemplate, Role, CROSS_ENTROPY_IGNORE_IDX,
+};
+
+fn dataset(yaml: &str) -> DatasetSpec {
+    let node: Yaml = serde_yaml::from_str(yaml).unwrap();
+    let name = node["_component_"].as_str().unwrap().to_string();
+    let built = tune_core::registry::lookup(&name)
+        .unwrap()
+        .build_from(&node)
+        .unwrap_or_else(|e| panic!("{yaml}: {e:#}"));
+    *built.downcast::<DatasetSpec>().unwrap()
+}
+
+fn tok512(max_seq_len: Option<usize>) -> Llama2Tokenizer {
+    Llama2Tokenizer::new(tok512_path(), max_seq_len, Some(PromptTemplate::Llama2Chat)).unwrap()
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+fn gsm8k() -> String {
+    repo_root()
+        .join("tests/fixtures/data/gsm8k_train_alpaca.json")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn instruct_rows_are_the_prompt_and_the_response() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "qa.jsonl",
+        "{\"question\": \"What is 2+2?\", \"answer\": \"4\"}\n{\"question\": \"Capital of France?\", \"answer\": \"Paris\"}\n",
+    );
+    let tok = tok512(None);
+    let spec = dataset(&format!(
+        "{{_component_: torchtune.datasets.instruct_dataset, source: json, data_files: {file:?}, \
+           column_map: {{input: question, output: answer}}, new_system_prompt: Be brief.}}"
+    ));
+    let samples = spec.load(&tok).unwrap();
+    assert_eq!(samples.len(), 2);
+    let want = tok.tokenize_messages(
+        &[
+            Message::new(Role::System, "Be brief.", true),
+            Message::new(Role::User, "Capital of France?", true),
+            Message::new(Role::Assistant, "Paris", false),
+        ],
+        true,
+    );
+    assert_eq!((samples[1].tokens.clone(), samples[1].mask.clone()), want);
+    // train_on_input defaults to False: only the response (and its EOS) counts.
+    let counted: Vec<u32> = samples[1]
+        .labels
+        .iter()
+        .filter(|&&l| l != CROSS_ENTROPY_IGNORE_IDX)
+        .map(|&l| l as u32)
+        .collect();
+    assert_eq!(tok.decode(&counted).unwrap().trim(), "Paris");
+
+    let node = format!(
+        "{{_component_: instruct_dataset, source: json, data_files: {file:?}, column_map: {{input: question}}}}"
+    );
+    let node: Yaml = serde_yaml::from_str(&node).unwrap();
+    let err = tune_core::registry::lookup("instruct_dataset")
+        .unwrap()
+        .build_from(&node)
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("`input` and `output`"),
+        "{err:#}"
+    );
+}
+
+#[test]
+fn chat_rows_keep_every_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "chats.json",
+        r#"[{"dialog": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"},
+                        {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "See you."}]}]"#,
+    );
+    let tok = tok512(None);
+    let spec = dataset(&format!(
+        "{{_component_: torchtune.datasets.chat_dataset, source: json, data_files: {file:?}, \
+           conversation_column: dialog, conversation_style: sharegpt}}"
+    ));
+    let samples = spec.load(&tok).unwrap();
+    let want = tok.tokenize_messages(
+        &[
+            Message::new(Role::User, "Hi", true),
+            Message::new(Role::Assistant, "Hello!", false),
+            Message::new(Role::User, "Bye", true),
+            Message::new(Role::Assistant, "See you.", false),
+        ],
+        true,
+    );
+    assert_eq!((samples[0].tokens.clone(), samples[0].mask.clone()), want);
+    // Two turns, two BOS.
+    assert_eq!(
+        samples[0]
+            .tokens
+            .iter()
+            .filter(|&&t| t == tok.bos_id())
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn text_completion_reads_lines_and_trains_on_every_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "play.txt",
+        "First Citizen:\r\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n",
+    );
+    let tok = tok512(None);
+    let spec = dataset(&format!(
+        "{{_component_: torchtune.datasets.text_completion_dataset, source: text, data_files: {file:?}}}"
+    ));
+    let samples = spec.load(&tok).unwrap();
+    let lines = [
+        "First Citizen:",
+        "Before we proceed any further, hear me speak.",
+        "",
+        "All:",
+        "Speak, speak.",
+    ];
+    assert_eq!(
+        samples.len(),
+        lines.len(),
+        "one sample per line, the empty one too"
+    );
+    for (sample, line) in samples.iter().zip(lines) {
+        assert_eq!(sample.tokens, tok.encode(line, true, true, false));
+        assert_eq!(sample.num_label_tokens(), sample.len());
+    }
+    let paragraphs = dataset(&format!(
+        "{{_component_: text_completion_dataset, source: text, data_files: {file:?}, sample_by: paragraph, add_eos: false}}"
+    ))
+    .load(&tok)
+    .unwrap();
+    assert_eq!(paragraphs.len(), 2);
+    assert_eq!(
+        paragraphs[1].tokens,
+        tok.encode("All:\nSpeak, speak.\n", true, false, false)
+    );
+    // With max_seq_len, torchtune 0.6.1 keeps max_seq_len - 1 tokens and no EOS.
+    let cut = spec.load(&tok512(Some(6))).unwrap();
+    assert_eq!(cut[1].tokens, samples[1].tokens[..5]);
+    // A JSON column works the same way.
+    let json = write(dir.path(), "t.jsonl", "{\"body\": \"All:\"}\n");
+    let from_json = dataset(&format!(
+        "{{_component_: text_completion_dataset, source: json, data_files: {json:?}, column: body}}"
+    ))
+    .load(&tok)
+    .unwrap();
+    assert_eq!(from_json[0].tokens, samples[3].tokens);
+}
+
+#[test]
+fn packed_sft_data_keeps_every_sample_whole_and_in_order() {
+    let tok = tok512(Some(1024));
+    let node = |packed: bool| {
+        format!(
+            "{{_component_: alpaca_dataset, source: json, data_files: {:?}, split: 'train[:40]', \
+               train_on_input: false, packed: {packed}}}",
+            gsm8k()
+        )
+    };
+    let samples = dataset(&node(false)).load(&tok).unwrap();
+    let Examples::Packs(packs) = dataset(&node(true)).load_examples(&tok).unwrap() else {
+        panic!("packed: true gives packs");
+    };
+    assert!(packs.len() < samples.len(), "{} packs", packs.len());
+    let mut unpacked = Vec::new();
+    for pack in &packs {
+        assert_eq!(pack.tokens.len(), 1024);
+        assert_eq!(pack.seq_lens.iter().sum::<usize>(), 1024);
+        let mut start = 0;
+        for &len in &pack.seq_lens {
+            let positions = &pack.input_pos[start..start + len];
+            let padding = pack.tokens[start..].iter().all(|&t| t == 0);
+            if !padding {
+                assert!(positions.iter().copied().eq(0..len as u32));
+                unpacked.push((
+                    pack.tokens[start..start + len].to_vec(),
+                    pack.labels[start..start + len].to_vec(),
+                ));
+            }
+            start += len;
+        }
+    }
+    let want: Vec<(Vec<u32>, Vec<i64>)> = samples
+        .iter()
+        .map(|s| (s.tokens.clone(), s.labels.clone()))
+        .collect();
+    assert_eq!(unpacked, want);
+}
+
+#[test]
+fn packing_needs_a_pack_length() {
+    let spec = dataset(&format!(
+        "{{_component_: alpaca_dataset, source: json, data_files: {:?}, packed: true}}",
+        gsm8k()
+    ));
+    let err = spec.load_examples(&tok512(None)).unwrap_err();
+    assert!(err.to_string().contains("tokenizer.max_seq_len"), "{err}");
+}
