@@ -502,6 +502,42 @@ pub fn cross_entropy_sum(
     .map(|loss| (loss, counted))
 }
 
+/// Per-row `-log softmax(logits)[label]` for `logits` [rows, vocab] and `labels` [rows], 0 for
+/// rows whose label is `ignore_index`, as fp32 [rows] (what sequence log-probabilities are
+/// summed from, e.g. for DPO). Backward: `(softmax - onehot) * valid * dy_row`.
+pub fn cross_entropy_rows(logits: &Tensor, labels: &Tensor, ignore_index: i64) -> Result<Tensor> {
+    let device = logits.device().clone();
+    let (rows, vocab) = logits.dims2()?;
+    let labels_host: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1()?;
+    if let Some(bad) = labels_host
+        .iter()
+        .find(|&&l| l != ignore_index && (l < 0 || l as usize >= vocab))
+    {
+        candle_core::bail!("label {bad} is outside the vocabulary (size {vocab})");
+    }
+    let safe: Vec<u32> = labels_host
+        .iter()
+        .map(|&l| if l == ignore_index { 0 } else { l as u32 })
+        .collect();
+    let valid: Vec<f32> = labels_host
+        .iter()
+        .map(|&l| if l == ignore_index { 0.0 } else { 1.0 })
+        .collect();
+    let safe = Tensor::from_vec(safe, (rows, 1), &device)?;
+    let valid = Tensor::from_vec(valid, (rows, 1), &device)?;
+    let x = logits.detach().to_dtype(DType::F32)?;
+    let picked = candle_nn::ops::log_softmax(&x, D::Minus1)?.gather(&safe, 1)?;
+    let losses = (picked * &valid)?.neg()?.squeeze(1)?;
+    let logits_dtype = logits.dtype();
+    with_backward("cross_entropy_rows", logits, losses, move |grad| {
+        let c = valid.broadcast_mul(&grad.to_dtype(DType::F32)?.unsqueeze(1)?)?; // [rows, 1]
+        let scaled = candle_nn::ops::softmax_last_dim(&x)?.broadcast_mul(&c)?;
+        scaled
+            .scatter_add(&safe, &c.neg()?, 1)?
+            .to_dtype(logits_dtype)
+    })
+}
+
 /// Sum over rows of the cross-entropy of `hidden @ weight.T` ([rows, dim] x [vocab, dim], weight
 /// frozen) without ever materialising the [rows, vocab] logits: the forward and the backward each
 /// compute them `chunk_rows` rows at a time (fp32 softmax, as torchtune's chunked loss), so the

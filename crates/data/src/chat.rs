@@ -34,17 +34,18 @@ pub struct ConversationRows {
 
 impl ConversationRows {
     pub fn messages(&self, row: &Row) -> Result<Vec<Message>> {
-        let turns = match row.columns.get(&self.column) {
+        self.messages_in(row, &self.column, "conversation_column")
+    }
+
+    /// The conversation in column `column` of `row`; `setting` names the option that picks the
+    /// column, for the error when it is missing.
+    pub fn messages_in(&self, row: &Row, column: &str, setting: &str) -> Result<Vec<Message>> {
+        let turns = match row.columns.get(column) {
             Some(Value::Array(turns)) => turns,
-            Some(_) => bail!(
-                "{}: `{}` is not a list of turns",
-                row.location(),
-                self.column
-            ),
+            Some(_) => bail!("{}: `{column}` is not a list of turns", row.location()),
             None => bail!(
-                "{}: no `{}` column (columns: {}); set `conversation_column` to the column that holds the turns",
+                "{}: no `{column}` column (columns: {}); set `{setting}` to the column that holds the turns",
                 row.location(),
-                self.column,
                 row.columns.keys().cloned().collect::<Vec<_>>().join(", ")
             ),
         };

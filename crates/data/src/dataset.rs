@@ -1,7 +1,7 @@
-//! What every torchtune dataset builder shares: where the rows come from (`source`,
-//! `data_files`, `split`, `field`), whether to pack them (`packed`), and the per-row conversion
-//! into a tokenized [`Sample`] that each builder (`alpaca_dataset`, `instruct_dataset`,
-//! `chat_dataset`, `text_completion_dataset`) supplies.
+//! What every torchtune dataset builder shares: where the rows come from ([`RowSource`]:
+//! `source`, `data_files`, `split`, `field`), whether to pack them (`packed`), and the per-row
+//! conversion into a tokenized [`Sample`] that each builder (`alpaca_dataset`,
+//! `instruct_dataset`, `chat_dataset`, `text_completion_dataset`) supplies.
 //!
 //! Sources are local files: `source: json` (JSON / JSON Lines) or `source: text` (one row per
 //! line, as Hugging Face's `text` loader) with `data_files`, or a path to such a file or a folder
@@ -42,34 +42,33 @@ pub struct Packing {
     pub split_across_pack: bool,
 }
 
-/// A dataset component's parsed arguments. Building the component gives this;
-/// [`DatasetSpec::load`] tokenizes once the tokenizer exists.
+/// Where a dataset component's rows come from: its `source`, `data_files`, `split` and `field`.
 #[derive(Debug, Clone)]
-pub struct DatasetSpec {
+pub struct RowSource {
     /// The component's short name, for messages.
     pub component: &'static str,
     pub source: Source,
     pub split: String,
     /// The `field` of `load_dataset("json", field=...)`: rows under this top-level key.
     pub field: Option<String>,
+}
+
+/// A dataset component's parsed arguments. Building the component gives this;
+/// [`DatasetSpec::load`] tokenizes once the tokenizer exists.
+#[derive(Debug, Clone)]
+pub struct DatasetSpec {
+    pub rows: RowSource,
     /// Set when `packed: True`.
     pub packing: Option<Packing>,
     pub to_sample: Arc<dyn RowToSample>,
 }
 
-/// The arguments every dataset builder takes (besides its own).
-pub const COMMON_ARGS: [&str; 6] = [
-    "source",
-    "packed",
-    "filter_fn",
-    "split",
-    "data_files",
-    "field",
-];
+/// The arguments that say where rows come from, taken by every dataset builder.
+pub const SOURCE_ARGS: [&str; 5] = ["source", "filter_fn", "split", "data_files", "field"];
 
 impl DatasetSpec {
-    /// Parses the common arguments of `component`; `own` names the builder's other arguments
-    /// (already read by the caller), and `split_across_pack` is the builder's packing default.
+    /// Parses the arguments of `component`; `own` names the builder's other arguments (already
+    /// read by the caller), and `split_across_pack` is the builder's packing default.
     /// Unsupported settings fail here, before any model is loaded.
     pub fn from_args(
         args: &Args,
@@ -78,11 +77,72 @@ impl DatasetSpec {
         split_across_pack: bool,
         to_sample: Arc<dyn RowToSample>,
     ) -> Result<Self> {
-        let source: String = args.get("source")?;
+        let own: Vec<&str> = own.iter().copied().chain(["packed"]).collect();
+        let rows = RowSource::from_args(args, component, &own)?;
         let packing = args
             .get_opt::<bool>("packed")?
             .unwrap_or(false)
             .then_some(Packing { split_across_pack });
+        Ok(DatasetSpec {
+            rows,
+            packing,
+            to_sample,
+        })
+    }
+
+    /// The component's short name, for messages.
+    pub fn component(&self) -> &'static str {
+        self.rows.component
+    }
+
+    /// Reads, converts and tokenizes every selected row (torchtune's `ds[i]` for every `i`),
+    /// without packing.
+    pub fn load(&self, tokenizer: &Llama2Tokenizer) -> Result<Vec<Sample>> {
+        self.rows
+            .rows()?
+            .iter()
+            .map(|row| {
+                self.to_sample
+                    .sample(row, tokenizer)
+                    .with_context(|| row.location())
+            })
+            .collect()
+    }
+
+    /// What the recipe trains on: the samples, or with `packed: True` the packs of
+    /// `tokenizer.max_seq_len` tokens made from them.
+    pub fn load_examples(&self, tokenizer: &Llama2Tokenizer) -> Result<Examples> {
+        let Some(packing) = self.packing else {
+            return Ok(Examples::Samples(self.load(tokenizer)?));
+        };
+        let max_seq_len = self.pack_length(tokenizer)?;
+        let samples = self.load(tokenizer)?;
+        let packs = pack_samples(
+            &samples,
+            max_seq_len,
+            packing.split_across_pack,
+            tokenizer.pad_id(),
+        )
+        .with_context(|| format!("{}: packing the dataset", self.component()))?;
+        Ok(Examples::Packs(packs))
+    }
+
+    /// The length of every pack (`tokenizer.max_seq_len`), or the error torchtune gives without one.
+    pub fn pack_length(&self, tokenizer: &Llama2Tokenizer) -> Result<usize> {
+        tokenizer.max_seq_len().ok_or_else(|| {
+            anyhow!(
+                "{}: packed=True needs a pack length: set `tokenizer.max_seq_len` (e.g. \
+                 tokenizer.max_seq_len=2048), or set `dataset.packed=False`",
+                self.component()
+            )
+        })
+    }
+}
+
+impl RowSource {
+    /// Parses the source arguments of `component`; `own` names its other arguments.
+    pub fn from_args(args: &Args, component: &'static str, own: &[&str]) -> Result<Self> {
+        let source: String = args.get("source")?;
         if !args.is_null("filter_fn") {
             bail!("{component}: filter_fn is not supported (a Python callable); filter the data file instead");
         }
@@ -101,7 +161,7 @@ impl DatasetSpec {
             }
             None => None,
         };
-        let known: Vec<&str> = COMMON_ARGS
+        let known: Vec<&str> = SOURCE_ARGS
             .iter()
             .chain(own)
             .chain(&["sample_by"])
@@ -125,13 +185,11 @@ impl DatasetSpec {
             }
         }
         let source = resolve_source(component, &source, data_files, sample_by)?;
-        Ok(DatasetSpec {
+        Ok(RowSource {
             component,
             source,
             split,
             field,
-            packing,
-            to_sample,
         })
     }
 
@@ -179,47 +237,6 @@ impl DatasetSpec {
         Ok(out)
     }
 
-    /// Reads, converts and tokenizes every selected row (torchtune's `ds[i]` for every `i`),
-    /// without packing.
-    pub fn load(&self, tokenizer: &Llama2Tokenizer) -> Result<Vec<Sample>> {
-        self.rows()?
-            .iter()
-            .map(|row| {
-                self.to_sample
-                    .sample(row, tokenizer)
-                    .with_context(|| row.location())
-            })
-            .collect()
-    }
-
-    /// What the recipe trains on: the samples, or with `packed: True` the packs of
-    /// `tokenizer.max_seq_len` tokens made from them.
-    pub fn load_examples(&self, tokenizer: &Llama2Tokenizer) -> Result<Examples> {
-        let Some(packing) = self.packing else {
-            return Ok(Examples::Samples(self.load(tokenizer)?));
-        };
-        let max_seq_len = self.pack_length(tokenizer)?;
-        let samples = self.load(tokenizer)?;
-        let packs = pack_samples(
-            &samples,
-            max_seq_len,
-            packing.split_across_pack,
-            tokenizer.pad_id(),
-        )
-        .with_context(|| format!("{}: packing the dataset", self.component))?;
-        Ok(Examples::Packs(packs))
-    }
-
-    /// The length of every pack (`tokenizer.max_seq_len`), or the error torchtune gives without one.
-    pub fn pack_length(&self, tokenizer: &Llama2Tokenizer) -> Result<usize> {
-        tokenizer.max_seq_len().ok_or_else(|| {
-            anyhow!(
-                "{}: packed=True needs a pack length: set `tokenizer.max_seq_len` (e.g. \
-                 tokenizer.max_seq_len=2048), or set `dataset.packed=False`",
-                self.component
-            )
-        })
-    }
 }
 
 fn resolve_source(

@@ -17,6 +17,8 @@
 //! - [`instruct`] — `instruct_dataset` (prompt/response columns).
 //! - [`chat`] — `chat_dataset` (ShareGPT / OpenAI conversations).
 //! - [`text_completion`] — `text_completion_dataset` (free text).
+//! - [`preference`] — chosen/rejected pairs for DPO (`preference_dataset`,
+//!   `stack_exchange_paired_dataset`) and `padded_collate_dpo`.
 //! - [`sft`] — the tokenized training [`Sample`] (tokens, labels, mask).
 //! - [`packed`] — `packed: True`: samples packed into fixed-length [`Pack`]s.
 //!
@@ -42,6 +44,7 @@ pub mod llama2_tokenizer;
 pub mod loader;
 pub mod messages;
 pub mod packed;
+pub mod preference;
 mod protobuf;
 pub mod sentencepiece;
 pub mod sft;
@@ -54,5 +57,6 @@ pub use llama2_tokenizer::Llama2Tokenizer;
 pub use loader::{BatchSampler, DataLoader, LoaderPosition};
 pub use messages::{Message, PromptTemplate, Role};
 pub use packed::{Examples, Pack};
+pub use preference::{PreferencePair, PreferenceSpec};
 pub use sft::{Sample, CROSS_ENTROPY_IGNORE_IDX};
 pub use tokenizer::Tokenizer;

@@ -9,15 +9,22 @@
 //! takes its share of every batch, and at the end of each window the adapter gradients, token
 //! counts and losses are summed across ranks before the (identical) optimizer step. With one
 //! rank every collective is the identity, so both recipes are one loop.
+//!
+//! What a micro-batch's loss is comes from an [`Objective`]: next-token cross-entropy here
+//! ([`NextToken`]), preference optimisation in `lora_dpo_single_device`. Everything else — the
+//! model, optimizer, schedule, gradient accumulation, clipping, logging, checkpoints, resume,
+//! Ctrl-C — is this loop.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use tune_core::recipe::{Recipe, RecipeEntry, RunOptions};
 use tune_core::{ComponentKind, Config};
+use tune_data::BatchSampler;
 use tune_models::builders::model_spec_from_node;
+use tune_models::{ModelSpec, TransformerDecoder};
 
 use crate::checkpointer::{newest_checkpoint, HfCheckpointer, RecipeState};
 use crate::data::{self, TrainData};
@@ -72,15 +79,124 @@ pub struct StepLog {
     pub tokens_per_second: f64,
 }
 
+/// What the loop optimises, one micro-batch at a time.
+pub trait Objective {
+    /// The batches of example indices this rank trains on, per epoch.
+    fn sampler(&self) -> &BatchSampler;
+    /// Examples in the dataset (for messages).
+    fn num_examples(&self) -> usize;
+    /// The forward pass and loss of the examples `indices`.
+    fn micro_batch(
+        &self,
+        model: &TransformerDecoder,
+        indices: &[usize],
+        device: &Device,
+    ) -> Result<MicroBatch>;
+}
+
+/// One micro-batch's contribution to its optimizer step.
+pub struct MicroBatch {
+    /// The micro-batch's loss times `weight`, to backpropagate.
+    pub weighted_loss: Tensor,
+    /// Its share of the step: the step's gradient and logged loss are the weighted sums divided
+    /// by the summed weights of the window (over all ranks).
+    pub weight: f64,
+    /// Tokens it counts for `tokens_per_second_per_gpu`.
+    pub tokens: usize,
+    /// Extra numbers to log with the step (the window's last micro-batch's, on rank 0).
+    pub metrics: Metrics,
+}
+
+/// The settings an objective builds its data with.
+pub struct DataSettings {
+    pub batch_size: usize,
+    pub shuffle: bool,
+    pub seed: u64,
+    /// (ranks, this rank).
+    pub replicas: (usize, usize),
+}
+
+/// Builds the objective from the config, before the weights load (bad data fails fast).
+pub type BuildObjective = fn(&TopLevel, &ModelSpec, &DataSettings) -> Result<Box<dyn Objective>>;
+
+/// torchtune's SFT objective: next-token cross-entropy (`CEWithChunkedOutputLoss`), each
+/// micro-batch's mean loss weighted by its label tokens.
+pub struct NextToken {
+    pub data: TrainData,
+}
+
+impl NextToken {
+    pub fn build(
+        cfg: &TopLevel,
+        spec: &ModelSpec,
+        settings: &DataSettings,
+    ) -> Result<Box<dyn Objective>> {
+            let data = data::build(
+            cfg,
+            (spec.transformer.vocab_size, spec.transformer.max_seq_len),
+            settings.batch_size,
+            settings.shuffle,
+            settings.seed,
+            settings.replicas,
+        )?;
+        Ok(Box::new(NextToken { data }))
+    }
+}
+
+impl Objective for NextToken {
+    fn sampler(&self) -> &BatchSampler {
+        &self.data.sampler
+    }
+
+    fn num_examples(&self) -> usize {
+        self.data.num_examples()
+    }
+
+    fn micro_batch(
+        &self,
+        model: &TransformerDecoder,
+        indices: &[usize],
+        device: &Device,
+    ) -> Result<MicroBatch> {
+        let batch = self.data.collate(indices, device)?;
+        let tokens = batch.num_label_tokens;
+        let (ce_sum, shifted) = model_ce_sum(
+            model,
+            &batch.tokens,
+            &batch.labels,
+            batch.packed.as_ref(),
+            true,
+        )?;
+        // torchtune weights each micro-batch's mean loss by its (unshifted) label count.
+        let weighted_loss = ((ce_sum / shifted.max(1) as f64)? * tokens as f64)?;
+        Ok(MicroBatch {
+            weighted_loss,
+            weight: tokens as f64,
+            tokens,
+            metrics: Vec::new(),
+        })
+    }
+}
+
 pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
     train_data_parallel(config, options, &mut ProcessGroup::single())
 }
 
-/// The loop, run by every rank of `group` (a group of one for the single-device recipe).
+/// The SFT loop, run by every rank of `group` (a group of one for the single-device recipe).
 pub fn train_data_parallel(
     config: Config,
     options: &RunOptions,
     group: &mut ProcessGroup,
+) -> Result<RunSummary> {
+    train_objective(config, options, group, NextToken::build)
+}
+
+/// The loop for any objective, run by every rank of `group`.
+pub fn train_objective(
+    config: Config,
+    options: &RunOptions,
+    group: &mut ProcessGroup,
+    build_objective: BuildObjective,
 ) -> Result<RunSummary> {
     let cfg = TopLevel(&config);
 
@@ -138,18 +254,20 @@ pub fn train_data_parallel(
     let started = Instant::now();
 
     // ---- Data (before the weights: a bad tokenizer or dataset fails fast) ------------------
-    let data: TrainData = data::build(
+    let objective = build_objective(
         &cfg,
-        (spec.transformer.vocab_size, spec.transformer.max_seq_len),
-        batch_size,
-        shuffle,
-        seed,
-        (group.world_size(), group.rank()),
+        &spec,
+        &DataSettings {
+            batch_size,
+            shuffle,
+            seed,
+            replicas: (group.world_size(), group.rank()),
+        },
     )?;
     let (mut model, spec, layout) = checkpointer.load_base(&spec, dtype, &device, seed)?;
     tracing::info!("{}", spec.counts()?.summary());
 
-    let batches_per_epoch = data.batches_per_epoch();
+    let batches_per_epoch = objective.sampler().num_batches();
     let steps_per_epoch = match max_steps_per_epoch {
         Some(m) => (batches_per_epoch / grad_accum).min(m),
         None => batches_per_epoch / grad_accum,
@@ -159,7 +277,7 @@ pub fn train_data_parallel(
             "one optimizer step needs batch_size * gradient_accumulation_steps * ranks = {} samples, \
              but the dataset has {} (packs when packed=True; after drop_last); lower batch_size or gradient_accumulation_steps",
             batch_size * grad_accum * group.world_size(),
-            data.num_examples()
+            objective.num_examples()
         );
     }
 
@@ -337,9 +455,10 @@ pub fn train_data_parallel(
     // Set when the ranks agreed to stop at a step that ended an epoch: stop after its save.
     let mut stopping = false;
     for epoch in state.epochs_run..epochs {
-        let batches = data.epoch_batches(epoch)?;
+        let batches = objective.sampler().batches_for_epoch(epoch as u64);
         let mut window_grads: Option<Vec<Tensor>> = None;
-        let (mut window_tokens, mut window_loss) = (0usize, 0f64);
+        let (mut window_weight, mut window_tokens, mut window_loss) = (0f64, 0usize, 0f64);
+        let mut window_metrics: Metrics;
         let mut window_start = Instant::now();
         let first_batch = if epoch == state.epochs_run {
             state.batches_in_epoch
@@ -350,17 +469,8 @@ pub fn train_data_parallel(
             if idx / grad_accum == steps_per_epoch {
                 break;
             }
-            let batch = data.collate(batch_indices, &device)?;
-            let tokens_n = batch.num_label_tokens;
-            let (ce_sum, shifted) = model_ce_sum(
-                &model,
-                &batch.tokens,
-                &batch.labels,
-                batch.packed.as_ref(),
-                true,
-            )?;
-            // torchtune weights each micro-batch's mean loss by its (unshifted) label count.
-            let loss = ((ce_sum / shifted.max(1) as f64)? * tokens_n as f64)?;
+            let micro = objective.micro_batch(&model, batch_indices, &device)?;
+            let loss = micro.weighted_loss;
             let loss_value: f32 = loss.to_dtype(DType::F32)?.to_scalar()?;
             if !loss_value.is_finite() {
                 bail!(
@@ -395,8 +505,10 @@ pub fn train_data_parallel(
                     .map(|(a, g)| a.add(g))
                     .collect::<candle_core::Result<Vec<_>>>()?,
             });
-            window_tokens += tokens_n;
+            window_weight += micro.weight;
+            window_tokens += micro.tokens;
             window_loss += loss_value as f64;
+            window_metrics = micro.metrics;
 
             if !(idx + 1).is_multiple_of(grad_accum) {
                 continue;
@@ -405,12 +517,14 @@ pub fn train_data_parallel(
             let mut grads = window_grads.take().expect("window has gradients");
             group.all_reduce_tensors(&mut grads)?;
             let mut totals = [
+                window_weight,
                 window_tokens as f64,
                 window_loss,
                 tune_core::recipe::stop_requested() as u8 as f64,
             ];
             group.all_reduce_sum_f64(&mut totals)?;
-            let (step_tokens, step_loss, stop) = (totals[0] as usize, totals[1], totals[2] > 0.0);
+            let (step_weight, step_tokens, step_loss, stop) =
+                (totals[0], totals[1] as usize, totals[2], totals[3] > 0.0);
             stopping = stop;
             if !step_loss.is_finite() {
                 bail!(
@@ -419,7 +533,7 @@ pub fn train_data_parallel(
                     state.global_step + 1
                 );
             }
-            let scale = 1.0f32 / step_tokens as f32;
+            let scale = 1.0f32 / step_weight as f32;
             for g in grads.iter_mut() {
                 *g = (&*g * scale as f64)?;
             }
@@ -442,7 +556,7 @@ pub fn train_data_parallel(
             state.batches_in_epoch = idx + 1;
 
             let elapsed = window_start.elapsed().as_secs_f64();
-            let loss_to_log = step_loss / step_tokens as f64;
+            let loss_to_log = step_loss / step_weight;
             let lr_logged = lr_at(state.global_step);
             // torchtune: all ranks' tokens over the window's time, per rank.
             let tps = step_tokens as f64 / (elapsed.max(1e-9) * group.world_size() as f64);
@@ -455,6 +569,7 @@ pub fn train_data_parallel(
                 if let Some(n) = grad_norm {
                     metrics.push(("grad_norm".into(), n));
                 }
+                metrics.append(&mut window_metrics);
                 if log_peak_memory {
                     if let Some(gib) = peak_rss_gib() {
                         metrics.push(("peak_memory_rss".into(), gib));
@@ -481,6 +596,7 @@ pub fn train_data_parallel(
                 tokens: step_tokens,
                 tokens_per_second: tps,
             });
+            window_weight = 0.0;
             window_tokens = 0;
             window_loss = 0.0;
             // A mid-epoch checkpoint when asked for (the epoch's end saves anyway).
