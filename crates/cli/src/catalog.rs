@@ -45,6 +45,12 @@ pub const CONFIG_RECIPES: &[(&str, &str)] = &[
     ("llama2/7B_qlora", "lora_finetune_distributed"),
     ("llama2/70B_qlora", "lora_finetune_distributed"),
     ("stories260K/lora_distributed", "lora_finetune_distributed"),
+    ("llama2/7B_lora_dpo_single_device", "lora_dpo_single_device"),
+    (
+        "stories260K/lora_dpo_single_device",
+        "lora_dpo_single_device",
+    ),
+    ("llama2/7B_lora_dpo", "lora_dpo_distributed"),
     ("llama2/generation", "generate"),
     ("stories260K/generation", "generate"),
     ("llama2/7B_eval", "eleuther_eval"),

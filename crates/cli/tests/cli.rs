@@ -103,13 +103,18 @@ fn ls_prints_torchtunes_table() {
         "stories260K/lora_single_device",
         "stories260K/qlora_single_device",
         "stories260K/lora_text_completion",
+        "stories260K/lora_dpo_single_device",
+        "llama2/7B_lora_dpo_single_device",
+        "llama2/7B_lora_dpo",
         "llama2/13B_lora",
         "llama2/70B_lora",
         "llama2/7B_qlora",
         "llama2/70B_qlora",
     ] {
         assert!(
-            lines.iter().any(|l| l.trim() == config),
+            lines
+                .iter()
+                .any(|l| l.split_whitespace().last() == Some(config)),
             "{config} missing from:\n{out}"
         );
     }
@@ -292,6 +297,27 @@ fn cat_a_local_file_and_errors() {
     std::fs::write(dir.path().join("bad.yaml"), "a: [1, 2\n").unwrap();
     let err = fails(&tune_in(dir.path(), &["cat", "bad.yaml"]));
     assert!(err.contains("not valid YAML"), "{err}");
+}
+
+#[test]
+fn every_built_in_config_is_well_formed() {
+    let dir = tempfile::tempdir().unwrap();
+    let listing = ok(&tune(&["ls"]));
+    let configs: Vec<&str> = listing
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    assert!(configs.len() >= 19, "{listing}");
+    for config in configs {
+        let file = format!("{}.yaml", config.replace('/', "_"));
+        ok(&tune_in(dir.path(), &["cp", config, &file]));
+        assert_eq!(
+            ok(&tune_in(dir.path(), &["validate", &file])),
+            "Config is well-formed!\n",
+            "{config}"
+        );
+    }
 }
 
 #[test]

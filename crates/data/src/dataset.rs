@@ -236,7 +236,6 @@ impl RowSource {
         }
         Ok(out)
     }
-
 }
 
 fn resolve_source(

@@ -132,7 +132,13 @@ pub fn read_rows(path: &Path, field: Option<&str>) -> Result<Vec<Row>> {
             .enumerate()
             .map(|(i, v)| row(i, None, v))
             .collect(),
-        Some(Value::Object(obj)) if !obj.is_empty() && obj.values().all(Value::is_array) => {
+        // An object of equal-length columns; on a single line it is one JSON Lines row whose
+        // values happen to be lists (a conversation), as Hugging Face's reader takes it.
+        Some(Value::Object(obj))
+            if !obj.is_empty()
+                && obj.values().all(Value::is_array)
+                && trimmed.trim_end().contains('\n') =>
+        {
             columns_to_rows(path, obj)
         }
         // A single object on one line is a one-row JSON Lines file.

@@ -179,7 +179,11 @@ fn build_stack_exchange(args: &Args) -> Result<PreferenceSpec> {
         column_map,
     };
     Ok(PreferenceSpec {
-        rows: RowSource::from_args(args, COMPONENT, &["column_map", "train_on_input", "data_dir"])?,
+        rows: RowSource::from_args(
+            args,
+            COMPONENT,
+            &["column_map", "train_on_input", "data_dir"],
+        )?,
         to_conversations: Arc::new(rows),
     })
 }
@@ -283,6 +287,9 @@ mod tests {
         let (chosen, rejected) = rows.conversations(&row).unwrap();
         assert_eq!(chosen[0], rejected[0]);
         assert!(chosen[0].masked && !chosen[1].masked);
-        assert_eq!((chosen[1].text(), rejected[1].text()), ("Like this.".into(), "No idea.".into()));
+        assert_eq!(
+            (chosen[1].text(), rejected[1].text()),
+            ("Like this.".into(), "No idea.".into())
+        );
     }
 }

@@ -73,7 +73,7 @@ fn check_section(name: &str) {
              split: {split:?}, train_on_input: {train_on_input}}}"
         ));
         let samples: Vec<Sample> = spec.load(&tok).unwrap();
-        let source_rows: Vec<Row> = spec.rows().unwrap();
+        let source_rows: Vec<Row> = spec.rows.rows().unwrap();
         assert_eq!(
             samples.len(),
             section["source_rows"].as_array().unwrap().len()

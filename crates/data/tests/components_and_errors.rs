@@ -370,7 +370,7 @@ fn file_layouts_and_splits() {
     let columns = write(
         dir.path(),
         "columns.json",
-        r#"{"instruction": ["i0", "i1"], "input": ["", null], "output": ["o0", "o1"]}"#,
+        "{\"instruction\": [\"i0\", \"i1\"],\n \"input\": [\"\", null],\n \"output\": [\"o0\", \"o1\"]}",
     );
     let tok = tok512();
     let want = dataset(&json_dataset(&array, "")).load(&tok).unwrap();
@@ -409,12 +409,14 @@ fn file_layouts_and_splits() {
         .to_string();
     assert_eq!(
         dataset(&json_dataset(&gsm8k, ", split: 'train[:10%]'"))
+            .rows
             .rows()
             .unwrap()
             .len(),
         747
     );
     let tail = dataset(&json_dataset(&gsm8k, ", split: 'train[-3:]'"))
+        .rows
         .rows()
         .unwrap();
     assert_eq!(

@@ -223,3 +223,85 @@ fn packing_needs_a_pack_length() {
     let err = spec.load_examples(&tok512(None)).unwrap_err();
     assert!(err.to_string().contains("tokenizer.max_seq_len"), "{err}");
 }
+
+#[test]
+fn preference_rows_tokenize_chosen_and_rejected_separately() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "prefs.jsonl",
+        concat!(
+            r#"{"good": [{"role": "system", "content": "old"}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "#,
+            r#""bad": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]}"#,
+            "\n"
+        ),
+    );
+    let tok = tok512(None);
+    let node: Yaml = serde_yaml::from_str(&format!(
+        "{{_component_: torchtune.datasets.preference_dataset, source: json, data_files: {file:?}, \
+           column_map: {{chosen: good, rejected: bad}}, new_system_prompt: Answer.}}"
+    ))
+    .unwrap();
+    let spec = *tune_core::registry::lookup("preference_dataset")
+        .unwrap()
+        .build_from(&node)
+        .unwrap()
+        .downcast::<tune_data::PreferenceSpec>()
+        .unwrap();
+    let pairs = spec.load(&tok).unwrap();
+    let conversation = |answer: &str| {
+        tok.tokenize_messages(
+            &[
+                Message::new(Role::System, "Answer.", true),
+                Message::new(Role::User, "2+2?", true),
+                Message::new(Role::Assistant, answer, false),
+            ],
+            true,
+        )
+    };
+    assert_eq!(
+        (pairs[0].chosen.tokens.clone(), pairs[0].chosen.mask.clone()),
+        conversation("4")
+    );
+    assert_eq!(
+        (
+            pairs[0].rejected.tokens.clone(),
+            pairs[0].rejected.mask.clone()
+        ),
+        conversation("5")
+    );
+    // stack_exchange_paired_dataset's default columns.
+    let file = write(
+        dir.path(),
+        "se.json",
+        r#"[{"question": "2+2?", "response_j": "4", "response_k": "5"}]"#,
+    );
+    let node: Yaml = serde_yaml::from_str(&format!(
+        "{{_component_: stack_exchange_paired_dataset, source: json, data_files: {file:?}}}"
+    ))
+    .unwrap();
+    let spec = *tune_core::registry::lookup("stack_exchange_paired_dataset")
+        .unwrap()
+        .build_from(&node)
+        .unwrap()
+        .downcast::<tune_data::PreferenceSpec>()
+        .unwrap();
+    let se = spec.load(&tok).unwrap();
+    let plain = |answer: &str| {
+        tok.tokenize_messages(
+            &[
+                Message::new(Role::User, "2+2?", true),
+                Message::new(Role::Assistant, answer, false),
+            ],
+            true,
+        )
+    };
+    assert_eq!(
+        (se[0].chosen.tokens.clone(), se[0].chosen.mask.clone()),
+        plain("4")
+    );
+    assert_eq!(
+        (se[0].rejected.tokens.clone(), se[0].rejected.mask.clone()),
+        plain("5")
+    );
+}

@@ -28,15 +28,8 @@ pub struct DeviceBatch {
     pub packed: Option<PackedRows>,
 }
 
-/// Builds the tokenizer and dataset named by the config and checks them against the model.
-pub fn build(
-    cfg: &TopLevel,
-    (model_vocab, model_max_seq_len): (usize, usize),
-    batch_size: usize,
-    shuffle: bool,
-    seed: u64,
-    (num_replicas, rank): (usize, usize),
-) -> Result<TrainData> {
+/// Builds the config's `tokenizer` and checks that it belongs to a model of `model_vocab` tokens.
+pub fn build_tokenizer(cfg: &TopLevel, model_vocab: usize) -> Result<Llama2Tokenizer> {
     let tokenizer: Llama2Tokenizer = cfg.build("tokenizer", ComponentKind::Tokenizer)?;
     if tokenizer.vocab_size() > model_vocab {
         bail!(
@@ -46,6 +39,19 @@ pub fn build(
             tokenizer.vocab_size()
         );
     }
+    Ok(tokenizer)
+}
+
+/// Builds the tokenizer and dataset named by the config and checks them against the model.
+pub fn build(
+    cfg: &TopLevel,
+    (model_vocab, model_max_seq_len): (usize, usize),
+    batch_size: usize,
+    shuffle: bool,
+    seed: u64,
+    (num_replicas, rank): (usize, usize),
+) -> Result<TrainData> {
+    let tokenizer = build_tokenizer(cfg, model_vocab)?;
     let dataset: DatasetSpec = cfg.build("dataset", ComponentKind::Dataset)?;
     if dataset.packing.is_some() {
         let pack_length = dataset.pack_length(&tokenizer)?;
@@ -78,23 +84,47 @@ pub fn build(
         Ok(_) => cfg.build("collate_fn", ComponentKind::Collator)?,
         Err(_) => CollateSft::default(),
     };
+    let unit = match examples {
+        Examples::Samples(_) => "samples",
+        Examples::Packs(_) => "packs",
+    };
+    let sampler = build_sampler(
+        (examples.len(), unit),
+        batch_size,
+        shuffle,
+        seed,
+        (num_replicas, rank),
+    )?;
+    Ok(TrainData {
+        tokenizer,
+        examples,
+        sampler,
+        collate,
+    })
+}
+
+/// The seeded batch sampler of `num_examples` examples (`unit` names them in messages), with
+/// the last partial batch dropped and, with several ranks, this rank's share.
+pub fn build_sampler(
+    (num_examples, unit): (usize, &str),
+    batch_size: usize,
+    shuffle: bool,
+    seed: u64,
+    (num_replicas, rank): (usize, usize),
+) -> Result<BatchSampler> {
     // torchtune's recipe always drops the last partial batch; with several ranks each takes
     // every `num_replicas`-th sample of the (padded) order, as DistributedSampler does.
-    let sampler = BatchSampler::new(examples.len(), batch_size)?
+    let sampler = BatchSampler::new(num_examples, batch_size)?
         .with_shuffle(shuffle, seed)
         .with_drop_last(true)
         .with_replicas(num_replicas, rank)?;
     if sampler.num_batches() == 0 {
-        let unit = match examples {
-            Examples::Samples(_) => "samples",
-            Examples::Packs(_) => "packs",
-        };
         let share = if num_replicas == 1 {
-            format!("the dataset ({} {unit})", examples.len())
+            format!("the dataset ({} {unit})", num_examples)
         } else {
             format!(
                 "each rank's share of the dataset ({} {unit} over {num_replicas} ranks)",
-                examples.len()
+                num_examples
             )
         };
         bail!(
@@ -102,12 +132,7 @@ pub fn build(
              lower batch_size"
         );
     }
-    Ok(TrainData {
-        tokenizer,
-        examples,
-        sampler,
-        collate,
-    })
+    Ok(sampler)
 }
 
 impl TrainData {

@@ -3,6 +3,8 @@
 //! Recipes (each registers itself):
 //! - [`lora_finetune_single_device`] — torchtune's LoRA/QLoRA/DoRA fine-tune on one device.
 //! - [`lora_finetune_distributed`] — the same loop data-parallel over processes/GPUs.
+//! - [`lora_dpo_single_device`] / [`lora_dpo_distributed`] — LoRA DPO (preference pairs,
+//!   reference = the base model with the adapters off) in the same loop.
 //! - [`eleuther_eval`] — TruthfulQA mc1/mc2 computed as lm-evaluation-harness does.
 //! - [`generate`] — text generation with a KV cache (greedy or sampled), with an optional adapter.
 //!
@@ -25,6 +27,8 @@ pub mod data;
 pub mod distributed;
 pub mod eleuther_eval;
 pub mod generate;
+pub mod lora_dpo_distributed;
+pub mod lora_dpo_single_device;
 pub mod lora_finetune_distributed;
 pub mod lora_finetune_single_device;
 pub mod loss;

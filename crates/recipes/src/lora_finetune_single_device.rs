@@ -51,6 +51,7 @@ impl Recipe for LoraFinetuneSingleDevice {
             "llama2/13B_qlora_single_device",
             "stories260K/lora_single_device",
             "stories260K/qlora_single_device",
+            "stories260K/lora_text_completion",
         ]
     }
 
@@ -131,7 +132,8 @@ impl NextToken {
         spec: &ModelSpec,
         settings: &DataSettings,
     ) -> Result<Box<dyn Objective>> {
-            let data = data::build(
+        let _loss: crate::loss::ChunkedCrossEntropy = cfg.build("loss", ComponentKind::Loss)?;
+        let data = data::build(
             cfg,
             (spec.transformer.vocab_size, spec.transformer.max_seq_len),
             settings.batch_size,
@@ -312,7 +314,6 @@ pub fn train_objective(
         }
         model.activation_checkpointing = true;
     }
-    let _loss: crate::loss::ChunkedCrossEntropy = cfg.build("loss", ComponentKind::Loss)?;
     // Only rank 0 logs and writes; the other ranks build the logger spec for its checks.
     let logger_spec = match cfg.node("metric_logger") {
         Ok(_) => cfg.build::<LoggerSpec>("metric_logger", ComponentKind::MetricLogger)?,

@@ -1,0 +1,38 @@
+//! `lora_dpo_distributed`: LoRA DPO data-parallel over the ranks of a [`ProcessGroup`] — the
+//! [`Preference`] objective in the distributed loop (each rank takes its share of every batch;
+//! gradients are averaged over all ranks' micro-batches before each step; rank 0 logs and saves).
+
+use anyhow::Result;
+use tune_core::recipe::{Recipe, RecipeEntry, RunOptions};
+use tune_core::Config;
+
+use crate::distributed::ProcessGroup;
+use crate::lora_dpo_single_device::Preference;
+use crate::lora_finetune_single_device::train_objective;
+
+pub struct LoraDpoDistributed;
+
+tune_core::inventory::submit! { RecipeEntry(&LoraDpoDistributed) }
+
+impl Recipe for LoraDpoDistributed {
+    fn name(&self) -> &'static str {
+        "lora_dpo_distributed"
+    }
+
+    fn configs(&self) -> &'static [&'static str] {
+        &["llama2/7B_lora_dpo"]
+    }
+
+    fn supports_distributed(&self) -> bool {
+        true
+    }
+
+    fn run(&self, config: Config, options: &RunOptions) -> Result<()> {
+        let mut group = if options.dry_run {
+            ProcessGroup::single()
+        } else {
+            ProcessGroup::from_env()?
+        };
+        train_objective(config, options, &mut group, Preference::build).map(|_| ())
+    }
+}

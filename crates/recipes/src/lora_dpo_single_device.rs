@@ -1,0 +1,290 @@
+//! `lora_dpo_single_device`: torchtune 0.6.1's LoRA DPO recipe (Direct Preference Optimization,
+//! Rafailov et al. 2023) on one device.
+//!
+//! Each example is a prompt with a chosen and a rejected response. A micro-batch runs the chosen
+//! and the rejected sequences through the model as one batch twice: with the adapters (the
+//! policy) and without them (the reference, i.e. the frozen base model, so no second model is
+//! held). Each sequence's log-probability is the sum over its response tokens; the DPO loss is
+//! `-log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))` (with optional label smoothing),
+//! averaged over the micro-batch. As in torchtune, micro-batches count equally in a gradient
+//! accumulation window, and the step logs the rewards `beta * (pi - ref)` of its last
+//! micro-batch.
+//!
+//! The rest — model, optimizer, schedule, checkpoints, resume, Ctrl-C — is the LoRA loop
+//! ([`train_objective`]) with this [`Preference`] objective.
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use tune_core::recipe::{Recipe, RecipeEntry, RunOptions};
+use tune_core::{ArgSpec, ArgType, Component, ComponentKind, Config};
+use tune_data::preference::padded_collate_dpo;
+use tune_data::{BatchSampler, PreferencePair, PreferenceSpec};
+use tune_models::decoder::Forward;
+use tune_models::{ModelSpec, TransformerDecoder};
+
+use crate::data::{build_sampler, build_tokenizer};
+use crate::distributed::ProcessGroup;
+use crate::lora_finetune_single_device::{
+    train_objective, DataSettings, MicroBatch, Objective, RunSummary,
+};
+use crate::loss::IGNORE_INDEX;
+use crate::settings::TopLevel;
+
+pub struct LoraDpoSingleDevice;
+
+tune_core::inventory::submit! { RecipeEntry(&LoraDpoSingleDevice) }
+
+impl Recipe for LoraDpoSingleDevice {
+    fn name(&self) -> &'static str {
+        "lora_dpo_single_device"
+    }
+
+    fn configs(&self) -> &'static [&'static str] {
+        &[
+            "llama2/7B_lora_dpo_single_device",
+            "stories260K/lora_dpo_single_device",
+        ]
+    }
+
+    fn run(&self, config: Config, options: &RunOptions) -> Result<()> {
+        if options.is_distributed() {
+            bail!("lora_dpo_single_device runs on one device; use lora_dpo_distributed with --nproc_per_node");
+        }
+        train(config, options).map(|_| ())
+    }
+}
+
+/// Runs DPO on one device.
+pub fn train(config: Config, options: &RunOptions) -> Result<RunSummary> {
+    train_objective(
+        config,
+        options,
+        &mut ProcessGroup::single(),
+        Preference::build,
+    )
+}
+
+/// torchtune's `DPOLoss(beta, label_smoothing)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DpoLoss {
+    /// How far the policy may move from the reference (typically 0.1 to 0.5).
+    pub beta: f64,
+    /// The assumed probability that a preference label is wrong (conservative DPO).
+    pub label_smoothing: f64,
+}
+
+/// A micro-batch's DPO numbers.
+pub struct DpoOutput {
+    /// The mean loss over the pairs (differentiable through the policy log-probabilities).
+    pub loss: Tensor,
+    /// `beta * (pi - ref)` per pair, for the chosen and the rejected responses.
+    pub chosen_rewards: Vec<f32>,
+    pub rejected_rewards: Vec<f32>,
+}
+
+impl DpoLoss {
+    /// The loss from the policy's and the reference's sequence log-probabilities, each [pairs].
+    pub fn forward(
+        &self,
+        (policy_chosen, policy_rejected): (&Tensor, &Tensor),
+        (reference_chosen, reference_rejected): (&Tensor, &Tensor),
+    ) -> Result<DpoOutput> {
+        let reference_margin = (reference_chosen - reference_rejected)?.detach();
+        let margin = ((policy_chosen - policy_rejected)? - reference_margin)?;
+        let scaled = (margin * self.beta)?;
+        let losses = ((log_sigmoid(&scaled)? * -(1.0 - self.label_smoothing))?
+            - (log_sigmoid(&scaled.neg()?)? * self.label_smoothing)?)?;
+        let reward = |policy: &Tensor, reference: &Tensor| -> Result<Vec<f32>> {
+            Ok(((policy.detach() - reference.detach())? * self.beta)?
+                .to_dtype(DType::F32)?
+                .to_vec1()?)
+        };
+        Ok(DpoOutput {
+            loss: losses.mean_all()?,
+            chosen_rewards: reward(policy_chosen, reference_chosen)?,
+            rejected_rewards: reward(policy_rejected, reference_rejected)?,
+        })
+    }
+}
+
+/// `log(sigmoid(x))`, computed as `min(x, 0) - log(1 + exp(-|x|))` (no overflow for large |x|);
+/// its gradient is `sigmoid(-x)`.
+fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+    let xd = x.detach();
+    let y = (xd.minimum(0.0)? - (xd.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+    let x_saved = xd.clone();
+    Ok(tune_core::autograd::with_backward(
+        "log_sigmoid",
+        x,
+        y,
+        move |grad| grad.mul(&candle_nn::ops::sigmoid(&x_saved.neg()?)?),
+    )?)
+}
+
+/// Each sequence's summed log-probability of its labels: `logits` [batch, seq, vocab] against
+/// the labels shifted by one, ignored labels skipped -> [batch] (torchtune's
+/// `get_batch_log_probs`).
+pub fn sequence_log_probs(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (batch, seq, vocab) = logits.dims3()?;
+    let shifted = crate::loss::shift_labels(labels)?.reshape(batch * seq)?;
+    let nll = tune_core::autograd::cross_entropy_rows(
+        &logits.reshape((batch * seq, vocab))?,
+        &shifted,
+        IGNORE_INDEX,
+    )?;
+    Ok(nll.reshape((batch, seq))?.sum(D::Minus1)?.neg()?)
+}
+
+/// The DPO objective: preference pairs, the DPO loss, and what torchtune logs with it.
+pub struct Preference {
+    pairs: Vec<PreferencePair>,
+    sampler: BatchSampler,
+    padding_idx: u32,
+    loss: DpoLoss,
+}
+
+impl Preference {
+    pub fn build(
+        cfg: &TopLevel,
+        spec: &ModelSpec,
+        settings: &DataSettings,
+    ) -> Result<Box<dyn Objective>> {
+        let loss: DpoLoss = cfg.build("loss", ComponentKind::Loss).map_err(|e| {
+            anyhow!("{e:#}; DPO recipes need `loss: {{_component_: torchtune.rlhf.loss.DPOLoss}}`")
+        })?;
+        let tokenizer = build_tokenizer(cfg, spec.transformer.vocab_size)?;
+        let dataset: PreferenceSpec = cfg.build("dataset", ComponentKind::Dataset).map_err(|e| {
+            anyhow!(
+                "{e:#}; DPO trains on preference pairs: use torchtune.datasets.preference_dataset or \
+                 stack_exchange_paired_dataset"
+            )
+        })?;
+        let pairs = dataset.load(&tokenizer).context("loading `dataset`")?;
+        let longest = pairs
+            .iter()
+            .map(|p| p.chosen.len().max(p.rejected.len()))
+            .max()
+            .unwrap_or(0);
+        if longest > spec.transformer.max_seq_len {
+            bail!(
+                "a preference example has {longest} tokens, more than the model's max_seq_len {}; \
+                 set tokenizer.max_seq_len to truncate",
+                spec.transformer.max_seq_len
+            );
+        }
+        let sampler = build_sampler(
+            (pairs.len(), "preference pairs"),
+            settings.batch_size,
+            settings.shuffle,
+            settings.seed,
+            settings.replicas,
+        )?;
+        Ok(Box::new(Preference {
+            pairs,
+            sampler,
+            padding_idx: tokenizer.pad_id(),
+            loss,
+        }))
+    }
+}
+
+impl Objective for Preference {
+    fn sampler(&self) -> &BatchSampler {
+        &self.sampler
+    }
+
+    fn num_examples(&self) -> usize {
+        self.pairs.len()
+    }
+
+    fn micro_batch(
+        &self,
+        model: &TransformerDecoder,
+        indices: &[usize],
+        device: &Device,
+    ) -> Result<MicroBatch> {
+        // Chosen rows first, then the rejected ones, padded together.
+        let batch = padded_collate_dpo(indices.iter().map(|&i| &self.pairs[i]), self.padding_idx);
+        let shape = batch.shape();
+        let tokens = Tensor::from_vec(batch.tokens_flat(), shape, device)?;
+        let labels = Tensor::from_vec(batch.labels_flat(), shape, device)?;
+        let pairs = indices.len();
+        let chosen = |t: &Tensor| t.narrow(0, 0, pairs);
+        let rejected = |t: &Tensor| t.narrow(0, pairs, pairs);
+
+        let train = Forward {
+            train: true,
+            ..Default::default()
+        };
+        let logits = model.forward_with(&tokens, train)?.logits;
+        let policy = sequence_log_probs(&logits, &labels)?;
+        let logits_mean = |t: candle_core::Result<Tensor>| -> Result<f64> {
+            Ok(t?.mean_all()?.to_scalar::<f32>()? as f64)
+        };
+        let (logits_chosen, logits_rejected) = (
+            logits_mean(chosen(&logits))?,
+            logits_mean(rejected(&logits))?,
+        );
+        drop(logits);
+        // The reference model is the base model: the same weights with the adapters off.
+        let base = Forward {
+            adapters_disabled: true,
+            ..Default::default()
+        };
+        let reference_logits = model.forward_with(&tokens, base)?.logits.detach();
+        let reference = sequence_log_probs(&reference_logits, &labels)?.detach();
+        drop(reference_logits);
+
+        let out = self.loss.forward(
+            (&chosen(&policy)?, &rejected(&policy)?),
+            (&chosen(&reference)?, &rejected(&reference)?),
+        )?;
+        let mean = |xs: &[f32]| xs.iter().map(|&x| x as f64).sum::<f64>() / xs.len().max(1) as f64;
+        let margins: Vec<f32> = out
+            .chosen_rewards
+            .iter()
+            .zip(&out.rejected_rewards)
+            .map(|(c, r)| c - r)
+            .collect();
+        let accuracy: Vec<f32> = margins.iter().map(|&m| (m > 0.0) as u8 as f32).collect();
+        let policy_mean = |t: candle_core::Result<Tensor>| -> Result<f64> {
+            Ok(t?.detach().mean_all()?.to_scalar::<f32>()? as f64)
+        };
+        let metrics = vec![
+            ("rewards/chosen".into(), mean(&out.chosen_rewards)),
+            ("rewards/rejected".into(), mean(&out.rejected_rewards)),
+            ("rewards/accuracies".into(), mean(&accuracy)),
+            ("rewards/margins".into(), mean(&margins)),
+            ("log_probs/rejected".into(), policy_mean(rejected(&policy))?),
+            ("log_probs/chosen".into(), policy_mean(chosen(&policy))?),
+            ("logits/rejected".into(), logits_rejected),
+            ("logits/chosen".into(), logits_chosen),
+        ];
+        Ok(MicroBatch {
+            weighted_loss: out.loss,
+            weight: 1.0,
+            // torchtune counts every position of the concatenated batch, padding included.
+            tokens: shape.0 * shape.1,
+            metrics,
+        })
+    }
+}
+
+tune_core::inventory::submit! {
+    Component {
+        path: "torchtune.rlhf.loss.DPOLoss",
+        aliases: &["DPOLoss"],
+        kind: ComponentKind::Loss,
+        args: &[
+            ArgSpec::optional("beta", ArgType::Float, "0.1"),
+            ArgSpec::optional("label_smoothing", ArgType::Float, "0.0"),
+        ],
+        extra_args: false,
+        about: "Direct Preference Optimization: -log sigmoid(beta * (policy - reference log-ratio)) of chosen vs rejected",
+        origin: "built-in",
+        build: |args| Ok(Box::new(DpoLoss {
+            beta: args.get_opt("beta")?.unwrap_or(0.1),
+            label_smoothing: args.get_opt("label_smoothing")?.unwrap_or(0.0),
+        })),
+    }
+}

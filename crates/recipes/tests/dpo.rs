@@ -1,0 +1,289 @@
+//! LoRA DPO: the pieces against independent computations (sequence log-probabilities and their
+//! gradient against candle's own differentiable ops; the DPO loss and its gradient against the
+//! closed form), then the recipe on stories260K: it starts at ln 2 with zero rewards (policy ==
+//! reference), learns the preferences, writes a PEFT adapter, and N ranks take the steps one
+//! device takes with N times the batch.
+
+mod common;
+
+use std::time::Duration;
+
+use candle_core::{Device, Tensor, Var, D};
+use tune_core::recipe::RunOptions;
+use tune_recipes::distributed::{free_local_endpoint, ProcessGroup, RankInfo};
+use tune_recipes::lora_dpo_single_device::{sequence_log_probs, train, DpoLoss, Preference};
+use tune_recipes::lora_finetune_single_device::{train_objective, RunSummary};
+use tune_recipes::selfcheck::max_abs_diff;
+
+fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) as f32 / (1u64 << 31) as f32) * 4.0 - 2.0
+        })
+        .collect()
+}
+
+#[test]
+fn sequence_log_probs_and_gradient_match_composed_ops() {
+    let (batch, seq, vocab) = (3, 6, 11);
+    let logits = Var::from_vec(
+        pseudo_random(batch * seq * vocab, 7),
+        (batch, seq, vocab),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let labels: Vec<i64> = vec![
+        -100, -100, 3, 4, 5, 6, //
+        -100, 1, 2, -100, -100, -100, //
+        -100, 10, 0, 9, 8, 7,
+    ];
+    let labels = Tensor::from_vec(labels.clone(), (batch, seq), &Device::Cpu).unwrap();
+    let ours = sequence_log_probs(logits.as_tensor(), &labels).unwrap();
+
+    // The same with candle's differentiable log_softmax and a one-hot mask of the shifted labels.
+    let shifted: Vec<i64> = labels
+        .to_vec2::<i64>()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row[1..].iter().copied().chain([-100]).collect::<Vec<_>>())
+        .collect();
+    let onehot: Vec<f32> = shifted
+        .iter()
+        .flat_map(|&l| (0..vocab as i64).map(move |v| (l == v) as u8 as f32))
+        .collect();
+    let onehot = Tensor::from_vec(onehot, (batch, seq, vocab), &Device::Cpu).unwrap();
+    let log_probs = candle_nn::ops::log_softmax(logits.as_tensor(), D::Minus1).unwrap();
+    let reference = (log_probs * onehot).unwrap().sum((1, 2)).unwrap();
+    assert!(max_abs_diff(&ours, &reference).unwrap() < 1e-5);
+
+    let weights = Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu).unwrap();
+    let grad_of = |t: &Tensor| {
+        let store = (t * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        store.get(logits.as_tensor()).unwrap().clone()
+    };
+    let diff = max_abs_diff(&grad_of(&ours), &grad_of(&reference)).unwrap();
+    assert!(diff < 1e-5, "gradient differs by {diff}");
+}
+
+#[test]
+fn dpo_loss_and_gradient_follow_the_closed_form() {
+    let loss = DpoLoss {
+        beta: 0.25,
+        label_smoothing: 0.1,
+    };
+    let policy_chosen = Var::new(&[-10.0f32, -4.0], &Device::Cpu).unwrap();
+    let policy_rejected = Var::new(&[-12.0f32, -3.0], &Device::Cpu).unwrap();
+    let reference_chosen = Tensor::new(&[-11.0f32, -5.0], &Device::Cpu).unwrap();
+    let reference_rejected = Tensor::new(&[-11.5f32, -2.0], &Device::Cpu).unwrap();
+    let out = loss
+        .forward(
+            (policy_chosen.as_tensor(), policy_rejected.as_tensor()),
+            (&reference_chosen, &reference_rejected),
+        )
+        .unwrap();
+    let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let (beta, smoothing) = (0.25, 0.1);
+    let margins = [(-10.0 + 12.0) - (-11.0 + 11.5), (-4.0 + 3.0) - (-5.0 + 2.0)];
+    let want: f64 = margins
+        .iter()
+        .map(|m: &f64| {
+            -(sigmoid(beta * m)).ln() * (1.0 - smoothing) - (sigmoid(-beta * m)).ln() * smoothing
+        })
+        .sum::<f64>()
+        / 2.0;
+    let got = out.loss.to_scalar::<f32>().unwrap() as f64;
+    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    assert_eq!(out.chosen_rewards, [0.25, 0.25]);
+    assert_eq!(out.rejected_rewards, [-0.125, -0.25]);
+
+    let store = out.loss.backward().unwrap();
+    let grad = store
+        .get(policy_chosen.as_tensor())
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (g, m) in grad.iter().zip(margins) {
+        let want = (-beta * (1.0 - smoothing) * sigmoid(-beta * m)
+            + beta * smoothing * sigmoid(beta * m))
+            / 2.0;
+        assert!((*g as f64 - want).abs() < 1e-6, "{g} vs {want}");
+    }
+    let grad_rejected = store.get(policy_rejected.as_tensor()).unwrap();
+    let sum = (store.get(policy_chosen.as_tensor()).unwrap() + grad_rejected).unwrap();
+    assert!(
+        sum.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            < 1e-7
+    );
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn dpo_config(work: &std::path::Path, overrides: &[&str]) -> tune_core::Config {
+    let root = common::root();
+    let text =
+        std::fs::read_to_string(root.join("configs/stories260K/lora_dpo_single_device.yaml"))
+            .unwrap()
+            .replace("assets/", &format!("{}/assets/", root.display()));
+    let mut config = tune_core::Config::from_yaml_str(&text).unwrap();
+    let mut all: Vec<String> = vec![format!("output_dir={}", work.join("output").display())];
+    all.extend(overrides.iter().map(|s| s.to_string()));
+    config.apply_overrides(&all).unwrap();
+    config.resolve_interpolations().unwrap();
+    config
+}
+
+#[test]
+fn stories260k_learns_its_preferences_and_exports_a_peft_adapter() {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    let summary = train(
+        dpo_config(
+            work.path(),
+            &[
+                "dataset.split=train[:16]",
+                "epochs=6",
+                "optimizer.lr=5e-3",
+                "lr_scheduler.num_warmup_steps=2",
+                "max_steps_per_epoch=null",
+                "tokenizer.max_seq_len=256",
+            ],
+        ),
+        &RunOptions::default(),
+    )
+    .unwrap();
+    let losses: Vec<f64> = summary.steps.iter().map(|s| s.loss).collect();
+    assert_eq!(losses.len(), 24);
+    // Step 1 runs with the adapters' initial zero B: the policy is the reference.
+    assert!(
+        (losses[0] - std::f64::consts::LN_2).abs() < 1e-6,
+        "{losses:?}"
+    );
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    assert!(
+        mean(&losses[20..]) < 0.5 * std::f64::consts::LN_2,
+        "DPO did not learn the preferences: {losses:?}"
+    );
+    let log = std::fs::read_dir(work.path().join("output/logs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let log = std::fs::read_to_string(log).unwrap();
+    let first = log.lines().next().unwrap();
+    for key in [
+        "rewards/chosen:0.0 ",
+        "rewards/margins:0.0 ",
+        "log_probs/chosen:",
+        "logits/rejected:",
+        "tokens_per_second_per_gpu:",
+    ] {
+        assert!(first.contains(key), "{key} missing from {first}");
+    }
+    // The last steps rank the chosen answers above the rejected ones.
+    let accuracies: Vec<f64> = log
+        .lines()
+        .skip(20)
+        .map(|line| {
+            let value = line.split("rewards/accuracies:").nth(1).unwrap();
+            value.split_whitespace().next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert!(mean(&accuracies) >= 0.75, "{accuracies:?}");
+    let adapter = work.path().join("output/epoch_5/adapter");
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+}
+
+#[test]
+fn two_ranks_take_the_steps_of_one_device_with_twice_the_batch() {
+    tune_recipes::link();
+    let overrides = |batch: &str| {
+        vec![
+            "dataset.split=train[:24]".to_string(),
+            "max_steps_per_epoch=3".to_string(),
+            "gradient_accumulation_steps=2".to_string(),
+            "tokenizer.max_seq_len=128".to_string(),
+            "seed=5".to_string(),
+            "save_adapter_weights_only=True".to_string(),
+            format!("batch_size={batch}"),
+        ]
+    };
+    let one = tempfile::tempdir().unwrap();
+    let single = train(
+        dpo_config(one.path(), &refs(&overrides("4"))),
+        &RunOptions::default(),
+    )
+    .unwrap();
+
+    let two = tempfile::tempdir().unwrap();
+    let endpoint = free_local_endpoint().unwrap();
+    let handles: Vec<_> = (0..2)
+        .map(|rank| {
+            let config = dpo_config(two.path(), &refs(&overrides("2")));
+            let endpoint = endpoint.clone();
+            std::thread::spawn(move || -> anyhow::Result<RunSummary> {
+                let info = RankInfo {
+                    rank,
+                    world_size: 2,
+                    local_rank: rank,
+                };
+                let mut group = ProcessGroup::connect(info, &endpoint, Duration::from_secs(60))?;
+                train_objective(
+                    config,
+                    &RunOptions::default(),
+                    &mut group,
+                    Preference::build,
+                )
+            })
+        })
+        .collect();
+    let results: Vec<RunSummary> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect();
+    let losses = |s: &RunSummary| s.steps.iter().map(|s| s.loss).collect::<Vec<_>>();
+    assert_eq!(losses(&results[0]), losses(&results[1]));
+    for (a, b) in losses(&single).iter().zip(losses(&results[0])) {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "{:?} vs {:?}",
+            losses(&single),
+            losses(&results[0])
+        );
+    }
+    let load = |dir: &std::path::Path| {
+        candle_core::safetensors::load(
+            dir.join("output/epoch_0/recipe_state/adapter_torchtune.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (a, b) = (load(one.path()), load(two.path()));
+    for (name, t) in &a {
+        let d = max_abs_diff(t, &b[name]).unwrap();
+        assert!(d < 1e-5, "{name}: {d}");
+    }
+}
