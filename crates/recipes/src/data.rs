@@ -52,7 +52,11 @@ pub fn build(
     (num_replicas, rank): (usize, usize),
 ) -> Result<TrainData> {
     let tokenizer = build_tokenizer(cfg, model_vocab)?;
-    let dataset: DatasetSpec = cfg.build("dataset", ComponentKind::Dataset)?;
+    let dataset: DatasetSpec = cfg.build_expecting(
+        "dataset",
+        ComponentKind::Dataset,
+        "; preference datasets (chosen/rejected pairs) train with lora_dpo_single_device",
+    )?;
     if dataset.packing.is_some() {
         let pack_length = dataset.pack_length(&tokenizer)?;
         if pack_length > model_max_seq_len {

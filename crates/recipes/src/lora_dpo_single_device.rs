@@ -13,7 +13,7 @@
 //! The rest — model, optimizer, schedule, checkpoints, resume, Ctrl-C — is the LoRA loop
 //! ([`train_objective`]) with this [`Preference`] objective.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use tune_core::recipe::{Recipe, RecipeEntry, RunOptions};
 use tune_core::{ArgSpec, ArgType, Component, ComponentKind, Config};
@@ -149,16 +149,18 @@ impl Preference {
         spec: &ModelSpec,
         settings: &DataSettings,
     ) -> Result<Box<dyn Objective>> {
-        let loss: DpoLoss = cfg.build("loss", ComponentKind::Loss).map_err(|e| {
-            anyhow!("{e:#}; DPO recipes need `loss: {{_component_: torchtune.rlhf.loss.DPOLoss}}`")
-        })?;
+        let loss: DpoLoss = cfg.build_expecting(
+            "loss",
+            ComponentKind::Loss,
+            "; DPO needs `loss: {_component_: torchtune.rlhf.loss.DPOLoss}`",
+        )?;
         let tokenizer = build_tokenizer(cfg, spec.transformer.vocab_size)?;
-        let dataset: PreferenceSpec = cfg.build("dataset", ComponentKind::Dataset).map_err(|e| {
-            anyhow!(
-                "{e:#}; DPO trains on preference pairs: use torchtune.datasets.preference_dataset or \
-                 stack_exchange_paired_dataset"
-            )
-        })?;
+        let dataset: PreferenceSpec = cfg.build_expecting(
+            "dataset",
+            ComponentKind::Dataset,
+            "; DPO trains on preference pairs: use torchtune.datasets.preference_dataset or \
+             stack_exchange_paired_dataset",
+        )?;
         let pairs = dataset.load(&tokenizer).context("loading `dataset`")?;
         let longest = pairs
             .iter()

@@ -132,7 +132,12 @@ impl NextToken {
         spec: &ModelSpec,
         settings: &DataSettings,
     ) -> Result<Box<dyn Objective>> {
-        let _loss: crate::loss::ChunkedCrossEntropy = cfg.build("loss", ComponentKind::Loss)?;
+        let _loss: crate::loss::ChunkedCrossEntropy = cfg.build_expecting(
+            "loss",
+            ComponentKind::Loss,
+            "; it trains with torchtune.modules.loss.CEWithChunkedOutputLoss (DPOLoss belongs to \
+             lora_dpo_single_device / lora_dpo_distributed)",
+        )?;
         let data = data::build(
             cfg,
             (spec.transformer.vocab_size, spec.transformer.max_seq_len),

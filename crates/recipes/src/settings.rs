@@ -85,6 +85,17 @@ impl TopLevel<'_> {
     }
 
     pub fn build<T: 'static>(&self, key: &str, kind: tune_core::ComponentKind) -> Result<T> {
+        self.build_expecting(key, kind, "")
+    }
+
+    /// [`Self::build`]; when the component is of a type this recipe cannot use, the error ends
+    /// with `expected` (what the recipe needs instead).
+    pub fn build_expecting<T: 'static>(
+        &self,
+        key: &str,
+        kind: tune_core::ComponentKind,
+        expected: &str,
+    ) -> Result<T> {
         let node = self.node(key)?;
         let name = node
             .get("_component_")
@@ -100,10 +111,9 @@ impl TopLevel<'_> {
         let built = component
             .build_from(node)
             .with_context(|| format!("building `{key}` ({name})"))?;
-        built
-            .downcast::<T>()
-            .map(|b| *b)
-            .map_err(|_| anyhow::anyhow!("`{key}` ({name}) cannot be used by this recipe"))
+        built.downcast::<T>().map(|b| *b).map_err(|_| {
+            anyhow::anyhow!("`{key}` ({name}) cannot be used by this recipe{expected}")
+        })
     }
 }
 

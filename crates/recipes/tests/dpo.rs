@@ -287,3 +287,40 @@ fn two_ranks_take_the_steps_of_one_device_with_twice_the_batch() {
         assert!(d < 1e-5, "{name}: {d}");
     }
 }
+
+#[test]
+fn sft_and_dpo_configs_are_not_mixed_up() {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    let err = tune_recipes::lora_finetune_single_device::train(
+        dpo_config(work.path(), &[]),
+        &RunOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("DPOLoss belongs to lora_dpo_single_device"),
+        "{err:#}"
+    );
+    let err = train(
+        dpo_config(
+            work.path(),
+            &[
+                "loss=torchtune.modules.loss.CEWithChunkedOutputLoss",
+                "~loss.beta",
+                "~loss.label_smoothing",
+            ],
+        ),
+        &RunOptions::default(),
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("DPO needs `loss"), "{err:#}");
+    let err = train(
+        common::stories_config(work.path(), &["loss=torchtune.rlhf.loss.DPOLoss"]),
+        &RunOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("DPO trains on preference pairs"),
+        "{err:#}"
+    );
+}
