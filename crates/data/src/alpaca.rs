@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tune_core::{ArgSpec, ArgType, Args};
 
 use crate::dataset::{check_column_map, text_column, DatasetSpec, RowToSample};
@@ -62,7 +62,7 @@ pub struct AlpacaRows {
 impl RowToSample for AlpacaRows {
     fn sample(&self, row: &Row, tokenizer: &Llama2Tokenizer) -> Result<Sample> {
         let messages = alpaca_to_messages(row, self.train_on_input, &self.column_map)?;
-        tokenize_sft(&messages, tokenizer)
+        tokenize_sft(&messages, tokenizer).with_context(|| row.location())
     }
 }
 

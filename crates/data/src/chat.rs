@@ -121,7 +121,7 @@ impl ConversationRows {
 
 impl RowToSample for ConversationRows {
     fn sample(&self, row: &Row, tokenizer: &Llama2Tokenizer) -> Result<Sample> {
-        tokenize_sft(&self.messages(row)?, tokenizer)
+        tokenize_sft(&self.messages(row)?, tokenizer).with_context(|| row.location())
     }
 }
 

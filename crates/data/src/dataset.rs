@@ -21,6 +21,7 @@ use crate::packed::{pack_samples, Examples};
 use crate::sft::Sample;
 
 /// Turns one row of a data file into a tokenized sample: the builder-specific part of a dataset.
+/// Its errors name the row ([`Row::location`]).
 pub trait RowToSample: Debug + Send + Sync {
     fn sample(&self, row: &Row, tokenizer: &Llama2Tokenizer) -> Result<Sample>;
 }
@@ -101,11 +102,7 @@ impl DatasetSpec {
         self.rows
             .rows()?
             .iter()
-            .map(|row| {
-                self.to_sample
-                    .sample(row, tokenizer)
-                    .with_context(|| row.location())
-            })
+            .map(|row| self.to_sample.sample(row, tokenizer))
             .collect()
     }
 

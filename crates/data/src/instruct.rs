@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use tune_core::{ArgSpec, ArgType, Args};
 
 use crate::dataset::{check_column_map, text_column, DatasetSpec, RowToSample};
@@ -38,7 +38,7 @@ impl InputOutputRows {
 
 impl RowToSample for InputOutputRows {
     fn sample(&self, row: &Row, tokenizer: &Llama2Tokenizer) -> Result<Sample> {
-        tokenize_sft(&self.messages(row)?, tokenizer)
+        tokenize_sft(&self.messages(row)?, tokenizer).with_context(|| row.location())
     }
 }
 

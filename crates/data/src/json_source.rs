@@ -207,7 +207,6 @@ pub fn read_text_rows(path: &Path, sample_by: TextSampleBy) -> Result<Vec<Row>> 
     let pieces: Vec<&str> = match sample_by {
         TextSampleBy::Line => python_splitlines(&body),
         TextSampleBy::Paragraph => body.split("\n\n").filter(|p| !p.is_empty()).collect(),
-        TextSampleBy::Document if body.is_empty() => Vec::new(),
         TextSampleBy::Document => vec![body.as_str()],
     };
     Ok(pieces

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use tune_core::{ArgSpec, ArgType, Args};
 
 use crate::chat::{ConversationRows, ConversationStyle};
@@ -26,7 +26,7 @@ pub struct PreferencePair {
     pub rejected: Sample,
 }
 
-/// Turns one row into its chosen and rejected conversations.
+/// Turns one row into its chosen and rejected conversations; errors name the row.
 pub trait RowToConversations: std::fmt::Debug + Send + Sync {
     fn conversations(&self, row: &Row) -> Result<(Vec<Message>, Vec<Message>)>;
 }
@@ -50,10 +50,7 @@ impl PreferenceSpec {
             .rows()?
             .iter()
             .map(|row| {
-                let (chosen, rejected) = self
-                    .to_conversations
-                    .conversations(row)
-                    .with_context(|| row.location())?;
+                let (chosen, rejected) = self.to_conversations.conversations(row)?;
                 Ok(PreferencePair {
                     chosen: tokenize(&chosen),
                     rejected: tokenize(&rejected),
@@ -132,8 +129,20 @@ impl RowToConversations for PromptAnswersRows {
     }
 }
 
+/// torchtune accepts `packed: False` on preference datasets and refuses `True`.
+fn refuse_packing(args: &Args, component: &str) -> Result<()> {
+    if args.get_opt::<bool>("packed")?.unwrap_or(false) {
+        bail!(
+            "{component}: packed=True is not supported for preference datasets (nor by torchtune); \
+             set `packed: False`"
+        );
+    }
+    Ok(())
+}
+
 fn build_preference(args: &Args) -> Result<PreferenceSpec> {
     const COMPONENT: &str = "preference_dataset";
+    refuse_packing(args, COMPONENT)?;
     let column_map: BTreeMap<String, String> = args.get_opt("column_map")?.unwrap_or_default();
     check_column_map(COMPONENT, &column_map, &["chosen", "rejected"])?;
     if !column_map.is_empty() && column_map.len() != 2 {
@@ -154,7 +163,12 @@ fn build_preference(args: &Args) -> Result<PreferenceSpec> {
         rows: RowSource::from_args(
             args,
             COMPONENT,
-            &["column_map", "train_on_input", "new_system_prompt"],
+            &[
+                "column_map",
+                "train_on_input",
+                "new_system_prompt",
+                "packed",
+            ],
         )?,
         to_conversations: Arc::new(rows),
     })
@@ -162,9 +176,11 @@ fn build_preference(args: &Args) -> Result<PreferenceSpec> {
 
 fn build_stack_exchange(args: &Args) -> Result<PreferenceSpec> {
     const COMPONENT: &str = "stack_exchange_paired_dataset";
+    refuse_packing(args, COMPONENT)?;
+    // As in torchtune, an empty map means the default one.
     let column_map: BTreeMap<String, String> = match args.get_opt("column_map")? {
-        Some(map) => map,
-        None => BTreeMap::from(
+        Some(map) if !BTreeMap::is_empty(&map) => map,
+        _ => BTreeMap::from(
             [
                 ("prompt", "question"),
                 ("chosen", "response_j"),
@@ -182,7 +198,7 @@ fn build_stack_exchange(args: &Args) -> Result<PreferenceSpec> {
         rows: RowSource::from_args(
             args,
             COMPONENT,
-            &["column_map", "train_on_input", "data_dir"],
+            &["column_map", "train_on_input", "data_dir", "packed"],
         )?,
         to_conversations: Arc::new(rows),
     })
@@ -198,6 +214,7 @@ tune_core::inventory::submit! {
             ArgSpec::nullable("column_map", ArgType::Any),
             ArgSpec::optional("train_on_input", ArgType::Bool, "false"),
             ArgSpec::nullable("new_system_prompt", ArgType::Str),
+            ArgSpec::optional("packed", ArgType::Bool, "false"),
             ArgSpec::nullable("filter_fn", ArgType::Any),
             ArgSpec::optional("split", ArgType::Str, "train"),
             ArgSpec::nullable("data_files", ArgType::Any),
@@ -218,6 +235,7 @@ tune_core::inventory::submit! {
             ArgSpec::optional("source", ArgType::Str, "lvwerra/stack-exchange-paired"),
             ArgSpec::nullable("column_map", ArgType::Any),
             ArgSpec::optional("train_on_input", ArgType::Bool, "false"),
+            ArgSpec::optional("packed", ArgType::Bool, "false"),
             ArgSpec::nullable("filter_fn", ArgType::Any),
             ArgSpec::optional("split", ArgType::Str, "train"),
             ArgSpec::nullable("data_files", ArgType::Any),

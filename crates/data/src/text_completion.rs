@@ -37,7 +37,13 @@ impl RowToSample for TextRows {
         };
         let mut tokens = tokenizer.encode(text, true, self.add_eos, false);
         if let Some(max_seq_len) = tokenizer.max_seq_len() {
-            tokens.truncate(max_seq_len.saturating_sub(1));
+            if max_seq_len < 2 {
+                bail!(
+                    "tokenizer.max_seq_len is {max_seq_len}: text completion keeps max_seq_len - 1 \
+                     tokens per sample, so it must be at least 2"
+                );
+            }
+            tokens.truncate(max_seq_len - 1);
         }
         let mask = vec![false; tokens.len()];
         Ok(Sample::from_tokens_and_mask(tokens, mask))

@@ -305,3 +305,42 @@ fn preference_rows_tokenize_chosen_and_rejected_separately() {
         plain("5")
     );
 }
+
+#[test]
+fn bad_settings_and_rows_get_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "p.json", r#"[{"chosen": [], "rejected": []}]"#);
+    let node: Yaml = serde_yaml::from_str(&format!(
+        "{{_component_: preference_dataset, source: json, data_files: {file:?}, packed: true}}"
+    ))
+    .unwrap();
+    let err = tune_core::registry::lookup("preference_dataset")
+        .unwrap()
+        .build_from(&node)
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("not supported for preference datasets"),
+        "{err:#}"
+    );
+
+    let text = write(dir.path(), "t.txt", "hello\n");
+    let spec = dataset(&format!(
+        "{{_component_: text_completion_dataset, source: text, data_files: {text:?}}}"
+    ));
+    let err = spec.load(&tok512(Some(1))).unwrap_err();
+    assert!(format!("{err:#}").contains("at least 2"), "{err:#}");
+
+    // A bad turn is reported once, with the row it is in.
+    let chats = write(
+        dir.path(),
+        "c.json",
+        r#"[{"conversations": [{"from": "robot", "value": "x"}]}]"#,
+    );
+    let spec = dataset(&format!(
+        "{{_component_: chat_dataset, source: json, data_files: {chats:?}, conversation_column: conversations, conversation_style: sharegpt}}"
+    ));
+    let err = format!("{:#}", spec.load(&tok512(None)).unwrap_err());
+    assert_eq!(err.matches("c.json row 0").count(), 1, "{err}");
+    assert!(err.contains("robot"), "{err}");
+}

@@ -464,7 +464,10 @@ pub fn train_objective(
         let batches = objective.sampler().batches_for_epoch(epoch as u64);
         let mut window_grads: Option<Vec<Tensor>> = None;
         let (mut window_weight, mut window_tokens, mut window_loss) = (0f64, 0usize, 0f64);
-        let mut window_metrics: Metrics;
+        // The objective's extra numbers: the last micro-batch's, and their sums over the window.
+        let mut last_metrics: Metrics;
+        let mut metric_sums: Vec<f64> = Vec::new();
+        let mut window_micro_batches = 0usize;
         let mut window_start = Instant::now();
         let first_batch = if epoch == state.epochs_run {
             state.batches_in_epoch
@@ -486,41 +489,57 @@ pub fn train_objective(
                     summary.last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "its start".into())
                 );
             }
-            let store = loss.backward()?;
-            // The graph (every kept activation) goes with the loss tensor: free it now, not
-            // after the all-reduce and the optimizer step.
-            drop(loss);
-            // On a GPU: device memory in use right after the backward, when activations and
-            // gradients are all alive (the driver's view, sampled once per micro-batch).
-            if let Some(used) = crate::bench::device_memory_used(&device) {
-                peak_device_bytes = peak_device_bytes.max(used);
-            }
-            let grads = params
-                .iter()
-                .map(|(name, var)| {
-                    tune_core::autograd::param_grad(&store, var)?
-                        .with_context(|| format!("no gradient reached {name}"))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            drop(store);
-            window_grads = Some(match window_grads {
-                None => grads,
-                Some(acc) => acc
+            // A micro-batch without label tokens (every label masked) adds nothing to learn
+            // from: no backward, and its weight of 0 leaves the window's average alone.
+            if micro.weight > 0.0 {
+                let store = loss.backward()?;
+                // The graph (every kept activation) goes with the loss tensor: free it now, not
+                // after the all-reduce and the optimizer step.
+                drop(loss);
+                // On a GPU: device memory in use right after the backward, when activations and
+                // gradients are all alive (the driver's view, sampled once per micro-batch).
+                if let Some(used) = crate::bench::device_memory_used(&device) {
+                    peak_device_bytes = peak_device_bytes.max(used);
+                }
+                let grads = params
                     .iter()
-                    .zip(&grads)
-                    .map(|(a, g)| a.add(g))
-                    .collect::<candle_core::Result<Vec<_>>>()?,
-            });
+                    .map(|(name, var)| {
+                        tune_core::autograd::param_grad(&store, var)?
+                            .with_context(|| format!("no gradient reached {name}"))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                drop(store);
+                window_grads = Some(match window_grads {
+                    None => grads,
+                    Some(acc) => acc
+                        .iter()
+                        .zip(&grads)
+                        .map(|(a, g)| a.add(g))
+                        .collect::<candle_core::Result<Vec<_>>>()?,
+                });
+            }
             window_weight += micro.weight;
             window_tokens += micro.tokens;
             window_loss += loss_value as f64;
-            window_metrics = micro.metrics;
+            metric_sums.resize(micro.metrics.len(), 0.0);
+            for (sum, (_, value)) in metric_sums.iter_mut().zip(&micro.metrics) {
+                *sum += value;
+            }
+            window_micro_batches += 1;
+            last_metrics = micro.metrics;
 
             if !(idx + 1).is_multiple_of(grad_accum) {
                 continue;
             }
             // Across ranks: sum the gradients, token counts and losses; agree on stopping.
-            let mut grads = window_grads.take().expect("window has gradients");
+            // Zeros when none of this rank's micro-batches had label tokens (the others may).
+            let mut grads = match window_grads.take() {
+                Some(grads) => grads,
+                None => params
+                    .iter()
+                    .map(|(_, var)| var.as_tensor().zeros_like())
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            };
             group.all_reduce_tensors(&mut grads)?;
             let mut totals = [
                 window_weight,
@@ -539,6 +558,28 @@ pub fn train_objective(
                     state.global_step + 1
                 );
             }
+            if step_weight <= 0.0 {
+                bail!(
+                    "step {}: its batches have no label tokens to learn from (every response masked, \
+                     or cut off by tokenizer.max_seq_len); raise tokenizer.max_seq_len, set \
+                     train_on_input, or check the data",
+                    state.global_step + 1
+                );
+            }
+            // One device logs the objective's numbers of the window's last micro-batch (as
+            // torchtune's single-device recipes do); several ranks log their mean over the
+            // window's micro-batches on all ranks (as its distributed recipes do).
+            let mut step_metrics = std::mem::take(&mut last_metrics);
+            if group.world_size() > 1 && !step_metrics.is_empty() {
+                metric_sums.push(window_micro_batches as f64);
+                group.all_reduce_sum_f64(&mut metric_sums)?;
+                let count = metric_sums.pop().unwrap_or(1.0).max(1.0);
+                for ((_, value), sum) in step_metrics.iter_mut().zip(&metric_sums) {
+                    *value = sum / count;
+                }
+            }
+            metric_sums.clear();
+            window_micro_batches = 0;
             let scale = 1.0f32 / step_weight as f32;
             for g in grads.iter_mut() {
                 *g = (&*g * scale as f64)?;
@@ -575,7 +616,7 @@ pub fn train_objective(
                 if let Some(n) = grad_norm {
                     metrics.push(("grad_norm".into(), n));
                 }
-                metrics.append(&mut window_metrics);
+                metrics.append(&mut step_metrics);
                 if log_peak_memory {
                     if let Some(gib) = peak_rss_gib() {
                         metrics.push(("peak_memory_rss".into(), gib));

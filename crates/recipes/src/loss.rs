@@ -15,6 +15,9 @@ pub const IGNORE_INDEX: i64 = -100;
 /// Labels shifted for next-token prediction: `[b, s]` -> `[b, s]` with the last column ignored.
 pub fn shift_labels(labels: &Tensor) -> Result<Tensor> {
     let (b, s) = labels.dims2()?;
+    if s == 0 {
+        anyhow::bail!("a batch of empty sequences has nothing to predict");
+    }
     let labels = labels.to_dtype(DType::I64)?;
     let tail = Tensor::full(IGNORE_INDEX, (b, 1), labels.device())?;
     Ok(Tensor::cat(&[&labels.narrow(1, 1, s - 1)?, &tail], 1)?)

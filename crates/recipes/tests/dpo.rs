@@ -217,23 +217,46 @@ fn stories260k_learns_its_preferences_and_exports_a_peft_adapter() {
     assert_eq!(config["peft_type"], "LORA");
 }
 
+/// The numbers logged for `key` at every step, from the run's DiskLogger file.
+fn logged(work: &std::path::Path, key: &str) -> Vec<f64> {
+    let dir = work.join("output/logs");
+    let log = std::fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let value = line.split(&format!("{key}:")).nth(1).unwrap();
+            value.split_whitespace().next().unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+/// One device with batch 8 and 2 ranks with batch 2 and 2 accumulated micro-batches take the
+/// same steps (the same 8 pairs, each micro-batch's mean loss weighted equally), and the ranks'
+/// logged DPO numbers, averaged over all their micro-batches, equal the one device's.
 #[test]
-fn two_ranks_take_the_steps_of_one_device_with_twice_the_batch() {
+fn two_ranks_take_the_steps_of_one_device() {
     tune_recipes::link();
-    let overrides = |batch: &str| {
+    let overrides = |batch: &str, accumulate: &str| {
         vec![
             "dataset.split=train[:24]".to_string(),
             "max_steps_per_epoch=3".to_string(),
-            "gradient_accumulation_steps=2".to_string(),
             "tokenizer.max_seq_len=128".to_string(),
             "seed=5".to_string(),
+            "optimizer.lr=5e-3".to_string(),
             "save_adapter_weights_only=True".to_string(),
             format!("batch_size={batch}"),
+            format!("gradient_accumulation_steps={accumulate}"),
         ]
     };
     let one = tempfile::tempdir().unwrap();
     let single = train(
-        dpo_config(one.path(), &refs(&overrides("4"))),
+        dpo_config(one.path(), &refs(&overrides("8", "1"))),
         &RunOptions::default(),
     )
     .unwrap();
@@ -242,7 +265,7 @@ fn two_ranks_take_the_steps_of_one_device_with_twice_the_batch() {
     let endpoint = free_local_endpoint().unwrap();
     let handles: Vec<_> = (0..2)
         .map(|rank| {
-            let config = dpo_config(two.path(), &refs(&overrides("2")));
+            let config = dpo_config(two.path(), &refs(&overrides("2", "2")));
             let endpoint = endpoint.clone();
             std::thread::spawn(move || -> anyhow::Result<RunSummary> {
                 let info = RankInfo {
@@ -273,6 +296,21 @@ fn two_ranks_take_the_steps_of_one_device_with_twice_the_batch() {
             losses(&single),
             losses(&results[0])
         );
+    }
+    for key in [
+        "rewards/chosen",
+        "rewards/margins",
+        "log_probs/chosen",
+        "logits/rejected",
+    ] {
+        let (a, b) = (logged(one.path(), key), logged(two.path(), key));
+        assert_eq!(a.len(), 3);
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+                "{key}: {a:?} vs {b:?}"
+            );
+        }
     }
     let load = |dir: &std::path::Path| {
         candle_core::safetensors::load(

@@ -242,3 +242,17 @@ fn saving_merged_weights_never_touches_the_live_base_weights() {
         "epoch_1's merged weight is not W + dW1 (off by {d})"
     );
 }
+
+#[test]
+fn a_step_without_label_tokens_stops_instead_of_writing_nan() {
+    // Prompts masked and cut at 8 tokens: no response token is left to learn from.
+    let e = run_err(&[
+        "dataset.train_on_input=False",
+        "tokenizer.max_seq_len=8",
+        "max_steps_per_epoch=2",
+    ]);
+    assert!(
+        e.contains("no label tokens") && e.contains("tokenizer.max_seq_len"),
+        "{e}"
+    );
+}
