@@ -52,13 +52,18 @@ pub fn build(
     (num_replicas, rank): (usize, usize),
 ) -> Result<TrainData> {
     let tokenizer = build_tokenizer(cfg, model_vocab)?;
-    let dataset: DatasetSpec = cfg.build_expecting(
+    // One dataset, or a list of them trained as one (torchtune's ConcatDataset).
+    let datasets: Vec<DatasetSpec> = cfg.build_each(
         "dataset",
         ComponentKind::Dataset,
         "; preference datasets (chosen/rejected pairs) train with lora_dpo_single_device",
     )?;
-    if dataset.packing.is_some() {
-        let pack_length = dataset.pack_length(&tokenizer)?;
+    let packed = datasets.iter().filter(|d| d.packing.is_some()).count();
+    if packed > 0 && packed < datasets.len() {
+        bail!("`dataset` mixes packed and unpacked datasets; set `packed` the same on all of them");
+    }
+    if packed > 0 {
+        let pack_length = datasets[0].pack_length(&tokenizer)?;
         if pack_length > model_max_seq_len {
             bail!(
                 "tokenizer.max_seq_len {pack_length} (the length of every pack) exceeds the model's \
@@ -71,9 +76,23 @@ pub fn build(
             );
         }
     }
-    let examples = dataset
-        .load_examples(&tokenizer)
-        .context("loading `dataset`")?;
+    let mut examples = match packed {
+        0 => Examples::Samples(Vec::new()),
+        _ => Examples::Packs(Vec::new()),
+    };
+    for (i, dataset) in datasets.iter().enumerate() {
+        let loaded = dataset
+            .load_examples(&tokenizer)
+            .with_context(|| match datasets.len() {
+                1 => "loading `dataset`".to_string(),
+                _ => format!("loading `dataset.{i}`"),
+            })?;
+        match (&mut examples, loaded) {
+            (Examples::Samples(all), Examples::Samples(more)) => all.extend(more),
+            (Examples::Packs(all), Examples::Packs(more)) => all.extend(more),
+            _ => unreachable!("packing was checked to be the same for every dataset"),
+        }
+    }
     if let Examples::Packs(packs) = &examples {
         tracing::info!(
             "packed the dataset into {} packs of {} tokens",

@@ -155,13 +155,17 @@ impl Preference {
             "; DPO needs `loss: {_component_: torchtune.rlhf.loss.DPOLoss}`",
         )?;
         let tokenizer = build_tokenizer(cfg, spec.transformer.vocab_size)?;
-        let dataset: PreferenceSpec = cfg.build_expecting(
+        // One dataset, or a list of them trained as one (torchtune's ConcatDataset).
+        let datasets: Vec<PreferenceSpec> = cfg.build_each(
             "dataset",
             ComponentKind::Dataset,
             "; DPO trains on preference pairs: use torchtune.datasets.preference_dataset or \
              stack_exchange_paired_dataset",
         )?;
-        let pairs = dataset.load(&tokenizer).context("loading `dataset`")?;
+        let mut pairs = Vec::new();
+        for dataset in &datasets {
+            pairs.extend(dataset.load(&tokenizer).context("loading `dataset`")?);
+        }
         let longest = pairs
             .iter()
             .map(|p| p.chosen.len().max(p.rejected.len()))

@@ -96,25 +96,54 @@ impl TopLevel<'_> {
         kind: tune_core::ComponentKind,
         expected: &str,
     ) -> Result<T> {
-        let node = self.node(key)?;
-        let name = node
-            .get("_component_")
-            .and_then(|v| v.as_str())
-            .with_context(|| format!("`{key}` needs a `_component_`"))?;
-        let component = tune_core::registry::lookup(name)?;
-        if component.kind != kind {
-            bail!(
-                "`{key}._component_` is `{name}`, a {} component; expected a {kind}",
-                component.kind
-            );
-        }
-        let built = component
-            .build_from(node)
-            .with_context(|| format!("building `{key}` ({name})"))?;
-        built.downcast::<T>().map(|b| *b).map_err(|_| {
-            anyhow::anyhow!("`{key}` ({name}) cannot be used by this recipe{expected}")
-        })
+        build_node(key, self.node(key)?, kind, expected)
     }
+
+    /// Every component under `key`: one for a component node, one per item for a list of them
+    /// (torchtune's `dataset: [{...}, {...}]`).
+    pub fn build_each<T: 'static>(
+        &self,
+        key: &str,
+        kind: tune_core::ComponentKind,
+        expected: &str,
+    ) -> Result<Vec<T>> {
+        match self.node(key)? {
+            Value::Sequence(items) if items.is_empty() => bail!("`{key}` is an empty list"),
+            Value::Sequence(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, node)| build_node(&format!("{key}.{i}"), node, kind, expected))
+                .collect(),
+            node => Ok(vec![build_node(key, node, kind, expected)?]),
+        }
+    }
+}
+
+/// Builds the component node found at `at` (a dotted path, for messages).
+fn build_node<T: 'static>(
+    at: &str,
+    node: &Value,
+    kind: tune_core::ComponentKind,
+    expected: &str,
+) -> Result<T> {
+    let name = node
+        .get("_component_")
+        .and_then(|v| v.as_str())
+        .with_context(|| format!("`{at}` needs a `_component_`"))?;
+    let component = tune_core::registry::lookup(name)?;
+    if component.kind != kind {
+        bail!(
+            "`{at}._component_` is `{name}`, a {} component; expected a {kind}",
+            component.kind
+        );
+    }
+    let built = component
+        .build_from(node)
+        .with_context(|| format!("building `{at}` ({name})"))?;
+    built
+        .downcast::<T>()
+        .map(|b| *b)
+        .map_err(|_| anyhow::anyhow!("`{at}` ({name}) cannot be used by this recipe{expected}"))
 }
 
 /// Bytes the model's weights take on the device in `dtype`: NF4 base linears (QLoRA) at 4.125
