@@ -5,8 +5,8 @@
 //! and the rejected sequences through the model as one batch twice: with the adapters (the
 //! policy) and without them (the reference, i.e. the frozen base model, so no second model is
 //! held). Each sequence's log-probability is the sum over its response tokens; the DPO loss is
-//! `-log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))` (with optional label smoothing),
-//! averaged over the micro-batch. As in torchtune, micro-batches count equally in a gradient
+//! `-log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))` (with optional label smoothing;
+//! `RSOLoss`'s hinge `relu(1 - gamma * ...)` also works), averaged over the micro-batch. As in torchtune, micro-batches count equally in a gradient
 //! accumulation window, and the step logs the rewards `beta * (pi - ref)` of its last
 //! micro-batch.
 //!
@@ -73,8 +73,35 @@ pub struct DpoLoss {
     pub label_smoothing: f64,
 }
 
-/// A micro-batch's DPO numbers.
-pub struct DpoOutput {
+/// torchtune's `RSOLoss(gamma)` (statistical rejection sampling optimisation's hinge loss):
+/// `relu(1 - gamma * ((pi_c - pi_r) - (ref_c - ref_r)))`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RsoLoss {
+    pub gamma: f64,
+}
+
+/// The preference losses this recipe trains with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PreferenceLoss {
+    Dpo(DpoLoss),
+    Rso(RsoLoss),
+}
+
+impl PreferenceLoss {
+    pub fn forward(
+        &self,
+        policy: (&Tensor, &Tensor),
+        reference: (&Tensor, &Tensor),
+    ) -> Result<PreferenceOutput> {
+        match self {
+            PreferenceLoss::Dpo(loss) => loss.forward(policy, reference),
+            PreferenceLoss::Rso(loss) => loss.forward(policy, reference),
+        }
+    }
+}
+
+/// A micro-batch's preference-loss numbers.
+pub struct PreferenceOutput {
     /// The mean loss over the pairs (differentiable through the policy log-probabilities).
     pub loss: Tensor,
     /// `beta * (pi - ref)` per pair, for the chosen and the rejected responses.
@@ -88,23 +115,61 @@ impl DpoLoss {
         &self,
         (policy_chosen, policy_rejected): (&Tensor, &Tensor),
         (reference_chosen, reference_rejected): (&Tensor, &Tensor),
-    ) -> Result<DpoOutput> {
-        let reference_margin = (reference_chosen - reference_rejected)?.detach();
-        let margin = ((policy_chosen - policy_rejected)? - reference_margin)?;
+    ) -> Result<PreferenceOutput> {
+        let margin = log_ratio_margin(
+            (policy_chosen, policy_rejected),
+            (reference_chosen, reference_rejected),
+        )?;
         let scaled = (margin * self.beta)?;
         let losses = ((log_sigmoid(&scaled)? * -(1.0 - self.label_smoothing))?
             - (log_sigmoid(&scaled.neg()?)? * self.label_smoothing)?)?;
-        let reward = |policy: &Tensor, reference: &Tensor| -> Result<Vec<f32>> {
-            Ok(((policy.detach() - reference.detach())? * self.beta)?
-                .to_dtype(DType::F32)?
-                .to_vec1()?)
-        };
-        Ok(DpoOutput {
-            loss: losses.mean_all()?,
-            chosen_rewards: reward(policy_chosen, reference_chosen)?,
-            rejected_rewards: reward(policy_rejected, reference_rejected)?,
-        })
+        preference_output(
+            losses,
+            self.beta,
+            (policy_chosen, policy_rejected),
+            (reference_chosen, reference_rejected),
+        )
     }
+}
+
+impl RsoLoss {
+    pub fn forward(
+        &self,
+        policy: (&Tensor, &Tensor),
+        reference: (&Tensor, &Tensor),
+    ) -> Result<PreferenceOutput> {
+        let margin = log_ratio_margin(policy, reference)?;
+        let losses = (1.0 - (margin * self.gamma)?)?.relu()?;
+        preference_output(losses, self.gamma, policy, reference)
+    }
+}
+
+/// `(pi_c - pi_r) - (ref_c - ref_r)`, differentiable through the policy only.
+fn log_ratio_margin(
+    (policy_chosen, policy_rejected): (&Tensor, &Tensor),
+    (reference_chosen, reference_rejected): (&Tensor, &Tensor),
+) -> Result<Tensor> {
+    let reference_margin = (reference_chosen - reference_rejected)?.detach();
+    Ok(((policy_chosen - policy_rejected)? - reference_margin)?)
+}
+
+/// The mean of `losses` and the rewards `scale * (pi - ref)` of both responses.
+fn preference_output(
+    losses: Tensor,
+    scale: f64,
+    (policy_chosen, policy_rejected): (&Tensor, &Tensor),
+    (reference_chosen, reference_rejected): (&Tensor, &Tensor),
+) -> Result<PreferenceOutput> {
+    let reward = |policy: &Tensor, reference: &Tensor| -> Result<Vec<f32>> {
+        Ok(((policy.detach() - reference.detach())? * scale)?
+            .to_dtype(DType::F32)?
+            .to_vec1()?)
+    };
+    Ok(PreferenceOutput {
+        loss: losses.mean_all()?,
+        chosen_rewards: reward(policy_chosen, reference_chosen)?,
+        rejected_rewards: reward(policy_rejected, reference_rejected)?,
+    })
 }
 
 /// `log(sigmoid(x))`, computed as `min(x, 0) - log(1 + exp(-|x|))` (no overflow for large |x|);
@@ -140,7 +205,7 @@ pub struct Preference {
     pairs: Vec<PreferencePair>,
     sampler: BatchSampler,
     padding_idx: u32,
-    loss: DpoLoss,
+    loss: PreferenceLoss,
 }
 
 impl Preference {
@@ -149,10 +214,10 @@ impl Preference {
         spec: &ModelSpec,
         settings: &DataSettings,
     ) -> Result<Box<dyn Objective>> {
-        let loss: DpoLoss = cfg.build_expecting(
+        let loss: PreferenceLoss = cfg.build_expecting(
             "loss",
             ComponentKind::Loss,
-            "; DPO needs `loss: {_component_: torchtune.rlhf.loss.DPOLoss}`",
+            "; DPO needs `loss: {_component_: torchtune.rlhf.loss.DPOLoss}` (or RSOLoss)",
         )?;
         let tokenizer = build_tokenizer(cfg, spec.transformer.vocab_size)?;
         // One dataset, or a list of them trained as one (torchtune's ConcatDataset).
@@ -288,9 +353,24 @@ tune_core::inventory::submit! {
         extra_args: false,
         about: "Direct Preference Optimization: -log sigmoid(beta * (policy - reference log-ratio)) of chosen vs rejected",
         origin: "built-in",
-        build: |args| Ok(Box::new(DpoLoss {
+        build: |args| Ok(Box::new(PreferenceLoss::Dpo(DpoLoss {
             beta: args.get_opt("beta")?.unwrap_or(0.1),
             label_smoothing: args.get_opt("label_smoothing")?.unwrap_or(0.0),
-        })),
+        }))),
+    }
+}
+
+tune_core::inventory::submit! {
+    Component {
+        path: "torchtune.rlhf.loss.RSOLoss",
+        aliases: &["RSOLoss"],
+        kind: ComponentKind::Loss,
+        args: &[ArgSpec::optional("gamma", ArgType::Float, "0.1")],
+        extra_args: false,
+        about: "Statistical rejection sampling optimisation: hinge loss relu(1 - gamma * (policy - reference log-ratio))",
+        origin: "built-in",
+        build: |args| Ok(Box::new(PreferenceLoss::Rso(RsoLoss {
+            gamma: args.get_opt("gamma")?.unwrap_or(0.1),
+        }))),
     }
 }

@@ -11,7 +11,9 @@ use std::time::Duration;
 use candle_core::{Device, Tensor, Var, D};
 use tune_core::recipe::RunOptions;
 use tune_recipes::distributed::{free_local_endpoint, ProcessGroup, RankInfo};
-use tune_recipes::lora_dpo_single_device::{sequence_log_probs, train, DpoLoss, Preference};
+use tune_recipes::lora_dpo_single_device::{
+    sequence_log_probs, train, DpoLoss, Preference, RsoLoss,
+};
 use tune_recipes::lora_finetune_single_device::{train_objective, RunSummary};
 use tune_recipes::selfcheck::max_abs_diff;
 
@@ -360,5 +362,59 @@ fn sft_and_dpo_configs_are_not_mixed_up() {
     assert!(
         format!("{err:#}").contains("DPO trains on preference pairs"),
         "{err:#}"
+    );
+}
+
+#[test]
+fn rso_hinge_loss_follows_the_closed_form_and_trains() {
+    let loss = RsoLoss { gamma: 0.5 };
+    let policy_chosen = Var::new(&[-10.0f32, -4.0], &Device::Cpu).unwrap();
+    let policy_rejected = Var::new(&[-12.0f32, -3.0], &Device::Cpu).unwrap();
+    let reference = (
+        Tensor::new(&[-11.0f32, -5.0], &Device::Cpu).unwrap(),
+        Tensor::new(&[-11.5f32, -2.0], &Device::Cpu).unwrap(),
+    );
+    let out = loss
+        .forward(
+            (policy_chosen.as_tensor(), policy_rejected.as_tensor()),
+            (&reference.0, &reference.1),
+        )
+        .unwrap();
+    // Margins 1.5 and 2.0: hinge terms 1 - 0.75 = 0.25 and 1 - 1.0 = 0 (at the kink).
+    let got = out.loss.to_scalar::<f32>().unwrap();
+    assert!((got - 0.125).abs() < 1e-6, "{got}");
+    let grad = out
+        .loss
+        .backward()
+        .unwrap()
+        .get(policy_chosen.as_tensor())
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!((grad[0] + 0.25).abs() < 1e-6, "{grad:?}");
+    assert_eq!(out.chosen_rewards, [0.5, 0.5]);
+
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    let summary = train(
+        dpo_config(
+            work.path(),
+            &[
+                "loss=torchtune.rlhf.loss.RSOLoss",
+                "~loss.beta",
+                "~loss.label_smoothing",
+                "loss.gamma=0.1",
+                "max_steps_per_epoch=2",
+                "save_adapter_weights_only=True",
+            ],
+        ),
+        &RunOptions::default(),
+    )
+    .unwrap();
+    // Policy == reference at the first step: relu(1 - 0) = 1.
+    assert!(
+        (summary.steps[0].loss - 1.0).abs() < 1e-6,
+        "{:?}",
+        summary.steps
     );
 }
