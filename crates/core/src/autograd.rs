@@ -227,6 +227,108 @@ fn attention_grads(
     Ok((dq, dk, dv))
 }
 
+/// Which keys each query may attend to in [`rope_attention`].
+#[derive(Debug, Clone)]
+pub enum AttentionMask {
+    /// An additive mask (0 or -inf) broadcast over the scores [batch, heads, seq, seq]: the
+    /// causal [seq, seq] mask, or a per-row [batch, 1, seq, seq] one.
+    Dense(Tensor),
+    /// Per row, consecutive blocks that cover it: a query attends only to keys of its own block,
+    /// under that block's additive [len, len] mask. For packed rows whose samples are short this
+    /// computes only the scores that can be non-zero, instead of the whole row by row.
+    Blocks(Arc<Vec<Vec<MaskBlock>>>),
+}
+
+/// One block of a row for [`AttentionMask::Blocks`].
+#[derive(Debug, Clone)]
+pub struct MaskBlock {
+    pub start: usize,
+    pub len: usize,
+    /// Additive [len, len] mask within the block.
+    pub mask: Tensor,
+}
+
+/// `softmax(q k^T * scale + mask) v` for q/k/v [batch, heads, seq, head_dim].
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, scale: f64) -> Result<Tensor> {
+    match mask {
+        AttentionMask::Dense(m) => attention_probs(q, k, Some(m), scale)?.matmul(v),
+        AttentionMask::Blocks(rows) => per_block(q, k, v, None, rows, |q, k, v, _, block| {
+            let p = attention_probs(q, k, Some(&block.mask), scale)?;
+            Ok(vec![p.matmul(v)?])
+        })
+        .map(|mut outs| outs.remove(0)),
+    }
+}
+
+/// The gradients of q, k and v of [`attend`] from the output's gradient `grad`.
+fn attend_grads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grad: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let mut grads = match mask {
+        AttentionMask::Dense(m) => {
+            let p = attention_probs(q, k, Some(m), scale)?;
+            let (dq, dk, dv) = attention_grads(q, k, v, &p, grad, scale)?;
+            vec![dq, dk, dv]
+        }
+        AttentionMask::Blocks(rows) => {
+            per_block(q, k, v, Some(grad), rows, |q, k, v, grad, block| {
+                let p = attention_probs(q, k, Some(&block.mask), scale)?;
+                let grad = grad.expect("the backward passes the output gradient");
+                let (dq, dk, dv) = attention_grads(q, k, v, &p, grad, scale)?;
+                Ok(vec![dq, dk, dv])
+            })?
+        }
+    };
+    let dv = grads.pop().expect("three gradients");
+    let dk = grads.pop().expect("three gradients");
+    Ok((grads.pop().expect("three gradients"), dk, dv))
+}
+
+/// Runs `f` on every block's slice of q, k, v (and `grad`) [batch, heads, seq, head_dim], and
+/// puts each of its outputs back together along the rows and the sequence.
+fn per_block(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grad: Option<&Tensor>,
+    rows: &[Vec<MaskBlock>],
+    f: impl Fn(&Tensor, &Tensor, &Tensor, Option<&Tensor>, &MaskBlock) -> Result<Vec<Tensor>>,
+) -> Result<Vec<Tensor>> {
+    let slice = |t: &Tensor, row: usize, block: &MaskBlock| -> Result<Tensor> {
+        t.narrow(0, row, 1)?
+            .narrow(2, block.start, block.len)?
+            .contiguous()
+    };
+    let mut per_row: Vec<Vec<Tensor>> = Vec::new();
+    for (row, blocks) in rows.iter().enumerate() {
+        let mut pieces: Vec<Vec<Tensor>> = Vec::new();
+        for block in blocks {
+            let g = grad.map(|g| slice(g, row, block)).transpose()?;
+            let outs = f(
+                &slice(q, row, block)?,
+                &slice(k, row, block)?,
+                &slice(v, row, block)?,
+                g.as_ref(),
+                block,
+            )?;
+            pieces.resize(outs.len(), Vec::new());
+            for (piece, out) in pieces.iter_mut().zip(outs) {
+                piece.push(out);
+            }
+        }
+        per_row.resize(pieces.len(), Vec::new());
+        for (all, piece) in per_row.iter_mut().zip(pieces) {
+            all.push(Tensor::cat(&piece, 2)?);
+        }
+    }
+    per_row.iter().map(|rows| Tensor::cat(rows, 0)).collect()
+}
+
 /// The middle of a causal self-attention block as one graph node, for training: `q`, `k`, `v`
 /// come straight from their projections ([batch, seq, heads * head_dim]; `num_kv_heads` heads
 /// for k and v), RoPE (interleaved pairs) is applied to q and k, each kv head serves
@@ -245,13 +347,12 @@ pub fn rope_attention(
     num_heads: usize,
     num_kv_heads: usize,
     (cos, sin): (&Tensor, &Tensor),
-    mask: Option<&Tensor>,
+    mask: &AttentionMask,
     scale: f64,
 ) -> Result<Tensor> {
     let (b, s, width) = q.dims3()?;
     let head_dim = width / num_heads;
     let times = num_heads / num_kv_heads;
-    let mask = mask.cloned();
     let (cos, sin, neg_sin) = (cos.clone(), sin.clone(), sin.neg()?);
     // [b, s, n * d] -> [b, n, s, d] and back.
     let split = move |t: &Tensor, n: usize| {
@@ -270,10 +371,10 @@ pub fn rope_attention(
             .reshape((b, num_heads, s, head_dim))
     };
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    // Rotated q, repeated rotated k, repeated v and the probabilities, from the kept inputs.
+    // Rotated q, repeated rotated k and repeated v, from the kept inputs.
     let recompute = {
-        let (cos, sin, mask) = (cos.clone(), sin.clone(), mask.clone());
-        move |qd: &Tensor, kd: &Tensor, vd: &Tensor| -> Result<[Tensor; 4]> {
+        let (cos, sin) = (cos.clone(), sin.clone());
+        move |qd: &Tensor, kd: &Tensor, vd: &Tensor| -> Result<[Tensor; 3]> {
             let qr = candle_nn::rotary_emb::rope_i(&split(qd, num_heads)?, &cos, &sin)?;
             let kr = repeat(&candle_nn::rotary_emb::rope_i(
                 &split(kd, num_kv_heads)?,
@@ -281,14 +382,14 @@ pub fn rope_attention(
                 &sin,
             )?)?;
             let vr = repeat(&split(vd, num_kv_heads)?)?;
-            let p = attention_probs(&qr, &kr, mask.as_ref(), scale)?;
-            Ok([qr, kr, vr, p])
+            Ok([qr, kr, vr])
         }
     };
-    let [_, _, vr, p] = recompute(&qd, &kd, &vd)?;
-    let out = merge(&p.matmul(&vr)?, num_heads)?;
+    let [qr, kr, vr] = recompute(&qd, &kd, &vd)?;
+    let out = merge(&attend(&qr, &kr, &vr, mask, scale)?, num_heads)?;
     // Freed before the op copies `out` into its own storage.
-    drop((vr, p));
+    drop((qr, kr, vr));
+    let mask = mask.clone();
     // Per kv head, the sum of the gradients of the query heads it served.
     let sum_groups = move |t: Tensor| -> Result<Tensor> {
         if times == 1 {
@@ -297,9 +398,9 @@ pub fn rope_attention(
         t.reshape((b, num_kv_heads, times, s, head_dim))?.sum(2)
     };
     with_backward3("rope_attention", (q, k, v), out, move |grad| {
-        let [qr, kr, vr, p] = recompute(&qd, &kd, &vd)?;
+        let [qr, kr, vr] = recompute(&qd, &kd, &vd)?;
         let grad = split(grad, num_heads)?;
-        let (dq, dk, dv) = attention_grads(&qr, &kr, &vr, &p, &grad, scale)?;
+        let (dq, dk, dv) = attend_grads(&qr, &kr, &vr, &grad, &mask, scale)?;
         // RoPE's backward is the rotation by the opposite angle.
         let unrotate = |t: &Tensor| candle_nn::rotary_emb::rope_i(&t.contiguous()?, &cos, &neg_sin);
         let dq = merge(&unrotate(&dq)?, num_heads)?;
@@ -793,7 +894,7 @@ mod tests {
                     heads,
                     kv_heads,
                     (&cos, &sin),
-                    Some(&mask),
+                    &AttentionMask::Dense(mask.clone()),
                     0.5,
                 )
                 .unwrap()
@@ -837,6 +938,75 @@ mod tests {
         for (g, r) in grads.iter().zip(&ref_grads) {
             assert_eq!(g.dims(), r.dims());
             assert!(max_abs(g, r) < 1e-6, "{}", max_abs(g, r));
+        }
+    }
+
+    /// Additive mask [s, s] letting each token see the earlier tokens of its own sample, for
+    /// samples of `lens` laid end to end.
+    fn block_causal(lens: &[usize]) -> Tensor {
+        let s: usize = lens.iter().sum();
+        let sample: Vec<usize> = lens
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &n)| std::iter::repeat_n(i, n))
+            .collect();
+        let values = (0..s * s)
+            .map(|i| {
+                let (row, col) = (i / s, i % s);
+                if col <= row && sample[col] == sample[row] {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        Tensor::from_vec(values, (s, s), &Device::Cpu).unwrap()
+    }
+
+    /// Attention in blocks (a row cut where no query looks across) equals attention under the
+    /// whole rows' mask: outputs and the gradients of q, k and v, with grouped-query heads.
+    #[test]
+    fn attention_in_blocks_matches_the_dense_mask() {
+        let (b, s, heads, kv_heads, d) = (2, 7, 4, 2, 4);
+        let q = rand(&[b, s, heads * d], 31);
+        let k = rand(&[b, s, kv_heads * d], 32);
+        let v = rand(&[b, s, kv_heads * d], 33);
+        let (cos, sin) = (rand(&[b, s, d / 2], 34), rand(&[b, s, d / 2], 35));
+        let probe = rand(&[b, s, heads * d], 36);
+        // Row 0: samples of 2, 3 and 2 tokens; row 1: 4 and 3.
+        let dense = Tensor::stack(&[block_causal(&[2, 3, 2]), block_causal(&[4, 3])], 0)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        let block = |start: usize, lens: &[usize]| MaskBlock {
+            start,
+            len: lens.iter().sum(),
+            mask: block_causal(lens),
+        };
+        // Row 0 as one block of two samples and one of the last sample; row 1 per sample.
+        let blocks = AttentionMask::Blocks(Arc::new(vec![
+            vec![block(0, &[2, 3]), block(5, &[2])],
+            vec![block(0, &[4]), block(4, &[3])],
+        ]));
+        let run = |mask: &AttentionMask| {
+            let vars = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
+            let [qv, kv, vv] = [0, 1, 2].map(|i| vars[i].as_tensor().clone());
+            let out =
+                rope_attention(&qv, &kv, &vv, heads, kv_heads, (&cos, &sin), mask, 0.5).unwrap();
+            let store = (&out * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grads = [qv, kv, vv].map(|t| store.get(&t).unwrap().clone());
+            (out, grads)
+        };
+        let (out_dense, grads_dense) = run(&AttentionMask::Dense(dense));
+        let (out_blocks, grads_blocks) = run(&blocks);
+        assert!(max_abs(&out_dense, &out_blocks) < 1e-6);
+        for (a, b) in grads_dense.iter().zip(&grads_blocks) {
+            assert!(max_abs(a, b) < 1e-6);
         }
     }
 

@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use tune_core::autograd::{attention, rms_norm, rope_attention, rope_interleaved};
+use tune_core::autograd::{
+    attention, rms_norm, rope_attention, rope_interleaved, AttentionMask, MaskBlock,
+};
 use tune_core::{Adapter, AdapterFactory, FrozenLinear};
 
 use crate::spec::{ModelSpec, TransformerConfig};
@@ -320,7 +322,7 @@ impl TransformerDecoder {
             None => (
                 self.rope_cos.narrow(0, 0, seq)?,
                 self.rope_sin.narrow(0, 0, seq)?,
-                causal_mask(seq, h.device(), h.dtype())?,
+                AttentionMask::Dense(causal_mask(seq, h.device(), h.dtype())?),
             ),
             Some(rows) => self.packed_rope_and_mask(rows, batch, seq)?,
         };
@@ -349,7 +351,7 @@ impl TransformerDecoder {
         rows: &PackedRows,
         batch: usize,
         seq: usize,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    ) -> Result<(Tensor, Tensor, AttentionMask)> {
         if rows.input_pos.dims2()? != (batch, seq) {
             anyhow::bail!(
                 "packed layout is for {:?} tokens but the batch is {:?}",
@@ -371,11 +373,18 @@ impl TransformerDecoder {
                 .index_select(&positions, 0)?
                 .reshape((batch, seq, half))?)
         };
-        let mask = match rows.mask.dtype() == self.dtype() {
-            true => rows.mask.clone(),
-            false => rows.mask.to_dtype(self.dtype())?,
-        };
-        Ok((gather(&self.rope_cos)?, gather(&self.rope_sin)?, mask))
+        if rows.dtype != self.dtype() {
+            anyhow::bail!(
+                "packed layout built for {:?} but the model runs in {:?}",
+                rows.dtype,
+                self.dtype()
+            );
+        }
+        Ok((
+            gather(&self.rope_cos)?,
+            gather(&self.rope_sin)?,
+            rows.mask.clone(),
+        ))
     }
 }
 
@@ -385,15 +394,28 @@ impl TransformerDecoder {
 pub struct PackedRows {
     /// [batch, seq] u32.
     pub input_pos: Tensor,
-    /// Additive block-causal mask [batch, 1, seq, seq]: 0 where a token may attend (earlier or
-    /// same position, same sample), -inf elsewhere.
-    pub mask: Tensor,
+    /// Block-causal: a token attends to the earlier tokens of its own sample. Either per-row
+    /// [batch, 1, seq, seq] additive masks, or — on the CPU, when that skips at least half the
+    /// scores — blocks of whole samples attended to separately ([`AttentionMask::Blocks`]).
+    pub mask: AttentionMask,
+    dtype: DType,
     max_position: usize,
 }
 
+/// Samples are grouped into attention blocks of up to this many tokens (a longer sample is a
+/// block of its own): fewer, larger blocks cost fewer ops, smaller ones fewer wasted scores.
+/// On stories260K's one-line samples 32 beat 64 and 128 (see BENCHMARKS.md).
+const BLOCK_TOKENS: usize = 32;
+
 impl PackedRows {
-    /// From each row's positions and sample lengths (which sum to the row's length).
-    pub fn new(input_pos: &[Vec<u32>], seq_lens: &[Vec<usize>], device: &Device) -> Result<Self> {
+    /// From each row's positions and sample lengths (which sum to the row's length), for a
+    /// model running in `dtype`.
+    pub fn new(
+        input_pos: &[Vec<u32>],
+        seq_lens: &[Vec<usize>],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let batch = input_pos.len();
         let seq = input_pos.first().map_or(0, Vec::len);
         if seq_lens.len() != batch {
@@ -402,27 +424,81 @@ impl PackedRows {
                 seq_lens.len()
             );
         }
-        let mut mask = vec![f32::NEG_INFINITY; batch * seq * seq];
+        // Consecutive samples grouped into blocks: (start, the block's sample lengths).
+        let mut rows: Vec<Vec<(usize, Vec<usize>)>> = Vec::with_capacity(batch);
         for (row, lens) in seq_lens.iter().enumerate() {
             if input_pos[row].len() != seq || lens.iter().sum::<usize>() != seq {
                 anyhow::bail!("row {row}: sample lengths {lens:?} do not cover its {seq} tokens");
             }
+            let mut blocks: Vec<(usize, Vec<usize>)> = Vec::new();
             let mut start = 0;
-            for &len in lens {
-                for i in start..start + len {
-                    let line = (row * seq + i) * seq;
-                    mask[line + start..=line + i].fill(0.0);
+            for &len in lens.iter().filter(|&&len| len > 0) {
+                match blocks.last_mut() {
+                    Some((_, group)) if group.iter().sum::<usize>() + len <= BLOCK_TOKENS => {
+                        group.push(len)
+                    }
+                    _ => blocks.push((start, vec![len])),
                 }
                 start += len;
             }
+            rows.push(blocks);
         }
+        let block_scores: usize = rows
+            .iter()
+            .flatten()
+            .map(|(_, group)| group.iter().sum::<usize>().pow(2))
+            .sum();
+        // Blocks only on the CPU, where the scores they skip dominate. On a GPU the dense mask
+        // is one kernel per op instead of one per block (not measured there: no GPU yet).
+        let mask = if device.is_cpu() && 2 * block_scores <= batch * seq * seq {
+            let blocks = rows
+                .iter()
+                .map(|blocks| {
+                    blocks
+                        .iter()
+                        .map(|(start, group)| {
+                            Ok(MaskBlock {
+                                start: *start,
+                                len: group.iter().sum(),
+                                mask: block_causal_mask(&[group.as_slice()], device, dtype)?
+                                    .squeeze(0)?
+                                    .squeeze(0)?,
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()
+                })
+                .collect::<Result<Vec<_>>>()?;
+            AttentionMask::Blocks(std::sync::Arc::new(blocks))
+        } else {
+            let lens: Vec<&[usize]> = seq_lens.iter().map(Vec::as_slice).collect();
+            AttentionMask::Dense(block_causal_mask(&lens, device, dtype)?)
+        };
         let max_position = input_pos.iter().flatten().copied().max().unwrap_or(0) as usize;
         Ok(PackedRows {
             input_pos: Tensor::from_vec(input_pos.concat(), (batch, seq), device)?,
-            mask: Tensor::from_vec(mask, (batch, 1, seq, seq), device)?,
+            mask,
+            dtype,
             max_position,
         })
     }
+}
+
+/// Additive block-causal masks [rows, 1, seq, seq] for rows of samples of the given lengths
+/// (each row's lengths summing to `seq`): 0 where a token may attend, -inf elsewhere.
+fn block_causal_mask(rows: &[&[usize]], device: &Device, dtype: DType) -> Result<Tensor> {
+    let seq: usize = rows.first().map_or(0, |lens| lens.iter().sum());
+    let mut mask = vec![f32::NEG_INFINITY; rows.len() * seq * seq];
+    for (row, lens) in rows.iter().enumerate() {
+        let mut start = 0;
+        for &len in lens.iter() {
+            for i in start..start + len {
+                let line = (row * seq + i) * seq;
+                mask[line + start..=line + i].fill(0.0);
+            }
+            start += len;
+        }
+    }
+    Ok(Tensor::from_vec(mask, (rows.len(), 1, seq, seq), device)?.to_dtype(dtype)?)
 }
 
 fn layer_forward(
@@ -431,7 +507,7 @@ fn layer_forward(
     x: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
-    mask: &Tensor,
+    mask: &AttentionMask,
     opts: Forward,
 ) -> Result<Tensor> {
     let xn = rms_norm(x, &layer.sa_norm, c.norm_eps)?;
@@ -444,7 +520,7 @@ fn layer_forward(
         c.num_heads,
         c.num_kv_heads,
         (cos, sin),
-        Some(mask),
+        mask,
         1.0 / (c.head_dim() as f64).sqrt(),
     )?;
     let h = (x + proj(layer.attn.output_proj.as_ref(), &attn, opts)?)?;
@@ -509,7 +585,7 @@ fn checkpointed_layer(
     x: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
-    mask: &Tensor,
+    mask: &AttentionMask,
     opts: Forward,
 ) -> Result<Tensor> {
     let saved = x.detach();

@@ -1,7 +1,7 @@
 //! The recipe's data pipeline from its config: tokenizer, dataset, sampler and collate.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use tune_core::ComponentKind;
 use tune_data::{
     BatchSampler, CollateSft, DatasetSpec, Examples, Llama2Tokenizer, CROSS_ENTROPY_IGNORE_IDX,
@@ -173,7 +173,8 @@ impl TrainData {
         Ok(self.sampler.batches_for_epoch(epoch as u64))
     }
 
-    pub fn collate(&self, indices: &[usize], device: &Device) -> Result<DeviceBatch> {
+    /// The batch of examples `indices` on `device`, for a model running in `dtype`.
+    pub fn collate(&self, indices: &[usize], device: &Device, dtype: DType) -> Result<DeviceBatch> {
         let batch = self.examples.collate(indices, &self.collate);
         let shape = batch.shape();
         let packed = match &batch.packed {
@@ -181,6 +182,7 @@ impl TrainData {
                 &layout.input_pos,
                 &layout.seq_lens,
                 device,
+                dtype,
             )?),
             None => None,
         };

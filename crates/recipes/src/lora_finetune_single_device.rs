@@ -165,7 +165,7 @@ impl Objective for NextToken {
         indices: &[usize],
         device: &Device,
     ) -> Result<MicroBatch> {
-        let batch = self.data.collate(indices, device)?;
+        let batch = self.data.collate(indices, device, model.dtype())?;
         let tokens = batch.num_label_tokens;
         let (ce_sum, shifted) = model_ce_sum(
             model,

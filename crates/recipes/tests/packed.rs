@@ -7,6 +7,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use tune_core::autograd::AttentionMask;
 use tune_core::recipe::RunOptions;
 use tune_data::packed::{pack_samples, Examples};
 use tune_data::{CollateSft, Sample};
@@ -33,21 +34,46 @@ fn tensor(rows: &[Vec<i64>]) -> Tensor {
     Tensor::from_vec(rows.concat(), shape, &Device::Cpu).unwrap()
 }
 
+/// Short samples share one attention block per row (the dense row mask); long ones are
+/// attended to block by block ([`AttentionMask::Blocks`]). Both layouts are checked.
 #[test]
 fn each_packed_sample_sees_only_itself() {
-    let model = model();
-    let samples = [
+    let short = [
         sample(1, 7),
         sample(2, 12),
         sample(3, 5),
         sample(4, 20),
         sample(5, 9),
     ];
-    let packs = pack_samples(&samples, 32, false, 0).unwrap();
+    let long = [
+        sample(11, 100),
+        sample(12, 90),
+        sample(13, 80),
+        sample(14, 150),
+    ];
+    each_sample_alone(&short, 32, false);
+    each_sample_alone(&long, 300, true);
+}
+
+fn each_sample_alone(samples: &[Sample], pack_length: usize, in_blocks: bool) {
+    let model = model();
+    let packs = pack_samples(samples, pack_length, false, 0).unwrap();
     assert_eq!(packs.len(), 2);
     let batch = Examples::Packs(packs).collate(&[0, 1], &CollateSft::default());
     let layout = batch.packed.clone().unwrap();
-    let rows = PackedRows::new(&layout.input_pos, &layout.seq_lens, &Device::Cpu).unwrap();
+    let rows = PackedRows::new(
+        &layout.input_pos,
+        &layout.seq_lens,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    assert_eq!(
+        matches!(rows.mask, AttentionMask::Blocks(_)),
+        in_blocks,
+        "{:?}",
+        layout.seq_lens
+    );
     let logits = model
         .forward_packed(&tensor(&batch.tokens), Some(&rows), Forward::default())
         .unwrap()
@@ -76,15 +102,38 @@ fn each_packed_sample_sees_only_itself() {
 
 #[test]
 fn packed_loss_and_gradients_equal_padded_ones() {
-    let samples = [sample(6, 10), sample(7, 13), sample(8, 6), sample(9, 17)];
-    let packs = pack_samples(&samples, 24, false, 0).unwrap();
+    let short = [sample(6, 10), sample(7, 13), sample(8, 6), sample(9, 17)];
+    let long = [
+        sample(16, 130),
+        sample(17, 60),
+        sample(18, 70),
+        sample(19, 140),
+    ];
+    loss_and_gradients_as_padded(&short, 24);
+    loss_and_gradients_as_padded(&long, 256);
+}
+
+fn loss_and_gradients_as_padded(samples: &[Sample], pack_length: usize) {
+    let packs = pack_samples(samples, pack_length, false, 0).unwrap();
     let packed_batch = Examples::Packs(packs.clone()).collate(
         &(0..packs.len()).collect::<Vec<_>>(),
         &CollateSft::default(),
     );
     let padded_batch = CollateSft::default().collate(samples.iter());
     let layout = packed_batch.packed.clone().unwrap();
-    let rows = PackedRows::new(&layout.input_pos, &layout.seq_lens, &Device::Cpu).unwrap();
+    let rows = PackedRows::new(
+        &layout.input_pos,
+        &layout.seq_lens,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    assert_eq!(
+        matches!(rows.mask, AttentionMask::Blocks(_)),
+        pack_length > 100,
+        "{:?}",
+        layout.seq_lens
+    );
 
     for checkpointing in [false, true] {
         let mut model = model();
