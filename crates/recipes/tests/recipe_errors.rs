@@ -256,3 +256,9 @@ fn a_step_without_label_tokens_stops_instead_of_writing_nan() {
         "{e}"
     );
 }
+
+#[test]
+fn activation_offloading_on_the_cpu_is_refused_as_in_torchtune() {
+    let e = run_err(&["enable_activation_offloading=True", "max_steps_per_epoch=1"]);
+    assert!(e.contains("only applies to training on CUDA"), "{e}");
+}
