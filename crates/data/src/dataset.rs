@@ -3,9 +3,10 @@
 //! conversion into a tokenized [`Sample`] that each builder (`alpaca_dataset`,
 //! `instruct_dataset`, `chat_dataset`, `text_completion_dataset`) supplies.
 //!
-//! Sources are local files: `source: json` (JSON / JSON Lines) or `source: text` (one row per
-//! line, as Hugging Face's `text` loader) with `data_files`, or a path to such a file or a folder
-//! of them. A Hugging Face dataset id downloads its JSON files through hf-hub.
+//! Sources are local files: `source: json` (JSON / JSON Lines), `source: text` (one row per
+//! line, as Hugging Face's `text` loader) or `source: parquet` with `data_files`, or a path to
+//! such a file or a folder of them. A Hugging Face dataset id downloads its JSON or Parquet files
+//! through hf-hub; folders and Hub datasets take their splits from the file names.
 
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use tune_core::Args;
 
-use crate::json_source::{parse_split, read_rows, read_text_rows, DataFiles, Row, TextSampleBy};
+use crate::json_source::{
+    parse_split, read_parquet_rows, read_rows, read_text_rows, DataFiles, Row, TextSampleBy,
+};
 use crate::llama2_tokenizer::Llama2Tokenizer;
 use crate::packed::{pack_samples, Examples};
 use crate::sft::Sample;
@@ -33,6 +36,11 @@ pub enum Source {
     Json(DataFiles),
     /// `source: text` with `data_files`: each row is `{"text": ...}`.
     Text(DataFiles, TextSampleBy),
+    /// `source: parquet` with `data_files`.
+    Parquet(DataFiles),
+    /// Files read by their extension (.json/.jsonl or .parquet): a local folder, or the files
+    /// of a Hugging Face Hub dataset.
+    Files(DataFiles),
 }
 
 /// `packed: True`: torchtune's `PackedDataset` settings.
@@ -65,7 +73,14 @@ pub struct DatasetSpec {
 }
 
 /// The arguments that say where rows come from, taken by every dataset builder.
-pub const SOURCE_ARGS: [&str; 5] = ["source", "filter_fn", "split", "data_files", "field"];
+pub const SOURCE_ARGS: [&str; 6] = [
+    "source",
+    "filter_fn",
+    "split",
+    "data_files",
+    "field",
+    "data_dir",
+];
 
 impl DatasetSpec {
     /// Parses the arguments of `component`; `own` names the builder's other arguments (already
@@ -79,7 +94,7 @@ impl DatasetSpec {
         to_sample: Arc<dyn RowToSample>,
     ) -> Result<Self> {
         let own: Vec<&str> = own.iter().copied().chain(["packed"]).collect();
-        let rows = RowSource::from_args(args, component, &own)?;
+        let rows = RowSource::from_args(args, component, &own, None)?;
         let packing = args
             .get_opt::<bool>("packed")?
             .unwrap_or(false)
@@ -137,8 +152,14 @@ impl DatasetSpec {
 }
 
 impl RowSource {
-    /// Parses the source arguments of `component`; `own` names its other arguments.
-    pub fn from_args(args: &Args, component: &'static str, own: &[&str]) -> Result<Self> {
+    /// Parses the source arguments of `component`; `own` names its other arguments, and
+    /// `default_data_dir` is the folder of a Hub dataset read when `data_dir` is not given.
+    pub fn from_args(
+        args: &Args,
+        component: &'static str,
+        own: &[&str],
+        default_data_dir: Option<&str>,
+    ) -> Result<Self> {
         let source: String = args.get("source")?;
         if !args.is_null("filter_fn") {
             bail!("{component}: filter_fn is not supported (a Python callable); filter the data file instead");
@@ -181,7 +202,9 @@ impl RowSource {
                 ),
             }
         }
-        let source = resolve_source(component, &source, data_files, sample_by)?;
+        let data_dir = args.get_opt::<String>("data_dir")?;
+        let data_dir = data_dir.as_deref().or(default_data_dir);
+        let source = resolve_source(component, &source, data_files, sample_by, data_dir)?;
         Ok(RowSource {
             component,
             source,
@@ -193,7 +216,10 @@ impl RowSource {
     /// The selected rows, before tokenization.
     pub fn rows(&self) -> Result<Vec<Row>> {
         let files = match &self.source {
-            Source::Json(files) | Source::Text(files, _) => files,
+            Source::Json(files)
+            | Source::Text(files, _)
+            | Source::Parquet(files)
+            | Source::Files(files) => files,
         };
         let mut out = Vec::new();
         for slice in parse_split(&self.split)? {
@@ -205,6 +231,9 @@ impl RowSource {
                 let read = match &self.source {
                     Source::Json(_) => read_rows(path, self.field.as_deref()),
                     Source::Text(_, by) => read_text_rows(path, *by),
+                    Source::Parquet(_) => read_parquet_rows(path),
+                    Source::Files(_) if extension_is(path, &["parquet"]) => read_parquet_rows(path),
+                    Source::Files(_) => read_rows(path, self.field.as_deref()),
                 };
                 rows.extend(read.with_context(|| self.component.to_string())?);
             }
@@ -240,82 +269,170 @@ fn resolve_source(
     source: &str,
     data_files: Option<DataFiles>,
     sample_by: TextSampleBy,
+    data_dir: Option<&str>,
 ) -> Result<Source> {
     let local = Path::new(source);
     let is_text = |p: &Path| extension_is(p, &["txt", "text"]);
     match (source, data_files) {
         ("json", Some(files)) => Ok(Source::Json(files)),
         ("text", Some(files)) => Ok(Source::Text(files, sample_by)),
-        ("json" | "text", None) => {
+        ("parquet", Some(files)) => Ok(Source::Parquet(files)),
+        ("json" | "text" | "parquet", None) => {
             bail!("{component}: `source: {source}` needs `data_files` (a file, or a list of them)")
         }
-        ("csv" | "parquet" | "arrow" | "pandas", _) => bail!(
+        ("csv" | "arrow" | "pandas", _) => bail!(
             "{component}: source {source:?} is not supported; convert the data to JSON and use \
-             `source: json` with `data_files` (or `source: text` for plain text)"
+             `source: json` with `data_files` (or `source: text` for plain text, `source: parquet` \
+             for Parquet)"
         ),
         (_, None) if local.is_file() && is_text(local) => Ok(Source::Text(
             DataFiles::Train(vec![local.to_path_buf()]),
             sample_by,
         )),
+        (_, None) if local.is_file() && extension_is(local, &["parquet"]) => {
+            Ok(Source::Parquet(DataFiles::Train(vec![local.to_path_buf()])))
+        }
         (_, None) if local.is_file() && looks_like_json(local) => {
             Ok(Source::Json(DataFiles::Train(vec![local.to_path_buf()])))
         }
         (_, None) if local.is_dir() => {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(local)
-                .with_context(|| format!("cannot list {}", local.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.is_file() && looks_like_json(p))
-                .collect();
+            let mut files: Vec<(String, PathBuf)> = Vec::new();
+            for entry in walk(local)? {
+                if looks_like_data(&entry) {
+                    let name = entry.strip_prefix(local).unwrap_or(&entry);
+                    files.push((name.to_string_lossy().replace('\\', "/"), entry.clone()));
+                }
+            }
             files.sort();
             if files.is_empty() {
-                bail!("{component}: folder {source} has no .json or .jsonl files");
+                bail!("{component}: folder {source} has no .json, .jsonl or .parquet files");
             }
-            Ok(Source::Json(DataFiles::Train(files)))
+            Ok(Source::Files(files_by_split(files)))
         }
-        (_, files) => Ok(Source::Json(fetch_from_hub(component, source, files)?)),
+        (_, files) => Ok(Source::Files(fetch_from_hub(
+            component, source, files, data_dir,
+        )?)),
     }
 }
 
-/// Downloads a Hugging Face Hub dataset's JSON/JSON Lines files (those named in `data_files`, or
-/// every .json/.jsonl file of the repo) into the Hugging Face cache, with hf-hub.
+/// Every file under `dir`, depth first.
+fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            out.extend(walk(&path)?);
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(out)
+}
+
+/// The split a dataset file belongs to by Hugging Face's naming conventions: a folder or a file
+/// name starting with the split's name (`train-00000-of-00001.parquet`, `data/test.json`,
+/// `validation/part0.jsonl`); `dev`/`valid`/`val` mean validation, `eval`/`testing` test.
+fn split_of(name: &str) -> Option<&'static str> {
+    name.split('/').find_map(|part| {
+        let part = part.to_ascii_lowercase();
+        let word: String = part
+            .chars()
+            .take_while(|c| c.is_ascii_alphabetic())
+            .collect();
+        match word.as_str() {
+            "train" | "training" => Some("train"),
+            "validation" | "valid" | "val" | "dev" => Some("validation"),
+            "test" | "testing" | "eval" | "evaluation" => Some("test"),
+            _ => None,
+        }
+    })
+}
+
+/// `(name in the dataset, local path)` pairs as `data_files`: split by their names when any
+/// names a split (files that name none are then left out, as Hugging Face does), else all
+/// `train`.
+fn files_by_split(files: Vec<(String, PathBuf)>) -> DataFiles {
+    if !files.iter().any(|(name, _)| split_of(name).is_some()) {
+        return DataFiles::Train(files.into_iter().map(|(_, path)| path).collect());
+    }
+    let mut splits: std::collections::BTreeMap<String, Vec<PathBuf>> = Default::default();
+    for (name, path) in files {
+        if let Some(split) = split_of(&name) {
+            splits.entry(split.to_string()).or_default().push(path);
+        }
+    }
+    DataFiles::Splits(splits)
+}
+
+/// Downloads a Hugging Face Hub dataset's data files (JSON, JSON Lines or Parquet: those named
+/// in `data_files`, else every such file, under `data_dir` when given) into the Hugging Face
+/// cache, with hf-hub.
 fn fetch_from_hub(
     component: &str,
     repo_id: &str,
     data_files: Option<DataFiles>,
+    data_dir: Option<&str>,
 ) -> Result<DataFiles> {
-    let fix = "Without network access, download the data yourself, then set `source: json` and \
-               `data_files: path/to/data.json` (a JSON array or JSON Lines file of rows)";
-    let fetch = || -> Result<Vec<PathBuf>> {
+    let fix = "Without network access, download the data yourself, then set `source: json` (or \
+               parquet) and `data_files: path/to/data.json`";
+    let fetch = || -> Result<DataFiles> {
         let api = hf_hub::api::sync::ApiBuilder::from_env()
             .with_progress(false)
             .build()?;
         let repo = api.dataset(repo_id.to_string());
-        let names: Vec<String> = match &data_files {
-            Some(DataFiles::Train(files)) => files
+        let get = |name: &String| -> Result<PathBuf> { Ok(repo.get(name)?) };
+        let names = |files: &[PathBuf]| -> Vec<String> {
+            files
                 .iter()
                 .map(|f| f.to_string_lossy().into_owned())
-                .collect(),
-            Some(DataFiles::Splits(_)) => {
-                bail!("per-split data_files are only supported with `source: json`")
-            }
-            None => repo
-                .info()?
-                .siblings
-                .into_iter()
-                .map(|s| s.rfilename)
-                .filter(|f| looks_like_json(Path::new(f)))
-                .collect(),
+                .collect()
         };
-        if names.is_empty() {
-            bail!(
-                "the repo has no .json/.jsonl data files (tune-rs does not read parquet or arrow)"
-            );
+        match data_files {
+            Some(DataFiles::Train(files)) => Ok(DataFiles::Train(
+                names(&files).iter().map(get).collect::<Result<_>>()?,
+            )),
+            Some(DataFiles::Splits(map)) => {
+                let mut out = std::collections::BTreeMap::new();
+                for (split, files) in map {
+                    out.insert(split, names(&files).iter().map(get).collect::<Result<_>>()?);
+                }
+                Ok(DataFiles::Splits(out))
+            }
+            None => {
+                let prefix = data_dir.map(|d| format!("{}/", d.trim_end_matches('/')));
+                let wanted: Vec<String> = repo
+                    .info()?
+                    .siblings
+                    .into_iter()
+                    .map(|s| s.rfilename)
+                    .filter(|f| looks_like_data(Path::new(f)))
+                    .filter(|f| prefix.as_ref().is_none_or(|p| f.starts_with(p.as_str())))
+                    .collect();
+                if wanted.is_empty() {
+                    bail!(
+                        "the repo has no .json, .jsonl or .parquet data files{}",
+                        match data_dir {
+                            Some(d) => format!(" under {d}/"),
+                            None => String::new(),
+                        }
+                    );
+                }
+                let mut files = Vec::with_capacity(wanted.len());
+                for name in wanted {
+                    let path = get(&name)?;
+                    files.push((name, path));
+                }
+                Ok(files_by_split(files))
+            }
         }
-        names.iter().map(|name| Ok(repo.get(name)?)).collect()
     };
-    fetch().map(DataFiles::Train).with_context(|| {
+    fetch().with_context(|| {
         format!("{component}: cannot download Hugging Face Hub dataset {repo_id:?}. {fix}")
     })
+}
+
+fn looks_like_data(p: &Path) -> bool {
+    extension_is(p, &["json", "jsonl", "parquet"])
 }
 
 fn looks_like_json(p: &Path) -> bool {
@@ -380,4 +497,43 @@ pub fn check_column_map(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_names_follow_hugging_face() {
+        for (name, split) in [
+            (
+                "data/train-00000-of-00001-a09b74b3ef9c3b56.parquet",
+                Some("train"),
+            ),
+            ("test.json", Some("test")),
+            ("validation/part0.jsonl", Some("validation")),
+            ("data/dev.json", Some("validation")),
+            ("data/rl/train-00001.parquet", Some("train")),
+            ("alpaca_data_cleaned.json", None),
+            ("trainer_notes.json", None),
+        ] {
+            assert_eq!(split_of(name), split, "{name}");
+        }
+        let files = |names: &[&str]| -> Vec<(String, PathBuf)> {
+            names
+                .iter()
+                .map(|n| (n.to_string(), PathBuf::from(n)))
+                .collect()
+        };
+        assert_eq!(
+            files_by_split(files(&["a.json", "b.json"])),
+            DataFiles::Train(vec!["a.json".into(), "b.json".into()])
+        );
+        let DataFiles::Splits(map) =
+            files_by_split(files(&["train.json", "test.json", "README.json"]))
+        else {
+            panic!("named splits");
+        };
+        assert_eq!(map.keys().collect::<Vec<_>>(), ["test", "train"]);
+    }
 }

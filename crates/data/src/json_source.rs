@@ -1,7 +1,8 @@
-//! Local data files, as Hugging Face `load_dataset("json" | "text", data_files=..., split=...)`
-//! reads them. A JSON file is a JSON array of objects, JSON Lines (one object per line), an object
-//! with the rows under `field`, or an object of equal-length columns; a text file gives one row
-//! `{"text": ...}` per line (or per paragraph, or one for the whole file). Splits select rows with
+//! Local data files, as Hugging Face `load_dataset("json" | "text" | "parquet", data_files=...,
+//! split=...)` reads them. A JSON file is a JSON array of objects, JSON Lines (one object per
+//! line), an object with the rows under `field`, or an object of equal-length columns; a text
+//! file gives one row `{"text": ...}` per line (or per paragraph, or one for the whole file); a
+//! Parquet file gives its rows, nested lists and structs as JSON arrays and objects. Splits select rows with
 //! the `datasets` slicing syntax: `train`, `train[:100]`, `train[10:-10]`, `train[:10%]`,
 //! `train[:50%]+train[-10%:]`.
 
@@ -168,6 +169,41 @@ pub fn read_rows(path: &Path, field: Option<&str>) -> Result<Vec<Row>> {
             Ok(rows)
         }
     }
+}
+
+/// Reads every row of a Parquet file (the format of most Hugging Face Hub datasets).
+pub fn read_parquet_rows(path: &Path) -> Result<Vec<Row>> {
+    let file = std::fs::File::open(path).with_context(|| {
+        format!(
+            "cannot read data file {}: check `data_files` (relative paths are from the current directory)",
+            path.display()
+        )
+    })?;
+    let reader = parquet::file::serialized_reader::SerializedFileReader::new(file)
+        .with_context(|| format!("{} is not a readable Parquet file", path.display()))?;
+    let mut rows = Vec::new();
+    for (index, row) in reader.into_iter().enumerate() {
+        let row = row.with_context(|| {
+            format!(
+                "{} row {index}: cannot decode (tune-rs reads uncompressed, Snappy and gzip Parquet)",
+                path.display()
+            )
+        })?;
+        match row.to_json_value() {
+            Value::Object(columns) => rows.push(Row {
+                file: path.to_path_buf(),
+                index,
+                line: None,
+                columns,
+            }),
+            other => bail!(
+                "{} row {index} is {}, not a record",
+                path.display(),
+                kind(&other)
+            ),
+        }
+    }
+    Ok(rows)
 }
 
 /// How `source: text` cuts a file into rows (Hugging Face's `sample_by`).

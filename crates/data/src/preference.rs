@@ -169,6 +169,7 @@ fn build_preference(args: &Args) -> Result<PreferenceSpec> {
                 "new_system_prompt",
                 "packed",
             ],
+            None,
         )?,
         to_conversations: Arc::new(rows),
     })
@@ -198,7 +199,9 @@ fn build_stack_exchange(args: &Args) -> Result<PreferenceSpec> {
         rows: RowSource::from_args(
             args,
             COMPONENT,
-            &["column_map", "train_on_input", "data_dir", "packed"],
+            &["column_map", "train_on_input", "packed"],
+            // torchtune reads this dataset's RL split folder.
+            Some("data/rl"),
         )?,
         to_conversations: Arc::new(rows),
     })

@@ -344,3 +344,95 @@ fn bad_settings_and_rows_get_one_clear_error() {
     assert_eq!(err.matches("c.json row 0").count(), 1, "{err}");
     assert!(err.contains("robot"), "{err}");
 }
+
+/// Writes rows of string columns as a Snappy-compressed Parquet file.
+fn write_parquet(path: &Path, columns: &[(&str, Vec<&str>)]) {
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    let fields: String = columns
+        .iter()
+        .map(|(name, _)| format!("REQUIRED BYTE_ARRAY {name} (UTF8);"))
+        .collect();
+    let schema = std::sync::Arc::new(
+        parquet::schema::parser::parse_message_type(&format!("message rows {{ {fields} }}"))
+            .unwrap(),
+    );
+    let props = std::sync::Arc::new(
+        WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::SNAPPY)
+            .build(),
+    );
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = SerializedFileWriter::new(file, schema, props).unwrap();
+    let mut group = writer.next_row_group().unwrap();
+    let mut i = 0;
+    while let Some(mut column) = group.next_column().unwrap() {
+        let values: Vec<ByteArray> = columns[i].1.iter().map(|v| ByteArray::from(*v)).collect();
+        column
+            .typed::<ByteArrayType>()
+            .write_batch(&values, None, None)
+            .unwrap();
+        column.close().unwrap();
+        i += 1;
+    }
+    group.close().unwrap();
+    writer.close().unwrap();
+}
+
+#[test]
+fn parquet_files_and_split_folders_read_like_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tok512(None);
+    let rows = [("Add 1 and 2.", "", "3"), ("Name a color.", "", "Blue")];
+    let json: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|(i, x, o)| serde_json::json!({"instruction": i, "input": x, "output": o}))
+        .collect();
+    let json_file = write(
+        dir.path(),
+        "rows.json",
+        &serde_json::to_string(&json).unwrap(),
+    );
+    let want = dataset(&format!(
+        "{{_component_: alpaca_dataset, source: json, data_files: {json_file:?}}}"
+    ))
+    .load(&tok)
+    .unwrap();
+
+    let columns = [
+        ("instruction", rows.iter().map(|r| r.0).collect::<Vec<_>>()),
+        ("input", rows.iter().map(|r| r.1).collect()),
+        ("output", rows.iter().map(|r| r.2).collect()),
+    ];
+    let parquet_file = dir.path().join("rows.parquet");
+    write_parquet(&parquet_file, &columns);
+    let got = dataset(&format!(
+        "{{_component_: alpaca_dataset, source: parquet, data_files: {:?}}}",
+        parquet_file.display().to_string()
+    ))
+    .load(&tok)
+    .unwrap();
+    assert_eq!(got, want);
+
+    // A folder laid out like a Hub dataset: splits from the file names.
+    let folder = dir.path().join("hub_like/data");
+    std::fs::create_dir_all(&folder).unwrap();
+    write_parquet(&folder.join("train-00000-of-00001.parquet"), &columns);
+    std::fs::copy(&json_file, folder.join("test-00000-of-00001.json")).unwrap();
+    let root = dir.path().join("hub_like").display().to_string();
+    for split in ["train", "test"] {
+        let got = dataset(&format!(
+            "{{_component_: alpaca_dataset, source: {root:?}, split: {split}}}"
+        ))
+        .load(&tok)
+        .unwrap();
+        assert_eq!(got, want, "{split}");
+    }
+    let err = dataset(&format!(
+        "{{_component_: alpaca_dataset, source: {root:?}, split: validation}}"
+    ))
+    .load(&tok)
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("test, train"), "{err:#}");
+}
