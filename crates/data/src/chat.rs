@@ -1,13 +1,14 @@
 //! torchtune's `chat_dataset`: multi-turn conversations, one list of turns per row, in ShareGPT
 //! (`[{"from": "human", "value": ...}, ...]`) or OpenAI (`[{"role": "user", "content": ...}]`) style.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use tune_core::{ArgSpec, ArgType, Args};
 
-use crate::dataset::{DatasetSpec, RowToSample};
+use crate::dataset::{check_column_map, DatasetSpec, RowToSample};
 use crate::json_source::Row;
 use crate::llama2_tokenizer::Llama2Tokenizer;
 use crate::messages::{Message, Role};
@@ -123,6 +124,29 @@ impl RowToSample for ConversationRows {
     fn sample(&self, row: &Row, tokenizer: &Llama2Tokenizer) -> Result<Sample> {
         tokenize_sft(&self.messages(row)?, tokenizer).with_context(|| row.location())
     }
+}
+
+/// A ShareGPT-conversation dataset `component` whose turns are in the column that `column_map`
+/// maps `conversations` to (torchtune's `slimorca_dataset`).
+pub fn build_sharegpt(args: &Args, component: &'static str) -> Result<DatasetSpec> {
+    let column_map: BTreeMap<String, String> = args.get_opt("column_map")?.unwrap_or_default();
+    check_column_map(component, &column_map, &["conversations"])?;
+    let rows = ConversationRows {
+        column: column_map
+            .get("conversations")
+            .cloned()
+            .unwrap_or_else(|| "conversations".into()),
+        style: ConversationStyle::ShareGpt,
+        train_on_input: args.get_opt::<bool>("train_on_input")?.unwrap_or(false),
+        new_system_prompt: args.get_opt("new_system_prompt")?,
+    };
+    DatasetSpec::from_args(
+        args,
+        component,
+        &["column_map", "train_on_input", "new_system_prompt"],
+        false,
+        Arc::new(rows),
+    )
 }
 
 fn build(args: &Args) -> Result<DatasetSpec> {

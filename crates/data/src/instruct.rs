@@ -43,14 +43,31 @@ impl RowToSample for InputOutputRows {
 }
 
 fn build(args: &Args) -> Result<DatasetSpec> {
-    const COMPONENT: &str = "instruct_dataset";
-    let column_map: Option<BTreeMap<String, String>> = args.get_opt("column_map")?;
+    build_input_output(args, "instruct_dataset", None)
+}
+
+/// An `InputOutputToMessages` dataset `component`, with `default_columns` (input, output) when
+/// `column_map` is empty (torchtune's `samsum_dataset` and the like).
+pub fn build_input_output(
+    args: &Args,
+    component: &'static str,
+    default_columns: Option<(&str, &str)>,
+) -> Result<DatasetSpec> {
+    let given: Option<BTreeMap<String, String>> = args.get_opt("column_map")?;
+    let column_map = match (given.filter(|m| !m.is_empty()), default_columns) {
+        (Some(map), _) => Some(map),
+        (None, Some((input, output))) => Some(BTreeMap::from([
+            ("input".to_string(), input.to_string()),
+            ("output".to_string(), output.to_string()),
+        ])),
+        (None, None) => None,
+    };
     if let Some(map) = &column_map {
-        check_column_map(COMPONENT, map, &["input", "output"])?;
+        check_column_map(component, map, &["input", "output"])?;
         for key in ["input", "output"] {
             if !map.contains_key(key) {
                 bail!(
-                    "{COMPONENT}.column_map must map both `input` and `output` (found {}); \
+                    "{component}.column_map must map both `input` and `output` (found {}); \
                      e.g. column_map: {{input: question, output: answer}}",
                     map.keys().cloned().collect::<Vec<_>>().join(", ")
                 );
@@ -64,7 +81,7 @@ fn build(args: &Args) -> Result<DatasetSpec> {
     };
     DatasetSpec::from_args(
         args,
-        COMPONENT,
+        component,
         &["column_map", "train_on_input", "new_system_prompt"],
         false,
         Arc::new(rows),

@@ -19,6 +19,8 @@
 //! - [`text_completion`] — `text_completion_dataset` (free text).
 //! - [`preference`] — chosen/rejected pairs for DPO (`preference_dataset`,
 //!   `stack_exchange_paired_dataset`) and `padded_collate_dpo`.
+//! - [`presets`] — torchtune's named Hub datasets (`samsum_dataset`, `grammar_dataset`,
+//!   `slimorca_dataset`, `hh_rlhf_helpful_dataset`) as presets of the builders above.
 //! - [`sft`] — the tokenized training [`Sample`] (tokens, labels, mask).
 //! - [`packed`] — `packed: True`: samples packed into fixed-length [`Pack`]s.
 //!
@@ -45,6 +47,7 @@ pub mod loader;
 pub mod messages;
 pub mod packed;
 pub mod preference;
+pub mod presets;
 mod protobuf;
 pub mod sentencepiece;
 pub mod sft;

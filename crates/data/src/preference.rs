@@ -141,12 +141,17 @@ fn refuse_packing(args: &Args, component: &str) -> Result<()> {
 }
 
 fn build_preference(args: &Args) -> Result<PreferenceSpec> {
-    const COMPONENT: &str = "preference_dataset";
-    refuse_packing(args, COMPONENT)?;
+    build_chosen_rejected(args, "preference_dataset")
+}
+
+/// A `ChosenRejectedToMessages` preference dataset `component` (torchtune's
+/// `preference_dataset`, `hh_rlhf_helpful_dataset`).
+pub fn build_chosen_rejected(args: &Args, component: &'static str) -> Result<PreferenceSpec> {
+    refuse_packing(args, component)?;
     let column_map: BTreeMap<String, String> = args.get_opt("column_map")?.unwrap_or_default();
-    check_column_map(COMPONENT, &column_map, &["chosen", "rejected"])?;
+    check_column_map(component, &column_map, &["chosen", "rejected"])?;
     if !column_map.is_empty() && column_map.len() != 2 {
-        bail!("{COMPONENT}.column_map must map both `chosen` and `rejected`");
+        bail!("{component}.column_map must map both `chosen` and `rejected`");
     }
     let column = |key: &str| column_map.get(key).cloned().unwrap_or_else(|| key.into());
     let rows = ChosenRejectedRows {
@@ -162,7 +167,7 @@ fn build_preference(args: &Args) -> Result<PreferenceSpec> {
     Ok(PreferenceSpec {
         rows: RowSource::from_args(
             args,
-            COMPONENT,
+            component,
             &[
                 "column_map",
                 "train_on_input",

@@ -436,3 +436,69 @@ fn parquet_files_and_split_folders_read_like_json() {
     .unwrap_err();
     assert!(format!("{err:#}").contains("test, train"), "{err:#}");
 }
+
+#[test]
+fn named_datasets_are_presets_of_the_builders() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tok512(None);
+    let samsum = write(
+        dir.path(),
+        "samsum.json",
+        r#"[{"id": "1", "dialogue": "A: hi\nB: hello", "summary": "They greet."}]"#,
+    );
+    let from_preset = dataset(&format!(
+        "{{_component_: torchtune.datasets.samsum_dataset, source: json, data_files: {samsum:?}}}"
+    ))
+    .load(&tok)
+    .unwrap();
+    let from_instruct = dataset(&format!(
+        "{{_component_: instruct_dataset, source: json, data_files: {samsum:?}, \
+           column_map: {{input: dialogue, output: summary}}}}"
+    ))
+    .load(&tok)
+    .unwrap();
+    assert_eq!(from_preset, from_instruct);
+
+    let orca = write(
+        dir.path(),
+        "orca.jsonl",
+        "{\"conversations\": [{\"from\": \"system\", \"value\": \"Be nice.\"}, {\"from\": \"human\", \"value\": \"Hi\"}, {\"from\": \"gpt\", \"value\": \"Hello!\"}]}\n",
+    );
+    let from_preset = dataset(&format!(
+        "{{_component_: slimorca_dataset, source: json, data_files: {orca:?}}}"
+    ))
+    .load(&tok)
+    .unwrap();
+    let from_chat = dataset(&format!(
+        "{{_component_: chat_dataset, source: json, data_files: {orca:?}, \
+           conversation_column: conversations, conversation_style: sharegpt}}"
+    ))
+    .load(&tok)
+    .unwrap();
+    assert_eq!(from_preset, from_chat);
+
+    let hh = write(
+        dir.path(),
+        "hh.jsonl",
+        "{\"chosen\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello!\"}], \
+          \"rejected\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Go away.\"}]}\n",
+    );
+    let build_pairs = |component: &str| {
+        let node: Yaml = serde_yaml::from_str(&format!(
+            "{{_component_: {component}, source: json, data_files: {hh:?}}}"
+        ))
+        .unwrap();
+        tune_core::registry::lookup(component)
+            .unwrap()
+            .build_from(&node)
+            .unwrap()
+            .downcast::<tune_data::PreferenceSpec>()
+            .unwrap()
+            .load(&tok)
+            .unwrap()
+    };
+    assert_eq!(
+        build_pairs("hh_rlhf_helpful_dataset"),
+        build_pairs("preference_dataset")
+    );
+}
