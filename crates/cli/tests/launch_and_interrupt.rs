@@ -119,6 +119,57 @@ fn two_worker_processes_train_and_rank_zero_writes() {
 }
 
 #[test]
+fn dpo_runs_in_two_worker_processes() {
+    let work = tempfile::tempdir().unwrap();
+    let output = work.path().join("out");
+    let output_arg = format!("output_dir={}", output.display());
+    let run = tune_command(&[
+        "run",
+        "--nproc_per_node",
+        "2",
+        "lora_dpo_distributed",
+        "--config",
+        "stories260K/lora_dpo_single_device",
+        &output_arg,
+        "tokenizer.max_seq_len=96",
+        "batch_size=2",
+        "max_steps_per_epoch=2",
+        "save_adapter_weights_only=True",
+    ])
+    .output()
+    .unwrap();
+    succeeded(&run);
+    let lines = log_lines(&output);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    // The policy starts as the reference: ln 2 and no reward.
+    assert!(
+        lines[0].starts_with("Step 1 | loss:0.693147") && lines[0].contains("rewards/margins:0.0 "),
+        "{lines:?}"
+    );
+    assert!(output
+        .join("epoch_0/adapter/adapter_model.safetensors")
+        .is_file());
+    // The single-device recipe refuses to be launched on several processes.
+    let refused = tune_command(&[
+        "run",
+        "--nproc_per_node",
+        "2",
+        "lora_dpo_single_device",
+        "--config",
+        "stories260K/lora_dpo_single_device",
+        &output_arg,
+    ])
+    .output()
+    .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("lora_dpo_distributed"),
+        "{}",
+        text(&refused.stderr)
+    );
+}
+
+#[test]
 fn ctrl_c_saves_and_the_resumed_run_ends_where_an_uninterrupted_one_does() {
     let steps = "max_steps_per_epoch=40";
     let straight = tempfile::tempdir().unwrap();

@@ -112,9 +112,20 @@ pub fn run(args: &Args) -> Result<()> {
         || args.rdzv_id.is_some()
         || args.standalone;
     if (options.is_distributed() || launcher_options_given) && !recipe.supports_distributed() {
+        // The distributed twin of a single-device recipe, as torchtune names them.
+        let twin = recipe.name().replace("_single_device", "_distributed");
+        let instead = match tune_core::recipe::lookup(&twin) {
+            Ok(r) if r.supports_distributed() => twin,
+            _ => tune_core::recipe::all()
+                .iter()
+                .filter(|r| r.supports_distributed())
+                .map(|r| r.name())
+                .collect::<Vec<_>>()
+                .join(" or "),
+        };
         bail!(
             "recipe {} does not support distributed training (--nnodes {} --nproc_per_node {}); run \
-             it without launcher options, or use lora_finetune_distributed",
+             it without launcher options, or use {instead}",
             recipe.name(),
             args.nnodes,
             args.nproc_per_node
