@@ -192,6 +192,10 @@ impl RowSource {
                         "{component}: streaming=True is not supported; local files are read whole"
                     )
                 }
+                "name" if !value.is_null() && !is_local_or_packaged(&source) => bail!(
+                    "{component}: `name` (a Hugging Face dataset config) is not supported; pick the \
+                     config's files with `data_dir` or `data_files`"
+                ),
                 "name" | "cache_dir" | "streaming" | "trust_remote_code" | "keep_in_memory"
                 | "num_proc" => {
                     tracing::warn!("{component}: ignoring load_dataset argument `{key}` (not needed for local files)")
@@ -203,8 +207,21 @@ impl RowSource {
             }
         }
         let data_dir = args.get_opt::<String>("data_dir")?;
-        let data_dir = data_dir.as_deref().or(default_data_dir);
-        let source = resolve_source(component, &source, data_files, sample_by, data_dir)?;
+        let wanted_splits: Vec<String> = parse_split(&split)?
+            .into_iter()
+            .map(|slice| slice.name)
+            .collect();
+        let source = resolve_source(
+            component,
+            &source,
+            data_files,
+            sample_by,
+            Folder {
+                data_dir: data_dir.as_deref(),
+                default_hub_data_dir: default_data_dir,
+                wanted_splits: &wanted_splits,
+            },
+        )?;
         Ok(RowSource {
             component,
             source,
@@ -264,15 +281,38 @@ impl RowSource {
     }
 }
 
+/// How to read a folder of data files (local, or a Hub dataset's).
+struct Folder<'a> {
+    /// The subfolder to read (`data_dir`), as given.
+    data_dir: Option<&'a str>,
+    /// The subfolder of a Hub dataset read when `data_dir` is not given (a preset's default).
+    default_hub_data_dir: Option<&'a str>,
+    /// The splits the `split` argument reads (only their Hub files are downloaded).
+    wanted_splits: &'a [String],
+}
+
+/// `json`, `text`, `parquet` and the like, or a path that exists here.
+fn is_local_or_packaged(source: &str) -> bool {
+    matches!(
+        source,
+        "json" | "text" | "parquet" | "csv" | "arrow" | "pandas"
+    ) || Path::new(source).exists()
+}
+
 fn resolve_source(
     component: &str,
     source: &str,
     data_files: Option<DataFiles>,
     sample_by: TextSampleBy,
-    data_dir: Option<&str>,
+    folder: Folder<'_>,
 ) -> Result<Source> {
     let local = Path::new(source);
     let is_text = |p: &Path| extension_is(p, &["txt", "text"]);
+    // A given data_dir is where relative data_files are, as in Hugging Face's load_dataset.
+    let data_files = match (data_files, folder.data_dir) {
+        (Some(files), Some(dir)) => Some(files.relative_to(Path::new(dir))),
+        (files, _) => files,
+    };
     match (source, data_files) {
         ("json", Some(files)) => Ok(Source::Json(files)),
         ("text", Some(files)) => Ok(Source::Text(files, sample_by)),
@@ -296,139 +336,236 @@ fn resolve_source(
             Ok(Source::Json(DataFiles::Train(vec![local.to_path_buf()])))
         }
         (_, None) if local.is_dir() => {
+            let root = match folder.data_dir {
+                Some(dir) => local.join(dir),
+                None => local.to_path_buf(),
+            };
             let mut files: Vec<(String, PathBuf)> = Vec::new();
-            for entry in walk(local)? {
-                if looks_like_data(&entry) {
-                    let name = entry.strip_prefix(local).unwrap_or(&entry);
-                    files.push((name.to_string_lossy().replace('\\', "/"), entry.clone()));
+            for path in walk(&root)? {
+                let name = path
+                    .strip_prefix(&root)
+                    .unwrap_or(&path)
+                    .to_string_lossy()
+                    .replace('\\', "/");
+                if looks_like_data(&path) && !skipped_by_hugging_face(&name) {
+                    files.push((name, path));
                 }
             }
             files.sort();
             if files.is_empty() {
-                bail!("{component}: folder {source} has no .json, .jsonl or .parquet files");
+                bail!(
+                    "{component}: folder {} has no .json, .jsonl or .parquet files",
+                    root.display()
+                );
             }
-            Ok(Source::Files(files_by_split(files)))
+            Ok(Source::Files(files_by_split(files).into_data_files()))
         }
         (_, files) => Ok(Source::Files(fetch_from_hub(
-            component, source, files, data_dir,
+            component, source, files, &folder,
         )?)),
     }
 }
 
-/// Every file under `dir`, depth first.
+/// Every file under `dir`, depth first; linked folders are not followed.
 fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let path = entry?.path();
-        if path.is_dir() {
-            out.extend(walk(&path)?);
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            out.extend(walk(&entry.path())?);
         } else {
-            out.push(path);
+            out.push(entry.path());
         }
     }
     Ok(out)
 }
 
-/// The split a dataset file belongs to by Hugging Face's naming conventions: a folder or a file
-/// name starting with the split's name (`train-00000-of-00001.parquet`, `data/test.json`,
-/// `validation/part0.jsonl`); `dev`/`valid`/`val` mean validation, `eval`/`testing` test.
+/// Files Hugging Face's data-file patterns never pick: hidden or `__` paths and its own metadata.
+fn skipped_by_hugging_face(name: &str) -> bool {
+    name.split('/')
+        .any(|part| part.starts_with('.') || part.starts_with("__"))
+        || matches!(
+            name.rsplit('/').next().unwrap_or(name),
+            "dataset_info.json" | "dataset_infos.json" | "dataset_dict.json" | "state.json"
+        )
+}
+
+/// The split a file's name (relative to the dataset folder) puts it in, by Hugging Face's
+/// keyword patterns: a path part or a word of the file name, delimited by `-._ `, digits or `/`,
+/// that is a split's keyword (`train`/`training`, `validation`/`valid`/`val`/`dev`,
+/// `test`/`testing`/`eval`/`evaluation`). The file name's own words count before its folders'.
 fn split_of(name: &str) -> Option<&'static str> {
-    name.split('/').find_map(|part| {
-        let part = part.to_ascii_lowercase();
-        let word: String = part
-            .chars()
-            .take_while(|c| c.is_ascii_alphabetic())
-            .collect();
-        match word.as_str() {
-            "train" | "training" => Some("train"),
-            "validation" | "valid" | "val" | "dev" => Some("validation"),
-            "test" | "testing" | "eval" | "evaluation" => Some("test"),
-            _ => None,
-        }
+    let words: Vec<String> = name
+        .split(|c: char| matches!(c, '-' | '.' | '_' | ' ' | '/') || c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .map(str::to_ascii_lowercase)
+        .collect();
+    words.iter().rev().find_map(|word| match word.as_str() {
+        "train" | "training" => Some("train"),
+        "validation" | "valid" | "val" | "dev" => Some("validation"),
+        "test" | "testing" | "eval" | "evaluation" => Some("test"),
+        _ => None,
     })
 }
 
-/// `(name in the dataset, local path)` pairs as `data_files`: split by their names when any
-/// names a split (files that name none are then left out, as Hugging Face does), else all
-/// `train`.
-fn files_by_split(files: Vec<(String, PathBuf)>) -> DataFiles {
-    if !files.iter().any(|(name, _)| split_of(name).is_some()) {
-        return DataFiles::Train(files.into_iter().map(|(_, path)| path).collect());
+/// A sharded file's split as Hugging Face names it first: `data/{split}-00000-of-00001...`,
+/// whatever the split is called (`train_sft`, `test_gen`, ...).
+fn sharded_split_of(name: &str) -> Option<String> {
+    let file = name.strip_prefix("data/")?;
+    if file.contains('/') {
+        return None;
     }
-    let mut splits: std::collections::BTreeMap<String, Vec<PathBuf>> = Default::default();
-    for (name, path) in files {
-        if let Some(split) = split_of(&name) {
-            splits.entry(split.to_string()).or_default().push(path);
+    let (split, rest) = file.split_once('-')?;
+    let bytes = rest.as_bytes();
+    let digits = |range: std::ops::Range<usize>| {
+        bytes
+            .get(range)
+            .is_some_and(|b| b.iter().all(u8::is_ascii_digit))
+    };
+    (digits(0..5) && rest.get(5..9) == Some("-of-") && digits(9..14) && !split.is_empty())
+        .then(|| split.to_string())
+}
+
+/// `(name in the dataset, file)` pairs as `data_files`, split as Hugging Face does: by the
+/// sharded `data/{split}-NNNNN-of-NNNNN` names if any file has one, else by split keywords if
+/// any file has one (files without one are then left out), else all `train`.
+fn files_by_split<T>(files: Vec<(String, T)>) -> SplitFiles<T> {
+    let sharded: Vec<Option<String>> = files.iter().map(|(n, _)| sharded_split_of(n)).collect();
+    let named: Vec<Option<String>> = if sharded.iter().any(Option::is_some) {
+        sharded
+    } else {
+        files
+            .iter()
+            .map(|(n, _)| split_of(n).map(str::to_string))
+            .collect()
+    };
+    if named.iter().all(Option::is_none) {
+        return SplitFiles::Train(files.into_iter().map(|(_, f)| f).collect());
+    }
+    let mut splits: std::collections::BTreeMap<String, Vec<T>> = Default::default();
+    for ((_, file), split) in files.into_iter().zip(named) {
+        if let Some(split) = split {
+            splits.entry(split).or_default().push(file);
         }
     }
-    DataFiles::Splits(splits)
+    SplitFiles::Splits(splits)
+}
+
+/// [`DataFiles`] over any kind of file handle (names before download, paths after).
+enum SplitFiles<T> {
+    Train(Vec<T>),
+    Splits(std::collections::BTreeMap<String, Vec<T>>),
+}
+
+impl SplitFiles<PathBuf> {
+    fn into_data_files(self) -> DataFiles {
+        match self {
+            SplitFiles::Train(files) => DataFiles::Train(files),
+            SplitFiles::Splits(map) => DataFiles::Splits(map),
+        }
+    }
 }
 
 /// Downloads a Hugging Face Hub dataset's data files (JSON, JSON Lines or Parquet: those named
-/// in `data_files`, else every such file, under `data_dir` when given) into the Hugging Face
+/// in `data_files`, else those of the wanted splits under `data_dir`) into the Hugging Face
 /// cache, with hf-hub.
 fn fetch_from_hub(
     component: &str,
     repo_id: &str,
     data_files: Option<DataFiles>,
-    data_dir: Option<&str>,
+    folder: &Folder<'_>,
 ) -> Result<DataFiles> {
-    let fix = "Without network access, download the data yourself, then set `source: json` (or \
-               parquet) and `data_files: path/to/data.json`";
-    let fetch = || -> Result<DataFiles> {
-        let api = hf_hub::api::sync::ApiBuilder::from_env()
-            .with_progress(false)
-            .build()?;
-        let repo = api.dataset(repo_id.to_string());
-        let get = |name: &String| -> Result<PathBuf> { Ok(repo.get(name)?) };
-        let names = |files: &[PathBuf]| -> Vec<String> {
-            files
-                .iter()
-                .map(|f| f.to_string_lossy().into_owned())
-                .collect()
-        };
-        match data_files {
-            Some(DataFiles::Train(files)) => Ok(DataFiles::Train(
-                names(&files).iter().map(get).collect::<Result<_>>()?,
-            )),
-            Some(DataFiles::Splits(map)) => {
-                let mut out = std::collections::BTreeMap::new();
-                for (split, files) in map {
-                    out.insert(split, names(&files).iter().map(get).collect::<Result<_>>()?);
-                }
-                Ok(DataFiles::Splits(out))
-            }
-            None => {
-                let prefix = data_dir.map(|d| format!("{}/", d.trim_end_matches('/')));
-                let wanted: Vec<String> = repo
-                    .info()?
-                    .siblings
-                    .into_iter()
-                    .map(|s| s.rfilename)
-                    .filter(|f| looks_like_data(Path::new(f)))
-                    .filter(|f| prefix.as_ref().is_none_or(|p| f.starts_with(p.as_str())))
-                    .collect();
-                if wanted.is_empty() {
-                    bail!(
-                        "the repo has no .json, .jsonl or .parquet data files{}",
-                        match data_dir {
-                            Some(d) => format!(" under {d}/"),
-                            None => String::new(),
-                        }
-                    );
-                }
-                let mut files = Vec::with_capacity(wanted.len());
-                for name in wanted {
-                    let path = get(&name)?;
-                    files.push((name, path));
-                }
-                Ok(files_by_split(files))
-            }
-        }
+    let offline_fix =
+        "Without network access, download the data yourself, then set `source: json` \
+                       (or parquet) and `data_files: path/to/data.json`";
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(false)
+        .build()
+        .with_context(|| {
+            format!("{component}: cannot reach the Hugging Face Hub. {offline_fix}")
+        })?;
+    let repo = api.dataset(repo_id.to_string());
+    let get = |name: &str| -> Result<PathBuf> {
+        repo.get(name).with_context(|| {
+            format!("{component}: cannot download {name} of Hugging Face Hub dataset {repo_id:?}. {offline_fix}")
+        })
     };
-    fetch().with_context(|| {
-        format!("{component}: cannot download Hugging Face Hub dataset {repo_id:?}. {fix}")
-    })
+    let names = |files: &[PathBuf]| -> Vec<String> {
+        files
+            .iter()
+            .map(|f| f.to_string_lossy().into_owned())
+            .collect()
+    };
+    match data_files {
+        Some(DataFiles::Train(files)) => Ok(DataFiles::Train(
+            names(&files)
+                .iter()
+                .map(|n| get(n))
+                .collect::<Result<_>>()?,
+        )),
+        Some(DataFiles::Splits(map)) => {
+            let mut out = std::collections::BTreeMap::new();
+            for (split, files) in map {
+                out.insert(
+                    split,
+                    names(&files)
+                        .iter()
+                        .map(|n| get(n))
+                        .collect::<Result<_>>()?,
+                );
+            }
+            Ok(DataFiles::Splits(out))
+        }
+        None => {
+            let dir = folder.data_dir.or(folder.default_hub_data_dir);
+            let prefix = dir.map(|d| format!("{}/", d.trim_end_matches('/')));
+            let listing = repo.info().with_context(|| {
+                format!(
+                    "{component}: cannot list Hugging Face Hub dataset {repo_id:?}. {offline_fix}"
+                )
+            })?;
+            // Names relative to data_dir, as Hugging Face matches its split patterns.
+            let files: Vec<(String, String)> = listing
+                .siblings
+                .into_iter()
+                .map(|s| s.rfilename)
+                .filter(|f| looks_like_data(Path::new(f)))
+                .filter_map(|f| {
+                    let relative = match &prefix {
+                        Some(p) => f.strip_prefix(p.as_str())?.to_string(),
+                        None => f.clone(),
+                    };
+                    (!skipped_by_hugging_face(&relative)).then_some((relative, f))
+                })
+                .collect();
+            if files.is_empty() {
+                bail!(
+                    "{component}: Hugging Face Hub dataset {repo_id:?} has no .json, .jsonl or \
+                     .parquet data files{}",
+                    dir.map(|d| format!(" under {d}/")).unwrap_or_default()
+                );
+            }
+            // Only the wanted splits' files are downloaded.
+            let fetch = |names: Vec<String>| -> Result<Vec<PathBuf>> {
+                names.iter().map(|n| get(n)).collect()
+            };
+            Ok(match files_by_split(files) {
+                SplitFiles::Train(all) => SplitFiles::Train(fetch(all)?),
+                SplitFiles::Splits(map) => {
+                    let mut out = std::collections::BTreeMap::new();
+                    for (split, names) in map {
+                        let files = match folder.wanted_splits.contains(&split) {
+                            true => fetch(names)?,
+                            false => Vec::new(),
+                        };
+                        out.insert(split, files);
+                    }
+                    SplitFiles::Splits(out)
+                }
+            }
+            .into_data_files())
+        }
+    }
 }
 
 fn looks_like_data(p: &Path) -> bool {
@@ -516,6 +653,11 @@ mod tests {
             ("data/rl/train-00001.parquet", Some("train")),
             ("alpaca_data_cleaned.json", None),
             ("trainer_notes.json", None),
+            ("alpaca_train.json", Some("train")),
+            ("alpaca_test.json", Some("test")),
+            ("data.train.json", Some("train")),
+            ("train/part_test.json", Some("test")),
+            ("latest.json", None),
         ] {
             assert_eq!(split_of(name), split, "{name}");
         }
@@ -526,14 +668,33 @@ mod tests {
                 .collect()
         };
         assert_eq!(
-            files_by_split(files(&["a.json", "b.json"])),
+            files_by_split(files(&["a.json", "b.json"])).into_data_files(),
             DataFiles::Train(vec!["a.json".into(), "b.json".into()])
         );
-        let DataFiles::Splits(map) =
-            files_by_split(files(&["train.json", "test.json", "README.json"]))
-        else {
-            panic!("named splits");
+        let splits = |names: &[&str]| match files_by_split(files(names)).into_data_files() {
+            DataFiles::Splits(map) => map
+                .into_iter()
+                .map(|(k, v)| (k, v.len()))
+                .collect::<Vec<_>>(),
+            DataFiles::Train(v) => vec![("<all train>".to_string(), v.len())],
         };
-        assert_eq!(map.keys().collect::<Vec<_>>(), ["test", "train"]);
+        assert_eq!(
+            splits(&["train.json", "my_test.json", "README.json"]),
+            [("test".to_string(), 1), ("train".to_string(), 1)]
+        );
+        // Sharded names keep their own split names.
+        assert_eq!(
+            splits(&[
+                "data/train_sft-00000-of-00003.parquet",
+                "data/train_sft-00001-of-00003.parquet",
+                "data/test_gen-00000-of-00001.parquet",
+            ]),
+            [("test_gen".to_string(), 1), ("train_sft".to_string(), 2)]
+        );
+        assert!(skipped_by_hugging_face(
+            ".ipynb_checkpoints/train-checkpoint.json"
+        ));
+        assert!(skipped_by_hugging_face("dataset_infos.json"));
+        assert!(!skipped_by_hugging_face("data/train.json"));
     }
 }

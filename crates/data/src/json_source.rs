@@ -68,6 +68,22 @@ impl DataFiles {
         }
     }
 
+    /// These files with relative paths taken from `dir` (a `data_dir`).
+    pub fn relative_to(self, dir: &Path) -> Self {
+        let join = |files: Vec<PathBuf>| -> Vec<PathBuf> {
+            files
+                .into_iter()
+                .map(|f| if f.is_absolute() { f } else { dir.join(f) })
+                .collect()
+        };
+        match self {
+            DataFiles::Train(files) => DataFiles::Train(join(files)),
+            DataFiles::Splits(map) => {
+                DataFiles::Splits(map.into_iter().map(|(k, v)| (k, join(v))).collect())
+            }
+        }
+    }
+
     /// The files of split `name`.
     pub fn split(&self, name: &str) -> Result<&[PathBuf]> {
         match self {
@@ -78,7 +94,7 @@ impl DataFiles {
             ),
             DataFiles::Splits(map) => map.get(name).map(Vec::as_slice).ok_or_else(|| {
                 anyhow!(
-                    "split {name:?} does not exist; data_files defines: {}",
+                    "split {name:?} does not exist; the data files make the splits: {}",
                     map.keys().cloned().collect::<Vec<_>>().join(", ")
                 )
             }),

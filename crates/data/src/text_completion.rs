@@ -51,29 +51,18 @@ impl RowToSample for TextRows {
 }
 
 fn build(args: &Args) -> Result<DatasetSpec> {
-    build_text(args, "text_completion_dataset", "text", &[])
-}
-
-/// A text-completion dataset `component` reading `default_column` unless `column` is given;
-/// `own` names the component's other arguments.
-pub fn build_text(
-    args: &Args,
-    component: &'static str,
-    default_column: &str,
-    own: &[&str],
-) -> Result<DatasetSpec> {
     let rows = TextRows {
-        column: args
-            .get_opt("column")?
-            .unwrap_or_else(|| default_column.into()),
+        column: args.get_opt("column")?.unwrap_or_else(|| "text".into()),
         add_eos: args.get_opt::<bool>("add_eos")?.unwrap_or(true),
     };
     let split_across_pack = args.get_opt::<bool>("split_across_pack")?.unwrap_or(true);
-    let known: Vec<&str> = ["column", "add_eos", "split_across_pack"]
-        .into_iter()
-        .chain(own.iter().copied())
-        .collect();
-    DatasetSpec::from_args(args, component, &known, split_across_pack, Arc::new(rows))
+    DatasetSpec::from_args(
+        args,
+        "text_completion_dataset",
+        &["column", "add_eos", "split_across_pack"],
+        split_across_pack,
+        Arc::new(rows),
+    )
 }
 
 tune_core::inventory::submit! {

@@ -191,7 +191,7 @@ fn hub_sources_and_unsupported_options_are_refused_with_the_fix() {
     let err =
         build_err("{_component_: alpaca_dataset, source: tatsu-lab/alpaca, data_files: x.json}");
     assert!(
-        err.contains("cannot download Hugging Face Hub dataset"),
+        err.contains("cannot download x.json of Hugging Face Hub dataset \"tatsu-lab/alpaca\""),
         "{err}"
     );
     assert!(err.contains("source: json"), "{err}");

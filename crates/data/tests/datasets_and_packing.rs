@@ -502,3 +502,48 @@ fn named_datasets_are_presets_of_the_builders() {
         build_pairs("preference_dataset")
     );
 }
+
+#[test]
+fn folders_split_by_file_names_and_data_dir_picks_a_subfolder() {
+    let dir = tempfile::tempdir().unwrap();
+    let row = |i: &str| format!(r#"[{{"instruction": "{i}", "output": "ok"}}]"#);
+    std::fs::create_dir_all(dir.path().join("rl")).unwrap();
+    std::fs::create_dir_all(dir.path().join("sft/.ipynb_checkpoints")).unwrap();
+    std::fs::create_dir_all(dir.path().join("sft")).unwrap();
+    write(&dir.path().join("rl"), "pairs_train.json", &row("rl"));
+    write(&dir.path().join("sft"), "alpaca_train.json", &row("train"));
+    write(&dir.path().join("sft"), "alpaca_test.json", &row("test"));
+    write(
+        &dir.path().join("sft/.ipynb_checkpoints"),
+        "alpaca_train-checkpoint.json",
+        &row("stale"),
+    );
+    let root = dir.path().display().to_string();
+    let instructions = |extra: &str| -> Vec<String> {
+        dataset(&format!(
+            "{{_component_: alpaca_dataset, source: {root:?}{extra}}}"
+        ))
+        .rows
+        .rows()
+        .unwrap()
+        .iter()
+        .map(|r| r.columns["instruction"].as_str().unwrap().to_string())
+        .collect()
+    };
+    // The test file is not trained on; hidden checkpoints are skipped.
+    assert_eq!(instructions(""), ["rl", "train"]);
+    assert_eq!(instructions(", split: test"), ["test"]);
+    assert_eq!(instructions(", data_dir: sft"), ["train"]);
+    assert_eq!(instructions(", data_dir: rl"), ["rl"]);
+
+    let node: Yaml = serde_yaml::from_str(
+        "{_component_: alpaca_dataset, source: some-org/some-dataset, name: subset_a}",
+    )
+    .unwrap();
+    let err = tune_core::registry::lookup("alpaca_dataset")
+        .unwrap()
+        .build_from(&node)
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("data_dir"), "{err:#}");
+}

@@ -450,7 +450,7 @@ impl PackedRows {
             .sum();
         // Blocks only on the CPU, where the scores they skip dominate. On a GPU the dense mask
         // is one kernel per op instead of one per block (not measured there: no GPU yet).
-        let mask = if device.is_cpu() && 2 * block_scores <= batch * seq * seq {
+        let mask = if device.is_cpu() && seq > 0 && 2 * block_scores <= batch * seq * seq {
             let blocks = rows
                 .iter()
                 .map(|blocks| {

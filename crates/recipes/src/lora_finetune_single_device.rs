@@ -260,6 +260,29 @@ pub fn train_objective(
     )?;
     let started = Instant::now();
 
+    if cfg.get("compile", false)? {
+        tracing::info!("compile=True: torch.compile has no tune-rs counterpart (the recipe is compiled Rust); ignoring it");
+    }
+    if cfg.get("enable_activation_offloading", false)? {
+        // torchtune refuses it off CUDA and without checkpointing; tune-rs does not implement it.
+        if device.is_cpu() {
+            bail!(
+                "enable_activation_offloading=True only applies to training on CUDA (as in \
+                 torchtune); set it to False"
+            );
+        }
+        if !cfg.get("enable_activation_checkpointing", false)? {
+            bail!(
+                "enable_activation_offloading=True needs enable_activation_checkpointing=True (as in \
+                 torchtune)"
+            );
+        }
+        tracing::warn!(
+            "enable_activation_offloading=True is not implemented: activations stay on the GPU \
+             (enable_activation_checkpointing keeps only each layer's input)"
+        );
+    }
+
     // ---- Data (before the weights: a bad tokenizer or dataset fails fast) ------------------
     let objective = build_objective(
         &cfg,
@@ -308,22 +331,6 @@ pub fn train_objective(
                 "profiler.enabled=True: the torch profiler has no tune-rs equivalent; ignoring it"
             );
         }
-    }
-    if cfg.get("compile", false)? {
-        tracing::info!("compile=True: torch.compile has no tune-rs counterpart (the recipe is compiled Rust); ignoring it");
-    }
-    if cfg.get("enable_activation_offloading", false)? {
-        // torchtune refuses it off CUDA; on CUDA tune-rs does not implement it.
-        if device.is_cpu() {
-            bail!(
-                "enable_activation_offloading=True only applies to training on CUDA (as in \
-                 torchtune); set it to False"
-            );
-        }
-        tracing::warn!(
-            "enable_activation_offloading=True is not implemented: activations stay on the GPU \
-             (enable_activation_checkpointing keeps only each layer's input)"
-        );
     }
     if cfg.get("enable_activation_checkpointing", false)? {
         if spec.lora.as_ref().is_some_and(|l| l.adapter.dropout > 0.0) {
