@@ -46,9 +46,11 @@ impl PreferenceSpec {
             let (tokens, mask) = tokenizer.tokenize_messages(messages, true);
             Sample::from_tokens_and_mask(tokens, mask)
         };
+        use rayon::prelude::*;
+        // Rows tokenize independently: on every core, in order.
         self.rows
             .rows()?
-            .iter()
+            .par_iter()
             .map(|row| {
                 let (chosen, rejected) = self.to_conversations.conversations(row)?;
                 Ok(PreferencePair {
