@@ -553,6 +553,45 @@ pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> 
     })
 }
 
+/// Labels [rows] prepared for a cross-entropy op: each row's label as a gather index [rows, 1]
+/// (0 for ignored rows), a [rows, 1] mask of 1 for counted rows, and how many rows count.
+struct LabelRows {
+    index: Tensor,
+    valid: Tensor,
+    counted: usize,
+}
+
+impl LabelRows {
+    fn new(
+        labels: &Tensor,
+        ignore_index: i64,
+        vocab: usize,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let labels: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1()?;
+        if let Some(bad) = labels
+            .iter()
+            .find(|&&l| l != ignore_index && (l < 0 || l as usize >= vocab))
+        {
+            candle_core::bail!("label {bad} is outside the vocabulary (size {vocab})");
+        }
+        let rows = labels.len();
+        let index: Vec<u32> = labels
+            .iter()
+            .map(|&l| if l == ignore_index { 0 } else { l as u32 })
+            .collect();
+        let valid: Vec<f32> = labels
+            .iter()
+            .map(|&l| if l == ignore_index { 0.0 } else { 1.0 })
+            .collect();
+        Ok(LabelRows {
+            counted: valid.iter().filter(|v| **v > 0.0).count(),
+            index: Tensor::from_vec(index, (rows, 1), device)?,
+            valid: Tensor::from_vec(valid, (rows, 1), device)?,
+        })
+    }
+}
+
 /// Sum over rows of `-log softmax(logits)[label]` for `logits` [rows, vocab] and `labels` [rows]
 /// (i64), skipping rows whose label is `ignore_index`. Computed in fp32. Backward:
 /// `(softmax - onehot) * valid * dy`. Returns (sum, number of counted rows).
@@ -561,30 +600,16 @@ pub fn cross_entropy_sum(
     labels: &Tensor,
     ignore_index: i64,
 ) -> Result<(Tensor, usize)> {
-    let device = logits.device().clone();
-    let (rows, vocab) = logits.dims2()?;
-    let labels_host: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1()?;
-    let valid_host: Vec<f32> = labels_host
-        .iter()
-        .map(|&l| if l == ignore_index { 0.0 } else { 1.0 })
-        .collect();
-    let counted = valid_host.iter().filter(|v| **v > 0.0).count();
-    if let Some(bad) = labels_host
-        .iter()
-        .find(|&&l| l != ignore_index && (l < 0 || l as usize >= vocab))
-    {
-        candle_core::bail!("label {bad} is outside the vocabulary (size {vocab})");
-    }
-    let safe: Vec<u32> = labels_host
-        .iter()
-        .map(|&l| if l == ignore_index { 0 } else { l as u32 })
-        .collect();
-    let safe = Tensor::from_vec(safe, rows, &device)?;
-    let valid = Tensor::from_vec(valid_host, (rows, 1), &device)?;
+    let (_, vocab) = logits.dims2()?;
+    let LabelRows {
+        index: safe,
+        valid,
+        counted,
+    } = LabelRows::new(labels, ignore_index, vocab, logits.device())?;
 
     let x = logits.detach().to_dtype(DType::F32)?;
     let log_probs = candle_nn::ops::log_softmax(&x, D::Minus1)?;
-    let picked = log_probs.gather(&safe.unsqueeze(1)?, 1)?; // [rows, 1]
+    let picked = log_probs.gather(&safe, 1)?; // [rows, 1]
     let loss = (picked * &valid)?.sum_all()?.neg()?;
 
     let logits_dtype = logits.dtype();
@@ -597,7 +622,7 @@ pub fn cross_entropy_sum(
         let c = valid.broadcast_mul(&grad.to_dtype(DType::F32)?)?; // [rows, 1]
         let scaled = candle_nn::ops::softmax_last_dim(&x)?.broadcast_mul(&c)?;
         scaled
-            .scatter_add(&safe.unsqueeze(1)?, &c.neg()?, 1)?
+            .scatter_add(&safe, &c.neg()?, 1)?
             .to_dtype(logits_dtype)
     })
     .map(|loss| (loss, counted))
@@ -607,25 +632,10 @@ pub fn cross_entropy_sum(
 /// rows whose label is `ignore_index`, as fp32 [rows] (what sequence log-probabilities are
 /// summed from, e.g. for DPO). Backward: `(softmax - onehot) * valid * dy_row`.
 pub fn cross_entropy_rows(logits: &Tensor, labels: &Tensor, ignore_index: i64) -> Result<Tensor> {
-    let device = logits.device().clone();
-    let (rows, vocab) = logits.dims2()?;
-    let labels_host: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1()?;
-    if let Some(bad) = labels_host
-        .iter()
-        .find(|&&l| l != ignore_index && (l < 0 || l as usize >= vocab))
-    {
-        candle_core::bail!("label {bad} is outside the vocabulary (size {vocab})");
-    }
-    let safe: Vec<u32> = labels_host
-        .iter()
-        .map(|&l| if l == ignore_index { 0 } else { l as u32 })
-        .collect();
-    let valid: Vec<f32> = labels_host
-        .iter()
-        .map(|&l| if l == ignore_index { 0.0 } else { 1.0 })
-        .collect();
-    let safe = Tensor::from_vec(safe, (rows, 1), &device)?;
-    let valid = Tensor::from_vec(valid, (rows, 1), &device)?;
+    let (_, vocab) = logits.dims2()?;
+    let LabelRows {
+        index: safe, valid, ..
+    } = LabelRows::new(labels, ignore_index, vocab, logits.device())?;
     let x = logits.detach().to_dtype(DType::F32)?;
     let picked = candle_nn::ops::log_softmax(&x, D::Minus1)?.gather(&safe, 1)?;
     let losses = (picked * &valid)?.neg()?.squeeze(1)?;
@@ -653,29 +663,12 @@ pub fn linear_cross_entropy_sum(
     let (rows, _) = hidden.dims2()?;
     let vocab = weight.dim(0)?;
     let device = hidden.device().clone();
-    let labels_host: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1()?;
-    if let Some(bad) = labels_host
-        .iter()
-        .find(|&&l| l != ignore_index && (l < 0 || l as usize >= vocab))
-    {
-        candle_core::bail!("label {bad} is outside the vocabulary (size {vocab})");
-    }
-    let counted = labels_host.iter().filter(|&&l| l != ignore_index).count();
-    let safe: Vec<u32> = labels_host
-        .iter()
-        .map(|&l| if l == ignore_index { 0 } else { l as u32 })
-        .collect();
-    let valid: Vec<f32> = labels_host
-        .iter()
-        .map(|&l| if l == ignore_index { 0.0 } else { 1.0 })
-        .collect();
-    let safe = Tensor::from_vec(safe, (rows, 1), &device)?;
-    let valid = Tensor::from_vec(valid, (rows, 1), &device)?;
-    let chunk_rows = chunk_rows.max(1);
-    let chunks: Vec<(usize, usize)> = (0..rows)
-        .step_by(chunk_rows)
-        .map(|start| (start, chunk_rows.min(rows - start)))
-        .collect();
+    let LabelRows {
+        index: safe,
+        valid,
+        counted,
+    } = LabelRows::new(labels, ignore_index, vocab, &device)?;
+    let chunks = chunk_ranges(rows, chunk_rows);
 
     let h = hidden.detach();
     let logits_of = |h: &Tensor, start: usize, len: usize| -> Result<Tensor> {
@@ -692,20 +685,81 @@ pub fn linear_cross_entropy_sum(
     let weight = weight.clone();
     with_backward("linear_cross_entropy", hidden, total, move |grad| {
         let g = grad.to_dtype(DType::F32)?;
-        let mut parts = Vec::with_capacity(chunks.len());
-        for &(start, len) in &chunks {
-            let logits = h
-                .narrow(0, start, len)?
-                .matmul(&weight.t()?)?
-                .to_dtype(DType::F32)?;
-            let c = valid.narrow(0, start, len)?.broadcast_mul(&g)?;
-            let d_logits = candle_nn::ops::softmax_last_dim(&logits)?.broadcast_mul(&c)?;
-            let d_logits = d_logits.scatter_add(&safe.narrow(0, start, len)?, &c.neg()?, 1)?;
-            parts.push(d_logits.to_dtype(weight.dtype())?.matmul(&weight)?);
-        }
-        Tensor::cat(&parts, 0)?.to_dtype(h.dtype())
+        linear_ce_hidden_grad(&h, &weight, (&safe, &valid), &chunks, |_, _| Ok(g.clone()))
     })
     .map(|loss| (loss, counted))
+}
+
+/// Per-row cross-entropy of `hidden @ weight.T` ([rows] fp32, 0 for ignored rows), computed
+/// `chunk_rows` rows at a time like [`linear_cross_entropy_sum`], so the [rows, vocab] logits
+/// never exist at once (sequence log-probabilities for DPO are sums of these).
+pub fn linear_cross_entropy_rows(
+    hidden: &Tensor,
+    weight: &Tensor,
+    labels: &Tensor,
+    ignore_index: i64,
+    chunk_rows: usize,
+) -> Result<Tensor> {
+    let (rows, _) = hidden.dims2()?;
+    let vocab = weight.dim(0)?;
+    let LabelRows {
+        index: safe, valid, ..
+    } = LabelRows::new(labels, ignore_index, vocab, hidden.device())?;
+    let chunks = chunk_ranges(rows, chunk_rows);
+    let h = hidden.detach();
+    let mut pieces = Vec::with_capacity(chunks.len());
+    for &(start, len) in &chunks {
+        let logits = h
+            .narrow(0, start, len)?
+            .matmul(&weight.t()?)?
+            .to_dtype(DType::F32)?;
+        let picked = candle_nn::ops::log_softmax(&logits, D::Minus1)?
+            .gather(&safe.narrow(0, start, len)?, 1)?;
+        pieces.push((picked * valid.narrow(0, start, len)?)?.neg()?);
+    }
+    let losses = Tensor::cat(&pieces, 0)?.squeeze(1)?;
+    let weight = weight.clone();
+    with_backward("linear_cross_entropy_rows", hidden, losses, move |grad| {
+        let g = grad.to_dtype(DType::F32)?.unsqueeze(1)?;
+        linear_ce_hidden_grad(&h, &weight, (&safe, &valid), &chunks, |start, len| {
+            g.narrow(0, start, len)
+        })
+    })
+}
+
+/// `(start, len)` of consecutive chunks of at most `chunk_rows` rows.
+fn chunk_ranges(rows: usize, chunk_rows: usize) -> Vec<(usize, usize)> {
+    let chunk_rows = chunk_rows.max(1);
+    (0..rows)
+        .step_by(chunk_rows)
+        .map(|start| (start, chunk_rows.min(rows - start)))
+        .collect()
+}
+
+/// The gradient of `hidden` for a chunked linear cross-entropy: per chunk, the logits are
+/// recomputed and `(softmax - onehot) * valid * coef` goes back through `weight`, where `coef`
+/// gives the chunk's output gradient (a scalar for a sum, [len, 1] for per-row losses).
+fn linear_ce_hidden_grad(
+    h: &Tensor,
+    weight: &Tensor,
+    (index, valid): (&Tensor, &Tensor),
+    chunks: &[(usize, usize)],
+    coef: impl Fn(usize, usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut parts = Vec::with_capacity(chunks.len());
+    for &(start, len) in chunks {
+        let logits = h
+            .narrow(0, start, len)?
+            .matmul(&weight.t()?)?
+            .to_dtype(DType::F32)?;
+        let c = valid
+            .narrow(0, start, len)?
+            .broadcast_mul(&coef(start, len)?)?;
+        let d_logits = candle_nn::ops::softmax_last_dim(&logits)?.broadcast_mul(&c)?;
+        let d_logits = d_logits.scatter_add(&index.narrow(0, start, len)?, &c.neg()?, 1)?;
+        parts.push(d_logits.to_dtype(weight.dtype())?.matmul(weight)?);
+    }
+    Tensor::cat(&parts, 0)?.to_dtype(h.dtype())
 }
 
 #[cfg(test)]
@@ -1106,6 +1160,35 @@ mod tests {
         let g2 = l2.backward().unwrap().get(v2.as_tensor()).unwrap().clone();
         assert_eq!((n1, n2), (5, 5));
         assert!(max_abs(&l1, &l2) < 1e-5);
+        assert!(max_abs(&g1, &g2) < 1e-6);
+    }
+
+    /// Per-row losses in chunks against the logits-first op, with a per-row output gradient.
+    #[test]
+    fn linear_cross_entropy_rows_matches_logits_then_cross_entropy_rows() {
+        let h = rand(&[7, 5], 31);
+        let w = rand(&[11, 5], 32);
+        let labels = Tensor::new(&[3i64, -100, 10, 0, 4, 4, -100], &Device::Cpu).unwrap();
+        let probe = rand(&[7], 33);
+        let run = |chunked: bool| {
+            let v = Var::from_tensor(&h).unwrap();
+            let rows = if chunked {
+                linear_cross_entropy_rows(v.as_tensor(), &w, &labels, -100, 3).unwrap()
+            } else {
+                let logits = frozen_linear(v.as_tensor(), &w).unwrap();
+                cross_entropy_rows(&logits, &labels, -100).unwrap()
+            };
+            let store = (&rows * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (rows, store.get(v.as_tensor()).unwrap().clone())
+        };
+        let ((r1, g1), (r2, g2)) = (run(true), run(false));
+        assert!(max_abs(&r1, &r2) < 1e-5);
+        assert_eq!(r1.to_vec1::<f32>().unwrap()[1], 0.0, "ignored rows are 0");
         assert!(max_abs(&g1, &g2) < 1e-6);
     }
 }

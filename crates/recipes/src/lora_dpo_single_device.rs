@@ -200,6 +200,57 @@ pub fn sequence_log_probs(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     Ok(nll.reshape((batch, seq))?.sum(D::Minus1)?.neg()?)
 }
 
+/// Each sequence's summed label log-probability ([2 * pairs]) and the mean logit of the chosen
+/// and of the rejected half (torchtune's `logits/*`, padding included). When the output layer
+/// has no adapter the [rows, vocab] logits are never materialised: the log-probabilities come
+/// from the hidden states a chunk of rows at a time, and the mean logit of rows `r` is
+/// `(sum_r h_r) . (sum_v w_v) / (rows * vocab)`.
+pub fn log_probs_and_logit_means(
+    model: &TransformerDecoder,
+    tokens: &Tensor,
+    labels: &Tensor,
+    pairs: usize,
+    opts: Forward,
+) -> Result<(Tensor, (f64, f64))> {
+    let (batch, seq) = tokens.dims2()?;
+    if !model.output.trainable().is_empty() {
+        let logits = model.forward_with(tokens, opts)?.logits;
+        let mean = |start: usize| -> Result<f64> {
+            Ok(logits
+                .narrow(0, start, pairs)?
+                .mean_all()?
+                .to_scalar::<f32>()? as f64)
+        };
+        let means = (mean(0)?, mean(pairs)?);
+        return Ok((sequence_log_probs(&logits, labels)?, means));
+    }
+    let (normed, _) = model.final_hidden(tokens, opts)?;
+    let dim = normed.dim(2)?;
+    let weight = model.output.base_weight()?;
+    let shifted = crate::loss::shift_labels(labels)?.reshape(batch * seq)?;
+    let nll = tune_core::autograd::linear_cross_entropy_rows(
+        &normed.reshape((batch * seq, dim))?,
+        &weight,
+        &shifted,
+        IGNORE_INDEX,
+        crate::loss::OUTPUT_CHUNK_ROWS,
+    )?;
+    let log_probs = nll.reshape((batch, seq))?.sum(D::Minus1)?.neg()?;
+    let weight_sum = weight.to_dtype(DType::F32)?.sum(0)?;
+    let vocab = weight.dim(0)?;
+    let mean = |start: usize| -> Result<f64> {
+        let hidden_sum = normed
+            .detach()
+            .narrow(0, start, pairs)?
+            .to_dtype(DType::F32)?
+            .reshape((pairs * seq, dim))?
+            .sum(0)?;
+        let total: f32 = (hidden_sum * &weight_sum)?.sum_all()?.to_scalar()?;
+        Ok(total as f64 / (pairs * seq * vocab) as f64)
+    };
+    Ok((log_probs, (mean(0)?, mean(pairs)?)))
+}
+
 /// The DPO objective: preference pairs, the DPO loss, and what torchtune logs with it.
 pub struct Preference {
     pairs: Vec<PreferencePair>,
@@ -287,24 +338,16 @@ impl Objective for Preference {
             train: true,
             ..Default::default()
         };
-        let logits = model.forward_with(&tokens, train)?.logits;
-        let policy = sequence_log_probs(&logits, &labels)?;
-        let logits_mean = |t: candle_core::Result<Tensor>| -> Result<f64> {
-            Ok(t?.mean_all()?.to_scalar::<f32>()? as f64)
-        };
-        let (logits_chosen, logits_rejected) = (
-            logits_mean(chosen(&logits))?,
-            logits_mean(rejected(&logits))?,
-        );
-        drop(logits);
+        let (policy, (logits_chosen, logits_rejected)) =
+            log_probs_and_logit_means(model, &tokens, &labels, pairs, train)?;
         // The reference model is the base model: the same weights with the adapters off.
         let base = Forward {
             adapters_disabled: true,
             ..Default::default()
         };
-        let reference_logits = model.forward_with(&tokens, base)?.logits.detach();
-        let reference = sequence_log_probs(&reference_logits, &labels)?.detach();
-        drop(reference_logits);
+        let reference = log_probs_and_logit_means(model, &tokens, &labels, pairs, base)?
+            .0
+            .detach();
 
         let out = self.loss.forward(
             (&chosen(&policy)?, &rejected(&policy)?),

@@ -418,3 +418,84 @@ fn rso_hinge_loss_follows_the_closed_form_and_trains() {
         summary.steps
     );
 }
+
+/// Without an adapter on the output layer the log-probabilities and logit means come from the
+/// hidden states in chunks: the same numbers (and policy gradients) as from the full logits.
+#[test]
+fn chunked_log_probs_equal_the_full_logits() {
+    use tune_models::decoder::Forward;
+    let model = tune_recipes::selfcheck::lora_step_model(
+        &common::root(),
+        &Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let tokens: Vec<i64> = (0..2 * 2 * 300)
+        .map(|i| (i * 7919 % 509 + 3) as i64)
+        .collect();
+    let tokens = Tensor::from_vec(tokens, (4, 300), &Device::Cpu).unwrap();
+    let labels: Vec<i64> = (0..4 * 300)
+        .map(|i| {
+            if i % 300 < 40 {
+                -100
+            } else {
+                (i * 31 % 500) as i64
+            }
+        })
+        .collect();
+    let labels = Tensor::from_vec(labels, (4, 300), &Device::Cpu).unwrap();
+    let train = Forward {
+        train: true,
+        ..Default::default()
+    };
+    let (chunked, (mean_chosen, mean_rejected)) =
+        tune_recipes::lora_dpo_single_device::log_probs_and_logit_means(
+            &model, &tokens, &labels, 2, train,
+        )
+        .unwrap();
+    let logits = model.forward_with(&tokens, train).unwrap().logits;
+    let full = sequence_log_probs(&logits, &labels).unwrap();
+    assert!(
+        max_abs_diff(&chunked, &full).unwrap() < 1e-3,
+        "{chunked} {full}"
+    );
+    let want = |start: usize| {
+        logits
+            .narrow(0, start, 2)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    };
+    assert!(
+        (mean_chosen - want(0)).abs() < 1e-4,
+        "{mean_chosen} vs {}",
+        want(0)
+    );
+    assert!((mean_rejected - want(2)).abs() < 1e-4);
+    let weights = Tensor::new(&[1.0f32, -0.5, 0.25, 2.0], &Device::Cpu).unwrap();
+    let grads = |t: &Tensor| {
+        let store = (t * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        model
+            .adapter_params()
+            .iter()
+            .map(|(_, v)| store.get(v.as_tensor()).unwrap().clone())
+            .collect::<Vec<_>>()
+    };
+    for (a, b) in grads(&chunked).iter().zip(grads(&full)) {
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        assert!(max_abs_diff(a, &b).unwrap() <= 1e-4 * scale.max(1e-6));
+    }
+}
