@@ -26,8 +26,14 @@ pub fn gsm8k_rows(dir: &Path, rows: usize) -> PathBuf {
 /// The bundled stories260K LoRA config with `output_dir` in `work`, the given overrides applied
 /// and interpolations resolved. Paths are made absolute so tests run from any directory.
 pub fn stories_config(work: &Path, overrides: &[&str]) -> tune_core::Config {
+    builtin_config("stories260K/lora_single_device", work, overrides)
+}
+
+/// The built-in config `name` (e.g. `stories260K/lora_dpo_single_device`), prepared as
+/// [`stories_config`] prepares its own.
+pub fn builtin_config(name: &str, work: &Path, overrides: &[&str]) -> tune_core::Config {
     let root = root();
-    let text = std::fs::read_to_string(root.join("configs/stories260K/lora_single_device.yaml"))
+    let text = std::fs::read_to_string(root.join(format!("configs/{name}.yaml")))
         .unwrap()
         .replace("assets/", &format!("{}/assets/", root.display()));
     let mut config = tune_core::Config::from_yaml_str(&text).unwrap();

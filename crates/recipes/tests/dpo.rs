@@ -139,17 +139,7 @@ fn refs(v: &[String]) -> Vec<&str> {
 }
 
 fn dpo_config(work: &std::path::Path, overrides: &[&str]) -> tune_core::Config {
-    let root = common::root();
-    let text =
-        std::fs::read_to_string(root.join("configs/stories260K/lora_dpo_single_device.yaml"))
-            .unwrap()
-            .replace("assets/", &format!("{}/assets/", root.display()));
-    let mut config = tune_core::Config::from_yaml_str(&text).unwrap();
-    let mut all: Vec<String> = vec![format!("output_dir={}", work.join("output").display())];
-    all.extend(overrides.iter().map(|s| s.to_string()));
-    config.apply_overrides(&all).unwrap();
-    config.resolve_interpolations().unwrap();
-    config
+    common::builtin_config("stories260K/lora_dpo_single_device", work, overrides)
 }
 
 #[test]
