@@ -191,15 +191,8 @@ fn stories260k_learns_its_preferences_and_exports_a_peft_adapter() {
         assert!(first.contains(key), "{key} missing from {first}");
     }
     // The last steps rank the chosen answers above the rejected ones.
-    let accuracies: Vec<f64> = log
-        .lines()
-        .skip(20)
-        .map(|line| {
-            let value = line.split("rewards/accuracies:").nth(1).unwrap();
-            value.split_whitespace().next().unwrap().parse().unwrap()
-        })
-        .collect();
-    assert!(mean(&accuracies) >= 0.75, "{accuracies:?}");
+    let accuracies = logged(work.path(), "rewards/accuracies");
+    assert!(mean(&accuracies[20..]) >= 0.75, "{accuracies:?}");
     let adapter = work.path().join("output/epoch_5/adapter");
     assert!(adapter.join("adapter_model.safetensors").is_file());
     let config: serde_json::Value = serde_json::from_str(

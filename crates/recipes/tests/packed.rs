@@ -29,6 +29,24 @@ fn model() -> TransformerDecoder {
     selfcheck::lora_step_model(&common::root(), &Device::Cpu, DType::F32).unwrap()
 }
 
+/// The model's view of a batch of packs, checking which attention layout it chose.
+fn packed_rows(layout: &tune_data::PackedLayout, in_blocks: bool) -> PackedRows {
+    let rows = PackedRows::new(
+        &layout.input_pos,
+        &layout.seq_lens,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    assert_eq!(
+        matches!(rows.mask, AttentionMask::Blocks(_)),
+        in_blocks,
+        "{:?}",
+        layout.seq_lens
+    );
+    rows
+}
+
 fn tensor(rows: &[Vec<i64>]) -> Tensor {
     let shape = (rows.len(), rows.first().map_or(0, Vec::len));
     Tensor::from_vec(rows.concat(), shape, &Device::Cpu).unwrap()
@@ -61,19 +79,7 @@ fn each_sample_alone(samples: &[Sample], pack_length: usize, in_blocks: bool) {
     assert_eq!(packs.len(), 2);
     let batch = Examples::Packs(packs).collate(&[0, 1], &CollateSft::default());
     let layout = batch.packed.clone().unwrap();
-    let rows = PackedRows::new(
-        &layout.input_pos,
-        &layout.seq_lens,
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap();
-    assert_eq!(
-        matches!(rows.mask, AttentionMask::Blocks(_)),
-        in_blocks,
-        "{:?}",
-        layout.seq_lens
-    );
+    let rows = packed_rows(&layout, in_blocks);
     let logits = model
         .forward_packed(&tensor(&batch.tokens), Some(&rows), Forward::default())
         .unwrap()
@@ -121,19 +127,7 @@ fn loss_and_gradients_as_padded(samples: &[Sample], pack_length: usize) {
     );
     let padded_batch = CollateSft::default().collate(samples.iter());
     let layout = packed_batch.packed.clone().unwrap();
-    let rows = PackedRows::new(
-        &layout.input_pos,
-        &layout.seq_lens,
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap();
-    assert_eq!(
-        matches!(rows.mask, AttentionMask::Blocks(_)),
-        pack_length > 100,
-        "{:?}",
-        layout.seq_lens
-    );
+    let rows = packed_rows(&layout, pack_length > 100);
 
     for checkpointing in [false, true] {
         let mut model = model();
