@@ -131,21 +131,15 @@ impl RowToSample for ConversationRows {
 pub fn build_sharegpt(args: &Args, component: &'static str) -> Result<DatasetSpec> {
     let column_map: BTreeMap<String, String> = args.get_opt("column_map")?.unwrap_or_default();
     check_column_map(component, &column_map, &["conversations"])?;
-    let rows = ConversationRows {
-        column: column_map
-            .get("conversations")
-            .cloned()
-            .unwrap_or_else(|| "conversations".into()),
-        style: ConversationStyle::ShareGpt,
-        train_on_input: args.get_opt::<bool>("train_on_input")?.unwrap_or(false),
-        new_system_prompt: args.get_opt("new_system_prompt")?,
-    };
-    DatasetSpec::from_args(
+    let column = column_map
+        .get("conversations")
+        .cloned()
+        .unwrap_or_else(|| "conversations".into());
+    conversation_spec(
         args,
         component,
-        &["column_map", "train_on_input", "new_system_prompt"],
-        false,
-        Arc::new(rows),
+        (column, ConversationStyle::ShareGpt),
+        &["column_map"],
     )
 }
 
@@ -158,24 +152,33 @@ fn build(args: &Args) -> Result<DatasetSpec> {
             bail!("{COMPONENT}: unsupported conversation_style {other:?}; use sharegpt or openai")
         }
     };
+    conversation_spec(
+        args,
+        COMPONENT,
+        (args.get("conversation_column")?, style),
+        &["conversation_column", "conversation_style"],
+    )
+}
+
+/// A conversation dataset reading `column` in `style`, with `train_on_input` and
+/// `new_system_prompt` from `args`; `own` names the component's other arguments.
+fn conversation_spec(
+    args: &Args,
+    component: &'static str,
+    (column, style): (String, ConversationStyle),
+    own: &[&str],
+) -> Result<DatasetSpec> {
     let rows = ConversationRows {
-        column: args.get("conversation_column")?,
+        column,
         style,
         train_on_input: args.get_opt::<bool>("train_on_input")?.unwrap_or(false),
         new_system_prompt: args.get_opt("new_system_prompt")?,
     };
-    DatasetSpec::from_args(
-        args,
-        COMPONENT,
-        &[
-            "conversation_column",
-            "conversation_style",
-            "train_on_input",
-            "new_system_prompt",
-        ],
-        false,
-        Arc::new(rows),
-    )
+    let known: Vec<&str> = ["train_on_input", "new_system_prompt"]
+        .into_iter()
+        .chain(own.iter().copied())
+        .collect();
+    DatasetSpec::from_args(args, component, &known, false, Arc::new(rows))
 }
 
 tune_core::inventory::submit! {
