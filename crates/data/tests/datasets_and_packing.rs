@@ -547,3 +547,91 @@ fn folders_split_by_file_names_and_data_dir_picks_a_subfolder() {
         .unwrap();
     assert!(format!("{err:#}").contains("data_dir"), "{err:#}");
 }
+
+/// Conversations stored as Parquet `list<struct<from, value>>` (as pyarrow writes ShareGPT data)
+/// read as the same rows as their JSON.
+#[test]
+fn nested_parquet_conversations_read_like_json() {
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tok512(None);
+    // Two rows: two turns, then four.
+    let rows: [&[(&str, &str)]; 2] = [
+        &[("human", "Hi"), ("gpt", "Hello!")],
+        &[
+            ("human", "2+2?"),
+            ("gpt", "4"),
+            ("human", "And 3+3?"),
+            ("gpt", "6"),
+        ],
+    ];
+    let schema = std::sync::Arc::new(
+        parquet::schema::parser::parse_message_type(
+            "message rows {
+               REQUIRED group conversations (LIST) {
+                 REPEATED group list {
+                   REQUIRED group element {
+                     REQUIRED BYTE_ARRAY from (UTF8);
+                     REQUIRED BYTE_ARRAY value (UTF8);
+                   }
+                 }
+               }
+             }",
+        )
+        .unwrap(),
+    );
+    let path = dir.path().join("chats.parquet");
+    let file = std::fs::File::create(&path).unwrap();
+    let props = std::sync::Arc::new(WriterProperties::builder().build());
+    let mut writer = SerializedFileWriter::new(file, schema, props).unwrap();
+    let mut group = writer.next_row_group().unwrap();
+    // A turn's repetition level is 0 when it starts a row, 1 when it continues the list.
+    let repetition: Vec<i16> = rows
+        .iter()
+        .flat_map(|turns| (0..turns.len()).map(|i| i16::from(i > 0)))
+        .collect();
+    let definition = vec![1i16; repetition.len()];
+    for field in 0..2 {
+        let mut column = group.next_column().unwrap().unwrap();
+        let values: Vec<ByteArray> = rows
+            .iter()
+            .flat_map(|turns| turns.iter())
+            .map(|turn| ByteArray::from(if field == 0 { turn.0 } else { turn.1 }))
+            .collect();
+        column
+            .typed::<ByteArrayType>()
+            .write_batch(&values, Some(&definition), Some(&repetition))
+            .unwrap();
+        column.close().unwrap();
+    }
+    group.close().unwrap();
+    writer.close().unwrap();
+
+    let json: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|turns| {
+            let turns: Vec<serde_json::Value> = turns
+                .iter()
+                .map(|(from, value)| serde_json::json!({"from": from, "value": value}))
+                .collect();
+            serde_json::json!({ "conversations": turns })
+        })
+        .collect();
+    let json_file = write(
+        dir.path(),
+        "chats.json",
+        &serde_json::to_string(&json).unwrap(),
+    );
+    let load = |source: &str, file: &str| {
+        dataset(&format!(
+            "{{_component_: slimorca_dataset, source: {source}, data_files: {file:?}}}"
+        ))
+        .load(&tok)
+        .unwrap()
+    };
+    let from_parquet = load("parquet", &path.display().to_string());
+    assert_eq!(from_parquet.len(), 2);
+    assert_eq!(from_parquet, load("json", &json_file));
+}
