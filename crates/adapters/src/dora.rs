@@ -79,6 +79,10 @@ impl Adapter for DoRALinear {
         self.lora.weight.linear(x)
     }
 
+    fn is_random_in_training(&self) -> bool {
+        self.lora.is_random_in_training()
+    }
+
     fn trainable(&self) -> Vec<(String, Var)> {
         let mut params = vec![("magnitude".to_string(), self.magnitude.clone())];
         params.extend(self.lora.trainable());

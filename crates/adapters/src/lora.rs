@@ -178,6 +178,10 @@ impl Adapter for LoRALinear {
         self.weight.linear(x)
     }
 
+    fn is_random_in_training(&self) -> bool {
+        self.dropout > 0.0
+    }
+
     fn trainable(&self) -> Vec<(String, Var)> {
         vec![
             ("lora_a.weight".to_string(), self.lora_a.clone()),

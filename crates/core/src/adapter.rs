@@ -29,6 +29,12 @@ pub trait Adapter: Send + Sync {
     fn on_weights_loaded(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Whether a training forward draws random numbers (dropout), so that running it again does
+    /// not reproduce it; recomputing layers in the backward needs `false`.
+    fn is_random_in_training(&self) -> bool {
+        false
+    }
 }
 
 /// How an adapter is configured on a model (resolved from the model builder's arguments).

@@ -59,7 +59,8 @@ pub struct TransformerDecoder {
     /// `tune_core::autograd::param_grad`.
     pub activation_checkpointing: bool,
     pub norm: Tensor,
-    pub output: Box<dyn Adapter>,
+    /// Shared so that a loss can recompute it in the backward (see `recipes::loss`).
+    pub output: Arc<dyn Adapter>,
     rope_cos: Tensor,
     rope_sin: Tensor,
 }
@@ -159,7 +160,8 @@ impl TransformerDecoder {
         } else {
             take("output.weight")?
         };
-        let output = next_linear(&mut |_: &str| Ok(output_weight.clone()))?;
+        let output: Arc<dyn Adapter> =
+            Arc::from(next_linear(&mut |_: &str| Ok(output_weight.clone()))?);
         let (rope_cos, rope_sin) = rope_cache(
             config.head_dim(),
             config.max_seq_len,

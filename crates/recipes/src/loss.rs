@@ -38,11 +38,13 @@ pub fn chunked_ce_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize
 /// Rows of logits computed at a time by [`model_ce_sum`] (torchtune splits into 8 chunks).
 pub const OUTPUT_CHUNK_ROWS: usize = 256;
 
-/// The training loss of `model` on a batch: (sum of token losses, counted tokens). When the
-/// output layer carries no adapter the logits are never materialised (the output projection and
-/// the loss run together, a chunk of rows at a time); otherwise it is `chunked_ce_sum(forward)`.
-/// `packed` describes rows that hold several samples (`packed: True` datasets). As in
-/// torchtune, the labels are shifted along the whole row.
+/// The training loss of `model` on a batch: (sum of token losses, counted tokens). The
+/// [tokens, vocab] logits are never materialised: the output projection and the loss run
+/// together a chunk of rows at a time (with an adapter on the output layer, each chunk is
+/// recomputed in the backward, as activation checkpointing does). Only an output adapter with
+/// dropout in training falls back to `chunked_ce_sum(forward)`. `packed` describes rows that
+/// hold several samples (`packed: True` datasets). As in torchtune, the labels are shifted along
+/// the whole row.
 pub fn model_ce_sum(
     model: &tune_models::TransformerDecoder,
     tokens: &Tensor,
@@ -54,21 +56,82 @@ pub fn model_ce_sum(
         train,
         ..Default::default()
     };
-    if !model.output.trainable().is_empty() {
+    let adapted = !model.output.trainable().is_empty();
+    if adapted && train && model.output.is_random_in_training() {
         let logits = model.forward_packed(tokens, packed, opts)?.logits;
         return chunked_ce_sum(&logits, labels);
     }
     let (normed, _) = model.final_hidden_packed(tokens, packed, opts)?;
     let (b, s, d) = normed.dims3()?;
     let shifted = shift_labels(labels)?.reshape(b * s)?;
+    let hidden = normed.reshape((b * s, d))?;
+    if adapted {
+        return adapted_output_ce_sum(model.output.clone(), &hidden, &shifted, train);
+    }
     let weight = model.output.base_weight()?;
     Ok(linear_cross_entropy_sum(
-        &normed.reshape((b * s, d))?,
+        &hidden,
         &weight,
         &shifted,
         IGNORE_INDEX,
         OUTPUT_CHUNK_ROWS,
     )?)
+}
+
+/// The summed loss of an output layer with its own adapter over `hidden` [rows, dim] against
+/// `shifted` labels, [`OUTPUT_CHUNK_ROWS`] rows at a time: each chunk's logits live only while its
+/// loss is computed, and the backward recomputes them chunk by chunk (the output layer's
+/// activation checkpointing). The adapter's gradients reach the training loop through
+/// `tune_core::autograd::param_grad`, as a checkpointed layer's do.
+fn adapted_output_ce_sum(
+    output: std::sync::Arc<dyn tune_core::Adapter>,
+    hidden: &Tensor,
+    shifted: &Tensor,
+    train: bool,
+) -> Result<(Tensor, usize)> {
+    let rows = hidden.dim(0)?;
+    let h = hidden.detach();
+    let chunks: Vec<(usize, usize)> = (0..rows)
+        .step_by(OUTPUT_CHUNK_ROWS)
+        .map(|start| (start, OUTPUT_CHUNK_ROWS.min(rows - start)))
+        .collect();
+    let chunk_loss = {
+        let (output, shifted) = (output.clone(), shifted.clone());
+        move |h: &Tensor, start: usize, len: usize| -> candle_core::Result<(Tensor, usize)> {
+            let logits = output.forward(h, train)?.to_dtype(DType::F32)?;
+            cross_entropy_sum(&logits, &shifted.narrow(0, start, len)?, IGNORE_INDEX)
+        }
+    };
+    let mut total = Tensor::zeros((), DType::F32, hidden.device())?;
+    let mut counted = 0;
+    for &(start, len) in &chunks {
+        let (sum, n) = chunk_loss(&h.narrow(0, start, len)?.detach(), start, len)?;
+        total = (total + sum.detach())?;
+        counted += n;
+    }
+    let loss = tune_core::autograd::with_backward(
+        "adapted_output_cross_entropy",
+        hidden,
+        total,
+        move |grad| {
+            let mut parts = Vec::with_capacity(chunks.len());
+            for &(start, len) in &chunks {
+                let hv = candle_core::Var::from_tensor(&h.narrow(0, start, len)?)?;
+                let (sum, _) = chunk_loss(hv.as_tensor(), start, len)?;
+                let store = sum.broadcast_mul(grad)?.backward()?;
+                for (_, var) in output.trainable() {
+                    if let Some(g) = store.get(var.as_tensor()) {
+                        tune_core::autograd::accumulate_side_grad(&var, g)?;
+                    }
+                }
+                parts.push(store.get(hv.as_tensor()).cloned().ok_or_else(|| {
+                    candle_core::Error::Msg("output loss: no gradient for the hidden states".into())
+                })?);
+            }
+            Tensor::cat(&parts, 0)?.to_dtype(h.dtype())
+        },
+    )?;
+    Ok((loss, counted))
 }
 
 /// Mean loss over counted tokens (what torchtune's loss module returns).

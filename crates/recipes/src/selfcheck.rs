@@ -115,9 +115,7 @@ pub fn lora_step(repo: &Path, device: &Device, dtype: DType) -> Result<serde_jso
         let grads: Vec<Tensor> = params
             .iter()
             .map(|(n, v)| {
-                store
-                    .get(v.as_tensor())
-                    .cloned()
+                tune_core::autograd::param_grad(&store, v)?
                     .with_context(|| format!("no grad for {n}"))
             })
             .collect::<Result<_>>()?;
@@ -326,9 +324,7 @@ pub fn qlora_step_run(repo: &Path, model: &TransformerDecoder) -> Result<StepRes
         .map(|(name, v)| {
             Ok((
                 name.clone(),
-                store
-                    .get(v.as_tensor())
-                    .cloned()
+                tune_core::autograd::param_grad(&store, &v)?
                     .with_context(|| format!("no grad for {name}"))?,
             ))
         })
