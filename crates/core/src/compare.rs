@@ -15,6 +15,17 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
         .to_scalar::<f32>()? as f64)
 }
 
+/// max |a - b| / max |b| (the denominator at least 1e-6): how far `a` is from `b` on the scale of
+/// `b`'s largest entry, for gradients whose sizes vary by orders of magnitude.
+pub fn max_abs_diff_scaled(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let scale = host_f32(b)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()? as f64;
+    Ok(max_abs_diff(a, b)? / scale.max(1e-6))
+}
+
 /// ||a - b|| / ||b|| (Frobenius norms).
 pub fn rel_norm_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     let (a, b) = (host_f32(a)?, host_f32(b)?);

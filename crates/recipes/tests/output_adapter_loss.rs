@@ -6,9 +6,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use tune_core::autograd::param_grad;
+use tune_core::compare::max_abs_diff_scaled;
 use tune_models::{builders, checkpoint};
 use tune_recipes::loss::{chunked_ce_sum, model_ce_sum};
-use tune_recipes::selfcheck::max_abs_diff;
 
 fn model() -> tune_models::TransformerDecoder {
     tune_recipes::link();
@@ -80,17 +80,7 @@ fn chunked_output_loss_equals_the_full_logits() {
     );
     assert!(chunked_grads.iter().any(|(n, _)| n.starts_with("output.")));
     for ((name, a), (_, b)) in chunked_grads.iter().zip(&full_grads) {
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64;
-        let diff = max_abs_diff(a, b).unwrap();
-        assert!(
-            diff <= 1e-4 * scale.max(1e-6),
-            "{name}: {diff} (scale {scale})"
-        );
+        let diff = max_abs_diff_scaled(a, b).unwrap();
+        assert!(diff <= 1e-4, "{name}: {diff} of its scale");
     }
 }
