@@ -70,6 +70,12 @@ pub struct RecipeState {
     /// Ranks that trained (`batches_in_epoch` counts each rank's batches). Older states: 1.
     #[serde(default = "one_rank")]
     pub world_size: usize,
+    /// Each rank's batch size and the epoch's optimizer steps: a mid-epoch position only means
+    /// the same samples with the same values. Older states: unknown.
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    #[serde(default)]
+    pub steps_per_epoch: Option<usize>,
 }
 
 fn one_rank() -> usize {
@@ -125,9 +131,10 @@ impl HfCheckpointer {
             adapter_checkpoint: args
                 .get_opt::<String>("adapter_checkpoint")?
                 .map(|p| checkpoint_dir.join(p)),
+            // As torchtune 0.6.1: relative to output_dir, where the run's checkpoints are.
             recipe_checkpoint: args
                 .get_opt::<String>("recipe_checkpoint")?
-                .map(|p| checkpoint_dir.join(p)),
+                .map(PathBuf::from),
             checkpoint_dir,
             output_dir,
             model_type,
@@ -146,6 +153,24 @@ impl HfCheckpointer {
                 self.output_dir.display(),
                 self.checkpoint_dir.display()
             );
+        }
+        // The reverse is fine (a model kept under a general work folder) unless the model is
+        // one of this run's own checkpoint folders, which a save replaces.
+        if let Ok(inside) = ckpt.strip_prefix(&out) {
+            let first = inside
+                .components()
+                .next()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if is_checkpoint_folder_name(&first) {
+                bail!(
+                    "checkpoint_dir {} is this run's checkpoint folder {first} in output_dir {}: \
+                     saving {first} would replace the model being trained. To continue from it, \
+                     choose another output_dir (or copy the folder out first)",
+                    self.checkpoint_dir.display(),
+                    self.output_dir.display()
+                );
+            }
         }
         Ok(())
     }
@@ -418,26 +443,13 @@ fn write_merged(
 ) -> Result<()> {
     let dtype = layout.dtype.unwrap_or(model.dtype());
     let c = &spec.transformer;
-    let mut tune: Vec<(String, Tensor)> = vec![
-        ("tok_embeddings.weight".into(), model.tok_embeddings.clone()),
-        ("norm.scale".into(), model.norm.clone()),
-    ];
-    for (i, l) in model.layers.iter().enumerate() {
-        tune.push((format!("layers.{i}.sa_norm.scale"), l.sa_norm.clone()));
-        tune.push((format!("layers.{i}.mlp_norm.scale"), l.mlp_norm.clone()));
-    }
-    let output_adapted = spec.lora.as_ref().is_some_and(|l| l.apply_lora_to_output);
-    for (prefix, layer) in model.linears() {
-        if prefix == "output" && c.tie_word_embeddings && !output_adapted {
-            continue; // still tied to the embedding: nothing to write
-        }
-        tune.push((format!("{prefix}.weight"), layer.merged_weight()?));
-    }
     let n = layout.num_shards.max(1);
     let mut shards: Vec<HashMap<String, Tensor>> = vec![HashMap::new(); n];
     let mut weight_map = serde_json::Map::new();
     let mut total_size = 0usize;
-    for (name, t) in tune {
+    // Each tensor goes to the CPU as soon as it is made, so a GPU holds one merged (for QLoRA:
+    // dequantised) weight at a time, not a second copy of the model.
+    let mut add = |name: String, t: Tensor| -> Result<()> {
         let hf = tune_to_hf_name(&name).with_context(|| format!("no HF name for {name}"))?;
         let t = match rope_rows(&name) {
             Some("q") => permute_tune_to_hf(&t, c.num_heads)?,
@@ -450,6 +462,20 @@ fn write_merged(
         total_size += t.elem_count() * dtype.size_in_bytes();
         weight_map.insert(hf.clone(), serde_json::Value::String(file));
         shards[shard].insert(hf, t);
+        Ok(())
+    };
+    add("tok_embeddings.weight".into(), model.tok_embeddings.clone())?;
+    add("norm.scale".into(), model.norm.clone())?;
+    for (i, l) in model.layers.iter().enumerate() {
+        add(format!("layers.{i}.sa_norm.scale"), l.sa_norm.clone())?;
+        add(format!("layers.{i}.mlp_norm.scale"), l.mlp_norm.clone())?;
+    }
+    let output_adapted = spec.lora.as_ref().is_some_and(|l| l.apply_lora_to_output);
+    for (prefix, layer) in model.linears() {
+        if prefix == "output" && c.tie_word_embeddings && !output_adapted {
+            continue; // still tied to the embedding: nothing to write
+        }
+        add(format!("{prefix}.weight"), layer.merged_weight()?)?;
     }
     for (i, tensors) in shards.iter().enumerate() {
         atomic::save_safetensors(
@@ -475,7 +501,60 @@ fn write_merged(
     Ok(())
 }
 
-/// Reads the newest checkpoint in `output_dir` (largest global_step), if any.
+impl HfCheckpointer {
+    /// The checkpoint a resumed run continues from: the one `recipe_checkpoint` names (a
+    /// checkpoint folder such as `epoch_0` or `step_40`, or a file inside it; relative to
+    /// output_dir), else the newest in output_dir.
+    pub fn resume_point(&self) -> Result<(PathBuf, RecipeState)> {
+        let Some(named) = &self.recipe_checkpoint else {
+            return newest_checkpoint(&self.output_dir)?.with_context(|| {
+                format!(
+                    "resume_from_checkpoint is True but {} holds no checkpoint; set it to False \
+                     (or point checkpointer.output_dir at the run to continue)",
+                    self.output_dir.display()
+                )
+            });
+        };
+        let path = self.output_dir.join(named);
+        let folder = path
+            .ancestors()
+            .find(|dir| dir.join("recipe_state/recipe_state.json").is_file())
+            .with_context(|| {
+                format!(
+                    "checkpointer.recipe_checkpoint {} is not in a tune-rs checkpoint (a folder such \
+                     as {}/epoch_0 holding recipe_state/recipe_state.json); torchtune's \
+                     recipe_state.pt cannot be resumed here. Name a checkpoint folder, or set it \
+                     to null to resume from the newest",
+                    path.display(),
+                    self.output_dir.display()
+                )
+            })?
+            .to_path_buf();
+        let state = read_recipe_state(&folder)?;
+        Ok((folder, state))
+    }
+}
+
+fn read_recipe_state(folder: &Path) -> Result<RecipeState> {
+    let state_file = folder.join("recipe_state/recipe_state.json");
+    let text = std::fs::read_to_string(&state_file)
+        .with_context(|| format!("cannot read {}", state_file.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is corrupt", state_file.display()))
+}
+
+/// Whether a folder name in `output_dir` is one the recipes write (or stage): `epoch_N`,
+/// `step_N`, or a hidden `.epoch_N.partial-PID` / `.epoch_N.old-PID`.
+fn is_checkpoint_folder_name(name: &str) -> bool {
+    let name = name.strip_prefix('.').unwrap_or(name);
+    let base = name.split('.').next().unwrap_or(name);
+    ["epoch_", "step_"].iter().any(|prefix| {
+        base.strip_prefix(prefix)
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
+/// Reads the newest checkpoint in `output_dir` (furthest into the run: epochs, then batches of
+/// the epoch, then steps), if any.
 pub fn newest_checkpoint(output_dir: &Path) -> Result<Option<(PathBuf, RecipeState)>> {
     let Ok(entries) = std::fs::read_dir(output_dir) else {
         return Ok(None);
@@ -483,15 +562,22 @@ pub fn newest_checkpoint(output_dir: &Path) -> Result<Option<(PathBuf, RecipeSta
     let mut best: Option<(PathBuf, RecipeState)> = None;
     for entry in entries {
         let path = entry?.path();
+        // Hidden folders are unfinished saves (staging) or ones being replaced.
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        {
+            continue;
+        }
         let state_file = path.join("recipe_state/recipe_state.json");
         if !state_file.is_file() {
             continue;
         }
-        let state: RecipeState = serde_json::from_str(&std::fs::read_to_string(&state_file)?)
-            .with_context(|| format!("{} is corrupt", state_file.display()))?;
+        let state = read_recipe_state(&path)?;
+        let progress = |s: &RecipeState| (s.epochs_run, s.batches_in_epoch, s.global_step);
         if best
             .as_ref()
-            .is_none_or(|(_, b)| state.global_step > b.global_step)
+            .is_none_or(|(_, b)| progress(&state) > progress(b))
         {
             best = Some((path, state));
         }

@@ -208,13 +208,11 @@ pub fn train_objective(
     let cfg = TopLevel(&config);
 
     // ---- Environment -------------------------------------------------------------------
-    // With `seed: null` rank 0 draws one and every rank uses it (same adapter init and order).
-    let seed: u64 = match cfg.opt::<u64>("seed")? {
-        Some(s) => s,
-        None => group.broadcast_u64(rand::random::<u32>() as u64)?,
-    };
     let epochs: usize = cfg.get("epochs", 1)?;
-    let max_steps_per_epoch: Option<usize> = cfg.opt("max_steps_per_epoch")?;
+    let mut max_steps_per_epoch: Option<usize> = cfg.opt("max_steps_per_epoch")?;
+    if max_steps_per_epoch == Some(0) {
+        bail!("max_steps_per_epoch=0 would train nothing; set it to at least 1, or null for whole epochs");
+    }
     let grad_accum: usize = cfg.get("gradient_accumulation_steps", 1)?;
     let clip_grad_norm: Option<f64> = cfg.opt("clip_grad_norm")?;
     let batch_size: usize = cfg.require("batch_size")?;
@@ -246,6 +244,34 @@ pub fn train_objective(
             last_checkpoint: None,
         });
     }
+    // ---- Resume point: before the seed, which a resumed run takes from its checkpoint ------
+    let resume_from: Option<(PathBuf, RecipeState)> =
+        resume.then(|| checkpointer.resume_point()).transpose()?;
+    let seed: u64 = match (&resume_from, cfg.opt::<u64>("seed")?) {
+        // As torchtune: the checkpoint's seed and max_steps_per_epoch win (the data order and
+        // the epoch length must be the ones the run started with), with a warning.
+        (Some((dir, saved)), asked) => {
+            if asked.is_some_and(|s| s != saved.seed) {
+                tracing::warn!(
+                    "seed differs from {}'s; using the checkpoint's seed {}",
+                    dir.display(),
+                    saved.seed
+                );
+            }
+            if max_steps_per_epoch != saved.max_steps_per_epoch {
+                tracing::warn!(
+                    "max_steps_per_epoch differs from {}'s; using the checkpoint's {:?}",
+                    dir.display(),
+                    saved.max_steps_per_epoch
+                );
+                max_steps_per_epoch = saved.max_steps_per_epoch;
+            }
+            saved.seed
+        }
+        (None, Some(s)) => s,
+        // With `seed: null` rank 0 draws one and every rank uses it (same adapter init and order).
+        (None, None) => group.broadcast_u64(rand::random::<u32>() as u64)?,
+    };
     // Past the dry run: only now does the device matter.
     let device_name = rank_device(&cfg.get("device", "cpu".to_string())?, group);
     let device = parse_device(&device_name)?;
@@ -349,6 +375,20 @@ pub fn train_objective(
     };
     let mut logger = group.is_main().then(|| logger_spec.open()).transpose()?;
     if group.is_main() {
+        for path in crate::atomic::remove_stale(&checkpointer.output_dir) {
+            tracing::info!("removed {} (left by a killed run)", path.display());
+        }
+        if !resume {
+            if let Some((dir, _)) = newest_checkpoint(&checkpointer.output_dir)? {
+                tracing::warn!(
+                    "output_dir {} already holds checkpoints (newest: {}); this fresh run \
+                     overwrites those with the same names, and resume_from_checkpoint=True later \
+                     takes the one furthest into its run. Use a new output_dir to keep runs apart",
+                    checkpointer.output_dir.display(),
+                    dir.display()
+                );
+            }
+        }
         std::fs::create_dir_all(&checkpointer.output_dir).with_context(|| {
             format!(
                 "cannot create output_dir {}",
@@ -375,31 +415,36 @@ pub fn train_objective(
         gradient_accumulation_steps: grad_accum,
         optimizer_step: 0,
         world_size: group.world_size(),
+        batch_size: Some(batch_size),
+        steps_per_epoch: Some(steps_per_epoch),
     };
-    if resume {
-        let (dir, saved) = newest_checkpoint(&checkpointer.output_dir)?.with_context(|| {
-            format!(
-                "resume_from_checkpoint is True but {} holds no checkpoint; set it to False",
-                checkpointer.output_dir.display()
-            )
-        })?;
-        if saved.seed != seed || saved.gradient_accumulation_steps != grad_accum {
+    if let Some((dir, saved)) = resume_from {
+        if saved.gradient_accumulation_steps != grad_accum {
             bail!(
-                "{} was written with seed {} and gradient_accumulation_steps {}; resume with the same values",
+                "{} was written with gradient_accumulation_steps {}; resume with the same value",
                 dir.display(),
-                saved.seed,
                 saved.gradient_accumulation_steps
             );
         }
-        // Mid-epoch, the saved position counts this many ranks' batches.
-        if saved.batches_in_epoch > 0 && saved.world_size != group.world_size() {
-            bail!(
-                "{} stopped mid-epoch in a run of {} rank(s); resume it with {} rank(s) (this run has {})",
-                dir.display(),
-                saved.world_size,
-                saved.world_size,
-                group.world_size()
-            );
+        // Mid-epoch, the saved position counts batches of this many ranks, of this size, in
+        // an epoch of this many steps.
+        if saved.batches_in_epoch > 0 {
+            let same = |saved: Option<usize>, now: usize| saved.is_none_or(|s| s == now);
+            if saved.world_size != group.world_size()
+                || !same(saved.batch_size, batch_size)
+                || !same(saved.steps_per_epoch, steps_per_epoch)
+            {
+                bail!(
+                    "{} stopped mid-epoch in a run of {} rank(s) with batch_size {} and {} steps per \
+                     epoch; resume it with the same (this run: {} rank(s), batch_size {batch_size}, \
+                     {steps_per_epoch} steps per epoch)",
+                    dir.display(),
+                    saved.world_size,
+                    saved.batch_size.map_or("?".to_string(), |b| b.to_string()),
+                    saved.steps_per_epoch.map_or("?".to_string(), |s| s.to_string()),
+                    group.world_size()
+                );
+            }
         }
         let adapter = candle_core::safetensors::load(
             dir.join("recipe_state/adapter_torchtune.safetensors"),
@@ -431,8 +476,22 @@ pub fn train_objective(
             total_epochs: epochs,
             max_steps_per_epoch,
             world_size: group.world_size(),
+            batch_size: Some(batch_size),
+            steps_per_epoch: Some(steps_per_epoch),
             ..saved
         };
+        // At an epoch's end the run may go on with other ranks or batch sizes: count the steps
+        // taken as this run's epochs (as torchtune does), so the schedule ends with the run.
+        if saved.batches_in_epoch == 0 {
+            state.global_step = saved.epochs_run * steps_per_epoch;
+        }
+        if state.epochs_run >= epochs {
+            tracing::warn!(
+                "{} already finished all {epochs} epoch(s): nothing to train. Raise `epochs` to \
+                 train further",
+                dir.display()
+            );
+        }
     } else if let Some(path) = &checkpointer.adapter_checkpoint {
         let adapter = HfCheckpointer::read_adapter(path, &spec)?;
         model
@@ -498,7 +557,7 @@ pub fn train_objective(
             0
         };
         for (idx, batch_indices) in batches.iter().enumerate().skip(first_batch) {
-            if idx / grad_accum == steps_per_epoch {
+            if idx / grad_accum >= steps_per_epoch {
                 break;
             }
             let micro = objective.micro_batch(&model, batch_indices, &device)?;

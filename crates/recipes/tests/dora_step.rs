@@ -248,6 +248,8 @@ fn save_writes_peft_dora_with_hf_layout_magnitude() {
         gradient_accumulation_steps: 1,
         optimizer_step: 0,
         world_size: 1,
+        batch_size: None,
+        steps_per_epoch: None,
     };
     let dir = ckpt
         .save("epoch_0", &model, &spec, &layout, true, &state, &opt)

@@ -1,0 +1,179 @@
+//! Resuming when settings differ from the checkpoint's: `seed: null`, a new batch size at an
+//! epoch's end, a named `recipe_checkpoint`, and the folders a resume must never pick or replace.
+
+mod common;
+
+use tune_core::recipe::RunOptions;
+use tune_recipes::checkpointer::newest_checkpoint;
+use tune_recipes::lora_finetune_single_device::train;
+
+/// 16 GSM8K rows: batch 2 x 2 accumulated = 4 steps an epoch.
+const SMALL: &[&str] = &[
+    "dataset.split=train[:16]",
+    "batch_size=2",
+    "gradient_accumulation_steps=2",
+    "max_steps_per_epoch=null",
+    "save_adapter_weights_only=True",
+    "tokenizer.max_seq_len=64",
+];
+
+fn with(extra: &[&str]) -> Vec<String> {
+    SMALL
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+}
+
+fn run(
+    work: &std::path::Path,
+    overrides: &[String],
+) -> anyhow::Result<tune_recipes::lora_finetune_single_device::RunSummary> {
+    let refs: Vec<&str> = overrides.iter().map(String::as_str).collect();
+    train(common::stories_config(work, &refs), &RunOptions::default())
+}
+
+#[test]
+fn a_run_without_a_seed_resumes_with_its_checkpoints_seed() {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    run(work.path(), &with(&["seed=null", "epochs=1"])).unwrap();
+    let (_, first) = newest_checkpoint(&work.path().join("output"))
+        .unwrap()
+        .unwrap();
+    let rest = run(
+        work.path(),
+        &with(&["seed=null", "epochs=2", "resume_from_checkpoint=True"]),
+    )
+    .unwrap();
+    let steps: Vec<usize> = rest.steps.iter().map(|s| s.step).collect();
+    assert_eq!(steps, [5, 6, 7, 8]);
+    let (dir, last) = newest_checkpoint(&work.path().join("output"))
+        .unwrap()
+        .unwrap();
+    assert!(dir.ends_with("epoch_1"), "{}", dir.display());
+    assert_eq!(last.seed, first.seed);
+}
+
+#[test]
+fn a_new_batch_size_at_an_epochs_end_recounts_the_steps_so_the_schedule_ends_with_the_run() {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    let no_warmup = "lr_scheduler.num_warmup_steps=0";
+    run(work.path(), &with(&["epochs=1", no_warmup])).unwrap();
+    // Batch 4 x 2 accumulated: 2 steps an epoch, so epoch 0 counts as 2 steps of this run.
+    let rest = run(
+        work.path(),
+        &with(&[
+            "epochs=2",
+            "batch_size=4",
+            no_warmup,
+            "resume_from_checkpoint=True",
+        ]),
+    )
+    .unwrap();
+    let steps: Vec<usize> = rest.steps.iter().map(|s| s.step).collect();
+    assert_eq!(steps, [3, 4]);
+    // The cosine schedule reaches its end (lr 0) at the run's last step, not past it.
+    let last = rest.steps.last().unwrap();
+    assert!(last.lr.abs() < 1e-12, "lr after the last step: {}", last.lr);
+    let (_, state) = newest_checkpoint(&work.path().join("output"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (state.global_step, state.steps_per_epoch, state.batch_size),
+        (4, Some(2), Some(4))
+    );
+}
+
+#[test]
+fn recipe_checkpoint_names_the_checkpoint_and_a_mid_epoch_one_needs_the_same_batches() {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    run(work.path(), &with(&["epochs=1", "save_every_n_steps=1"])).unwrap();
+    let output = work.path().join("output");
+    assert!(output.join("step_2").is_dir() && output.join("epoch_0").is_dir());
+
+    // Named: step_2 (not the newest, epoch_0), so the run goes on from step 3.
+    let rest = run(
+        work.path(),
+        &with(&[
+            "epochs=1",
+            "resume_from_checkpoint=True",
+            "checkpointer.recipe_checkpoint=step_2",
+        ]),
+    )
+    .unwrap();
+    let steps: Vec<usize> = rest.steps.iter().map(|s| s.step).collect();
+    assert_eq!(steps, [3, 4]);
+
+    let err = run(
+        work.path(),
+        &with(&[
+            "epochs=1",
+            "batch_size=4",
+            "resume_from_checkpoint=True",
+            "checkpointer.recipe_checkpoint=step_2",
+        ]),
+    )
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("mid-epoch") && msg.contains("batch_size 2"),
+        "{msg}"
+    );
+
+    let err = run(
+        work.path(),
+        &with(&[
+            "resume_from_checkpoint=True",
+            "checkpointer.recipe_checkpoint=step_99",
+        ]),
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("recipe_checkpoint"), "{err:#}");
+}
+
+#[test]
+fn unfinished_saves_are_never_resumed_from() {
+    let work = tempfile::tempdir().unwrap();
+    let output = work.path().join("output");
+    let write_state = |folder: &str, global_step: usize| {
+        let dir = output.join(folder).join("recipe_state");
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = serde_json::json!({
+            "epochs_run": 1, "global_step": global_step, "batches_in_epoch": 0, "seed": 1,
+            "total_epochs": 1, "max_steps_per_epoch": null, "gradient_accumulation_steps": 1,
+            "optimizer_step": global_step
+        });
+        std::fs::write(dir.join("recipe_state.json"), state.to_string()).unwrap();
+    };
+    write_state("epoch_0", 4);
+    write_state(".epoch_1.partial-4194400", 8);
+    let (dir, state) = newest_checkpoint(&output).unwrap().unwrap();
+    assert!(dir.ends_with("epoch_0"));
+    assert_eq!(state.global_step, 4);
+}
+
+#[test]
+fn a_model_inside_this_runs_own_checkpoint_folder_is_refused() {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    let inside = work.path().join("output/epoch_0");
+    std::fs::create_dir_all(&inside).unwrap();
+    let err = run(
+        work.path(),
+        &with(&[&format!("checkpointer.checkpoint_dir={}", inside.display())]),
+    )
+    .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("would replace the model being trained"),
+        "{err:#}"
+    );
+
+    let err = run(work.path(), &with(&["max_steps_per_epoch=0"])).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("max_steps_per_epoch=0"),
+        "{err:#}"
+    );
+}
