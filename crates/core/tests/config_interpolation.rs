@@ -126,3 +126,9 @@ fn malformed_references() {
         .contains("a list or mapping cannot be written inside a string"));
     assert!(err("a: ${oc.decode:x}").contains("resolver `oc.decode` is not supported"));
 }
+
+#[test]
+fn non_ascii_text_around_references() {
+    let c = resolve("run: x\noutput_dir: /home/zoë/实验/${run}/é\n").unwrap();
+    assert_eq!(c.get("output_dir"), Some(&yaml("/home/zoë/实验/x/é")));
+}

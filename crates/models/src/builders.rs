@@ -58,7 +58,10 @@ fn dims_from_args(args: &Args) -> Result<TransformerConfig> {
         args.get("vocab_size")?,
         args.get("num_layers")?,
         args.get("num_heads")?,
-        args.get("num_kv_heads")?,
+        // As torchtune: null (or 0) means as many kv heads as heads (no grouped-query attention).
+        args.get_opt::<usize>("num_kv_heads")?
+            .filter(|&n| n > 0)
+            .unwrap_or(args.get("num_heads")?),
         args.get("embed_dim")?,
         args.get("max_seq_len")?,
         args.get_opt("intermediate_dim")?,
@@ -79,7 +82,7 @@ fn dims_from_args(args: &Args) -> Result<TransformerConfig> {
 }
 
 /// Resolves torchtune's LoRA arguments; an empty or unknown `lora_attn_modules` is an error.
-pub fn lora_settings(args: &Args, quantize_base: bool) -> Result<LoraSettings> {
+pub fn lora_settings(args: &Args) -> Result<LoraSettings> {
     let modules: Vec<String> = args.get("lora_attn_modules")?;
     if modules.is_empty() {
         bail!(
@@ -99,12 +102,17 @@ pub fn lora_settings(args: &Args, quantize_base: bool) -> Result<LoraSettings> {
         }
     }
     let use_dora: bool = args.get("use_dora")?;
-    let quantize_base = quantize_base || args.get::<bool>("quantize_base")?;
+    // The qlora builders default it to True; an explicit False wins, as with torchtune's partial.
+    let quantize_base: bool = args.get("quantize_base")?;
     let rank: usize = args.get("lora_rank")?;
     if rank == 0 {
         bail!("lora_rank must be at least 1");
     }
     let kind = match args.get_opt::<String>("adapter")? {
+        Some(kind) if use_dora && kind != "dora" => bail!(
+            "use_dora=True asks for DoRA but adapter={kind:?} asks for another adapter; keep one \
+             of the two"
+        ),
         Some(kind) => kind,
         None if use_dora => "dora".to_string(),
         None => "lora".to_string(),
@@ -135,7 +143,7 @@ const DIM_ARGS: &[ArgSpec] = &[
     ArgSpec::required("vocab_size", ArgType::Int),
     ArgSpec::required("num_layers", ArgType::Int),
     ArgSpec::required("num_heads", ArgType::Int),
-    ArgSpec::required("num_kv_heads", ArgType::Int),
+    ArgSpec::nullable("num_kv_heads", ArgType::Int),
     ArgSpec::required("embed_dim", ArgType::Int),
     ArgSpec::required("max_seq_len", ArgType::Int),
     ArgSpec::nullable("intermediate_dim", ArgType::Int),
@@ -144,7 +152,7 @@ const DIM_ARGS: &[ArgSpec] = &[
 ];
 
 macro_rules! lora_args {
-    ($rank:literal, $alpha:literal $(, $extra:expr)*) => {
+    ($rank:literal, $alpha:literal, $quantize_base:literal $(, $extra:expr)*) => {
         &[
             ArgSpec::required("lora_attn_modules", ArgType::StrList),
             ArgSpec::optional("apply_lora_to_mlp", ArgType::Bool, "false"),
@@ -153,7 +161,7 @@ macro_rules! lora_args {
             ArgSpec::optional("lora_alpha", ArgType::Float, $alpha),
             ArgSpec::optional("lora_dropout", ArgType::Float, "0.0"),
             ArgSpec::optional("use_dora", ArgType::Bool, "false"),
-            ArgSpec::optional("quantize_base", ArgType::Bool, "false"),
+            ArgSpec::optional("quantize_base", ArgType::Bool, $quantize_base),
             // tune-rs: pick any registered adapter (e.g. a plugin's `ia3`) for the selected layers.
             ArgSpec::nullable("adapter", ArgType::Str),
             $($extra,)*
@@ -185,11 +193,11 @@ macro_rules! lora_builder {
                 path: $path,
                 aliases: &[$alias],
                 kind: ComponentKind::Model,
-                args: lora_args!($rank, $alpha),
+                args: lora_args!($rank, $alpha, $quant),
                 extra_args: false,
                 about: "Llama2 with adapters on the chosen projections",
                 origin: "built-in",
-                build: |args| Ok(Box::new(spec($alias, $f(), Some(lora_settings(args, $quant)?)))),
+                build: |args| Ok(Box::new(spec($alias, $f(), Some(lora_settings(args)?)))),
             }
         }
     };
@@ -212,7 +220,7 @@ lora_builder!(
     llama2_7b,
     "8",
     "16",
-    false
+    "false"
 );
 lora_builder!(
     "torchtune.models.llama2.lora_llama2_13b",
@@ -220,7 +228,7 @@ lora_builder!(
     llama2_13b,
     "8",
     "16",
-    false
+    "false"
 );
 lora_builder!(
     "torchtune.models.llama2.lora_llama2_70b",
@@ -228,7 +236,7 @@ lora_builder!(
     llama2_70b,
     "8",
     "16",
-    false
+    "false"
 );
 lora_builder!(
     "torchtune.models.llama2.qlora_llama2_7b",
@@ -236,7 +244,7 @@ lora_builder!(
     llama2_7b,
     "8",
     "16",
-    true
+    "true"
 );
 lora_builder!(
     "torchtune.models.llama2.qlora_llama2_13b",
@@ -244,7 +252,7 @@ lora_builder!(
     llama2_13b,
     "8",
     "16",
-    true
+    "true"
 );
 lora_builder!(
     "torchtune.models.llama2.qlora_llama2_70b",
@@ -252,7 +260,7 @@ lora_builder!(
     llama2_70b,
     "8",
     "16",
-    true
+    "true"
 );
 
 tune_core::inventory::submit! {
@@ -274,11 +282,11 @@ tune_core::inventory::submit! {
         aliases: &["lora_llama2"],
         kind: ComponentKind::Model,
         args: lora_args!(
-            "8", "16",
+            "8", "16", "false",
             ArgSpec::required("vocab_size", ArgType::Int),
             ArgSpec::required("num_layers", ArgType::Int),
             ArgSpec::required("num_heads", ArgType::Int),
-            ArgSpec::required("num_kv_heads", ArgType::Int),
+            ArgSpec::nullable("num_kv_heads", ArgType::Int),
             ArgSpec::required("embed_dim", ArgType::Int),
             ArgSpec::required("max_seq_len", ArgType::Int),
             ArgSpec::nullable("intermediate_dim", ArgType::Int),
@@ -288,7 +296,7 @@ tune_core::inventory::submit! {
         extra_args: false,
         about: "Llama2 with explicit dimensions and adapters",
         origin: "built-in",
-        build: |args| Ok(Box::new(spec("lora_llama2", dims_from_args(args)?, Some(lora_settings(args, false)?)))),
+        build: |args| Ok(Box::new(spec("lora_llama2", dims_from_args(args)?, Some(lora_settings(args)?)))),
     }
 }
 

@@ -329,6 +329,20 @@ impl TransformerDecoder {
             Some(rows) => self.packed_rope_and_mask(rows, batch, seq)?,
         };
         let checkpoint = self.activation_checkpointing && opts.train && !opts.capture_hidden;
+        if checkpoint {
+            // A recomputed layer must repeat its forward exactly; a random adapter (dropout)
+            // would draw another mask, and its gradients would be silently wrong.
+            if let Some((name, _)) = self
+                .linears()
+                .into_iter()
+                .find(|(name, a)| name != "output" && a.is_random_in_training())
+            {
+                return Err(anyhow!(
+                    "activation checkpointing cannot recompute {name}: its adapter is random in \
+                     training (dropout). Set its dropout to 0 or turn activation checkpointing off"
+                ));
+            }
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             h = if checkpoint {
                 checkpointed_layer(&self.config, layer, &h, &cos, &sin, &mask, opts)?

@@ -64,3 +64,29 @@ fn empty_or_unknown_lora_modules_are_errors() {
         assert!(err.contains("lora_attn_modules"), "{err}");
     }
 }
+
+#[test]
+fn builder_arguments_resolve_as_torchtunes() {
+    let spec = |yaml: &str| model_spec_from_node(&serde_yaml::from_str(yaml).unwrap());
+    // qlora_* builders quantize by default; an explicit False wins (torchtune's partial).
+    let quantized = |yaml: &str| spec(yaml).unwrap().lora.unwrap().quantize_base;
+    let qlora =
+        "{_component_: torchtune.models.llama2.qlora_llama2_7b, lora_attn_modules: [q_proj]";
+    assert!(quantized(&format!("{qlora}}}")));
+    assert!(!quantized(&format!("{qlora}, quantize_base: False}}")));
+    // null or 0 kv heads: one per head.
+    for kv in ["null", "0"] {
+        let s = spec(&format!(
+            "{{_component_: torchtune.models.llama2.llama2, vocab_size: 512, num_layers: 2, num_heads: 8, \
+             num_kv_heads: {kv}, embed_dim: 64, max_seq_len: 128}}"
+        ))
+        .unwrap();
+        assert_eq!(s.transformer.num_kv_heads, 8);
+    }
+    // Two adapters asked for at once is an error, not a silent pick.
+    let err = spec(
+        "{_component_: torchtune.models.llama2.lora_llama2_7b, lora_attn_modules: [q_proj], use_dora: True, adapter: lora}",
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("use_dora=True"), "{err:#}");
+}

@@ -162,16 +162,16 @@ fn split(s: &str) -> Result<Vec<Piece<'_>>> {
     let (mut i, mut text_start) = (0, 0);
     let bytes = s.as_bytes();
     while i < bytes.len() {
-        if s[i..].starts_with("\\${") {
+        if bytes[i..].starts_with(b"\\${") {
             pieces.push(Piece::Text(&s[text_start..i]));
             pieces.push(Piece::Text("${"));
             i += 3;
             text_start = i;
-        } else if s[i..].starts_with("${") {
+        } else if bytes[i..].starts_with(b"${") {
             pieces.push(Piece::Text(&s[text_start..i]));
             let (mut depth, mut j) = (1, i + 2);
             while j < bytes.len() && depth > 0 {
-                if s[j..].starts_with("${") {
+                if bytes[j..].starts_with(b"${") {
                     depth += 1;
                     j += 2;
                 } else {
