@@ -73,8 +73,9 @@ fn cpu_copy(name: &str, out: Tensor) -> Result<(CpuStorage, Shape)> {
 #[cfg(feature = "cuda")]
 fn cuda_copy(name: &str, out: Tensor) -> Result<(candle_core::CudaStorage, Shape)> {
     use candle_core::backend::BackendStorage;
-    // `copy` gives a fresh, exactly-sized contiguous buffer we can clone out of the lock.
-    let out = out.copy()?;
+    // An exactly-sized contiguous buffer at offset 0 (`copy` would keep a view's layout, and the
+    // clone below copies the whole backing buffer), cloned out of the lock.
+    let out = out.force_contiguous()?;
     let shape = out.shape().clone();
     let (storage, layout) = out.storage_and_layout();
     match &*storage {
@@ -375,12 +376,8 @@ pub fn rope_attention(
     let recompute = {
         let (cos, sin) = (cos.clone(), sin.clone());
         move |qd: &Tensor, kd: &Tensor, vd: &Tensor| -> Result<[Tensor; 3]> {
-            let qr = candle_nn::rotary_emb::rope_i(&split(qd, num_heads)?, &cos, &sin)?;
-            let kr = repeat(&candle_nn::rotary_emb::rope_i(
-                &split(kd, num_kv_heads)?,
-                &cos,
-                &sin,
-            )?)?;
+            let qr = rope_fp32(&split(qd, num_heads)?, &cos, &sin)?;
+            let kr = repeat(&rope_fp32(&split(kd, num_kv_heads)?, &cos, &sin)?)?;
             let vr = repeat(&split(vd, num_kv_heads)?)?;
             Ok([qr, kr, vr])
         }
@@ -402,7 +399,7 @@ pub fn rope_attention(
         let grad = split(grad, num_heads)?;
         let (dq, dk, dv) = attend_grads(&qr, &kr, &vr, &grad, &mask, scale)?;
         // RoPE's backward is the rotation by the opposite angle.
-        let unrotate = |t: &Tensor| candle_nn::rotary_emb::rope_i(&t.contiguous()?, &cos, &neg_sin);
+        let unrotate = |t: &Tensor| rope_fp32(&t.contiguous()?, &cos, &neg_sin);
         let dq = merge(&unrotate(&dq)?, num_heads)?;
         let dk = merge(&unrotate(&sum_groups(dk)?)?, num_kv_heads)?;
         let dv = merge(&sum_groups(dv)?, num_kv_heads)?;
@@ -526,14 +523,23 @@ pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
     })
 }
 
+/// The interleaved rotation as torchtune computes it: in fp32 (tables and arithmetic) whatever
+/// `x`'s dtype, rounded once to that dtype. In bf16, candle's kernel would round the tables and
+/// each product.
+fn rope_fp32(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let y = candle_nn::rotary_emb::rope_i(&f32(x)?.contiguous()?, &f32(cos)?, &f32(sin)?)?;
+    y.to_dtype(x.dtype())
+}
+
 /// torchtune's interleaved rotary embedding (pairs `x[2i], x[2i+1]`) on `x` [batch, heads, seq,
 /// head_dim] with `cos`/`sin` [seq, head_dim/2]. A rotation's backward is the inverse rotation.
 pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x_detached = x.detach().contiguous()?;
-    let y = candle_nn::rotary_emb::rope_i(&x_detached, cos, sin)?;
+    let y = rope_fp32(&x_detached, cos, sin)?;
     let (cos, neg_sin) = (cos.clone(), sin.neg()?);
     with_backward("rope", x, y, move |grad| {
-        candle_nn::rotary_emb::rope_i(&grad.contiguous()?, &cos, &neg_sin)
+        rope_fp32(&grad.contiguous()?, &cos, &neg_sin)
     })
 }
 
@@ -881,6 +887,24 @@ mod tests {
         let (g, gr, fwd) = grads(|x| rope_interleaved(x, &cos, &sin).unwrap(), reference, &x);
         assert!(fwd < 1e-6);
         assert!(max_abs(&g, &gr) < 1e-5);
+    }
+
+    #[test]
+    fn bf16_rope_rotates_in_fp32_and_rounds_once_as_torchtune() {
+        let x = rand(&[1, 2, 16, 8], 8).to_dtype(DType::BF16).unwrap();
+        let angles = rand(&[16, 4], 9).affine(20.0, 0.0).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let got = rope_interleaved(&x, &cos, &sin).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        let want = candle_nn::rotary_emb::rope_i(&x.to_dtype(DType::F32).unwrap(), &cos, &sin)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        assert_eq!(max_abs(&got, &want), 0.0);
+        // Rotating in bf16 (tables and products rounded) lands elsewhere.
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let in_bf16 = candle_nn::rotary_emb::rope_i(&x, &bf(&cos), &bf(&sin)).unwrap();
+        assert!(max_abs(&in_bf16, &want) > 0.0);
     }
 
     #[test]

@@ -28,11 +28,29 @@ pub const ALPACA_COLUMNS: [&str; 3] = ["instruction", "input", "output"];
 /// The Alpaca prompt for one row.
 pub fn alpaca_prompt(instruction: &str, input: Option<&str>) -> String {
     match input.filter(|s| !s.is_empty()) {
-        Some(input) => PROMPT_INPUT
-            .replacen("{instruction}", instruction, 1)
-            .replacen("{input}", input, 1),
-        None => PROMPT_NO_INPUT.replacen("{instruction}", instruction, 1),
+        Some(input) => fill(
+            PROMPT_INPUT,
+            &[("{instruction}", instruction), ("{input}", input)],
+        ),
+        None => fill(PROMPT_NO_INPUT, &[("{instruction}", instruction)]),
     }
+}
+
+/// Fills the template's placeholders in order, as Python's `str.format` does: braces inside a
+/// filled-in value (an instruction about `{input}`) are left as they are.
+fn fill(template: &str, values: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    let mut rest = template;
+    for (placeholder, value) in values {
+        let (head, tail) = rest
+            .split_once(placeholder)
+            .expect("the Alpaca templates hold each placeholder once");
+        out.push_str(head);
+        out.push_str(value);
+        rest = tail;
+    }
+    out.push_str(rest);
+    out
 }
 
 /// torchtune's `AlpacaToMessages`: the user prompt (masked unless `train_on_input`) and the
@@ -168,6 +186,13 @@ mod tests {
             );
             assert!(!m[0].masked);
         }
+    }
+
+    #[test]
+    fn braces_in_the_data_are_text_not_placeholders() {
+        let prompt = alpaca_prompt("Explain {input} and {instruction}", Some("x"));
+        assert!(prompt.contains("### Instruction:\nExplain {input} and {instruction}\n\n"));
+        assert!(prompt.contains("### Input:\nx\n\n### Response:\n"));
     }
 
     #[test]

@@ -315,10 +315,15 @@ fn resolve_source(
         (Some(files), Some(dir)) => Some(files.relative_to(Path::new(dir))),
         (files, _) => files,
     };
+    let local_files = |files: DataFiles| {
+        files
+            .expand_patterns(None)
+            .with_context(|| format!("{component}.data_files"))
+    };
     match (source, data_files) {
-        ("json", Some(files)) => Ok(Source::Json(files)),
-        ("text", Some(files)) => Ok(Source::Text(files, sample_by)),
-        ("parquet", Some(files)) => Ok(Source::Parquet(files)),
+        ("json", Some(files)) => Ok(Source::Json(local_files(files)?)),
+        ("text", Some(files)) => Ok(Source::Text(local_files(files)?, sample_by)),
+        ("parquet", Some(files)) => Ok(Source::Parquet(local_files(files)?)),
         ("json" | "text" | "parquet", None) => {
             bail!("{component}: `source: {source}` needs `data_files` (a file, or a list of them)")
         }
@@ -362,6 +367,14 @@ fn resolve_source(
             }
             Ok(Source::Files(files_by_split(files).into_data_files()))
         }
+        // Named files of a local dataset folder, relative to it (and to data_dir within it).
+        (_, Some(files)) if local.is_dir() => {
+            let files = local_files(files.relative_to(local))?;
+            Ok(match files.all().iter().all(|f| is_text(f)) {
+                true => Source::Text(files, sample_by),
+                false => Source::Files(files),
+            })
+        }
         (_, files) => Ok(Source::Files(fetch_from_hub(
             component, source, files, &folder,
         )?)),
@@ -388,26 +401,41 @@ fn skipped_by_hugging_face(name: &str) -> bool {
         .any(|part| part.starts_with('.') || part.starts_with("__"))
         || matches!(
             name.rsplit('/').next().unwrap_or(name),
-            "dataset_info.json" | "dataset_infos.json" | "dataset_dict.json" | "state.json"
+            "README.md"
+                | "config.json"
+                | "dataset_info.json"
+                | "dataset_infos.json"
+                | "dataset_dict.json"
+                | "dummy_data.zip"
         )
 }
 
-/// The split a file's name (relative to the dataset folder) puts it in, by Hugging Face's
-/// keyword patterns: a path part or a word of the file name, delimited by `-._ `, digits or `/`,
-/// that is a split's keyword (`train`/`training`, `validation`/`valid`/`val`/`dev`,
-/// `test`/`testing`/`eval`/`evaluation`). The file name's own words count before its folders'.
-fn split_of(name: &str) -> Option<&'static str> {
-    let words: Vec<String> = name
-        .split(|c: char| matches!(c, '-' | '.' | '_' | ' ' | '/') || c.is_ascii_digit())
-        .filter(|w| !w.is_empty())
-        .map(str::to_ascii_lowercase)
-        .collect();
-    words.iter().rev().find_map(|word| match word.as_str() {
-        "train" | "training" => Some("train"),
-        "validation" | "valid" | "val" | "dev" => Some("validation"),
-        "test" | "testing" | "eval" | "evaluation" => Some("test"),
-        _ => None,
-    })
+/// The split keyword among `words` (the last one wins): `train`/`training`,
+/// `validation`/`valid`/`val`/`dev`, `test`/`testing`/`eval`/`evaluation`. Words are delimited
+/// by `-._ `, digits or `/`, as in Hugging Face's split patterns.
+fn split_keyword<'a>(words: impl DoubleEndedIterator<Item = &'a str>) -> Option<&'static str> {
+    words
+        .flat_map(|part| {
+            part.split(|c: char| matches!(c, '-' | '.' | '_' | ' ') || c.is_ascii_digit())
+        })
+        .rev()
+        .find_map(|word| match word.to_ascii_lowercase().as_str() {
+            "train" | "training" => Some("train"),
+            "validation" | "valid" | "val" | "dev" => Some("validation"),
+            "test" | "testing" | "eval" | "evaluation" => Some("test"),
+            _ => None,
+        })
+}
+
+/// The split a file's folders (relative to the dataset folder) put it in.
+fn split_of_folders(name: &str) -> Option<&'static str> {
+    let parts: Vec<&str> = name.split('/').collect();
+    split_keyword(parts[..parts.len() - 1].iter().copied())
+}
+
+/// The split a file's own name puts it in.
+fn split_of_file_name(name: &str) -> Option<&'static str> {
+    split_keyword(name.rsplit('/').next().into_iter())
 }
 
 /// A sharded file's split as Hugging Face names it first: `data/{split}-00000-of-00001...`,
@@ -429,18 +457,20 @@ fn sharded_split_of(name: &str) -> Option<String> {
 }
 
 /// `(name in the dataset, file)` pairs as `data_files`, split as Hugging Face does: by the
-/// sharded `data/{split}-NNNNN-of-NNNNN` names if any file has one, else by split keywords if
-/// any file has one (files without one are then left out), else all `train`.
+/// sharded `data/{split}-NNNNN-of-NNNNN` names if any file has one, else by split keywords in
+/// folder names if any file has one, else by keywords in file names (files without one are then
+/// left out), else all `train`.
 fn files_by_split<T>(files: Vec<(String, T)>) -> SplitFiles<T> {
-    let sharded: Vec<Option<String>> = files.iter().map(|(n, _)| sharded_split_of(n)).collect();
-    let named: Vec<Option<String>> = if sharded.iter().any(Option::is_some) {
-        sharded
-    } else {
-        files
-            .iter()
-            .map(|(n, _)| split_of(n).map(str::to_string))
-            .collect()
+    let by = |rule: &dyn Fn(&str) -> Option<String>| -> Vec<Option<String>> {
+        files.iter().map(|(n, _)| rule(n)).collect()
     };
+    let mut named = by(&sharded_split_of);
+    if named.iter().all(Option::is_none) {
+        named = by(&|n| split_of_folders(n).map(str::to_string));
+    }
+    if named.iter().all(Option::is_none) {
+        named = by(&|n| split_of_file_name(n).map(str::to_string));
+    }
     if named.iter().all(Option::is_none) {
         return SplitFiles::Train(files.into_iter().map(|(_, f)| f).collect());
     }
@@ -498,6 +528,28 @@ fn fetch_from_hub(
             .map(|f| f.to_string_lossy().into_owned())
             .collect()
     };
+    let listing = || -> Result<Vec<String>> {
+        let info = repo.info().with_context(|| {
+            format!("{component}: cannot list Hugging Face Hub dataset {repo_id:?}. {offline_fix}")
+        })?;
+        Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
+    };
+    // Patterns are matched against the repository's file names.
+    let data_files = match data_files {
+        Some(files)
+            if files
+                .all()
+                .iter()
+                .any(|f| f.to_string_lossy().contains(['*', '?', '['])) =>
+        {
+            Some(
+                files
+                    .expand_patterns(Some(&listing()?))
+                    .with_context(|| format!("{component}.data_files of {repo_id:?}"))?,
+            )
+        }
+        files => files,
+    };
     match data_files {
         Some(DataFiles::Train(files)) => Ok(DataFiles::Train(
             names(&files)
@@ -521,16 +573,9 @@ fn fetch_from_hub(
         None => {
             let dir = folder.data_dir.or(folder.default_hub_data_dir);
             let prefix = dir.map(|d| format!("{}/", d.trim_end_matches('/')));
-            let listing = repo.info().with_context(|| {
-                format!(
-                    "{component}: cannot list Hugging Face Hub dataset {repo_id:?}. {offline_fix}"
-                )
-            })?;
             // Names relative to data_dir, as Hugging Face matches its split patterns.
-            let files: Vec<(String, String)> = listing
-                .siblings
+            let files: Vec<(String, String)> = listing()?
                 .into_iter()
-                .map(|s| s.rfilename)
                 .filter(|f| looks_like_data(Path::new(f)))
                 .filter_map(|f| {
                     let relative = match &prefix {
@@ -644,6 +689,7 @@ mod tests {
 
     #[test]
     fn split_names_follow_hugging_face() {
+        let split_of = |name: &str| split_of_folders(name).or_else(|| split_of_file_name(name));
         for (name, split) in [
             (
                 "data/train-00000-of-00001-a09b74b3ef9c3b56.parquet",
@@ -658,7 +704,8 @@ mod tests {
             ("alpaca_train.json", Some("train")),
             ("alpaca_test.json", Some("test")),
             ("data.train.json", Some("train")),
-            ("train/part_test.json", Some("test")),
+            ("train/part_test.json", Some("train")),
+            ("my_val-2/part.json", Some("validation")),
             ("latest.json", None),
         ] {
             assert_eq!(split_of(name), split, "{name}");
@@ -684,6 +731,16 @@ mod tests {
             splits(&["train.json", "my_test.json", "README.json"]),
             [("test".to_string(), 1), ("train".to_string(), 1)]
         );
+        // Once any folder names a split, folders decide for every file.
+        assert_eq!(
+            splits(&[
+                "train/a_test.json",
+                "train/b.json",
+                "test/c.json",
+                "extra_test.json"
+            ]),
+            [("test".to_string(), 1), ("train".to_string(), 2)]
+        );
         // Sharded names keep their own split names.
         assert_eq!(
             splits(&[
@@ -697,6 +754,8 @@ mod tests {
             ".ipynb_checkpoints/train-checkpoint.json"
         ));
         assert!(skipped_by_hugging_face("dataset_infos.json"));
+        assert!(skipped_by_hugging_face("data/config.json"));
+        assert!(!skipped_by_hugging_face("state.json"));
         assert!(!skipped_by_hugging_face("data/train.json"));
     }
 }

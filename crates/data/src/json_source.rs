@@ -70,17 +70,70 @@ impl DataFiles {
 
     /// These files with relative paths taken from `dir` (a `data_dir`).
     pub fn relative_to(self, dir: &Path) -> Self {
-        let join = |files: Vec<PathBuf>| -> Vec<PathBuf> {
-            files
-                .into_iter()
-                .map(|f| if f.is_absolute() { f } else { dir.join(f) })
-                .collect()
+        let join = |f: PathBuf| if f.is_absolute() { f } else { dir.join(f) };
+        self.try_map(|files| Ok(files.into_iter().map(join).collect()))
+            .expect("joining paths cannot fail")
+    }
+
+    /// Every entry that is a glob pattern (`data/*.jsonl`, `**/train*.json`) replaced by the
+    /// matching names among `candidates` (local paths when `None`), each pattern's matches
+    /// sorted, as Hugging Face resolves `data_files`. A pattern that matches nothing is an error.
+    pub fn expand_patterns(self, candidates: Option<&[String]>) -> Result<Self> {
+        let options = glob::MatchOptions {
+            require_literal_separator: true,
+            ..Default::default()
         };
-        match self {
-            DataFiles::Train(files) => DataFiles::Train(join(files)),
-            DataFiles::Splits(map) => {
-                DataFiles::Splits(map.into_iter().map(|(k, v)| (k, join(v))).collect())
+        self.try_map(|files| {
+            let mut out = Vec::new();
+            for file in files {
+                let text = file.to_string_lossy().into_owned();
+                if !text.contains(['*', '?', '[']) {
+                    out.push(file);
+                    continue;
+                }
+                let mut matches: Vec<PathBuf> = match candidates {
+                    None => glob::glob_with(&text, options)
+                        .with_context(|| format!("data_files pattern {text:?}"))?
+                        .filter_map(std::result::Result::ok)
+                        .filter(|p| p.is_file())
+                        .collect(),
+                    Some(names) => {
+                        let pattern = glob::Pattern::new(&text)
+                            .with_context(|| format!("data_files pattern {text:?}"))?;
+                        names
+                            .iter()
+                            .filter(|n| pattern.matches_with(n, options))
+                            .map(PathBuf::from)
+                            .collect()
+                    }
+                };
+                if matches.is_empty() {
+                    bail!("data_files pattern {text:?} matches no file");
+                }
+                matches.sort();
+                out.extend(matches);
             }
+            Ok(out)
+        })
+    }
+
+    /// Every file list transformed by `f`.
+    fn try_map(self, mut f: impl FnMut(Vec<PathBuf>) -> Result<Vec<PathBuf>>) -> Result<Self> {
+        Ok(match self {
+            DataFiles::Train(files) => DataFiles::Train(f(files)?),
+            DataFiles::Splits(map) => DataFiles::Splits(
+                map.into_iter()
+                    .map(|(k, v)| Ok((k, f(v)?)))
+                    .collect::<Result<_>>()?,
+            ),
+        })
+    }
+
+    /// Every file, all splits.
+    pub fn all(&self) -> Vec<&PathBuf> {
+        match self {
+            DataFiles::Train(files) => files.iter().collect(),
+            DataFiles::Splits(map) => map.values().flatten().collect(),
         }
     }
 
@@ -112,6 +165,11 @@ pub fn read_rows(path: &Path, field: Option<&str>) -> Result<Vec<Row>> {
     let row = |index, line, value: Value| -> Result<Row> {
         match value {
             Value::Object(columns) => Ok(Row { file: path.to_path_buf(), index, line, columns }),
+            // A list of strings is one `text` column, as Hugging Face's JSON loader reads it.
+            Value::String(text) => {
+                let columns = Map::from_iter([("text".to_string(), Value::String(text))]);
+                Ok(Row { file: path.to_path_buf(), index, line, columns })
+            }
             other => bail!(
                 "{}: row {index} is {}, not an object of columns (expected rows like {{\"instruction\": ..., \"output\": ...}})",
                 path.display(),
@@ -206,12 +264,23 @@ pub fn read_parquet_rows(path: &Path) -> Result<Vec<Row>> {
             )
         })?;
         match row.to_json_value() {
-            Value::Object(columns) => rows.push(Row {
-                file: path.to_path_buf(),
-                index,
-                line: None,
-                columns,
-            }),
+            Value::Object(mut columns) => {
+                // The crate writes binary columns as base64 text; Hugging Face hands them over
+                // as bytes. Keep them bytes (a list of numbers), so using one as text is the
+                // "is not text" error rather than training on base64.
+                for (name, field) in row.get_column_iter() {
+                    if let parquet::record::Field::Bytes(bytes) = field {
+                        let numbers = bytes.data().iter().map(|&b| Value::from(b)).collect();
+                        columns.insert(name.clone(), Value::Array(numbers));
+                    }
+                }
+                rows.push(Row {
+                    file: path.to_path_buf(),
+                    index,
+                    line: None,
+                    columns,
+                })
+            }
             other => bail!(
                 "{} row {index} is {}, not a record",
                 path.display(),
@@ -244,9 +313,10 @@ impl TextSampleBy {
     }
 }
 
-/// Reads a text file as rows `{"text": ...}`. Line breaks are those of Python's
-/// `str.splitlines` after universal-newline reading (`\n`, `\r\n`, `\r`, and the Unicode
-/// separators), as Hugging Face's `text` loader splits them.
+/// Reads a text file as rows `{"text": ...}`, as Hugging Face's `text` loader does: lines end
+/// at `\n`, `\r\n` or `\r` only (universal-newline reading, then `readlines`), so form feeds and
+/// Unicode separators stay inside their line. Deliberately unlike it, a leading UTF-8 byte-order
+/// mark is dropped rather than trained on.
 pub fn read_text_rows(path: &Path, sample_by: TextSampleBy) -> Result<Vec<Row>> {
     let text = std::fs::read_to_string(path).with_context(|| {
         format!(
@@ -257,7 +327,7 @@ pub fn read_text_rows(path: &Path, sample_by: TextSampleBy) -> Result<Vec<Row>> 
     let body = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let body = body.replace("\r\n", "\n").replace('\r', "\n");
     let pieces: Vec<&str> = match sample_by {
-        TextSampleBy::Line => python_splitlines(&body),
+        TextSampleBy::Line => lines(&body),
         TextSampleBy::Paragraph => body.split("\n\n").filter(|p| !p.is_empty()).collect(),
         TextSampleBy::Document => vec![body.as_str()],
     };
@@ -277,30 +347,16 @@ pub fn read_text_rows(path: &Path, sample_by: TextSampleBy) -> Result<Vec<Row>> 
         .collect())
 }
 
-/// Python's `str.splitlines()` (without line ends) for text whose `\r` are already `\n`.
-fn python_splitlines(text: &str) -> Vec<&str> {
-    let is_break = |c: char| {
-        matches!(
-            c,
-            '\n' | '\u{0b}'
-                | '\u{0c}'
-                | '\u{1c}'
-                | '\u{1d}'
-                | '\u{1e}'
-                | '\u{85}'
-                | '\u{2028}'
-                | '\u{2029}'
-        )
-    };
+/// The lines of `text` (whose `\r` are already `\n`), without their ends; a final `\n` ends the
+/// last line rather than starting an empty one.
+fn lines(text: &str) -> Vec<&str> {
     if text.is_empty() {
         return Vec::new();
     }
-    let mut lines: Vec<&str> = text.split(is_break).collect();
-    // A final line break ends the last line rather than starting an empty one.
-    if text.ends_with(is_break) {
-        lines.pop();
-    }
-    lines
+    text.strip_suffix('\n')
+        .unwrap_or(text)
+        .split('\n')
+        .collect()
 }
 
 fn columns_to_rows(path: &Path, obj: Map<String, Value>) -> Result<Vec<Row>> {

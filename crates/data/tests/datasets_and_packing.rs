@@ -345,14 +345,18 @@ fn bad_settings_and_rows_get_one_clear_error() {
     assert!(err.contains("robot"), "{err}");
 }
 
-/// Writes rows of string columns as a Snappy-compressed Parquet file.
+/// Writes rows of string columns as a Snappy-compressed Parquet file; a name written
+/// `bin:name` is a binary column (no UTF8 annotation).
 fn write_parquet(path: &Path, columns: &[(&str, Vec<&str>)]) {
     use parquet::data_type::{ByteArray, ByteArrayType};
     use parquet::file::properties::WriterProperties;
     use parquet::file::writer::SerializedFileWriter;
     let fields: String = columns
         .iter()
-        .map(|(name, _)| format!("REQUIRED BYTE_ARRAY {name} (UTF8);"))
+        .map(|(name, _)| match name.strip_prefix("bin:") {
+            Some(name) => format!("REQUIRED BYTE_ARRAY {name};"),
+            None => format!("REQUIRED BYTE_ARRAY {name} (UTF8);"),
+        })
         .collect();
     let schema = std::sync::Arc::new(
         parquet::schema::parser::parse_message_type(&format!("message rows {{ {fields} }}"))
@@ -634,4 +638,82 @@ fn nested_parquet_conversations_read_like_json() {
     let from_parquet = load("parquet", &path.display().to_string());
     assert_eq!(from_parquet.len(), 2);
     assert_eq!(from_parquet, load("json", &json_file));
+}
+
+#[test]
+fn local_files_read_as_hugging_faces_loaders_read_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tok512(None);
+    let texts = |spec: DatasetSpec| -> Vec<Vec<u32>> {
+        spec.load(&tok)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.tokens)
+            .collect()
+    };
+    let encoded = |lines: &[&str]| -> Vec<Vec<u32>> {
+        lines
+            .iter()
+            .map(|l| tok.encode(l, true, true, false))
+            .collect()
+    };
+
+    // Text lines end at \n, \r\n and \r only: form feeds and Unicode separators stay inside.
+    let file = write(dir.path(), "t.txt", "a\u{2028}b\r\nc\x0cd\re\n");
+    let lines = texts(dataset(&format!(
+        "{{_component_: text_completion_dataset, source: text, data_files: {file:?}}}"
+    )));
+    assert_eq!(lines, encoded(&["a\u{2028}b", "c\x0cd", "e"]));
+
+    // A JSON list of strings is a `text` column.
+    let file = write(dir.path(), "docs.json", r#"["doc one", "doc two"]"#);
+    let docs = texts(dataset(&format!(
+        "{{_component_: text_completion_dataset, source: json, data_files: {file:?}}}"
+    )));
+    assert_eq!(docs, encoded(&["doc one", "doc two"]));
+
+    // Patterns in data_files, each one's matches sorted; one that matches nothing is an error.
+    let shards = dir.path().join("shards");
+    std::fs::create_dir_all(&shards).unwrap();
+    write(&shards, "b.jsonl", "{\"text\": \"second\"}\n");
+    write(&shards, "a.jsonl", "{\"text\": \"first\"}\n");
+    write(&shards, "notes.txt", "not data\n");
+    let pattern = format!("{}/*.jsonl", shards.display());
+    let both = texts(dataset(&format!(
+        "{{_component_: text_completion_dataset, source: json, data_files: {pattern:?}}}"
+    )));
+    assert_eq!(both, encoded(&["first", "second"]));
+    let node: Yaml = serde_yaml::from_str(&format!(
+        "{{_component_: text_completion_dataset, source: json, data_files: \"{}/*.csv\"}}",
+        shards.display()
+    ))
+    .unwrap();
+    let err = tune_core::registry::lookup("text_completion_dataset")
+        .unwrap()
+        .build_from(&node)
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("matches no file"), "{err:#}");
+
+    // A local folder as `source` with data_files relative to it (and to data_dir within it).
+    let folder = shards.display().to_string();
+    let named = texts(dataset(&format!(
+        "{{_component_: text_completion_dataset, source: {folder:?}, data_files: b.jsonl}}"
+    )));
+    assert_eq!(named, encoded(&["second"]));
+    let in_data_dir = texts(dataset(&format!(
+        "{{_component_: text_completion_dataset, source: {:?}, data_dir: shards, data_files: notes.txt}}",
+        dir.path().display()
+    )));
+    assert_eq!(in_data_dir, encoded(&["not data"]));
+
+    // A binary Parquet column is bytes, not text (the crate would give base64).
+    let parquet = dir.path().join("bin.parquet");
+    write_parquet(&parquet, &[("bin:text", vec!["hello"])]);
+    let spec = dataset(&format!(
+        "{{_component_: text_completion_dataset, source: parquet, data_files: {:?}}}",
+        parquet.display()
+    ));
+    let err = spec.load(&tok).unwrap_err();
+    assert!(format!("{err:#}").contains("`text` is not text"), "{err:#}");
 }

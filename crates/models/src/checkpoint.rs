@@ -68,6 +68,12 @@ pub fn read_tensors(paths: &[PathBuf]) -> Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
     for path in paths {
         let name = path.display().to_string();
+        if !path.is_file() {
+            bail!(
+                "checkpoint file {name} does not exist (named by checkpoint_files or \
+                 model.safetensors.index.json); download the whole model again"
+            );
+        }
         let tensors: Vec<(String, Tensor)> = if name.ends_with(".safetensors") {
             candle_core::safetensors::load(path, &Device::Cpu)
                 .with_context(|| format!("cannot read {name}: the file is truncated or not safetensors; re-download it"))?

@@ -92,7 +92,6 @@ impl TransformerDecoder {
         };
         let tok_embeddings = take("tok_embeddings.weight")?;
         let device = tok_embeddings.device().clone();
-        let dtype = tok_embeddings.dtype();
 
         let mut layer_seed = seed;
         let quantize_base = spec.lora.as_ref().is_some_and(|l| l.quantize_base);
@@ -162,12 +161,13 @@ impl TransformerDecoder {
         };
         let output: Arc<dyn Adapter> =
             Arc::from(next_linear(&mut |_: &str| Ok(output_weight.clone()))?);
+        // fp32 whatever the model's dtype: torchtune rotates in fp32 (see `rope_interleaved`).
         let (rope_cos, rope_sin) = rope_cache(
             config.head_dim(),
             config.max_seq_len,
             config.rope_base,
             &device,
-            dtype,
+            DType::F32,
         )?;
         Ok(TransformerDecoder {
             config,
