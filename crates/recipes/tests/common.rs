@@ -43,3 +43,26 @@ pub fn builtin_config(name: &str, work: &Path, overrides: &[&str]) -> tune_core:
     config.resolve_interpolations().unwrap();
     config
 }
+
+/// The real stories260K with LoRA on q/v (rank 4, alpha 8) and `extra` builder arguments
+/// (YAML, e.g. `"lora_dropout: 0.1"`), its weights loaded; `seed` initialises the adapters.
+pub fn stories_lora_model(extra: &str, seed: u64) -> tune_models::TransformerDecoder {
+    tune_recipes::link();
+    let node: serde_yaml::Value = serde_yaml::from_str(&format!(
+        "{{_component_: torchtune.models.llama2.lora_llama2, lora_attn_modules: [q_proj, v_proj],
+          vocab_size: 512, num_layers: 5, num_heads: 8, num_kv_heads: 4, embed_dim: 64,
+          max_seq_len: 512, intermediate_dim: 172, lora_rank: 4, lora_alpha: 8.0, {extra}}}"
+    ))
+    .unwrap();
+    let spec = tune_models::builders::model_spec_from_node(&node).unwrap();
+    let (model, _) = tune_models::checkpoint::load_model(
+        &spec,
+        &root().join("assets/stories260K"),
+        &["model.safetensors".into()],
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        seed,
+    )
+    .unwrap();
+    model
+}

@@ -128,23 +128,7 @@ fn activation_checkpointing_gives_the_same_loss_and_gradients() {
 
 #[test]
 fn activation_checkpointing_refuses_a_random_adapter_whoever_turns_it_on() {
-    tune_recipes::link();
-    let node: serde_yaml::Value = serde_yaml::from_str(
-        "{_component_: torchtune.models.llama2.lora_llama2, lora_attn_modules: [q_proj, v_proj], vocab_size: 512,
-          num_layers: 5, num_heads: 8, num_kv_heads: 4, embed_dim: 64, max_seq_len: 512, intermediate_dim: 172,
-          lora_rank: 4, lora_alpha: 8.0, lora_dropout: 0.1}",
-    )
-    .unwrap();
-    let spec = tune_models::builders::model_spec_from_node(&node).unwrap();
-    let (mut model, _) = tune_models::checkpoint::load_model(
-        &spec,
-        &common::root().join("assets/stories260K"),
-        &["model.safetensors".into()],
-        DType::F32,
-        &Device::Cpu,
-        0,
-    )
-    .unwrap();
+    let mut model = common::stories_lora_model("lora_dropout: 0.1", 0);
     let tokens = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap();
     model.activation_checkpointing = true;
     let err = model.forward(&tokens, true).unwrap_err();

@@ -4,31 +4,13 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use tune_core::autograd::param_grad;
 use tune_core::compare::max_abs_diff_scaled;
-use tune_models::{builders, checkpoint};
 use tune_recipes::loss::{chunked_ce_sum, model_ce_sum};
 
 fn model() -> tune_models::TransformerDecoder {
-    tune_recipes::link();
-    let node: serde_yaml::Value = serde_yaml::from_str(
-        "{_component_: torchtune.models.llama2.lora_llama2, lora_attn_modules: [q_proj, v_proj],
-          apply_lora_to_output: true, vocab_size: 512, num_layers: 5, num_heads: 8, num_kv_heads: 4,
-          embed_dim: 64, max_seq_len: 512, intermediate_dim: 172, norm_eps: 1e-5, lora_rank: 4,
-          lora_alpha: 8.0, lora_dropout: 0.0}",
-    )
-    .unwrap();
-    let spec = builders::model_spec_from_node(&node).unwrap();
-    let (model, _) = checkpoint::load_model(
-        &spec,
-        &common::root().join("assets/stories260K"),
-        &["model.safetensors".into()],
-        DType::F32,
-        &Device::Cpu,
-        5,
-    )
-    .unwrap();
+    let model = common::stories_lora_model("apply_lora_to_output: true", 5);
     // Non-zero B everywhere, so every adapter matrix gets a gradient.
     for (i, (name, var)) in model.adapter_params().into_iter().enumerate() {
         if name.ends_with("lora_b.weight") {
