@@ -54,7 +54,8 @@ impl Normalizer {
                 }
             }
             Normalizer::Replace { pattern, content } => s.replace(pattern.as_str(), content),
-            Normalizer::Lowercase => s.to_lowercase(),
+            // Character by character, as `tokenizers` does (no final-sigma rule).
+            Normalizer::Lowercase => s.chars().flat_map(char::to_lowercase).collect(),
             Normalizer::Strip { left, right } => {
                 let mut t = s.as_str();
                 if *left {
@@ -657,11 +658,11 @@ fn apply_decoder(d: &Decoder, tokens: Vec<String>) -> Vec<String> {
             .into_iter()
             .enumerate()
             .map(|(i, t)| {
-                let t = t.replace(m.replacement, " ");
+                // The first token loses every replacement character (the prepended ones).
                 if i == 0 && m.prepend != PrependScheme::Never {
-                    t.strip_prefix(' ').map(str::to_string).unwrap_or(t)
+                    t.chars().filter(|&c| c != m.replacement).collect()
                 } else {
-                    t
+                    t.replace(m.replacement, " ")
                 }
             })
             .collect(),
@@ -705,6 +706,22 @@ mod tests {
         assert_eq!(t.decode(&[6, 1, 6, 2], false).unwrap(), "a<s> a!");
         assert_eq!(t.decode(&[6, 1, 6, 2], true).unwrap(), "a a!");
         assert!(t.decode(&[99], false).is_err());
+    }
+
+    #[test]
+    fn lowercase_and_metaspace_decoding_follow_tokenizers() {
+        // Character by character: no final sigma.
+        assert_eq!(Normalizer::Lowercase.apply("ΣΑΣ".to_string()), "σασ");
+        let metaspace = Decoder::Metaspace(Metaspace {
+            replacement: '▁',
+            prepend: PrependScheme::Always,
+            split: true,
+        });
+        let tokens = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            apply_decoder(&metaspace, tokens(&["▁▁a", "▁b"])).concat(),
+            "a b"
+        );
     }
 
     #[test]

@@ -126,7 +126,7 @@ impl Llama2Tokenizer {
 
     /// torchtune's `encode`. With `trim_leading_whitespace` (and a vocabulary that encodes
     /// whitespace), the text is encoded after a `"\n"` whose ids are then dropped, so the text
-    /// gets no dummy-prefix `▁`.
+    /// gets no dummy-prefix `▁`; torchtune's slice drops BOS with them, so trimming never adds one.
     pub fn encode(
         &self,
         text: &str,
@@ -135,10 +135,11 @@ impl Llama2Tokenizer {
         trim_leading_whitespace: bool,
     ) -> Vec<u32> {
         let mut ids = Vec::with_capacity(text.len() / 2 + 2);
-        if add_bos {
+        let trim = trim_leading_whitespace && self.encodes_whitespace;
+        if add_bos && !trim {
             ids.push(self.bos_id);
         }
-        if trim_leading_whitespace && self.encodes_whitespace {
+        if trim {
             let all = self.tokenizer.encode(&format!("{TRIM_PREFIX}{text}"));
             ids.extend(all.into_iter().skip(self.trim_prefix_ids.len()));
         } else {

@@ -296,6 +296,10 @@ impl SentencePiece {
         let mut byte_ids = vec![None; 256];
         for (i, p) in model.pieces.iter().enumerate() {
             let id = i as u32;
+            if p.piece.is_empty() {
+                // As SentencePiece refuses it at load; an empty piece would match everywhere.
+                bail!("piece {id} is empty; the tokenizer model is corrupt");
+            }
             let normal = matches!(
                 p.kind,
                 PieceType::Normal | PieceType::UserDefined | PieceType::Unused
@@ -638,6 +642,23 @@ mod tests {
         assert_eq!(byte_of_piece("<0xff>"), Some(255));
         assert_eq!(byte_of_piece("<0x1>"), None);
         assert_eq!(byte_of_piece("a"), None);
+    }
+
+    #[test]
+    fn an_empty_piece_is_refused_at_load() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../assets/stories260K/tokenizer.model"
+        );
+        let mut model = ModelProto::parse(&std::fs::read(path).unwrap()).unwrap();
+        assert!(SentencePiece::from_proto(model.clone()).is_ok());
+        model.pieces[300] = Piece {
+            piece: String::new(),
+            score: 0.0,
+            kind: PieceType::UserDefined,
+        };
+        let err = SentencePiece::from_proto(model).unwrap_err();
+        assert!(err.to_string().contains("piece 300 is empty"), "{err}");
     }
 
     #[test]

@@ -178,13 +178,15 @@ fn last_position(logits: &Tensor) -> Result<Vec<f32>> {
     Ok(logits.i((0, seq - 1))?.to_dtype(DType::F32)?.to_vec1()?)
 }
 
+/// The model sees the prompt and every generated token but the last (as in torchtune), so
+/// `prompt + max_new_tokens - 1` positions must fit.
 fn check_fits(spec: &ModelSpec, prompt_len: usize, max_new_tokens: usize) -> Result<()> {
     let max = spec.transformer.max_seq_len;
-    if prompt_len + max_new_tokens > max {
+    if prompt_len + max_new_tokens.saturating_sub(1) > max {
         bail!(
             "the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's \
              max_seq_len ({max}); lower max_new_tokens to at most {}",
-            max.saturating_sub(prompt_len)
+            (max + 1).saturating_sub(prompt_len)
         );
     }
     Ok(())

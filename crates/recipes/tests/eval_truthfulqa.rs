@@ -256,9 +256,19 @@ fn context_and_tokens_match_lm_eval() {
         &tokenizer,
         &eleuther_eval::context(&questions[0].question),
         &eleuther_eval::continuation(&questions[0].mc2[0].0),
+        true,
     );
     let want_ctx: Vec<u32> = serde_json::from_value(q0["context_ids"].clone()).unwrap();
     assert_eq!(encoded.context, want_ctx);
+    // torchtune's own wrapper encodes without BOS (add_bos=False): the same ids minus the first.
+    let no_bos = eleuther_eval::encode_pair(
+        &tokenizer,
+        &eleuther_eval::context(&questions[0].question),
+        &eleuther_eval::continuation(&questions[0].mc2[0].0),
+        false,
+    );
+    assert_eq!(no_bos.context, want_ctx[1..]);
+    assert_eq!(no_bos.continuation, encoded.continuation);
     // Questions 164 and 607 list a false mc2 answer before a true one: file order is kept.
     let labels = |i: usize| {
         questions[i]
@@ -342,6 +352,16 @@ fn limit_as_fraction_and_short_max_length() {
             assert!((x.ll - y.ll).abs() < 1e-4, "{} vs {}", x.ll, y.ll);
         }
     }
+}
+
+#[test]
+fn without_bos_as_torchtunes_wrapper_scores_differ() {
+    let work = tempfile::tempdir().unwrap();
+    let with_bos = run(work.path(), &["limit=2"]);
+    let without = run(work.path(), &["limit=2", "add_bos=False"]);
+    let ll = |r: &EvalReport| r.tasks[0].questions[0].choices[0].ll;
+    assert!(ll(&with_bos).is_finite() && ll(&without).is_finite());
+    assert!((ll(&with_bos) - ll(&without)).abs() > 1e-3);
 }
 
 /// The benchmark: truthfulqa_mc2 on all 817 questions with stories260K on the CPU.

@@ -297,9 +297,15 @@ fn too_many_new_tokens_is_an_error_that_says_how_many_fit() {
         generate(config, &RunOptions::default()).unwrap_err()
     );
     assert!(
-        e.contains("exceeds the model's max_seq_len (512); lower max_new_tokens to at most 511"),
+        e.contains("exceeds the model's max_seq_len (512); lower max_new_tokens to at most 512"),
         "{e}"
     );
+    // The last generated token is never fed back, so exactly that many fit.
+    let mut config = gen_config(&["max_new_tokens=512", "temperature=0"]);
+    config
+        .set("prompt.user", Value::String(String::new()))
+        .unwrap();
+    generate(config, &RunOptions::default()).unwrap();
 }
 
 /// The benchmark: greedy tokens/s of stories260K on the CPU, with and without the KV cache.
