@@ -243,6 +243,9 @@ pub struct HfTokenizer {
     byte_fallback: bool,
     ignore_merges: bool,
     added: Vec<AddedToken>,
+    /// What each added token matches: its content, normalized for `normalized` tokens (they are
+    /// looked for in the normalized text, as `tokenizers` does).
+    added_patterns: Vec<String>,
     normalizer: Option<Normalizer>,
     pre_tokenizers: Vec<Metaspace>,
     decoders: Vec<Decoder>,
@@ -370,7 +373,15 @@ impl HfTokenizer {
         if let Some(v) = root.get("decoder").filter(|v| !v.is_null()) {
             parse_decoder(v, &mut decoders)?;
         }
+        let added_patterns = added
+            .iter()
+            .map(|a| match (&normalizer, a.normalized) {
+                (Some(n), true) => n.apply(a.content.clone()),
+                _ => a.content.clone(),
+            })
+            .collect();
         Ok(HfTokenizer {
+            added_patterns,
             vocab,
             id_to_token,
             merges,
@@ -413,25 +424,27 @@ impl HfTokenizer {
     /// Splits `text` around the added tokens with the given `normalized` flag:
     /// `(start, end, Some(id))` for a token (including stripped whitespace), `None` for text.
     fn split_added(&self, text: &str, normalized: bool) -> Vec<(usize, usize, Option<u32>)> {
-        let mut candidates: Vec<&AddedToken> = self
-            .added
+        let mut candidates: Vec<(&str, &AddedToken)> = self
+            .added_patterns
             .iter()
-            .filter(|a| a.normalized == normalized && !a.content.is_empty())
+            .zip(&self.added)
+            .filter(|(pattern, a)| a.normalized == normalized && !pattern.is_empty())
+            .map(|(pattern, a)| (pattern.as_str(), a))
             .collect();
-        candidates.sort_by_key(|a| std::cmp::Reverse(a.content.len()));
+        candidates.sort_by_key(|(pattern, _)| std::cmp::Reverse(pattern.len()));
         let mut out = Vec::new();
         let mut last = 0;
         let mut pos = 0;
         while pos < text.len() {
             let hit = candidates
                 .iter()
-                .find(|a| text[pos..].starts_with(a.content.as_str()));
-            let Some(token) = hit else {
+                .find(|(pattern, _)| text[pos..].starts_with(pattern));
+            let Some(&(pattern, token)) = hit else {
                 pos += text[pos..].chars().next().map_or(1, char::len_utf8);
                 continue;
             };
             let mut start = pos;
-            let mut end = pos + token.content.len();
+            let mut end = pos + pattern.len();
             if token.lstrip {
                 start = last + text[last..start].trim_end().len();
             }
@@ -706,6 +719,23 @@ mod tests {
         assert_eq!(t.decode(&[6, 1, 6, 2], false).unwrap(), "a<s> a!");
         assert_eq!(t.decode(&[6, 1, 6, 2], true).unwrap(), "a a!");
         assert!(t.decode(&[99], false).is_err());
+    }
+
+    #[test]
+    fn normalized_added_tokens_match_their_normalized_text() {
+        let json = r#"{
+          "added_tokens": [{"id": 9, "content": "<t>", "special": false, "normalized": true}],
+          "normalizer": {"type": "Sequence", "normalizers": [
+              {"type": "Prepend", "prepend": "▁"},
+              {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+          "model": {"type": "BPE", "unk_token": "<unk>", "byte_fallback": true,
+            "vocab": {"<unk>": 0, "▁": 3, "a": 4, "▁a": 6},
+            "merges": ["▁ a"]}
+        }"#;
+        let t = HfTokenizer::from_json(json).unwrap();
+        // "<t>" normalizes to "▁<t>", which is what the normalized text holds.
+        assert_eq!(t.encode("<t>"), [9]);
+        assert_eq!(t.encode("a <t>"), [6, 9]);
     }
 
     #[test]
