@@ -9,10 +9,35 @@ use anyhow::{Context, Result};
 
 static RECEIVED: AtomicUsize = AtomicUsize::new(0);
 static FORWARDING: AtomicBool = AtomicBool::new(false);
+static ORPHANED: AtomicBool = AtomicBool::new(false);
+
+/// The launcher's process id, in each worker's environment.
+pub const LAUNCHER_PID_VAR: &str = "TUNE_LAUNCHER_PID";
+
+/// Whether this is a launched worker whose launcher has died. Its death signal can arrive more
+/// than once (once per launcher thread), and must count as one request to save and stop.
+fn orphaned_worker() -> bool {
+    #[cfg(unix)]
+    if let Some(launcher) = std::env::var(LAUNCHER_PID_VAR)
+        .ok()
+        .and_then(|p| p.parse::<libc::pid_t>().ok())
+    {
+        // SAFETY: getppid has no preconditions and cannot fail.
+        return unsafe { libc::getppid() } != launcher;
+    }
+    false
+}
 
 /// Installs the handler (once per process).
 pub fn install() -> Result<()> {
     ctrlc::set_handler(|| {
+        // The launcher's death asks once to save and stop (however often it is signalled), and
+        // never turns a stop already under way into quitting without saving.
+        if orphaned_worker()
+            && (ORPHANED.swap(true, Ordering::SeqCst) || RECEIVED.load(Ordering::SeqCst) > 0)
+        {
+            return;
+        }
         let received = RECEIVED.fetch_add(1, Ordering::SeqCst) + 1;
         if FORWARDING.load(Ordering::SeqCst) {
             return;

@@ -86,7 +86,8 @@ pub fn launch(job: &Job, worker_args: &[OsString]) -> Result<()> {
             .env("LOCAL_WORLD_SIZE", job.nproc_per_node.to_string())
             .env("MASTER_ADDR", &addr)
             .env("MASTER_PORT", port.to_string())
-            .env("TUNE_DIST_JOB", job_token.to_string());
+            .env("TUNE_DIST_JOB", job_token.to_string())
+            .env(interrupt::LAUNCHER_PID_VAR, std::process::id().to_string());
         if let Some(threads) = job.threads_per_worker {
             command.env("RAYON_NUM_THREADS", threads.to_string());
         }

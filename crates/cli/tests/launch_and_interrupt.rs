@@ -304,6 +304,74 @@ fn launcher_options_are_checked_before_anything_starts() {
     .unwrap();
     assert_eq!(run.status.code(), Some(1));
     assert!(text(&run.stderr).contains("expected HOST:PORT"));
+
+    // torchrun's multi-node form (c10d rendezvous, no node rank): each node must say its rank.
+    let run = tune_command(&[
+        "run",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv_id",
+        "101",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "127.0.0.1:29500",
+        "lora_finetune_distributed",
+        "--config",
+        "stories260K/lora_distributed",
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(run.status.code(), Some(1));
+    let stderr = text(&run.stderr);
+    assert!(
+        stderr.contains("needs --node_rank on each node"),
+        "{stderr}"
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn workers_whose_launcher_is_killed_save_and_stop() {
+    // Several times: the launcher's death can reach a worker more than once, and must still
+    // mean one request to save (not a second, quit-without-saving one).
+    for attempt in 0..3 {
+        let work = tempfile::tempdir().unwrap();
+        let output_arg = format!("output_dir={}", work.path().display());
+        let mut launcher =
+            tune_command(&distributed_args(&output_arg, &["max_steps_per_epoch=400"]))
+                .spawn_piped();
+        let started = Instant::now();
+        while log_lines(work.path()).is_empty() {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "never trained"
+            );
+            assert!(
+                launcher.try_wait().unwrap().is_none(),
+                "the run ended early"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        launcher.kill().unwrap(); // SIGKILL: the launcher cannot pass anything on
+        launcher.wait().unwrap();
+        let saved = || {
+            std::fs::read_dir(work.path()).unwrap().any(|e| {
+                let name = e.unwrap().file_name().to_string_lossy().into_owned();
+                name.starts_with("step_") || name.starts_with("epoch_")
+            })
+        };
+        let waiting = Instant::now();
+        while !saved() {
+            assert!(
+                waiting.elapsed() < Duration::from_secs(60),
+                "attempt {attempt}: the orphaned workers saved nothing"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// Sends SIGINT to `child` once `ready()` holds; returns its output.

@@ -26,6 +26,11 @@ pub trait Recipe: Sync {
     fn supports_distributed(&self) -> bool {
         false
     }
+    /// The top-level config keys it reads besides component nodes (`output_dir`, `seed`, ...):
+    /// an override may add one a config lacks without being taken for a misplaced argument.
+    fn top_level_keys(&self) -> &'static [&'static str] {
+        &[]
+    }
     fn run(&self, config: Config, options: &RunOptions) -> anyhow::Result<()>;
 }
 

@@ -132,3 +132,20 @@ fn non_ascii_text_around_references() {
     let c = resolve("run: x\noutput_dir: /home/zoë/实验/${run}/é\n").unwrap();
     assert_eq!(c.get("output_dir"), Some(&yaml("/home/zoë/实验/x/é")));
 }
+
+#[test]
+fn floats_inside_strings_print_as_python_prints_them() {
+    for (lr, text) in [
+        ("1e-5", "r_1e-05"),
+        ("3e-4", "r_0.0003"),
+        ("2.0", "r_2.0"),
+        ("1.5e16", "r_1.5e+16"),
+        ("0.1", "r_0.1"),
+    ] {
+        let c = resolve(&format!("lr: {lr}\nname: r_${{lr}}\n")).unwrap();
+        assert_eq!(c.get("name"), Some(&yaml(text)), "{lr}");
+    }
+    // Integers stay integers.
+    let c = resolve("n: 8\nname: r_${n}\n").unwrap();
+    assert_eq!(c.get("name"), Some(&yaml("r_8")));
+}

@@ -362,6 +362,47 @@ fn lists_that_cannot_be_what_was_meant_are_errors() {
 }
 
 #[test]
+fn brackets_are_text_where_no_list_belongs() {
+    let mut config = lora_7b();
+    apply(
+        &mut config,
+        &[
+            "prompt.user=\"[INST] Tell me a joke [/INST]\"",
+            "run_name='[a]'",
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        config.get("prompt.user"),
+        Some(&yaml("'[INST] Tell me a joke [/INST]'"))
+    );
+    assert_eq!(config.get("run_name"), Some(&yaml("'[a]'")));
+}
+
+#[test]
+fn a_new_top_level_key_that_the_config_refers_to_is_not_misplaced() {
+    // `lora_rank` is a model argument, but here it is a variable the model node reads.
+    let mut config = lora_7b();
+    apply(
+        &mut config,
+        &["lora_rank=16", "model.lora_rank=${lora_rank}"],
+    )
+    .unwrap();
+    config.resolve_interpolations().unwrap();
+    assert_eq!(config.get("model.lora_rank"), Some(&yaml("16")));
+    let err = apply_err(&mut lora_7b(), &["lora_rank=16"]);
+    assert!(err.contains("did you mean model.lora_rank=16?"), "{err}");
+}
+
+#[test]
+fn absurdly_nested_values_are_an_error_not_a_crash() {
+    let deep = format!("foo={}a{}", "[".repeat(30_000), "]".repeat(30_000));
+    let err = apply_err(&mut lora_7b(), &[deep.as_str()]);
+    assert!(err.contains("more than 32 deep"), "{err}");
+    apply(&mut lora_7b(), &["foo=[[a, [b]], {c: [d]}]"]).unwrap();
+}
+
+#[test]
 fn malformed_overrides() {
     let cases: &[(&str, &str)] = &[
         ("lora_rank", "must be `key=value`"),

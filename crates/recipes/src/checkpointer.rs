@@ -43,6 +43,9 @@ pub struct HfCheckpointer {
     pub recipe_checkpoint: Option<PathBuf>,
     pub output_dir: PathBuf,
     pub model_type: String,
+    /// `checkpointer.resume_from_checkpoint` (torchtune's recipes pass the top-level key in
+    /// here); either one set resumes.
+    pub resume_from_checkpoint: bool,
 }
 
 /// Where each HF tensor came from, to write merged weights back in the same shards and dtype.
@@ -138,6 +141,7 @@ impl HfCheckpointer {
             checkpoint_dir,
             output_dir,
             model_type,
+            resume_from_checkpoint: args.get("resume_from_checkpoint")?,
         };
         c.check_output_dir()?;
         Ok(c)

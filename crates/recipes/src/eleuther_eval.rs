@@ -53,6 +53,27 @@ impl Recipe for EleutherEval {
         &["llama2/7B_eval", "stories260K/eval"]
     }
 
+    fn top_level_keys(&self) -> &'static [&'static str] {
+        &[
+            "output_dir",
+            "tasks",
+            "limit",
+            "max_seq_length",
+            "batch_size",
+            "enable_kv_cache",
+            "seed",
+            "device",
+            "dtype",
+            "quantizer",
+            "adapter_dir",
+            "truthfulqa_path",
+            "log_samples",
+            "add_bos",
+            "log_level",
+            "plugins",
+        ]
+    }
+
     fn run(&self, config: Config, options: &RunOptions) -> Result<()> {
         if options.is_distributed() {
             bail!("eleuther_eval runs on one device; drop --nnodes/--nproc_per_node");

@@ -41,6 +41,24 @@ impl Recipe for Generate {
         &["llama2/generation", "stories260K/generation"]
     }
 
+    fn top_level_keys(&self) -> &'static [&'static str] {
+        &[
+            "output_dir",
+            "prompt",
+            "max_new_tokens",
+            "temperature",
+            "top_k",
+            "seed",
+            "device",
+            "dtype",
+            "quantizer",
+            "enable_kv_cache",
+            "adapter_dir",
+            "log_level",
+            "plugins",
+        ]
+    }
+
     fn run(&self, config: Config, options: &RunOptions) -> Result<()> {
         if options.is_distributed() {
             bail!("generate runs on one device; drop --nnodes/--nproc_per_node");

@@ -27,6 +27,10 @@ impl Recipe for LoraDpoDistributed {
         true
     }
 
+    fn top_level_keys(&self) -> &'static [&'static str] {
+        crate::settings::TRAINING_KEYS
+    }
+
     fn run(&self, config: Config, options: &RunOptions) -> Result<()> {
         let mut group = if options.dry_run {
             ProcessGroup::single()

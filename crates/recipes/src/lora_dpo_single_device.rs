@@ -46,6 +46,10 @@ impl Recipe for LoraDpoSingleDevice {
         ]
     }
 
+    fn top_level_keys(&self) -> &'static [&'static str] {
+        crate::settings::TRAINING_KEYS
+    }
+
     fn run(&self, config: Config, options: &RunOptions) -> Result<()> {
         if options.is_distributed() {
             bail!("lora_dpo_single_device runs on one device; use lora_dpo_distributed with --nproc_per_node");

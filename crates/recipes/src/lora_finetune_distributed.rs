@@ -49,6 +49,10 @@ impl Recipe for LoraFinetuneDistributed {
 
     /// Runs as one rank of the group the environment describes (`tune run`'s launcher sets it);
     /// without one, as a group of one.
+    fn top_level_keys(&self) -> &'static [&'static str] {
+        crate::settings::TRAINING_KEYS
+    }
+
     fn run(&self, config: Config, options: &RunOptions) -> Result<()> {
         let mut group = if options.dry_run {
             ProcessGroup::single()

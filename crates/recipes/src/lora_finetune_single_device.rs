@@ -55,6 +55,10 @@ impl Recipe for LoraFinetuneSingleDevice {
         ]
     }
 
+    fn top_level_keys(&self) -> &'static [&'static str] {
+        crate::settings::TRAINING_KEYS
+    }
+
     fn run(&self, config: Config, options: &RunOptions) -> Result<()> {
         if options.is_distributed() {
             bail!("lora_finetune_single_device runs on one device; use lora_finetune_distributed with --nproc_per_node");
@@ -217,7 +221,6 @@ pub fn train_objective(
     let clip_grad_norm: Option<f64> = cfg.opt("clip_grad_norm")?;
     let batch_size: usize = cfg.require("batch_size")?;
     let shuffle: bool = cfg.get("shuffle", true)?;
-    let resume: bool = cfg.get("resume_from_checkpoint", false)?;
     let save_adapter_weights_only: bool = cfg.get("save_adapter_weights_only", false)?;
     let log_every: usize = cfg.get("log_every_n_steps", 1)?;
     let log_peak_memory: bool = cfg.get("log_peak_memory_stats", false)?;
@@ -235,6 +238,7 @@ pub fn train_objective(
         );
     }
     let checkpointer: HfCheckpointer = cfg.build("checkpointer", ComponentKind::Checkpointer)?;
+    let resume = cfg.get("resume_from_checkpoint", false)? || checkpointer.resume_from_checkpoint;
     if options.dry_run {
         println!("{}", config.to_yaml_string());
         println!("{}", spec.counts()?.summary());

@@ -249,7 +249,8 @@ tune_core::inventory::submit! {
         aliases: &["DiskLogger", "torchtune.utils.metric_logging.DiskLogger"],
         kind: ComponentKind::MetricLogger,
         args: &[ArgSpec::required("log_dir", ArgType::Str), ArgSpec::optional("output_fmt", ArgType::Str, "txt"), ArgSpec::nullable("filename", ArgType::Str)],
-        extra_args: false,
+        // torchtune's loggers take **kwargs (a `project` shared with a W&B node, ...).
+        extra_args: true,
         about: "appends `Step N | loss:... lr:...` lines (or JSONL) to log_dir/log_<time>.txt",
         origin: "built-in",
         build: |args| Ok(Box::new(disk(args)?)),
@@ -275,7 +276,7 @@ tune_core::inventory::submit! {
         aliases: &["TensorBoardLogger", "torchtune.utils.metric_logging.TensorBoardLogger"],
         kind: ComponentKind::MetricLogger,
         args: &[ArgSpec::required("log_dir", ArgType::Str), ArgSpec::optional("organize_logs", ArgType::Bool, "true")],
-        extra_args: false,
+        extra_args: true,
         about: "writes TensorBoard event files",
         origin: "built-in",
         build: |args| Ok(Box::new(LoggerSpec::TensorBoard { log_dir: PathBuf::from(args.get::<String>("log_dir")?) })),

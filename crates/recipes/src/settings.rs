@@ -5,6 +5,30 @@ use candle_core::{DType, Device};
 use serde_yaml::Value;
 use tune_core::Config;
 
+/// Top-level keys the LoRA training recipes (SFT and DPO) read.
+pub const TRAINING_KEYS: &[&str] = &[
+    "output_dir",
+    "resume_from_checkpoint",
+    "save_adapter_weights_only",
+    "save_every_n_steps",
+    "seed",
+    "shuffle",
+    "batch_size",
+    "epochs",
+    "max_steps_per_epoch",
+    "gradient_accumulation_steps",
+    "clip_grad_norm",
+    "compile",
+    "log_every_n_steps",
+    "log_peak_memory_stats",
+    "device",
+    "dtype",
+    "enable_activation_checkpointing",
+    "enable_activation_offloading",
+    "log_level",
+    "plugins",
+];
+
 /// Parses `device: cpu | cuda | cuda:N`. A CUDA device in a binary built without the `cuda`
 /// feature, or on a machine without a GPU, is a clear error.
 pub fn parse_device(name: &str) -> Result<Device> {

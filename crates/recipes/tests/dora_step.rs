@@ -38,6 +38,7 @@ fn checkpointer(output_dir: &Path) -> HfCheckpointer {
         checkpoint_files: vec!["model.safetensors".into()],
         adapter_checkpoint: None,
         recipe_checkpoint: None,
+        resume_from_checkpoint: false,
         output_dir: output_dir.to_path_buf(),
         model_type: "LLAMA2".into(),
     }

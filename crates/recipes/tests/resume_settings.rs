@@ -177,3 +177,26 @@ fn a_model_inside_this_runs_own_checkpoint_folder_is_refused() {
         "{err:#}"
     );
 }
+
+#[test]
+fn resume_from_checkpoint_is_read_at_the_top_level_or_on_the_checkpointer() {
+    tune_recipes::link();
+    // A config without the key takes it as an override: recipes read it at the top level.
+    let mut config = common::stories_config(tempfile::tempdir().unwrap().path(), &[]);
+    config
+        .apply_overrides(&["~resume_from_checkpoint".to_string()])
+        .unwrap();
+    config
+        .apply_overrides(&["resume_from_checkpoint=True".to_string()])
+        .unwrap();
+
+    let work = tempfile::tempdir().unwrap();
+    run(work.path(), &with(&["epochs=1"])).unwrap();
+    let rest = run(
+        work.path(),
+        &with(&["epochs=2", "checkpointer.resume_from_checkpoint=True"]),
+    )
+    .unwrap();
+    let steps: Vec<usize> = rest.steps.iter().map(|s| s.step).collect();
+    assert_eq!(steps, [5, 6, 7, 8]);
+}

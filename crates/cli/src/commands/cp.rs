@@ -99,8 +99,9 @@ fn source(name: &str) -> Result<(&'static str, String, &'static str)> {
     )
 }
 
-/// torchtune's rule: an existing directory (or `.`) keeps the file's name; any other path gets
-/// the proper suffix.
+/// `.` or an existing directory receives the file under its own name; any other path gets the
+/// proper suffix. (torchtune keeps the name only for `.`: given an existing directory `dir` it
+/// writes `dir.yaml` beside it.)
 fn destination(dest: &Path, file_name: &str, suffix: &str) -> PathBuf {
     let text = dest.to_string_lossy();
     if dest.is_dir() || text.ends_with('/') || text.ends_with(std::path::MAIN_SEPARATOR) {

@@ -41,14 +41,10 @@ pub struct Args {
         value_name = "M"
     )]
     pub nproc_per_node: usize,
-    /// This node's index in a multi-node run (0 on the node whose rank 0 listens).
-    #[arg(
-        long = "node_rank",
-        alias = "node-rank",
-        default_value_t = 0,
-        value_name = "R"
-    )]
-    pub node_rank: usize,
+    /// This node's index in a multi-node run (0 on the node whose rank 0 listens); required
+    /// with --nnodes above 1 (e.g. `--node_rank $SLURM_NODEID`).
+    #[arg(long = "node_rank", alias = "node-rank", value_name = "R")]
+    pub node_rank: Option<usize>,
     /// Address of the node running rank 0 (multi-node runs; default: this machine).
     #[arg(long = "master_addr", alias = "master-addr", value_name = "HOST")]
     pub master_addr: Option<String>,
@@ -65,6 +61,10 @@ pub struct Args {
     /// A job id shared by every node of a multi-node run (keeps concurrent jobs apart).
     #[arg(long = "rdzv_id", alias = "rdzv-id", value_name = "ID")]
     pub rdzv_id: Option<String>,
+    /// torchrun's rendezvous backend (`c10d`, `static`): accepted; tune-rs always meets at the
+    /// endpoint, with node ranks given by --node_rank.
+    #[arg(long = "rdzv_backend", alias = "rdzv-backend", value_name = "BACKEND")]
+    pub rdzv_backend: Option<String>,
     /// Single-node run with a local rendezvous (the default; accepted for torchrun users).
     #[arg(long)]
     pub standalone: bool,
@@ -105,7 +105,8 @@ pub fn run(args: &Args) -> Result<()> {
         nnodes: args.nnodes,
         nproc_per_node: args.nproc_per_node,
     };
-    let launcher_options_given = args.node_rank > 0
+    let launcher_options_given = args.node_rank.is_some_and(|r| r > 0)
+        || args.rdzv_backend.is_some()
         || args.master_addr.is_some()
         || args.master_port.is_some()
         || args.rdzv_endpoint.is_some()
@@ -190,6 +191,23 @@ fn job(args: &Args) -> Result<crate::launcher::Job> {
     if args.standalone && args.nnodes > 1 {
         bail!("--standalone is for a single node; drop it or --nnodes");
     }
+    if let Some(backend) = &args.rdzv_backend {
+        if !matches!(backend.as_str(), "c10d" | "static") {
+            bail!("--rdzv_backend {backend:?}: tune-rs meets at the endpoint (c10d or static)");
+        }
+    }
+    // torchrun's c10d rendezvous hands out node ranks; here each node is told its own.
+    let node_rank = match args.node_rank {
+        Some(rank) => rank,
+        // Without an endpoint the launcher says what is missing first.
+        None if args.nnodes == 1 || endpoint.is_none() => 0,
+        None => bail!(
+            "--nnodes {} needs --node_rank on each node (0 to {}, 0 where rank 0 listens); under \
+             SLURM pass --node_rank $SLURM_NODEID",
+            args.nnodes,
+            args.nnodes - 1
+        ),
+    };
     // Workers share the cores unless the user chose the thread count.
     let threads_per_worker =
         (!crate::RAYON_THREADS_FROM_USER.load(std::sync::atomic::Ordering::SeqCst)).then(|| {
@@ -199,7 +217,7 @@ fn job(args: &Args) -> Result<crate::launcher::Job> {
     Ok(crate::launcher::Job {
         nnodes: args.nnodes,
         nproc_per_node: args.nproc_per_node,
-        node_rank: args.node_rank,
+        node_rank,
         endpoint,
         job_token: args.rdzv_id.as_deref().map(crate::launcher::token_of),
         threads_per_worker,

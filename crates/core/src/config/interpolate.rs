@@ -266,13 +266,41 @@ fn env(spec: &str) -> Result<Value> {
     }
 }
 
+/// Python's `repr` of a float: the shortest digits that read back, in scientific notation when
+/// the exponent is below -4 or at least 16 (`1e-05`, `3e-4` as `0.0003`, `100.0`).
+fn python_float_repr(f: f64) -> String {
+    if f.is_nan() {
+        return "nan".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "inf" } else { "-inf" }.into();
+    }
+    // Rust's `{:e}` gives the same shortest digits: "1e-5", "-3.25e2".
+    let sci = format!("{f:e}");
+    let (mantissa, exponent) = sci.split_once('e').expect("`{:e}` has an exponent");
+    let exponent: i32 = exponent.parse().expect("`{:e}` writes an integer exponent");
+    if !(-4..16).contains(&exponent) {
+        let sign = if exponent < 0 { '-' } else { '+' };
+        return format!("{mantissa}e{sign}{:02}", exponent.abs());
+    }
+    let fixed = format!("{f}");
+    if fixed.contains('.') {
+        fixed
+    } else {
+        format!("{fixed}.0")
+    }
+}
+
 /// A scalar written into a longer string, as Python would print it.
 fn as_text(value: &Value) -> Result<String> {
     Ok(match value {
         Value::Null => "None".into(),
         Value::Bool(true) => "True".into(),
         Value::Bool(false) => "False".into(),
-        Value::Number(n) => n.to_string(),
+        Value::Number(n) => match n.as_f64().filter(|_| n.is_f64()) {
+            Some(f) => python_float_repr(f),
+            None => n.to_string(),
+        },
         Value::String(s) => s.clone(),
         Value::Sequence(_) | Value::Mapping(_) | Value::Tagged(_) => {
             bail!("a list or mapping cannot be written inside a string")

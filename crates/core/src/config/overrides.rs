@@ -39,6 +39,9 @@ pub enum Override {
 }
 
 /// Parses one `key=value` or `~key` argument.
+/// How deep an override's value may nest lists and mappings.
+const MAX_NESTING: usize = 32;
+
 pub fn parse_override(arg: &str) -> Result<Override> {
     if let Some(key) = arg.strip_prefix('~') {
         if key.contains('=') {
@@ -94,6 +97,18 @@ pub fn parse_value(raw: &str) -> Result<Value> {
     let s = raw.trim();
     if s.is_empty() {
         bail!("the value is empty; write `key=null` for null, or `key=''` for an empty string");
+    }
+    // Lists are parsed recursively: bound the nesting before recursing.
+    let mut depth = 0usize;
+    for c in s.chars() {
+        match c {
+            '[' | '{' => depth += 1,
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if depth > MAX_NESTING {
+            bail!("the value nests lists or mappings more than {MAX_NESTING} deep");
+        }
     }
     if s.starts_with('[') {
         return parse_list(s);
@@ -263,14 +278,24 @@ fn split_items(inner: &str) -> Result<Vec<&str>> {
 /// The config is changed only when every override is good.
 pub(crate) fn apply(config: &mut Config, overrides: &[String]) -> Result<()> {
     let mut updated = config.clone();
-    let problems: Vec<String> = overrides
+    let mut new_top_level: Vec<(&String, String, String)> = Vec::new();
+    let mut problems: Vec<String> = overrides
         .iter()
-        .filter_map(|arg| {
-            apply_one(&mut updated, arg)
-                .err()
-                .map(|e| format!("`{arg}`: {e:#}"))
+        .filter_map(|arg| match apply_one(&mut updated, arg) {
+            Ok(Some((key, raw))) => {
+                new_top_level.push((arg, key, raw));
+                None
+            }
+            Ok(None) => None,
+            Err(e) => Some(format!("`{arg}`: {e:#}")),
         })
         .collect();
+    // After every override: a later one may refer to a new key through `${key}`.
+    for (arg, key, raw) in new_top_level {
+        if let Err(e) = check_new_top_level_key(&updated, &key, &raw) {
+            problems.push(format!("`{arg}`: {e:#}"));
+        }
+    }
     match problems.as_slice() {
         [] => {
             *config = updated;
@@ -285,7 +310,9 @@ pub(crate) fn apply(config: &mut Config, overrides: &[String]) -> Result<()> {
     }
 }
 
-fn apply_one(config: &mut Config, arg: &str) -> Result<()> {
+/// Applies one override; returns `(key, raw value)` when it added a new top-level key, which
+/// [`check_new_top_level_key`] checks once every override is in.
+fn apply_one(config: &mut Config, arg: &str) -> Result<Option<(String, String)>> {
     match parse_override(arg)? {
         Override::Delete { key } => {
             if let Some(parent) = key.strip_suffix("._component_") {
@@ -293,18 +320,19 @@ fn apply_one(config: &mut Config, arg: &str) -> Result<()> {
             }
             config
                 .remove(&key)
-                .map(|_| ())
+                .map(|_| None)
                 .ok_or_else(|| no_such_key(config, &key))
         }
         Override::Set { key, raw, value } => {
             let key = component_shorthand(config, key, &value)?;
-            check_new_top_level_key(config, &key, &raw)?;
+            let new_top_level = !key.contains('.') && config.get(&key).is_none();
             let (spec, type_problem) = check_component_key(config, &key, &value)?;
-            check_surprising(&key, &value, spec)?;
+            check_surprising(&key, &value, spec, config.get(&key))?;
             if let Some(problem) = type_problem {
                 bail!(problem);
             }
-            config.set(&key, value)
+            config.set(&key, value)?;
+            Ok(new_top_level.then_some((key, raw)))
         }
     }
 }
@@ -354,9 +382,13 @@ fn component_shorthand(config: &Config, key: String, value: &Value) -> Result<St
 }
 
 /// A new top-level key that some component node takes as an argument is almost surely meant for
-/// that node (torchtune would add it at the top level, where nothing reads it).
+/// that node (torchtune would add it at the top level, where nothing reads it), unless a recipe
+/// reads it there (`output_dir`, `resume_from_checkpoint`) or the config refers to it (`${key}`).
 fn check_new_top_level_key(config: &Config, key: &str, raw: &str) -> Result<()> {
-    if key.contains('.') || config.get(key).is_some() {
+    let read_by_a_recipe = crate::recipe::all()
+        .iter()
+        .any(|r| r.top_level_keys().contains(&key));
+    if read_by_a_recipe || refers_to(&config.root, key) {
         return Ok(());
     }
     let mut candidates = Vec::new();
@@ -430,6 +462,21 @@ fn check_component_key(
     Ok((spec, type_problem))
 }
 
+/// Whether any string under `value` interpolates `key` (`${key}` or `${key.sub}`).
+fn refers_to(value: &Value, key: &str) -> bool {
+    match value {
+        Value::String(s) => s.match_indices("${").any(|(i, _)| {
+            let Some(after) = s[i + 2..].trim_start().strip_prefix(key) else {
+                return false;
+            };
+            after.trim_start().starts_with(['}', '.'])
+        }),
+        Value::Sequence(items) => items.iter().any(|v| refers_to(v, key)),
+        Value::Mapping(m) => m.values().any(|v| refers_to(v, key)),
+        _ => false,
+    }
+}
+
 fn has_interpolation(value: &Value) -> bool {
     match value {
         Value::String(s) => s.contains("${"),
@@ -440,10 +487,22 @@ fn has_interpolation(value: &Value) -> bool {
 }
 
 /// Values that parse but cannot be what the user meant.
-fn check_surprising(key: &str, value: &Value, spec: Option<&ArgSpec>) -> Result<()> {
+/// `current` is the value the key has now, if any.
+fn check_surprising(
+    key: &str,
+    value: &Value,
+    spec: Option<&ArgSpec>,
+    current: Option<&Value>,
+) -> Result<()> {
     let ty = spec.map(|s| s.ty);
+    // A list written as a quoted string (torchtune issue #1486) where a list belongs; elsewhere
+    // (a prompt) brackets are text.
+    let list_expected = matches!(
+        ty,
+        Some(ArgType::StrList | ArgType::FloatList | ArgType::StrOrList | ArgType::Any)
+    ) || current.is_some_and(Value::is_sequence);
     match value {
-        Value::String(s) if looks_like_list(s) => bail!(
+        Value::String(s) if list_expected && looks_like_list(s) => bail!(
             "`{key}` would get the string {s:?}, not a list: the brackets were quoted. \
              Write {key}=[a,b] (for the shell, quote the whole override: '{key}=[a, b]')"
         ),
