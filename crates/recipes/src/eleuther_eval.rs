@@ -320,8 +320,6 @@ pub struct ChoiceResult {
 /// Runs the recipe; `None` for a dry run.
 pub fn evaluate(config: Config, options: &RunOptions) -> Result<Option<EvalReport>> {
     let cfg = TopLevel(&config);
-    let device = parse_device(&cfg.get("device", "cpu".to_string())?)?;
-    let dtype = parse_dtype(&cfg.get("dtype", "fp32".to_string())?, &device)?;
     let seed: u64 = cfg.get("seed", 1234)?;
     let settings = read_settings(&cfg)?;
     reject_quantizer(&cfg)?;
@@ -343,7 +341,9 @@ pub fn evaluate(config: Config, options: &RunOptions) -> Result<Option<EvalRepor
         return Ok(None);
     }
 
-    // ---- Model -------------------------------------------------------------------------------
+    // ---- Model (past the dry run: only now does the device matter) --------------------------
+    let device = parse_device(&cfg.get("device", "cpu".to_string())?)?;
+    let dtype = parse_dtype(&cfg.get("dtype", "fp32".to_string())?, &device)?;
     let loaded = load_for_inference(&cfg, dtype, &device, seed)?;
     check_vocab(&tokenizer, &loaded.spec)?;
     let max_length = settings

@@ -104,8 +104,6 @@ pub fn generate(config: Config, options: &RunOptions) -> Result<Option<Generatio
     let cfg = TopLevel(&config);
 
     // ---- Settings ------------------------------------------------------------------------
-    let device = parse_device(&cfg.get("device", "cpu".to_string())?)?;
-    let dtype = parse_dtype(&cfg.get("dtype", "fp32".to_string())?, &device)?;
     let seed: u64 = cfg.get("seed", 1234)?;
     let max_new_tokens: usize = cfg.require("max_new_tokens")?;
     let use_cache: bool = cfg.get("enable_kv_cache", true)?;
@@ -121,7 +119,9 @@ pub fn generate(config: Config, options: &RunOptions) -> Result<Option<Generatio
         return Ok(None);
     }
 
-    // ---- Model -----------------------------------------------------------------------------
+    // ---- Model (past the dry run: only now does the device matter) ------------------------
+    let device = parse_device(&cfg.get("device", "cpu".to_string())?)?;
+    let dtype = parse_dtype(&cfg.get("dtype", "fp32".to_string())?, &device)?;
     let loaded = load_for_inference(&cfg, dtype, &device, seed)?;
     check_vocab(&tokenizer, &loaded.spec)?;
     check_fits(&loaded.spec, prompt_ids.len(), max_new_tokens)?;

@@ -354,4 +354,10 @@ fn bundled_configs_validate_and_register() {
         ..Default::default()
     };
     assert!(generate::generate(gen_config(&[]), &dry).unwrap().is_none());
+    // Nor does it need the device (a GPU config checked on a laptop).
+    if !cfg!(feature = "cuda") {
+        let on_gpu = gen_config(&["device=cuda", "dtype=bf16"]);
+        assert!(generate::generate(on_gpu.clone(), &dry).unwrap().is_none());
+        assert!(generate::generate(on_gpu, &RunOptions::default()).is_err());
+    }
 }
