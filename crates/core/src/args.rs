@@ -98,7 +98,52 @@ fn describe(value: &Value) -> String {
     }
 }
 
+/// A YAML 1.1 scalar that YAML 1.2 (serde_yaml) reads as a string but PyYAML, and so torchtune,
+/// reads as a bool or a number: `yes`/`no`/`on`/`off` (any of their three casings) and numbers
+/// with `_` separators (`1_000`). `None` for anything else.
+pub fn yaml11_scalar(value: &Value) -> Option<Value> {
+    let Value::String(s) = value else {
+        return None;
+    };
+    match s.as_str() {
+        "yes" | "Yes" | "YES" | "on" | "On" | "ON" => return Some(Value::Bool(true)),
+        "no" | "No" | "NO" | "off" | "Off" | "OFF" => return Some(Value::Bool(false)),
+        _ => {}
+    }
+    let numeric = s.contains('_')
+        && s.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '+')
+        && s.chars()
+            .all(|c| c.is_ascii_digit() || matches!(c, '_' | '.' | 'e' | 'E' | '-' | '+'));
+    if !numeric {
+        return None;
+    }
+    let plain = s.replace('_', "");
+    if let Ok(i) = plain.parse::<i64>() {
+        return Some(Value::Number(i.into()));
+    }
+    plain.parse::<f64>().ok().map(|f| Value::Number(f.into()))
+}
+
+/// `value` as `T`, reading YAML 1.1 booleans and numbers ([`yaml11_scalar`]) where `T` wants
+/// one.
+pub fn from_value<T: DeserializeOwned>(value: &Value) -> serde_yaml::Result<T> {
+    serde_yaml::from_value(value.clone()).or_else(|e| match yaml11_scalar(value) {
+        Some(v) => serde_yaml::from_value(v).map_err(|_| e),
+        None => Err(e),
+    })
+}
+
+/// A component argument's value, with YAML 1.1 scalars read as the argument's type wants.
+fn as_arg_type(ty: ArgType, value: &Value) -> Value {
+    match (ty, yaml11_scalar(value)) {
+        (ArgType::Bool, Some(v @ Value::Bool(_)))
+        | (ArgType::Int | ArgType::Float, Some(v @ Value::Number(_))) => v,
+        _ => value.clone(),
+    }
+}
+
 fn type_ok(ty: ArgType, nullable: bool, value: &Value) -> Result<(), String> {
+    let value = &as_arg_type(ty, value);
     let ok = match (ty, value) {
         (_, Value::Null) => nullable,
         (ArgType::Any, _) => true,
@@ -139,7 +184,11 @@ impl Args {
             for (k, v) in map {
                 if let Some(k) = k.as_str() {
                     if k != "_component_" {
-                        values.insert(k.to_string(), v.clone());
+                        let v = match component.arg(k) {
+                            Some(spec) => as_arg_type(spec.ty, v),
+                            None => v.clone(),
+                        };
+                        values.insert(k.to_string(), v);
                     }
                 }
             }
@@ -207,5 +256,30 @@ impl Args {
             .filter(|(k, _)| !known.contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_1_1_scalars_read_as_pyyaml_reads_them() {
+        let s = |t: &str| Value::String(t.to_string());
+        assert_eq!(yaml11_scalar(&s("yes")), Some(Value::Bool(true)));
+        assert_eq!(yaml11_scalar(&s("OFF")), Some(Value::Bool(false)));
+        assert_eq!(yaml11_scalar(&s("1_000")), Some(Value::Number(1000.into())));
+        assert_eq!(
+            yaml11_scalar(&s("1_000.5")),
+            Some(Value::Number(1000.5.into()))
+        );
+        for text in ["y", "maybe", "q_proj", "_1", "1_a", "YeS"] {
+            assert_eq!(yaml11_scalar(&s(text)), None, "{text}");
+        }
+        assert!(from_value::<bool>(&s("yes")).unwrap());
+        assert_eq!(from_value::<usize>(&s("1_000")).unwrap(), 1000);
+        // Strings stay strings where strings are wanted.
+        assert_eq!(from_value::<String>(&s("yes")).unwrap(), "yes");
+        assert!(from_value::<bool>(&s("maybe")).is_err());
     }
 }

@@ -246,6 +246,13 @@ fn bools() {
         Some(&Value::Bool(true))
     );
     assert_eq!(config.get("shuffle"), Some(&Value::Bool(false)));
+    // YAML 1.1 spellings (PyYAML's, so torchtune's) pass where a bool or a number belongs.
+    apply(
+        &mut config,
+        &["model.apply_lora_to_output=yes", "model.lora_rank=1_6"],
+    )
+    .unwrap();
+    assert_eq!(config.get("model.lora_rank"), Some(&yaml("1_6")));
 }
 
 #[test]
@@ -328,7 +335,7 @@ fn wrong_type_for_a_component_argument() {
         err.contains("lora_llama2_7b.lora_rank: expected int"),
         "{err}"
     );
-    let err = apply_err(&mut config, &["model.apply_lora_to_mlp=yes"]);
+    let err = apply_err(&mut config, &["model.apply_lora_to_mlp=maybe"]);
     assert!(err.contains("expected bool"), "{err}");
     // An interpolation is checked after it is resolved, not before.
     apply(&mut config, &["model.lora_rank=${batch_size}"]).unwrap();

@@ -83,17 +83,17 @@ impl TopLevel<'_> {
     pub fn get<T: serde::de::DeserializeOwned>(&self, key: &str, default: T) -> Result<T> {
         match self.value(key) {
             None => Ok(default),
-            Some(v) => serde_yaml::from_value(v.clone())
-                .with_context(|| format!("config key `{key}` has the wrong type ({v:?})")),
+            Some(v) => tune_core::args::from_value(v)
+                .with_context(|| format!("config key `{key}` has the wrong type")),
         }
     }
 
     pub fn opt<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         match self.value(key) {
             None => Ok(None),
-            Some(v) => serde_yaml::from_value(v.clone())
+            Some(v) => tune_core::args::from_value(v)
                 .map(Some)
-                .with_context(|| format!("config key `{key}` has the wrong type ({v:?})")),
+                .with_context(|| format!("config key `{key}` has the wrong type")),
         }
     }
 
