@@ -42,7 +42,10 @@ pub fn save_safetensors(
     tensors: &std::collections::HashMap<String, candle_core::Tensor>,
 ) -> Result<()> {
     let tmp = temp_name(path);
-    let saved = candle_core::safetensors::save(tensors, &tmp)
+    // `format: pt` in the header, as torch's writer puts it: transformers before 4.48.2 fails on
+    // a file without metadata.
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let saved = safetensors::tensor::serialize_to_file(tensors.iter(), Some(metadata), &tmp)
         .with_context(|| format!("cannot write {} (is the disk full?)", path.display()));
     // candle flushes but does not sync: without it a power cut after the rename (and after the
     // old checkpoint is deleted) could leave an empty file under the final name.

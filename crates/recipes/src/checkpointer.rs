@@ -338,8 +338,23 @@ impl HfCheckpointer {
         }
         atomic::save_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
         let mut config = factory.peft_config(&lora.adapter, &peft_targets(model)?);
-        if let Some(repo) = original_repo_id(&self.checkpoint_dir) {
-            config["base_model_name_or_path"] = serde_json::Value::String(repo);
+        // The Hub id `tune download` recorded, else the base model's folder: with it,
+        // `AutoPeftModelForCausalLM.from_pretrained(adapter_dir)` finds the base on its own.
+        let base = original_repo_id(&self.checkpoint_dir).or_else(|| {
+            std::path::absolute(&self.checkpoint_dir)
+                .ok()
+                .map(|p| p.display().to_string())
+        });
+        if let Some(base) = base {
+            config["base_model_name_or_path"] = serde_json::Value::String(base);
+        }
+        if config.get("use_dora") == Some(&serde_json::Value::Bool(true)) {
+            tracing::warn!(
+                "{}: a DoRA adapter loads in Hugging Face PEFT; vLLM refuses DoRA and mistral.rs \
+                 would read it as plain LoRA (without the magnitudes). The merged weights load \
+                 anywhere",
+                dir.display()
+            );
         }
         atomic::write(
             &dir.join("adapter_config.json"),
@@ -493,13 +508,17 @@ fn write_merged(
         &dir.join("model.safetensors.index.json"),
         serde_json::to_string_pretty(&index)?.as_bytes(),
     )?;
-    if output_adapted && c.tie_word_embeddings {
-        // The merged output no longer equals the embedding: untie it in the copied config.
+    if output_adapted {
+        // The merged output no longer equals the embedding: untie it in the copied config, or
+        // transformers would tie lm_head back to the embedding and drop the update. (A config
+        // may say tied while the weights hold their own lm_head.)
         let path = dir.join("config.json");
         if let Ok(text) = std::fs::read_to_string(&path) {
             let mut cfg: serde_json::Value = serde_json::from_str(&text)?;
-            cfg["tie_word_embeddings"] = serde_json::Value::Bool(false);
-            atomic::write(&path, serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+            if cfg.get("tie_word_embeddings") == Some(&serde_json::Value::Bool(true)) {
+                cfg["tie_word_embeddings"] = serde_json::Value::Bool(false);
+                atomic::write(&path, serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+            }
         }
     }
     Ok(())
