@@ -4,6 +4,8 @@
 //! - [`nf4`] — torchao's NF4 format, bit for bit, and `linear_nf4`.
 //! - [`qlora`] — QLoRA: LoRA over an NF4 base (`qlora`) and the frozen NF4 linear.
 //! - [`dora`] — DoRALinear (Liu et al. 2024), dense (`dora`) or over an NF4 base (`qdora`).
+//! - [`plugin`] — loads third-party adapter plugins (`tune-plugin-api` libraries) and registers
+//!   their adapters.
 //!
 //! Each adapter registers a component of kind `Adapter` whose build returns an
 //! `Arc<dyn AdapterFactory>`; the model asks the registry for it by name, so adding an adapter never

@@ -545,3 +545,69 @@ fn dry_run_counts_7b_without_weights_or_a_gpu() {
         "the resolved config is printed: {out}"
     );
 }
+
+#[test]
+fn selfchecks_run_from_the_repository_root_as_gpu_check_runs_them() {
+    // scripts/gpu-check.sh runs these from the root with the default `--repo .`.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for check in ["lora-step", "qlora-step", "trajectory"] {
+        let out = ok(&tune_in(&root, &["selfcheck", check]));
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(report["check"], check.replace('-', "_"), "{out}");
+        if check == "trajectory" {
+            assert!(
+                report["loss_max_rel_diff"].as_f64().unwrap() < 1e-4,
+                "{out}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bench_writes_a_random_checkpoint_that_recipes_train_from() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let work = tempfile::tempdir().unwrap();
+    let model = work.path().join("model");
+    let dims = [
+        "--vocab-size",
+        "512",
+        "--num-layers",
+        "2",
+        "--embed-dim",
+        "64",
+        "--num-heads",
+        "8",
+        "--num-kv-heads",
+        "4",
+        "--intermediate-dim",
+        "172",
+        "--max-seq-len",
+        "512",
+    ];
+    let mut args = vec!["bench"];
+    args.extend(dims);
+    let model_arg = model.display().to_string();
+    args.extend(["--write-checkpoint", &model_arg]);
+    ok(&tune_in(&root, &args));
+    assert!(model.join("config.json").is_file() && model.join("model.safetensors").is_file());
+    let checkpoint = format!("checkpointer.checkpoint_dir={model_arg}");
+    let output = format!("output_dir={}", work.path().join("out").display());
+    ok(&tune_in(
+        &root,
+        &[
+            "run",
+            "lora_finetune_single_device",
+            "--config",
+            "stories260K/lora_single_device",
+            &checkpoint,
+            &output,
+            "model.num_layers=2",
+            "max_steps_per_epoch=2",
+            "tokenizer.max_seq_len=64",
+        ],
+    ));
+    assert!(work
+        .path()
+        .join("out/epoch_0/adapter/adapter_model.safetensors")
+        .is_file());
+}

@@ -11,7 +11,8 @@
 //! - [`messages`] — chat messages and prompt templates (`Llama2ChatTemplate`).
 //!
 //! Data
-//! - [`json_source`] — local JSON / JSON Lines / text data files and `train[:10%]`-style splits.
+//! - [`json_source`] — local JSON / JSON Lines / text / Parquet data files and `train[:10%]`-style
+//!   splits.
 //! - [`dataset`] — what every dataset builder shares ([`DatasetSpec`]: source, split, packing).
 //! - [`alpaca`] — `alpaca_dataset` / `alpaca_cleaned_dataset`.
 //! - [`instruct`] — `instruct_dataset` (prompt/response columns).

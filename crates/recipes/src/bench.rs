@@ -41,6 +41,49 @@ pub fn random_model(
     Ok(model)
 }
 
+/// Writes `spec`'s base model with N(0, 0.02) weights (norm scales 1) as a Hugging Face
+/// checkpoint, `config.json` and `model.safetensors` in `dtype`, to benchmark whole recipes
+/// (`checkpointer.checkpoint_dir=DIR`) without downloading a model.
+pub fn write_random_checkpoint(
+    spec: &ModelSpec,
+    dir: &std::path::Path,
+    dtype: DType,
+) -> Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut tensors = HashMap::new();
+    for p in spec.params()?.into_iter().filter(|p| !p.trainable) {
+        let t = if p.shape.len() == 1 {
+            Tensor::ones(p.shape.as_slice(), dtype, &Device::Cpu)?
+        } else {
+            Tensor::randn(0f32, 0.02, p.shape.as_slice(), &Device::Cpu)?.to_dtype(dtype)?
+        };
+        let name = tune_models::convert::tune_to_hf_name(&p.name)
+            .with_context(|| format!("no Hugging Face name for {}", p.name))?;
+        tensors.insert(name, t);
+    }
+    let c = &spec.transformer;
+    let torch_dtype = match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    };
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": c.vocab_size, "hidden_size": c.embed_dim,
+        "intermediate_size": c.intermediate_dim, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+        "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_base, "tie_word_embeddings": c.tie_word_embeddings,
+        "torch_dtype": torch_dtype,
+    });
+    crate::atomic::save_safetensors(&dir.join("model.safetensors"), &tensors)?;
+    crate::atomic::write(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )
+}
+
 /// Free device memory (bytes) as the driver reports it, on CUDA builds.
 pub fn device_memory_free(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]

@@ -3,7 +3,7 @@
 //!
 //! Every rank holds the whole (frozen) model and its own share of each batch; after the backward
 //! the adapter gradients, token counts and losses are summed across ranks, so every rank takes
-//! the identical optimizer step. LoRA gradients are small (4.2M values for the 7B default), so a
+//! the identical optimizer step. LoRA gradients are small (17.9M values for `llama2/7B_lora`), so a
 //! star through rank 0 is enough: rank 0 adds the contributions in rank order and sends the sum
 //! back, which makes the result bit-identical on every rank (and independent of arrival order).
 //!

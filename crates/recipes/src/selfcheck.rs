@@ -164,6 +164,8 @@ pub fn lora_step(repo: &Path, device: &Device, dtype: DType) -> Result<serde_jso
 /// pointed at `work` (output dir and the 96 GSM8K rows it trained on), the bundled model, and the
 /// fixture's initial adapter.
 pub fn trajectory_config(repo: &Path, work: &Path) -> Result<String> {
+    // Absolute: the adapter checkpoint is otherwise taken relative to checkpoint_dir.
+    let repo = &std::path::absolute(repo)?;
     let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
         repo.join("assets/data/gsm8k_first_512.json"),
     )?)?;

@@ -67,6 +67,11 @@ pub struct Args {
     /// The device's peak dense TFLOP/s for this dtype (e.g. 989 for H100/H200 bf16), to report MFU.
     #[arg(long)]
     pub peak_tflops: Option<f64>,
+    /// Instead of training: write the random base model as a Hugging Face checkpoint
+    /// (config.json + model.safetensors) to DIR, for `tune run` benchmarks
+    /// (`checkpointer.checkpoint_dir=DIR checkpointer.checkpoint_files=[model.safetensors]`).
+    #[arg(long, value_name = "DIR")]
+    pub write_checkpoint: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -112,6 +117,15 @@ pub fn run(args: &Args) -> Result<()> {
         set("adapter", args.adapter.as_str().into());
     }
     let spec = tune_models::builders::model_spec_from_node(&serde_yaml::Value::Mapping(node))?;
+    if let Some(dir) = &args.write_checkpoint {
+        tune_recipes::bench::write_random_checkpoint(&spec, dir, dtype)?;
+        println!(
+            "wrote a random {} checkpoint to {}",
+            spec.builder,
+            dir.display()
+        );
+        return Ok(());
+    }
     let counts = spec.counts()?;
     let started = std::time::Instant::now();
     let mut model = random_model(&spec, &device, dtype, 0)?;
