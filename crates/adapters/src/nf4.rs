@@ -10,8 +10,9 @@
 //! Bit-exactness comes from rounding like torch does: every step is one f32 operation followed by
 //! a rounding to the working format (bf16 for a bf16 tensor), so we do the same ([`Precision`]).
 //! Two formats are involved and they can differ:
-//! - quantisation runs in the format of the values being quantised: bf16 for a bf16 checkpoint,
-//!   also when the run is fp32 (torchtune's `dtype: fp32` quantises the bf16 checkpoint tensor);
+//! - quantisation runs in the format of the checkpoint's tensor: bf16 for a bf16 checkpoint, also
+//!   when the run is fp32 (torchtune's `dtype: fp32` quantises the bf16 checkpoint tensor), fp16
+//!   for an fp16 one ([`quantizing_source`] hands the model builder's quantiser that tensor);
 //! - dequantisation runs in the NF4 tensor's own dtype, the run's dtype: with `dtype: fp32` the
 //!   bf16-valued fields are combined in f32 arithmetic (spec section 7), which is a different
 //!   number from "dequantise in bf16 and widen" for ~90% of the values.
@@ -52,6 +53,8 @@ const ZERO_CODE: u8 = 7;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     Bf16,
+    /// Only for quantising an fp16 checkpoint's tensors; NF4 tensors dequantise in bf16 or fp32.
+    F16,
     F32,
 }
 
@@ -65,9 +68,18 @@ impl Precision {
         }
     }
 
+    /// The arithmetic torchao quantises a tensor of `dtype` in: its own.
+    pub fn of_source(dtype: DType) -> Result<Self> {
+        match dtype {
+            DType::F16 => Ok(Precision::F16),
+            other => Self::of(other),
+        }
+    }
+
     pub fn dtype(self) -> DType {
         match self {
             Precision::Bf16 => DType::BF16,
+            Precision::F16 => DType::F16,
             Precision::F32 => DType::F32,
         }
     }
@@ -77,6 +89,7 @@ impl Precision {
     pub fn round(self, v: f32) -> f32 {
         match self {
             Precision::Bf16 => bf16::from_f32(v).to_f32(),
+            Precision::F16 => half::f16::from_f32(v).to_f32(),
             Precision::F32 => v,
         }
     }
@@ -130,9 +143,30 @@ impl std::fmt::Debug for Nf4Tensor {
     }
 }
 
+thread_local! {
+    static SOURCE: std::cell::RefCell<Option<Tensor>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `build` so that the weight it quantises with [`Nf4Tensor::quantize`] (one of `source`'s
+/// shape) is quantised from `source`: the checkpoint's own tensor, in its dtype, rather than the
+/// copy converted to the run's dtype. torchao quantises the tensor it is handed in that
+/// tensor's arithmetic (an fp16 checkpoint in fp16), then casts the fields to the NF4
+/// parameter's dtype.
+pub fn quantizing_source<R>(source: Option<Tensor>, build: impl FnOnce() -> R) -> R {
+    let previous = SOURCE.with(|s| s.replace(source));
+    let out = build();
+    SOURCE.with(|s| *s.borrow_mut() = previous);
+    out
+}
+
 impl Nf4Tensor {
     /// Quantises `weight`; the result lives on the weight's device and dequantises to its dtype.
+    /// Inside [`quantizing_source`], the source tensor is quantised instead.
     pub fn quantize(weight: &Tensor) -> Result<Self> {
+        let source = SOURCE.with(|s| s.borrow_mut().take_if(|s| s.shape() == weight.shape()));
+        if let Some(source) = source {
+            return Self::quantize_source(&source, weight.dtype(), weight.device());
+        }
         let values: Vec<f32> = weight.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         let precision = quantisation_precision(weight.dtype(), &values)?;
         Self::from_values(
@@ -142,6 +176,16 @@ impl Nf4Tensor {
             weight.dtype(),
             weight.device(),
         )
+    }
+
+    /// Quantises `source` in its own dtype's arithmetic (torchao's `NF4Tensor.from_tensor`) for
+    /// an NF4 tensor that lives on `device` and dequantises in `dtype` (the fields, kept in the
+    /// quantisation format, are rounded to `dtype` where they are used, as torchao's `copy_`
+    /// casts them).
+    pub fn quantize_source(source: &Tensor, dtype: DType, device: &Device) -> Result<Self> {
+        let values: Vec<f32> = source.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let precision = Precision::of_source(source.dtype())?;
+        Self::from_values(&values, source.shape().clone(), precision, dtype, device)
     }
 
     /// Quantises `values` (flattened `shape`, numbers of `precision`) in `precision` arithmetic;
@@ -249,7 +293,7 @@ impl Nf4Tensor {
     /// fields in the quantisation format).
     pub fn storage_bytes(&self) -> usize {
         let float = match self.quantised_in {
-            Precision::Bf16 => 2,
+            Precision::Bf16 | Precision::F16 => 2,
             Precision::F32 => 4,
         };
         self.n_blocks() * BLOCK_SIZE / 2 + self.n_blocks() + (self.factors.len() + 1 + 16) * float
@@ -323,7 +367,8 @@ impl Nf4Tensor {
             }
         };
         match p {
-            Precision::F32 => {
+            // `of` only gives the two formats NF4 tensors dequantise in.
+            Precision::F32 | Precision::F16 => {
                 let mut out = vec![0f32; numel];
                 out.par_chunks_mut(BLOCK_SIZE)
                     .enumerate()

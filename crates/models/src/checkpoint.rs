@@ -223,10 +223,16 @@ pub fn load_model(
     }
     let tune = hf_to_tune(&spec, hf)?;
     validate_base(&spec, &tune)?;
+    let quantized = spec.lora.as_ref().is_some_and(|l| l.quantize_base);
     let mut on_device = HashMap::with_capacity(tune.len());
+    let mut sources = HashMap::new();
     for (name, t) in tune {
-        on_device.insert(name, t.to_dtype(dtype)?.to_device(device)?);
+        on_device.insert(name.clone(), t.to_dtype(dtype)?.to_device(device)?);
+        // QLoRA quantises the checkpoint's own tensor (see `from_weights_and_sources`).
+        if quantized && t.dtype() != dtype && name.starts_with("layers.") && t.rank() == 2 {
+            sources.insert(name, t);
+        }
     }
-    let model = TransformerDecoder::from_weights(&spec, on_device, seed)?;
+    let model = TransformerDecoder::from_weights_and_sources(&spec, on_device, sources, seed)?;
     Ok((model, spec))
 }

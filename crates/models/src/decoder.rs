@@ -77,7 +77,20 @@ impl TransformerDecoder {
     /// makes adapter initialisation reproducible.
     pub fn from_weights(
         spec: &ModelSpec,
+        weights: HashMap<String, Tensor>,
+        seed: u64,
+    ) -> Result<Self> {
+        Self::from_weights_and_sources(spec, weights, HashMap::new(), seed)
+    }
+
+    /// [`Self::from_weights`], where `sources` holds, for weights stored in NF4 (QLoRA), the
+    /// checkpoint's own tensor when its dtype differs from the run's: quantisation starts from
+    /// it, in its arithmetic, as torchao's does (an fp16 checkpoint is quantised in fp16, not
+    /// rounded to bf16 first).
+    pub fn from_weights_and_sources(
+        spec: &ModelSpec,
         mut weights: HashMap<String, Tensor>,
+        mut sources: HashMap<String, Tensor>,
         seed: u64,
     ) -> Result<Self> {
         let config = spec.transformer.clone();
@@ -95,12 +108,16 @@ impl TransformerDecoder {
 
         let mut layer_seed = seed;
         let quantize_base = spec.lora.as_ref().is_some_and(|l| l.quantize_base);
-        let mut make =
-            |slot_name: &str, adapted: bool, weight: Tensor| -> Result<Box<dyn Adapter>> {
-                layer_seed = layer_seed.wrapping_add(1);
-                // QLoRA: torchtune stores every attention/MLP projection in NF4 (in its own q/k layout,
-                // which is what `weight` is in here), never the output layer.
-                let quantize = quantize_base && slot_name != "output";
+        let mut make = |slot_name: &str,
+                        adapted: bool,
+                        weight: Tensor|
+         -> Result<Box<dyn Adapter>> {
+            layer_seed = layer_seed.wrapping_add(1);
+            // QLoRA: torchtune stores every attention/MLP projection in NF4 (in its own q/k layout,
+            // which is what `weight` is in here), never the output layer.
+            let quantize = quantize_base && slot_name != "output";
+            let source = sources.remove(&format!("{slot_name}.weight"));
+            let build = || -> Result<Box<dyn Adapter>> {
                 match (&factory, &spec.lora) {
                     (Some(f), Some(l)) if adapted => {
                         let f = if quantize {
@@ -118,6 +135,8 @@ impl TransformerDecoder {
                     _ => Ok(Box::new(FrozenLinear { weight })),
                 }
             };
+            tune_adapters::nf4::quantizing_source(source.filter(|_| quantize), build)
+        };
         let slots = spec.linear_slots();
         let mut slot_iter = slots.iter();
         let mut next_linear =

@@ -134,3 +134,42 @@ fn non_llama_names_are_unexpected() {
     let e = load_err(dir.path(), &["model.safetensors"], &stories_spec());
     assert!(e.contains("vision_tower.proj.weight"), "{e}");
 }
+
+#[test]
+fn qlora_quantises_an_fp16_checkpoint_in_fp16_as_torchao() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = root().join("assets/stories260K");
+    std::fs::copy(source.join("config.json"), dir.path().join("config.json")).unwrap();
+    let weights: HashMap<String, Tensor> =
+        candle_core::safetensors::load(source.join("model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k, v.to_dtype(DType::F16).unwrap()))
+            .collect();
+    candle_core::safetensors::save(&weights, dir.path().join("model.safetensors")).unwrap();
+    let node: serde_yaml::Value = serde_yaml::from_str(
+        "{_component_: torchtune.models.llama2.lora_llama2, lora_attn_modules: [q_proj, v_proj],
+          vocab_size: 512, num_layers: 5, num_heads: 8, num_kv_heads: 4, embed_dim: 64,
+          max_seq_len: 512, intermediate_dim: 172, lora_rank: 4, lora_alpha: 8, quantize_base: True}",
+    )
+    .unwrap();
+    let spec = model_spec_from_node(&node).unwrap();
+    let files = ["model.safetensors".to_string()];
+    let (model, _) =
+        checkpoint::load_model(&spec, dir.path(), &files, DType::F32, &Device::Cpu, 0).unwrap();
+    // mlp.w1 (gate_proj) is frozen NF4: quantised from the fp16 tensor in fp16 arithmetic.
+    let gate = &weights["model.layers.0.mlp.gate_proj.weight"];
+    let want = tune_adapters::nf4::Nf4Tensor::quantize_source(gate, DType::F32, &Device::Cpu)
+        .unwrap()
+        .dequantize()
+        .unwrap();
+    let got = model.layers[0].mlp.w1.base_weight().unwrap();
+    assert_eq!(tune_core::compare::max_abs_diff(&got, &want).unwrap(), 0.0);
+    // The fp32 copy's own arithmetic would give other codes.
+    let widened = gate.to_dtype(DType::F32).unwrap();
+    let in_fp32 = tune_adapters::nf4::Nf4Tensor::quantize(&widened)
+        .unwrap()
+        .dequantize()
+        .unwrap();
+    assert!(tune_core::compare::max_abs_diff(&in_fp32, &want).unwrap() > 0.0);
+}
