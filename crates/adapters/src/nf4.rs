@@ -152,11 +152,13 @@ thread_local! {
 /// copy converted to the run's dtype. torchao quantises the tensor it is handed in that
 /// tensor's arithmetic (an fp16 checkpoint in fp16), then casts the fields to the NF4
 /// parameter's dtype.
-pub fn quantizing_source<R>(source: Option<Tensor>, build: impl FnOnce() -> R) -> R {
+/// Returns what `build` returned and whether the source was used (quantised).
+pub fn quantizing_source<R>(source: Option<Tensor>, build: impl FnOnce() -> R) -> (R, bool) {
+    let given = source.is_some();
     let previous = SOURCE.with(|s| s.replace(source));
     let out = build();
-    SOURCE.with(|s| *s.borrow_mut() = previous);
-    out
+    let left = SOURCE.with(|s| std::mem::replace(&mut *s.borrow_mut(), previous));
+    (out, given && left.is_none())
 }
 
 impl Nf4Tensor {

@@ -79,8 +79,10 @@ fn an_fp16_tensor_is_quantised_in_fp16_and_dequantised_in_bf16() {
 
     // What a QLoRA model build sees: the weight already in bf16, the fp16 tensor as its source.
     let in_bf16 = weight.to_dtype(DType::BF16).unwrap();
-    let from_source =
-        quantizing_source(Some(weight.clone()), || Nf4Tensor::quantize(&in_bf16)).unwrap();
+    let (from_source, used) =
+        quantizing_source(Some(weight.clone()), || Nf4Tensor::quantize(&in_bf16));
+    let from_source = from_source.unwrap();
+    assert!(used);
     assert_eq!(
         from_source.packed_codes().unwrap(),
         fx["quantized_data"].data

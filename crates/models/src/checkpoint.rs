@@ -227,10 +227,14 @@ pub fn load_model(
     let mut on_device = HashMap::with_capacity(tune.len());
     let mut sources = HashMap::new();
     for (name, t) in tune {
-        on_device.insert(name.clone(), t.to_dtype(dtype)?.to_device(device)?);
-        // QLoRA quantises the checkpoint's own tensor (see `from_weights_and_sources`).
-        if quantized && t.dtype() != dtype && name.starts_with("layers.") && t.rank() == 2 {
+        // QLoRA quantises the checkpoint's own tensor (see `from_weights_and_sources`), so the
+        // dense weight never goes to the device: a 70B model loads in its NF4 size, not bf16's.
+        if quantized && name.starts_with("layers.") && t.rank() == 2 {
+            let stand_in = Tensor::zeros((), dtype, device)?.broadcast_as(t.shape())?;
+            on_device.insert(name.clone(), stand_in);
             sources.insert(name, t);
+        } else {
+            on_device.insert(name, t.to_dtype(dtype)?.to_device(device)?);
         }
     }
     let model = TransformerDecoder::from_weights_and_sources(&spec, on_device, sources, seed)?;

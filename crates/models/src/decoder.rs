@@ -84,9 +84,10 @@ impl TransformerDecoder {
     }
 
     /// [`Self::from_weights`], where `sources` holds, for weights stored in NF4 (QLoRA), the
-    /// checkpoint's own tensor when its dtype differs from the run's: quantisation starts from
-    /// it, in its arithmetic, as torchao's does (an fp16 checkpoint is quantised in fp16, not
-    /// rounded to bf16 first).
+    /// checkpoint's own tensor (its dtype, on the CPU): quantisation starts from it, in its
+    /// arithmetic, as torchao's does (an fp16 checkpoint is quantised in fp16, not rounded to
+    /// bf16 first). The matching entry of `weights` may then be a stand-in of the right shape,
+    /// dtype and device: it is never read.
     pub fn from_weights_and_sources(
         spec: &ModelSpec,
         mut weights: HashMap<String, Tensor>,
@@ -135,7 +136,21 @@ impl TransformerDecoder {
                     _ => Ok(Box::new(FrozenLinear { weight })),
                 }
             };
-            tune_adapters::nf4::quantizing_source(source.filter(|_| quantize), build)
+            let source = source.filter(|_| quantize);
+            let given = source.is_some();
+            let (built, used) = tune_adapters::nf4::quantizing_source(source, build);
+            let built = built?;
+            // The weight passed in was only a stand-in for the source: it must have been used.
+            if given && !used {
+                return Err(anyhow!(
+                    "{slot_name}: the {} adapter did not quantise its base weight to NF4; \
+                     set quantize_base=False to use it",
+                    spec.lora
+                        .as_ref()
+                        .map_or("base", |l| l.adapter.kind.as_str())
+                ));
+            }
+            Ok(built)
         };
         let slots = spec.linear_slots();
         let mut slot_iter = slots.iter();
