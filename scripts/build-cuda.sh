@@ -5,7 +5,8 @@
 # wheels into .cuda-toolchain/ (git-ignored); the unversioned .so links and a libcuda link stub that
 # the wheels lack are made once. At run time the GPU machine's real driver libcuda.so.1 is used.
 #
-#   scripts/build-cuda.sh            # toolchain + release build for compute capability 9.0 (H100/H200)
+#   scripts/build-cuda.sh            # toolchain + release build for compute capability 9.0 (H100/H200),
+#                                    # plus dist/tune-cuda.gz for scripts/gpu-check.sh
 #   scripts/build-cuda.sh --toolchain-only
 set -euo pipefail
 
@@ -53,3 +54,9 @@ export RUSTFLAGS="${RUSTFLAGS:-} -L $CU/lib -L $CU/lib/stubs"
 cd "$ROOT"
 cargo build --release --features cuda -p "${CUDA_BUILD_PACKAGE:-tune-cli}"
 ls -la target/release/tune
+# What travels to the GPU machine: stripped and gzipped, it fits the transfer limit (the plain
+# binary alone is ~63 MiB of the 64 MiB a device run may carry).
+mkdir -p dist
+strip -o dist/tune-cuda target/release/tune
+gzip -9f dist/tune-cuda
+ls -la dist/tune-cuda.gz

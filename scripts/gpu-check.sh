@@ -1,20 +1,38 @@
 #!/usr/bin/env bash
 # GPU checks for a CUDA build of `tune`, in one go, on a machine with no Rust and no internet
-# (the binary and tests/fixtures travel with the working tree). Writes JSON results under $OUT.
+# (the binary and tests/fixtures travel with the working tree).
 #
-#   scripts/build-cuda.sh                      # on the build machine (no GPU needed)
-#   OUT=/tmp/gpu scripts/gpu-check.sh          # on the GPU machine, from the repo root
+#   scripts/build-cuda.sh                                  # build machine: also writes dist/tune-cuda.gz
+#   OUT=/tmp/gpu TUNE_BIN=dist/tune-cuda.gz scripts/gpu-check.sh   # GPU machine, from the repo root
 #
-# Checks: the GPU; lora_step, qlora_step and trajectory fixtures on CUDA in fp32 (CPU tolerances) and bf16
-# (loss within 1%); a 7B-shaped LoRA training benchmark (random weights, 7B_lora_single_device's
-# LoRA settings) with tokens/s, MFU and peak GPU memory.
+# Checks: the GPU; lora_step, qlora_step and trajectory fixtures on CUDA in fp32 (CPU tolerances)
+# and bf16 (loss within 1%), each printing "pass"; NF4 device dequantisation against the host's
+# bits; a 7B-shaped LoRA training benchmark (random weights, 7B_lora_single_device's LoRA
+# settings) with tokens/s, MFU and peak GPU memory, with and without activation checkpointing.
+#
+# What comes back from a device run is limited (a few files): every result goes into one archive,
+# $OUT/gpu-check.tgz, and a one-line-per-check summary into $OUT/summary.txt and stdout. The
+# step timeouts add up to 510 s; give the run about 580 s.
 set -uo pipefail
 
 OUT="${OUT:-/tmp/tune-gpu-check}"
 BIN="${TUNE_BIN:-target/release/tune}"
 BENCH_BATCH="${BENCH_BATCH:-2}"
 BENCH_SEQ="${BENCH_SEQ:-2048}"
+# A rehearsal on a machine without a GPU: TUNE_DEVICE=cpu BENCH_MODEL= BENCH_SEQ=128
+# BENCH_DTYPE=fp32 (bf16 is refused on the CPU, so the bf16 selfchecks report their rc).
+DEVICE="${TUNE_DEVICE:-cuda}"
+BENCH_DTYPE="${BENCH_DTYPE:-bf16}"
+MODEL="${BENCH_MODEL-llama2_7b}"
+MODEL_ARGS=()
+[ -n "$MODEL" ] && MODEL_ARGS=(--model "$MODEL")
 mkdir -p "$OUT"
+WORK="$(mktemp -d)"
+
+# A gzipped binary (what fits the transfer limit) is unpacked first.
+if [[ "$BIN" == *.gz ]]; then
+  gunzip -c "$BIN" > "$WORK/tune" && chmod +x "$WORK/tune" && BIN="$WORK/tune"
+fi
 
 # The CUDA 13 user-space libraries (cuBLAS, cuRAND, ...) come with the machine's PyTorch wheels.
 if [ -z "${TUNE_CUDA_LIB:-}" ]; then
@@ -28,30 +46,43 @@ echo "CUDA libraries: $TUNE_CUDA_LIB"
 
 step() { # name timeout_seconds command...
   local name="$1" limit="$2"; shift 2
-  echo "=== $name"
   local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.json" 2> "$OUT/$name.log"
+  timeout "$limit" "$@" > "$WORK/$name.json" 2> "$WORK/$name.log"
   local rc=$?
-  echo "rc=$rc seconds=$((SECONDS - start))"
-  tail -c 1500 "$OUT/$name.json"; echo
-  [ $rc -ne 0 ] && tail -20 "$OUT/$name.log"
+  local verdict="rc=$rc"
+  grep -q '"pass": true' "$WORK/$name.json" && verdict="pass"
+  grep -q '"pass": false' "$WORK/$name.json" && verdict="FAIL"
+  local line
+  line="$(printf '%-40s %-6s %4ds' "$name" "$verdict" $((SECONDS - start)))"
+  echo "$line" | tee -a "$WORK/summary.txt"
+  if [ $rc -ne 0 ]; then
+    tail -5 "$WORK/$name.log" | sed 's/^/    /'
+  fi
   return 0
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv | tee "$OUT/gpu.csv"
-"$BIN" --version | tee "$OUT/tune-version.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv; "$BIN" --version; } \
+  2>&1 | tee "$WORK/gpu.txt"
 
-step lora_step_cuda_fp32 45 "$BIN" selfcheck lora-step --device cuda --dtype fp32
-step lora_step_cuda_bf16 45 "$BIN" selfcheck lora-step --device cuda --dtype bf16
-step qlora_step_cuda_fp32 45 "$BIN" selfcheck qlora-step --device cuda --dtype fp32
-step qlora_step_cuda_bf16 45 "$BIN" selfcheck qlora-step --device cuda --dtype bf16
-step trajectory_cuda_fp32 60 "$BIN" selfcheck trajectory --device cuda --dtype fp32
-step trajectory_cuda_bf16 60 "$BIN" selfcheck trajectory --device cuda --dtype bf16
-step bench_7b_lora_bf16 150 "$BIN" bench --model llama2_7b --lora-attn-modules q_proj,v_proj,output_proj \
+step lora_step_cuda_fp32 45 "$BIN" selfcheck lora-step --device "$DEVICE" --dtype fp32
+step lora_step_cuda_bf16 45 "$BIN" selfcheck lora-step --device "$DEVICE" --dtype bf16
+step qlora_step_cuda_fp32 45 "$BIN" selfcheck qlora-step --device "$DEVICE" --dtype fp32
+step qlora_step_cuda_bf16 45 "$BIN" selfcheck qlora-step --device "$DEVICE" --dtype bf16
+step trajectory_cuda_fp32 45 "$BIN" selfcheck trajectory --device "$DEVICE" --dtype fp32
+step trajectory_cuda_bf16 45 "$BIN" selfcheck trajectory --device "$DEVICE" --dtype bf16
+step bench_7b_lora_bf16 120 "$BIN" bench "${MODEL_ARGS[@]}" --lora-attn-modules q_proj,v_proj,output_proj \
   --apply-lora-to-mlp --lora-rank 8 --lora-alpha 16 --batch-size "$BENCH_BATCH" --seq-len "$BENCH_SEQ" \
-  --warmup 1 --steps 3 --device cuda --dtype bf16 --peak-tflops 989 --activation-checkpointing
-step bench_7b_lora_bf16_no_checkpointing 150 "$BIN" bench --model llama2_7b --lora-attn-modules q_proj,v_proj,output_proj \
+  --warmup 1 --steps 3 --device "$DEVICE" --dtype "$BENCH_DTYPE" --peak-tflops 989 --activation-checkpointing
+step bench_7b_lora_bf16_no_checkpointing 120 "$BIN" bench "${MODEL_ARGS[@]}" --lora-attn-modules q_proj,v_proj,output_proj \
   --apply-lora-to-mlp --lora-rank 8 --lora-alpha 16 --batch-size "$BENCH_BATCH" --seq-len "$BENCH_SEQ" \
-  --warmup 1 --steps 2 --device cuda --dtype bf16 --peak-tflops 989
-echo "results in $OUT"
-ls -la "$OUT"
+  --warmup 1 --steps 2 --device "$DEVICE" --dtype "$BENCH_DTYPE" --peak-tflops 989
+
+# The benchmarks' headline numbers, for the summary.
+for b in bench_7b_lora_bf16 bench_7b_lora_bf16_no_checkpointing; do
+  grep -E '"(tokens_per_second|mfu|peak_device_memory_gib)"' "$WORK/$b.json" 2>/dev/null \
+    | tr -d ' ,' | sed "s/^/$b /" | tee -a "$WORK/summary.txt"
+done
+
+cp "$WORK/summary.txt" "$OUT/summary.txt"
+tar czf "$OUT/gpu-check.tgz" -C "$WORK" --exclude tune .
+echo "results: $OUT/summary.txt and $OUT/gpu-check.tgz"

@@ -554,12 +554,7 @@ fn selfchecks_run_from_the_repository_root_as_gpu_check_runs_them() {
         let out = ok(&tune_in(&root, &["selfcheck", check]));
         let report: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(report["check"], check.replace('-', "_"), "{out}");
-        if check == "trajectory" {
-            assert!(
-                report["loss_max_rel_diff"].as_f64().unwrap() < 1e-4,
-                "{out}"
-            );
-        }
+        assert_eq!(report["pass"], true, "{out}");
     }
 }
 

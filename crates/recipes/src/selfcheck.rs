@@ -406,11 +406,102 @@ pub fn qlora_step(repo: &Path, device: &Device, dtype: DType) -> Result<serde_js
         &qlora_step_run(repo, &qlora_step_model(repo, false, device, dtype)?)?,
         lora_run,
     )?;
-    Ok(json!({
+    let mut report = json!({
         "check": "qlora_step",
         "device": format!("{device:?}"),
         "dtype": format!("{dtype:?}"),
         "qlora": qlora,
         "lora": lora,
-    }))
+    });
+    // Off the CPU, NF4 dequantises through candle ops: it must give the host path's bits.
+    if !device.is_cpu() {
+        let mut worst = 0f64;
+        for case in ["w128x128_seed0", "w128x256_seed3_outliers"] {
+            let fx = load(
+                &repo.join(format!("tests/fixtures/nf4/{case}.safetensors")),
+                &Device::Cpu,
+            )?;
+            let input = fx
+                .get("input_bf16")
+                .context("nf4 fixture without input_bf16")?
+                .to_dtype(dtype)?;
+            let host = tune_adapters::nf4::Nf4Tensor::quantize(&input)?.dequantize()?;
+            let on_device =
+                tune_adapters::nf4::Nf4Tensor::quantize(&input.to_device(device)?)?.dequantize()?;
+            worst = worst.max(max_abs_diff(&on_device, &host)?);
+        }
+        report["nf4_device_vs_host_max_abs_diff"] = json!(worst);
+    }
+    Ok(report)
+}
+
+/// Whether a selfcheck report is within tolerance: in fp32 the CPU tests' tolerances, in bf16
+/// the loss within 1% of torchtune's. Returns the failed conditions (empty: passed).
+pub fn failures(report: &serde_json::Value) -> Vec<String> {
+    let bf16 = report["dtype"]
+        .as_str()
+        .is_some_and(|d| d.eq_ignore_ascii_case("bf16"));
+    let mut limits: Vec<(String, f64)> = Vec::new();
+    let mut want = |path: &str, limit: f64| limits.push((path.to_string(), limit));
+    match (report["check"].as_str().unwrap_or_default(), bf16) {
+        ("lora_step", false) => {
+            want("loss_max_rel_diff", 1e-5);
+            want("grad_max_rel_norm_diff", 1e-4);
+            want("logits_max_abs_diff", 1e-4);
+            want("hidden_states_max_abs_diff", 1e-4);
+        }
+        ("qlora_step", false) => {
+            for run in ["qlora", "lora"] {
+                want(&format!("{run}.loss_rel"), 1e-5);
+                want(&format!("{run}.grad_rel_norm_max"), 1e-4);
+            }
+        }
+        ("trajectory", false) => {
+            want("loss_max_rel_diff", 1e-5);
+            want("final_adapter_max_abs_diff", 1e-4);
+        }
+        ("lora_step" | "trajectory", true) => want("loss_max_rel_diff", 0.01),
+        ("qlora_step", true) => {
+            want("qlora.loss_rel", 0.01);
+            want("lora.loss_rel", 0.01);
+        }
+        (other, _) => return vec![format!("unknown check {other:?}")],
+    }
+    if report.get("nf4_device_vs_host_max_abs_diff").is_some() {
+        want("nf4_device_vs_host_max_abs_diff", 0.0);
+    }
+    limits
+        .into_iter()
+        .filter_map(|(path, limit)| {
+            let value = path.split('.').fold(report, |v, key| &v[key]).as_f64();
+            // A NaN or a missing number fails too.
+            (!value.is_some_and(|v| v <= limit))
+                .then(|| format!("{path} = {value:?}, wanted <= {limit:e}"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tolerances_depend_on_the_dtype_and_nan_fails() {
+        let report = |dtype: &str, loss: f64| {
+            json!({"check": "trajectory", "dtype": dtype, "loss_max_rel_diff": loss,
+                   "final_adapter_max_abs_diff": 1e-6})
+        };
+        assert!(failures(&report("fp32", 1e-6)).is_empty());
+        assert_eq!(failures(&report("fp32", 1e-3)).len(), 1);
+        assert!(failures(&report("bf16", 1e-3)).is_empty());
+        assert_eq!(failures(&report("bf16", 0.02)).len(), 1);
+        // serde_json writes NaN as null: a missing number fails.
+        assert_eq!(failures(&report("BF16", f64::NAN)).len(), 1);
+        let mut nf4 = json!({"check": "qlora_step", "dtype": "BF16",
+            "qlora": {"loss_rel": 0.001}, "lora": {"loss_rel": 0.001},
+            "nf4_device_vs_host_max_abs_diff": 0.0});
+        assert!(failures(&nf4).is_empty());
+        nf4["nf4_device_vs_host_max_abs_diff"] = json!(1e-3);
+        assert_eq!(failures(&nf4).len(), 1);
+    }
 }

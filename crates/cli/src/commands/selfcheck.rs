@@ -48,6 +48,17 @@ pub fn run(args: &Args) -> Result<()> {
             selfcheck::trajectory(&args.repo, work.path(), &args.device, &args.dtype)?
         }
     };
+    let mut result = result;
+    let failed = selfcheck::failures(&result);
+    result["pass"] = failed.is_empty().into();
+    result["failed"] = failed.clone().into();
     println!("{}", serde_json::to_string_pretty(&result)?);
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "selfcheck {} outside tolerance: {}",
+            args.check,
+            failed.join("; ")
+        );
+    }
     Ok(())
 }
