@@ -79,7 +79,7 @@ step bench_7b_lora_bf16_no_checkpointing 120 "$BIN" bench "${MODEL_ARGS[@]}" --l
 
 # The benchmarks' headline numbers, for the summary.
 for b in bench_7b_lora_bf16 bench_7b_lora_bf16_no_checkpointing; do
-  grep -E '"(tokens_per_second|mfu|peak_device_memory_gib)"' "$WORK/$b.json" 2>/dev/null \
+  grep -E '"(tokens_per_second|mfu|mfu_lora|peak_device_memory_gib)"' "$WORK/$b.json" 2>/dev/null \
     | tr -d ' ,' | sed "s/^/$b /" | tee -a "$WORK/summary.txt"
 done
 

@@ -113,8 +113,13 @@ pub fn quantisation_precision(dtype: DType, values: &[f32]) -> Result<Precision>
 enum Codes {
     /// CPU: plain memory, dequantised by [`Nf4Tensor::dequantize_host`].
     Host { codes: Vec<u8>, scalers: Vec<i8> },
-    /// Accelerators: u8 tensors (scalers offset by 128: candle has no int8 type).
-    Device { codes: Tensor, scalers: Tensor },
+    /// Accelerators: u8 tensors (scalers offset by 128: candle has no int8 type), and the
+    /// per-block scales and the level table in the tensor's dtype, made on first use.
+    Device {
+        codes: Tensor,
+        scalers: Tensor,
+        tables: std::sync::OnceLock<(Tensor, Tensor)>,
+    },
 }
 
 /// A weight stored in NF4 (torchao's `NF4Tensor`).
@@ -212,6 +217,7 @@ impl Nf4Tensor {
             Codes::Device {
                 codes: Tensor::from_vec(codes, n, device)?,
                 scalers: Tensor::from_vec(offset, scalers.len(), device)?,
+                tables: std::sync::OnceLock::new(),
             }
         };
         Ok(Nf4Tensor {
@@ -324,7 +330,21 @@ impl Nf4Tensor {
     pub fn dequantize(&self) -> Result<Tensor> {
         match &self.store {
             Codes::Host { codes, scalers } => self.dequantize_host(codes, scalers),
-            Codes::Device { codes, scalers } => self.dequantize_ops(codes, scalers),
+            Codes::Device {
+                codes,
+                scalers,
+                tables,
+            } => {
+                let (scales, levels) = match tables.get() {
+                    Some(t) => t.clone(),
+                    None => {
+                        let made = self.device_tables(scalers)?;
+                        let _ = tables.set(made.clone());
+                        made
+                    }
+                };
+                self.dequantize_ops(codes, &scales, &levels)
+            }
         }
     }
 
@@ -338,12 +358,13 @@ impl Nf4Tensor {
     /// check on the CPU that it gives the same bits as the fused host path.
     pub fn dequantize_with_tensor_ops(&self) -> Result<Tensor> {
         match &self.store {
-            Codes::Device { codes, scalers } => self.dequantize_ops(codes, scalers),
+            Codes::Device { .. } => self.dequantize(),
             Codes::Host { codes, scalers } => {
                 let offset: Vec<u8> = scalers.iter().map(|&q| (q as i16 + 128) as u8).collect();
                 let codes = Tensor::from_slice(codes, codes.len(), &self.device)?;
                 let scalers = Tensor::from_vec(offset, scalers.len(), &self.device)?;
-                self.dequantize_ops(&codes, &scalers)
+                let (scales, levels) = self.device_tables(&scalers)?;
+                self.dequantize_ops(&codes, &scales, &levels)
             }
         }
     }
@@ -394,10 +415,10 @@ impl Nf4Tensor {
         }
     }
 
-    /// The same arithmetic as [`Self::dequantize_host`] from device tensors: `codes` u8
-    /// [n_blocks * 32], `scalers` u8 [n_blocks] holding `q + 128`.
-    fn dequantize_ops(&self, codes: &Tensor, scalers: &Tensor) -> Result<Tensor> {
-        let (dt, dev) = (self.dtype, codes.device());
+    /// The per-block scales `[n_blocks, 1]` and the level table `[16]` in the tensor's dtype,
+    /// from `scalers` (u8 holding `q + 128`): constant for the tensor, so made once.
+    fn device_tables(&self, scalers: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (dt, dev) = (self.dtype, scalers.device());
         let p = Precision::of(dt)?;
         let (n_blocks, n_groups) = (self.n_blocks(), self.n_groups());
         // int8 scalers, exact in any float format; padded to whole groups for the division.
@@ -414,20 +435,29 @@ impl Nf4Tensor {
         let scales = q
             .reshape((n_groups, SCALER_BLOCK_SIZE))?
             .broadcast_div(&factors)?
-            .flatten_all()?;
-        let scales = scales.narrow(0, 0, n_blocks)?.broadcast_add(&mean)?;
-        // Unpack: high nibble first. u8 ops: hi = byte / 16, lo = byte - 16 * hi.
+            .flatten_all()?
+            .narrow(0, 0, n_blocks)?
+            .broadcast_add(&mean)?
+            .reshape((n_blocks, 1))?;
+        let levels = Tensor::new(&self.levels.map(|l| p.round(l))[..], dev)?.to_dtype(dt)?;
+        Ok((scales, levels))
+    }
+
+    /// The same arithmetic as [`Self::dequantize_host`] from device tensors: `codes` u8
+    /// [n_blocks * 32], and the tables of [`Self::device_tables`].
+    fn dequantize_ops(&self, codes: &Tensor, scales: &Tensor, levels: &Tensor) -> Result<Tensor> {
+        let dev = codes.device();
+        let n_blocks = self.n_blocks();
+        // Unpack: high nibble first. u8 ops: hi = byte / 16, lo = byte - 16 * hi; the u8 codes
+        // index the level table directly.
         let sixteen = Tensor::new(&[16u8], dev)?;
         let hi = codes.broadcast_div(&sixteen)?;
         let lo = (codes - hi.broadcast_mul(&sixteen)?)?;
-        let index = Tensor::stack(&[&hi, &lo], 1)?
-            .flatten_all()?
-            .to_dtype(DType::U32)?;
-        let levels = Tensor::new(&self.levels.map(|l| p.round(l))[..], dev)?.to_dtype(dt)?;
+        let index = Tensor::stack(&[&hi, &lo], 1)?.flatten_all()?;
         let values = levels
             .index_select(&index, 0)?
             .reshape((n_blocks, BLOCK_SIZE))?;
-        let w = values.broadcast_mul(&scales.reshape((n_blocks, 1))?)?;
+        let w = values.broadcast_mul(scales)?;
         w.flatten_all()?
             .narrow(0, 0, self.elem_count())?
             .reshape(self.shape.clone())

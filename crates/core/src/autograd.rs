@@ -73,9 +73,14 @@ fn cpu_copy(name: &str, out: Tensor) -> Result<(CpuStorage, Shape)> {
 #[cfg(feature = "cuda")]
 fn cuda_copy(name: &str, out: Tensor) -> Result<(candle_core::CudaStorage, Shape)> {
     use candle_core::backend::BackendStorage;
-    // An exactly-sized contiguous buffer at offset 0 (`copy` would keep a view's layout, and the
-    // clone below copies the whole backing buffer), cloned out of the lock.
-    let out = out.force_contiguous()?;
+    // A contiguous buffer starting at offset 0, cloned out of the lock (the clone copies the
+    // whole backing buffer; a view elsewhere in its buffer is first made its own, exactly).
+    let in_place = out.is_contiguous() && out.layout().start_offset() == 0;
+    let out = if in_place {
+        out
+    } else {
+        out.force_contiguous()?
+    };
     let shape = out.shape().clone();
     let (storage, layout) = out.storage_and_layout();
     match &*storage {

@@ -130,8 +130,9 @@ pub fn train_steps(
         },
         params.clone(),
     )?;
-    let tokens =
-        Tensor::rand(0f32, c.vocab_size as f32, (batch, seq), &device)?.to_dtype(DType::U32)?;
+    // CUDA's uniform draws are in (0, 1]: scale to vocab - 1 so no id reaches vocab_size.
+    let top = c.vocab_size.saturating_sub(1) as f32;
+    let tokens = Tensor::rand(0f32, top, (batch, seq), &device)?.to_dtype(DType::U32)?;
     let labels = tokens.to_dtype(DType::I64)?;
     let mut peak_device: u64 = device_memory_used(&device).unwrap_or(0);
     let mut times = Vec::new();
@@ -161,7 +162,10 @@ pub fn train_steps(
     }
     let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
     let tokens_per_step = (batch * seq) as f64;
-    // Model FLOPs per token, the usual 6N (+ causal attention 6 * layers * seq * dim) convention.
+    // Model FLOPs per token. `mfu` uses the usual 6N convention (+ causal attention, 6 * layers
+    // * seq * dim), as published MFU figures do; `mfu_lora` counts what LoRA needs: 4N, since
+    // frozen weights get no weight gradient (forward 2N, input gradient 2N), plus the same
+    // attention term. Recomputation (activation checkpointing) counts in neither.
     let n_params: f64 = model
         .linears()
         .iter()
@@ -173,6 +177,7 @@ pub fn train_steps(
         .sum();
     let attn = 6.0 * c.num_layers as f64 * seq as f64 * c.embed_dim as f64;
     let flops_per_token = 6.0 * n_params + attn;
+    let lora_flops_per_token = 4.0 * n_params + attn;
     Ok(json!({
         "batch_size": batch,
         "seq_len": seq,
@@ -181,6 +186,8 @@ pub fn train_steps(
         "tokens_per_second": tokens_per_step / mean,
         "model_flops_per_token": flops_per_token,
         "achieved_tflops": flops_per_token * tokens_per_step / mean / 1e12,
+        "lora_model_flops_per_token": lora_flops_per_token,
+        "achieved_tflops_lora": lora_flops_per_token * tokens_per_step / mean / 1e12,
         "peak_rss_gib": peak_rss_gib(),
         "peak_device_memory_gib": if peak_device > 0 { Some(peak_device as f64 / (1u64 << 30) as f64) } else { None },
     }))

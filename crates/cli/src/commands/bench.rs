@@ -146,8 +146,15 @@ pub fn run(args: &Args) -> Result<()> {
     result["model_build_seconds"] = build_seconds.into();
     result["plain_frozen_matmul"] = args.plain_frozen_matmul.into();
     result["activation_checkpointing"] = args.activation_checkpointing.into();
-    if let (Some(peak), Some(achieved)) = (args.peak_tflops, result["achieved_tflops"].as_f64()) {
-        result["mfu"] = (achieved / peak).into();
+    if let Some(peak) = args.peak_tflops {
+        for (achieved, mfu) in [
+            ("achieved_tflops", "mfu"),
+            ("achieved_tflops_lora", "mfu_lora"),
+        ] {
+            if let Some(achieved) = result[achieved].as_f64() {
+                result[mfu] = (achieved / peak).into();
+            }
+        }
     }
     println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(())
