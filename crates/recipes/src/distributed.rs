@@ -304,14 +304,14 @@ fn listen_address(endpoint: &str) -> Result<String> {
     let (host, port) = endpoint
         .rsplit_once(':')
         .with_context(|| format!("{endpoint}: expected HOST:PORT"))?;
-    let loopback = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    Ok(if loopback {
-        endpoint.to_string()
-    } else {
-        format!("0.0.0.0:{port}")
+    // IPv6 hosts come bracketed (`[::1]:29500`).
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let ip = bare.parse::<std::net::IpAddr>().ok();
+    let loopback = host == "localhost" || ip.is_some_and(|ip| ip.is_loopback());
+    Ok(match (loopback, ip) {
+        (true, _) => endpoint.to_string(),
+        (false, Some(std::net::IpAddr::V6(_))) => format!("[::]:{port}"),
+        (false, _) => format!("0.0.0.0:{port}"),
     })
 }
 
@@ -397,8 +397,15 @@ fn connect_to_root(
             stream.write_all(&(info.world_size as u64).to_le_bytes())?;
             stream.write_all(&job.to_le_bytes())?;
             let mut verdict = [0u8; 1];
-            stream.read_exact(&mut verdict).with_context(|| {
-                format!("rank 0 at {endpoint} closed the connection before accepting this rank")
+            stream.read_exact(&mut verdict).map_err(|e| {
+                let what = match e.kind() {
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                        "accepted the connection but never answered (is another program on \
+                         that port?)"
+                    }
+                    _ => "closed the connection before accepting this rank",
+                };
+                anyhow::anyhow!("no tune-rs rank 0 at {endpoint}: it {what} ({e})")
             })?;
             if verdict[0] != 1 {
                 let mut reason = String::new();
@@ -782,6 +789,8 @@ mod tests {
         );
         assert_eq!(listen_address("node0:29500").unwrap(), "0.0.0.0:29500");
         assert_eq!(listen_address("10.1.2.3:29500").unwrap(), "0.0.0.0:29500");
+        assert_eq!(listen_address("[::1]:29500").unwrap(), "[::1]:29500");
+        assert_eq!(listen_address("[fd00::2]:29500").unwrap(), "[::]:29500");
     }
 
     #[test]

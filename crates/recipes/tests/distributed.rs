@@ -137,3 +137,20 @@ fn a_rank_that_fails_stops_the_others_with_an_error() {
     let rank0 = format!("{:#}", results[0].as_ref().expect_err("rank 0 stops"));
     assert!(rank0.contains("lost rank 1"), "{rank0}");
 }
+
+#[test]
+fn ranks_started_with_different_settings_refuse_to_train() {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    let results = run_ranks(2, |rank| {
+        let seed = format!("seed={}", 1 + rank);
+        common::stories_config(
+            work.path(),
+            &["batch_size=2", "max_steps_per_epoch=2", &seed],
+        )
+    });
+    for result in results {
+        let err = format!("{:#}", result.expect_err("no rank trains"));
+        assert!(err.contains("another config, seed or dataset"), "{err}");
+    }
+}
