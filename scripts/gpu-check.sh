@@ -38,11 +38,14 @@ fi
 if [ -z "${TUNE_CUDA_LIB:-}" ]; then
   TUNE_CUDA_LIB="$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)"
   if [ ! -e "$TUNE_CUDA_LIB/libcublas.so.13" ]; then
-    TUNE_CUDA_LIB="$(dirname "$(find / -name 'libcublas.so.13' -not -path '*/proc/*' 2>/dev/null | head -1)")"
+    found="$(timeout 60 find / -name 'libcublas.so.13' -not -path '/proc/*' 2>/dev/null | head -1)"
+    TUNE_CUDA_LIB="${found:+$(dirname "$found")}"
   fi
 fi
-export LD_LIBRARY_PATH="$TUNE_CUDA_LIB:${LD_LIBRARY_PATH:-}"
-echo "CUDA libraries: $TUNE_CUDA_LIB"
+if [ -n "$TUNE_CUDA_LIB" ]; then
+  export LD_LIBRARY_PATH="$TUNE_CUDA_LIB:${LD_LIBRARY_PATH:-}"
+fi
+echo "CUDA libraries: ${TUNE_CUDA_LIB:-not found (set TUNE_CUDA_LIB)}"
 
 step() { # name timeout_seconds command...
   local name="$1" limit="$2"; shift 2
@@ -70,10 +73,10 @@ step qlora_step_cuda_fp32 45 "$BIN" selfcheck qlora-step --device "$DEVICE" --dt
 step qlora_step_cuda_bf16 45 "$BIN" selfcheck qlora-step --device "$DEVICE" --dtype bf16
 step trajectory_cuda_fp32 45 "$BIN" selfcheck trajectory --device "$DEVICE" --dtype fp32
 step trajectory_cuda_bf16 45 "$BIN" selfcheck trajectory --device "$DEVICE" --dtype bf16
-step bench_7b_lora_bf16 120 "$BIN" bench "${MODEL_ARGS[@]}" --lora-attn-modules q_proj,v_proj,output_proj \
+step bench_7b_lora_bf16 120 "$BIN" bench ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --lora-attn-modules q_proj,v_proj,output_proj \
   --apply-lora-to-mlp --lora-rank 8 --lora-alpha 16 --batch-size "$BENCH_BATCH" --seq-len "$BENCH_SEQ" \
   --warmup 1 --steps 3 --device "$DEVICE" --dtype "$BENCH_DTYPE" --peak-tflops 989 --activation-checkpointing
-step bench_7b_lora_bf16_no_checkpointing 120 "$BIN" bench "${MODEL_ARGS[@]}" --lora-attn-modules q_proj,v_proj,output_proj \
+step bench_7b_lora_bf16_no_checkpointing 120 "$BIN" bench ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --lora-attn-modules q_proj,v_proj,output_proj \
   --apply-lora-to-mlp --lora-rank 8 --lora-alpha 16 --batch-size "$BENCH_BATCH" --seq-len "$BENCH_SEQ" \
   --warmup 1 --steps 2 --device "$DEVICE" --dtype "$BENCH_DTYPE" --peak-tflops 989
 

@@ -12,7 +12,7 @@ fn temp_name(path: &Path) -> PathBuf {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    path.with_file_name(format!(".{name}.tmp-{}", owner()))
 }
 
 /// Writes `bytes` to `path` atomically (temp file, fsync, rename).
@@ -69,21 +69,38 @@ fn sync_dir(dir: &Path) {
     }
 }
 
+/// This process's mark in the names of its unfinished work (`HOST-PID`): the host keeps two
+/// machines sharing an output folder (NFS) from reaping each other's live saves.
+fn owner() -> String {
+    let host = fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().replace(['/', '.'], "_"))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_string());
+    format!("{host}-{}", std::process::id())
+}
+
+/// `.NAME.KIND-HOST-PID` next to `dest`.
+fn marked(dest: &Path, kind: &str) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dest.with_file_name(format!(".{name}.{kind}-{}", owner()))
+}
+
 /// Replaces directory `dest` by the fully written `staging` directory. The old `dest` (if any) is
-/// moved aside first and deleted only after the new one is in place.
+/// moved aside first and deleted only after the new one is in place; a crash in between leaves
+/// it aside, and [`remove_stale`] moves it back.
 pub fn replace_dir(staging: &Path, dest: &Path) -> Result<()> {
-    let old = dest.with_file_name(format!(
-        ".{}.old-{}",
-        dest.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
+    let old = marked(dest, "old");
+    // Durable before anything is moved: the window without `dest` stays two renames long.
+    sync_dir(staging);
     let had_old = dest.exists();
     if had_old {
         fs::rename(dest, &old).with_context(|| format!("cannot move aside {}", dest.display()))?;
     }
-    sync_dir(staging);
     fs::rename(staging, dest)
         .with_context(|| format!("cannot move {} into place", dest.display()))?;
     if let Some(parent) = dest.parent() {
@@ -97,13 +114,7 @@ pub fn replace_dir(staging: &Path, dest: &Path) -> Result<()> {
 
 /// A fresh staging directory next to `dest`.
 pub fn staging_dir(dest: &Path) -> Result<PathBuf> {
-    let staging = dest.with_file_name(format!(
-        ".{}.partial-{}",
-        dest.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
+    let staging = marked(dest, "partial");
     if staging.exists() {
         fs::remove_dir_all(&staging).ok();
     }
@@ -111,11 +122,13 @@ pub fn staging_dir(dest: &Path) -> Result<PathBuf> {
     Ok(staging)
 }
 
-/// Removes what a killed process left in `dir`: hidden staging folders (`.NAME.partial-PID`),
-/// folders moved aside (`.NAME.old-PID`) and temp files (`.NAME.tmp-PID`) whose process no
-/// longer runs. Returns what was removed. Does nothing where running processes cannot be seen
-/// (no `/proc`), so a live writer's files are never touched.
-pub fn remove_stale(dir: &Path) -> Vec<PathBuf> {
+/// Cleans up after runs of this host that were killed, at the start of a run (before it writes
+/// anything): staging folders (`.NAME.partial-HOST-PID`) and temp files (`.NAME.tmp-HOST-PID`)
+/// are removed; a folder moved aside (`.NAME.old-HOST-PID`) goes back to `NAME` when the save
+/// that replaced it never finished, else it is removed. Entries of processes still running, and
+/// of other hosts, are left alone; so is everything where running processes cannot be seen (no
+/// `/proc`). Returns what was done, for the log.
+pub fn remove_stale(dir: &Path) -> Vec<String> {
     let proc = Path::new("/proc");
     let Ok(entries) = fs::read_dir(dir) else {
         return Vec::new();
@@ -123,34 +136,49 @@ pub fn remove_stale(dir: &Path) -> Vec<PathBuf> {
     if !proc.join("self").exists() {
         return Vec::new();
     }
-    let mut removed = Vec::new();
+    let me = owner();
+    let (host, _) = me.rsplit_once('-').expect("owner() is HOST-PID");
+    let mut done = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = stale_pid(&name) else {
+        let Some((original, kind, entry_host, pid)) = unfinished(&name) else {
             continue;
         };
-        if pid == std::process::id() || proc.join(pid.to_string()).exists() {
+        // This process has written nothing yet: its own PID means an earlier, dead one.
+        let alive = pid != std::process::id() && proc.join(pid.to_string()).exists();
+        if entry_host != host || alive {
             continue;
         }
         let path = entry.path();
+        let target = dir.join(original);
+        if kind == "old" && !target.exists() {
+            if fs::rename(&path, &target).is_ok() {
+                done.push(format!(
+                    "restored {} (its replacement never finished)",
+                    target.display()
+                ));
+            }
+            continue;
+        }
         let gone = if path.is_dir() {
             fs::remove_dir_all(&path)
         } else {
             fs::remove_file(&path)
         };
         if gone.is_ok() {
-            removed.push(path);
+            done.push(format!("removed {} (left by a killed run)", path.display()));
         }
     }
-    removed
+    done
 }
 
-/// The writer's PID in a name this module makes for unfinished work, if `name` is one.
-fn stale_pid(name: &str) -> Option<u32> {
+/// `(NAME, kind, host, pid)` of a name this module gives unfinished work, if `name` is one.
+fn unfinished(name: &str) -> Option<(&str, &'static str, &str, u32)> {
     let rest = name.strip_prefix('.')?;
-    [".partial-", ".old-", ".tmp-"].iter().find_map(|marker| {
-        let (_, pid) = rest.rsplit_once(marker)?;
-        pid.parse().ok()
+    ["partial", "old", "tmp"].into_iter().find_map(|kind| {
+        let (original, mark) = rest.rsplit_once(&format!(".{kind}-"))?;
+        let (host, pid) = mark.rsplit_once('-')?;
+        Some((original, kind, host, pid.parse().ok()?))
     })
 }
 
@@ -159,33 +187,55 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_names_of_unfinished_work_carry_a_pid() {
-        assert_eq!(stale_pid(".epoch_0.partial-123"), Some(123));
-        assert_eq!(stale_pid(".epoch_0.old-7"), Some(7));
-        assert_eq!(stale_pid(".model.safetensors.tmp-42"), Some(42));
-        assert_eq!(stale_pid("epoch_0"), None);
-        assert_eq!(stale_pid(".epoch_0.partial-x"), None);
-        assert_eq!(stale_pid(".hidden"), None);
+    fn only_names_of_unfinished_work_parse() {
+        assert_eq!(
+            unfinished(".epoch_0.partial-node-1-123"),
+            Some(("epoch_0", "partial", "node-1", 123))
+        );
+        assert_eq!(
+            unfinished(".epoch_0.old-h-7"),
+            Some(("epoch_0", "old", "h", 7))
+        );
+        assert_eq!(
+            unfinished(".model.safetensors.tmp-h-42"),
+            Some(("model.safetensors", "tmp", "h", 42))
+        );
+        assert_eq!(unfinished("epoch_0"), None);
+        assert_eq!(unfinished(".epoch_0.partial-h-x"), None);
+        assert_eq!(unfinished(".hidden"), None);
     }
 
     #[test]
-    fn leftovers_of_a_dead_process_are_removed_and_live_ones_kept() {
-        let dir = std::env::temp_dir().join(format!("tune-atomic-stale-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        // PIDs above the kernel's maximum (2^22) never run.
-        let dead = dir.join(".epoch_0.partial-4194400");
-        fs::create_dir_all(dead.join("recipe_state")).unwrap();
-        fs::write(dir.join(".torchtune_config.yaml.tmp-4194401"), "x").unwrap();
-        let live = dir.join(format!(".epoch_1.partial-{}", std::process::id()));
-        fs::create_dir_all(&live).unwrap();
-        fs::create_dir_all(dir.join("epoch_0")).unwrap();
-        let removed = remove_stale(&dir);
-        if Path::new("/proc/self").exists() {
-            assert_eq!(removed.len(), 2, "{removed:?}");
-            assert!(!dead.exists());
+    fn a_killed_runs_leftovers_are_cleaned_and_a_folder_moved_aside_comes_back() {
+        if !Path::new("/proc/self").exists() {
+            return;
         }
-        assert!(live.exists() && dir.join("epoch_0").exists());
-        fs::remove_dir_all(&dir).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let me = owner();
+        let host = me.rsplit_once('-').unwrap().0.to_string();
+        // PIDs above the kernel's maximum (2^22) never run; PID 1 always does.
+        let dead =
+            |kind: &str, name: &str| dir.path().join(format!(".{name}.{kind}-{host}-4194400"));
+        fs::create_dir_all(dead("partial", "epoch_1").join("recipe_state")).unwrap();
+        fs::write(dead("tmp", "torchtune_config.yaml"), "x").unwrap();
+        // A crash between moving epoch_0 aside and moving its replacement in.
+        fs::create_dir_all(dead("old", "epoch_0")).unwrap();
+        fs::write(dead("old", "epoch_0").join("weights"), "old").unwrap();
+        // Kept: a live process's, another host's, and an old folder whose replacement landed.
+        let live = dir.path().join(format!(".epoch_2.partial-{host}-1"));
+        let other_host = dir.path().join(".epoch_3.partial-elsewhere-4194400");
+        fs::create_dir_all(&live).unwrap();
+        fs::create_dir_all(&other_host).unwrap();
+        fs::create_dir_all(dir.path().join("step_4")).unwrap();
+        fs::create_dir_all(dead("old", "step_4")).unwrap();
+
+        let done = remove_stale(dir.path());
+        assert_eq!(done.len(), 4, "{done:?}");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("epoch_0/weights")).unwrap(),
+            "old"
+        );
+        assert!(!dead("partial", "epoch_1").exists() && !dead("old", "step_4").exists());
+        assert!(live.exists() && other_host.exists() && dir.path().join("step_4").exists());
     }
 }

@@ -143,11 +143,12 @@ impl HfCheckpointer {
             model_type,
             resume_from_checkpoint: args.get("resume_from_checkpoint")?,
         };
-        c.check_output_dir()?;
         Ok(c)
     }
 
-    fn check_output_dir(&self) -> Result<()> {
+    /// For a run that saves into `output_dir`: it must not overlap the model being read (eval
+    /// and generation, which save nothing, read a fine-tuned `output_dir/epoch_N` freely).
+    pub fn check_output_dir(&self) -> Result<()> {
         let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
         let (out, ckpt) = (abs(&self.output_dir), abs(&self.checkpoint_dir));
         if out.starts_with(&ckpt) {
@@ -554,8 +555,24 @@ impl HfCheckpointer {
             })?
             .to_path_buf();
         let state = read_recipe_state(&folder)?;
+        if let Ok(Some((newest, later))) = newest_checkpoint(&self.output_dir) {
+            if progress(&later) > progress(&state) {
+                tracing::warn!(
+                    "resuming from {} although {} is further along; this run overwrites the later \
+                     checkpoints it reaches, and a resume that names none would pick {} until then",
+                    folder.display(),
+                    newest.display(),
+                    newest.display()
+                );
+            }
+        }
         Ok((folder, state))
     }
+}
+
+/// How far into its run a checkpoint is: epochs, then batches of the epoch, then steps.
+fn progress(s: &RecipeState) -> (usize, usize, usize) {
+    (s.epochs_run, s.batches_in_epoch, s.global_step)
 }
 
 fn read_recipe_state(folder: &Path) -> Result<RecipeState> {
@@ -597,7 +614,6 @@ pub fn newest_checkpoint(output_dir: &Path) -> Result<Option<(PathBuf, RecipeSta
             continue;
         }
         let state = read_recipe_state(&path)?;
-        let progress = |s: &RecipeState| (s.epochs_run, s.batches_in_epoch, s.global_step);
         if best
             .as_ref()
             .is_none_or(|(_, b)| progress(&state) > progress(b))

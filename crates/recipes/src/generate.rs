@@ -43,7 +43,6 @@ impl Recipe for Generate {
 
     fn top_level_keys(&self) -> &'static [&'static str] {
         &[
-            "output_dir",
             "prompt",
             "max_new_tokens",
             "temperature",

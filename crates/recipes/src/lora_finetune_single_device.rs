@@ -248,6 +248,16 @@ pub fn train_objective(
             last_checkpoint: None,
         });
     }
+    checkpointer.check_output_dir()?;
+    // Leftovers of a killed run first (a checkpoint it had moved aside comes back), so that
+    // every rank then sees the same checkpoints.
+    if group.is_main() {
+        for done in crate::atomic::remove_stale(&checkpointer.output_dir) {
+            tracing::info!("{done}");
+        }
+    }
+    group.barrier()?;
+
     // ---- Resume point: before the seed, which a resumed run takes from its checkpoint ------
     let resume_from: Option<(PathBuf, RecipeState)> =
         resume.then(|| checkpointer.resume_point()).transpose()?;
@@ -403,11 +413,9 @@ pub fn train_objective(
     };
     let mut logger = group.is_main().then(|| logger_spec.open()).transpose()?;
     if group.is_main() {
-        for path in crate::atomic::remove_stale(&checkpointer.output_dir) {
-            tracing::info!("removed {} (left by a killed run)", path.display());
-        }
         if !resume {
-            if let Some((dir, _)) = newest_checkpoint(&checkpointer.output_dir)? {
+            // Only a warning: an unreadable old state must not stop a run that never reads it.
+            if let Some((dir, _)) = newest_checkpoint(&checkpointer.output_dir).ok().flatten() {
                 tracing::warn!(
                     "output_dir {} already holds checkpoints (newest: {}); this fresh run \
                      overwrites those with the same names, and resume_from_checkpoint=True later \

@@ -438,9 +438,10 @@ pub fn qlora_step(repo: &Path, device: &Device, dtype: DType) -> Result<serde_js
 /// Whether a selfcheck report is within tolerance: in fp32 the CPU tests' tolerances, in bf16
 /// the loss within 1% of torchtune's. Returns the failed conditions (empty: passed).
 pub fn failures(report: &serde_json::Value) -> Vec<String> {
+    // "BF16" (candle's name) or the command line's "bf16" / "bfloat16".
     let bf16 = report["dtype"]
         .as_str()
-        .is_some_and(|d| d.eq_ignore_ascii_case("bf16"));
+        .is_some_and(|d| matches!(d.to_ascii_lowercase().as_str(), "bf16" | "bfloat16"));
     let mut limits: Vec<(String, f64)> = Vec::new();
     let mut want = |path: &str, limit: f64| limits.push((path.to_string(), limit));
     match (report["check"].as_str().unwrap_or_default(), bf16) {
@@ -458,6 +459,7 @@ pub fn failures(report: &serde_json::Value) -> Vec<String> {
         }
         ("trajectory", false) => {
             want("loss_max_rel_diff", 1e-5);
+            want("lr_max_abs_diff", 1e-12);
             want("final_adapter_max_abs_diff", 1e-4);
         }
         ("lora_step" | "trajectory", true) => want("loss_max_rel_diff", 0.01),
@@ -470,15 +472,27 @@ pub fn failures(report: &serde_json::Value) -> Vec<String> {
     if report.get("nf4_device_vs_host_max_abs_diff").is_some() {
         want("nf4_device_vs_host_max_abs_diff", 0.0);
     }
-    limits
-        .into_iter()
-        .filter_map(|(path, limit)| {
-            let value = path.split('.').fold(report, |v, key| &v[key]).as_f64();
-            // A NaN or a missing number fails too.
-            (!value.is_some_and(|v| v <= limit))
-                .then(|| format!("{path} = {value:?}, wanted <= {limit:e}"))
-        })
-        .collect()
+    let mut failed = Vec::new();
+    // A run that logged fewer steps than torchtune's would compare only its first ones.
+    if let (Some(ours), Some(theirs)) = (
+        report["losses"].as_array(),
+        report["torchtune_losses"].as_array(),
+    ) {
+        if ours.len() != theirs.len() {
+            failed.push(format!(
+                "logged {} losses, torchtune {}",
+                ours.len(),
+                theirs.len()
+            ));
+        }
+    }
+    failed.extend(limits.into_iter().filter_map(|(path, limit)| {
+        let value = path.split('.').fold(report, |v, key| &v[key]).as_f64();
+        // A NaN or a missing number fails too.
+        (!value.is_some_and(|v| v <= limit))
+            .then(|| format!("{path} = {value:?}, wanted <= {limit:e}"))
+    }));
+    failed
 }
 
 #[cfg(test)]
@@ -489,11 +503,16 @@ mod tests {
     fn tolerances_depend_on_the_dtype_and_nan_fails() {
         let report = |dtype: &str, loss: f64| {
             json!({"check": "trajectory", "dtype": dtype, "loss_max_rel_diff": loss,
-                   "final_adapter_max_abs_diff": 1e-6})
+                   "lr_max_abs_diff": 0.0, "final_adapter_max_abs_diff": 1e-6,
+                   "losses": [1.0, 2.0], "torchtune_losses": [1.0, 2.0]})
         };
         assert!(failures(&report("fp32", 1e-6)).is_empty());
         assert_eq!(failures(&report("fp32", 1e-3)).len(), 1);
         assert!(failures(&report("bf16", 1e-3)).is_empty());
+        assert!(failures(&report("bfloat16", 1e-3)).is_empty());
+        let mut short = report("fp32", 1e-6);
+        short["losses"] = json!([1.0]);
+        assert_eq!(failures(&short).len(), 1);
         assert_eq!(failures(&report("bf16", 0.02)).len(), 1);
         // serde_json writes NaN as null: a missing number fails.
         assert_eq!(failures(&report("BF16", f64::NAN)).len(), 1);

@@ -7,7 +7,6 @@ use tune_core::Config;
 
 /// Top-level keys the LoRA training recipes (SFT and DPO) read.
 pub const TRAINING_KEYS: &[&str] = &[
-    "output_dir",
     "resume_from_checkpoint",
     "save_adapter_weights_only",
     "save_every_n_steps",

@@ -264,6 +264,17 @@ fn our_lora_output_evaluates_the_same_as_adapter_or_merged() {
             "checkpointer.checkpoint_files=[model.safetensors.index.json]".into(),
         ],
     );
+    // torchtune's after-training layout, `checkpoint_dir: ${output_dir}/epoch_0`: evaluation
+    // saves nothing, so reading from inside output_dir is fine.
+    let in_place = eval(
+        work.path(),
+        &[
+            format!("output_dir={}", work.path().join("output").display()),
+            format!("checkpointer.checkpoint_dir={}", epoch.display()),
+            "checkpointer.checkpoint_files=[model.safetensors.index.json]".into(),
+        ],
+    );
+    assert_eq!(lls(&in_place), lls(&merged));
     // The torchtune-named adapter file, with the LoRA settings from the model node.
     let torchtune_names = eval(
         work.path(),

@@ -53,6 +53,19 @@ fn a_run_without_a_seed_resumes_with_its_checkpoints_seed() {
         .unwrap();
     assert!(dir.ends_with("epoch_1"), "{}", dir.display());
     assert_eq!(last.seed, first.seed);
+    // The seed was used, not just recorded: epoch 1's shuffled order gives the losses of a run
+    // that set that seed from the start.
+    let straight = tempfile::tempdir().unwrap();
+    let seed = format!("seed={}", first.seed);
+    let want = run(straight.path(), &with(&[&seed, "epochs=2"])).unwrap();
+    for (a, b) in want.steps[4..].iter().zip(&rest.steps) {
+        assert_eq!(a.step, b.step);
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-6 * a.loss.abs(),
+            "step {}",
+            a.step
+        );
+    }
 }
 
 #[test]
