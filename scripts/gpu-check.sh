@@ -27,6 +27,7 @@ MODEL="${BENCH_MODEL-llama2_7b}"
 MODEL_ARGS=()
 [ -n "$MODEL" ] && MODEL_ARGS=(--model "$MODEL")
 mkdir -p "$OUT"
+: > "$OUT/summary.txt"
 WORK="$(mktemp -d)"
 
 # A gzipped binary (what fits the transfer limit) is unpacked first.
@@ -37,8 +38,11 @@ fi
 # The CUDA 13 user-space libraries (cuBLAS, cuRAND, ...) come with the machine's PyTorch wheels.
 if [ -z "${TUNE_CUDA_LIB:-}" ]; then
   TUNE_CUDA_LIB="$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)"
+  if [ ! -e "$TUNE_CUDA_LIB/libcublas.so.13" ] && [ -e /usr/local/cuda/lib64/libcublas.so.13 ]; then
+    TUNE_CUDA_LIB=/usr/local/cuda/lib64
+  fi
   if [ ! -e "$TUNE_CUDA_LIB/libcublas.so.13" ]; then
-    found="$(timeout 60 find / -name 'libcublas.so.13' -not -path '/proc/*' 2>/dev/null | head -1)"
+    found="$(timeout 60 find / \( -path /proc -o -path /sys \) -prune -o -name libcublas.so.13 -print 2>/dev/null | head -1)"
     TUNE_CUDA_LIB="${found:+$(dirname "$found")}"
   fi
 fi
@@ -47,25 +51,27 @@ if [ -n "$TUNE_CUDA_LIB" ]; then
 fi
 echo "CUDA libraries: ${TUNE_CUDA_LIB:-not found (set TUNE_CUDA_LIB)}"
 
+# Each summary line goes to $OUT at once: a run cut short still returns what it finished.
 step() { # name timeout_seconds command...
   local name="$1" limit="$2"; shift 2
   local start=$SECONDS
-  timeout "$limit" "$@" > "$WORK/$name.json" 2> "$WORK/$name.log"
+  timeout -k 10 "$limit" "$@" > "$WORK/$name.json" 2> "$WORK/$name.log"
   local rc=$?
   local verdict="rc=$rc"
   grep -q '"pass": true' "$WORK/$name.json" && verdict="pass"
   grep -q '"pass": false' "$WORK/$name.json" && verdict="FAIL"
   local line
   line="$(printf '%-40s %-6s %4ds' "$name" "$verdict" $((SECONDS - start)))"
-  echo "$line" | tee -a "$WORK/summary.txt"
+  echo "$line" | tee -a "$WORK/summary.txt" >> "$OUT/summary.txt"
+  echo "$line"
   if [ $rc -ne 0 ]; then
     tail -5 "$WORK/$name.log" | sed 's/^/    /'
   fi
   return 0
 }
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv; "$BIN" --version; } \
-  2>&1 | tee "$WORK/gpu.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv; "$BIN" --version;
+  ldd "$BIN" | grep -E 'cuda|cublas|curand|not found'; } 2>&1 | tee "$WORK/gpu.txt"
 
 step lora_step_cuda_fp32 45 "$BIN" selfcheck lora-step --device "$DEVICE" --dtype fp32
 step lora_step_cuda_bf16 45 "$BIN" selfcheck lora-step --device "$DEVICE" --dtype bf16
@@ -80,12 +86,13 @@ step bench_7b_lora_bf16_no_checkpointing 120 "$BIN" bench ${MODEL_ARGS[@]+"${MOD
   --apply-lora-to-mlp --lora-rank 8 --lora-alpha 16 --batch-size "$BENCH_BATCH" --seq-len "$BENCH_SEQ" \
   --warmup 1 --steps 2 --device "$DEVICE" --dtype "$BENCH_DTYPE" --peak-tflops 989
 
-# The benchmarks' headline numbers, for the summary.
+# The benchmarks' headline numbers, for the summary. (A bench says rc=0 when it ran; the
+# device memory is the driver's used total after a backward, CUDA context included.)
 for b in bench_7b_lora_bf16 bench_7b_lora_bf16_no_checkpointing; do
   grep -E '"(tokens_per_second|mfu|mfu_lora|peak_device_memory_gib)"' "$WORK/$b.json" 2>/dev/null \
-    | tr -d ' ,' | sed "s/^/$b /" | tee -a "$WORK/summary.txt"
+    | tr -d ' ,' | sed "s/^/$b /" | tee -a "$WORK/summary.txt" >> "$OUT/summary.txt"
 done
+cat "$OUT/summary.txt"
 
-cp "$WORK/summary.txt" "$OUT/summary.txt"
 tar czf "$OUT/gpu-check.tgz" -C "$WORK" --exclude tune .
 echo "results: $OUT/summary.txt and $OUT/gpu-check.tgz"
