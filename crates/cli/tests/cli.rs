@@ -550,11 +550,15 @@ fn dry_run_counts_7b_without_weights_or_a_gpu() {
 fn selfchecks_run_from_the_repository_root_as_gpu_check_runs_them() {
     // scripts/gpu-check.sh runs these from the root with the default `--repo .`.
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    for check in ["lora-step", "qlora-step", "trajectory"] {
-        let out = ok(&tune_in(&root, &["selfcheck", check]));
-        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(report["check"], check.replace('-', "_"), "{out}");
-        assert_eq!(report["pass"], true, "{out}");
+    // bf16 too: candle multiplies bf16 on the CPU through fp32, so the GPU's bf16 graph (and
+    // its tolerance against torchtune's bf16 runs) is checked here before any GPU sees it.
+    for dtype in ["fp32", "bf16"] {
+        for check in ["lora-step", "qlora-step", "trajectory"] {
+            let out = ok(&tune_in(&root, &["selfcheck", check, "--dtype", dtype]));
+            let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(report["check"], check.replace('-', "_"), "{out}");
+            assert_eq!(report["pass"], true, "{dtype} {out}");
+        }
     }
 }
 

@@ -277,3 +277,22 @@ fn cuda_qlora_matches_the_recipes_fp32_and_bf16_runs() {
     let dense = compare(&step(&build(false, &device, DType::BF16)), "lora_bf16");
     eprintln!("cuda bf16 dense vs lora_bf16: {dense:?}");
 }
+
+/// The bf16 QLoRA step on the CPU (candle widens bf16 matmuls to fp32 there) against torchtune's
+/// bf16 runs, with the CUDA test's tolerances: the bf16 graph is checked before any GPU runs it.
+#[test]
+fn cpu_bf16_qlora_matches_torchtunes_bf16_runs() {
+    let ours = step(&build(true, &Device::Cpu, DType::BF16));
+    let d = compare(&ours, "qlora_bf16");
+    let want_loss = 6.461775779724121;
+    assert!(
+        (ours.loss - want_loss).abs() <= 2e-3 && d.grad_rel_norm_max < 2e-2,
+        "{d:?} (loss {})",
+        ours.loss
+    );
+    let dense = compare(&step(&build(false, &Device::Cpu, DType::BF16)), "lora_bf16");
+    assert!(
+        dense.loss_rel <= 1e-3 && dense.grad_rel_norm_max < 2e-2,
+        "{dense:?}"
+    );
+}

@@ -90,12 +90,6 @@ fn output_dir_inside_checkpoint_dir() {
 }
 
 #[test]
-fn bf16_on_cpu_suggests_fp32() {
-    let e = run_err(&["dtype=bf16"]);
-    assert!(e.contains("dtype=fp32"), "{e}");
-}
-
-#[test]
 fn truncated_checkpoint() {
     let work = tempfile::tempdir().unwrap();
     let ckpt = work.path().join("ckpt");
