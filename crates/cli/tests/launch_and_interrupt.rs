@@ -271,65 +271,45 @@ fn two_nodes_meet_at_the_master_address() {
 
 #[test]
 fn launcher_options_are_checked_before_anything_starts() {
-    let run = tune_command(&[
-        "run",
-        "--nnodes",
-        "2",
-        "--nproc_per_node",
-        "1",
-        "lora_finetune_distributed",
-        "--config",
-        "stories260K/lora_distributed",
-    ])
-    .output()
-    .unwrap();
-    assert_eq!(run.status.code(), Some(1));
-    let stderr = text(&run.stderr);
-    assert!(
-        stderr.contains("--master_addr HOST --master_port"),
-        "{stderr}"
-    );
-
-    let run = tune_command(&[
-        "run",
-        "--nproc_per_node",
-        "2",
-        "--rdzv_endpoint",
-        "localhost",
-        "lora_finetune_distributed",
-        "--config",
-        "stories260K/lora_distributed",
-    ])
-    .output()
-    .unwrap();
-    assert_eq!(run.status.code(), Some(1));
-    assert!(text(&run.stderr).contains("expected HOST:PORT"));
-
-    // torchrun's multi-node form (c10d rendezvous, no node rank): each node must say its rank.
-    let run = tune_command(&[
-        "run",
-        "--nnodes",
-        "2",
-        "--nproc_per_node",
-        "1",
-        "--rdzv_id",
-        "101",
-        "--rdzv_backend",
-        "c10d",
-        "--rdzv_endpoint",
-        "127.0.0.1:29500",
-        "lora_finetune_distributed",
-        "--config",
-        "stories260K/lora_distributed",
-    ])
-    .output()
-    .unwrap();
-    assert_eq!(run.status.code(), Some(1));
-    let stderr = text(&run.stderr);
-    assert!(
-        stderr.contains("needs --node_rank on each node"),
-        "{stderr}"
-    );
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--nnodes", "2", "--nproc_per_node", "1"],
+            "--master_addr HOST --master_port",
+        ),
+        (
+            &["--nproc_per_node", "2", "--rdzv_endpoint", "localhost"],
+            "expected HOST:PORT",
+        ),
+        // torchrun's multi-node form (c10d rendezvous, no node rank): each node must say its rank.
+        (
+            &[
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--rdzv_id",
+                "101",
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                "127.0.0.1:29500",
+            ],
+            "needs --node_rank on each node",
+        ),
+    ];
+    for (launcher, expected) in cases {
+        let mut args = vec!["run"];
+        args.extend_from_slice(launcher);
+        args.extend([
+            "lora_finetune_distributed",
+            "--config",
+            "stories260K/lora_distributed",
+        ]);
+        let run = tune_command(&args).output().unwrap();
+        assert_eq!(run.status.code(), Some(1), "{launcher:?}");
+        let stderr = text(&run.stderr);
+        assert!(stderr.contains(expected), "{launcher:?}: {stderr}");
+    }
 }
 
 #[cfg(target_os = "linux")]
