@@ -6,11 +6,13 @@ bf16 (what torchao's NF4Tensor.copy_ does when an fp16 checkpoint is loaded into
 model). This is an independent emulation of the written spec, not torchao output: no fixture made
 with torchao covers fp16. Needs numpy only.
 
-    python3 scripts/nf4_fp16_reference.py
+    python3 scripts/nf4_fp16_reference.py                 # writes the fixture
+    python3 scripts/nf4_fp16_reference.py --differences   # how often rounding to bf16 first differs
 """
 import json
 import os
 import struct
+import sys
 
 import numpy as np
 
@@ -130,5 +132,19 @@ def main():
         }, f, indent=2)
 
 
+def differences():
+    """Codes and int8 scalers that differ when the fp16 tensor is rounded to bf16 first."""
+    rng = np.random.default_rng(0)
+    for shape in [(1024, 4096), (4096, 1024)]:
+        w = to_f16(rng.normal(0.0, 0.02, size=shape).astype(np.float32)).reshape(-1)
+        _, q_f16, _, _, _, c_f16 = quantize(w, to_f16)
+        _, q_bf16, _, _, _, c_bf16 = quantize(to_bf16(w), to_bf16)
+        print(f"{shape}: codes differ {100 * np.mean(c_f16 != c_bf16):.2f}%, "
+              f"scalers differ {100 * np.mean(q_f16 != q_bf16):.1f}%")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--differences"]:
+        differences()
+    else:
+        main()
