@@ -9,35 +9,40 @@ use anyhow::{Context, Result};
 
 static RECEIVED: AtomicUsize = AtomicUsize::new(0);
 static FORWARDING: AtomicBool = AtomicBool::new(false);
-static ORPHANED: AtomicBool = AtomicBool::new(false);
-
-/// The launcher's process id, in each worker's environment.
+/// Set by the launcher in each worker's environment (the launcher's process id).
 pub const LAUNCHER_PID_VAR: &str = "TUNE_LAUNCHER_PID";
 
-/// Whether this is a launched worker whose launcher has died. Its death signal can arrive more
-/// than once (once per launcher thread), and must count as one request to save and stop.
-fn orphaned_worker() -> bool {
-    #[cfg(unix)]
-    if let Some(launcher) = std::env::var(LAUNCHER_PID_VAR)
-        .ok()
-        .and_then(|p| p.parse::<libc::pid_t>().ok())
-    {
-        // SAFETY: getppid has no preconditions and cannot fail.
-        return unsafe { libc::getppid() } != launcher;
+/// The signal a worker gets when its launcher dies (`PR_SET_PDEATHSIG`): its own, so that it
+/// never counts as a second Ctrl-C, however often it arrives.
+#[cfg(target_os = "linux")]
+pub const LAUNCHER_DIED: libc::c_int = libc::SIGUSR2;
+
+/// A launched worker whose launcher died: save and stop at the next step (idempotent), or end
+/// at once when no training loop would save.
+#[cfg(target_os = "linux")]
+extern "C" fn launcher_died(_: libc::c_int) {
+    // Only async-signal-safe work here: atomics and _exit.
+    if tune_core::recipe::stop_is_listened() {
+        tune_core::recipe::request_stop();
+    } else {
+        // SAFETY: _exit is async-signal-safe and ends the process without running anything.
+        unsafe { libc::_exit(130) };
     }
-    false
 }
 
-/// Installs the handler (once per process).
+/// Installs the handlers (once per process).
 pub fn install() -> Result<()> {
-    ctrlc::set_handler(|| {
-        // The launcher's death asks once to save and stop (however often it is signalled), and
-        // never turns a stop already under way into quitting without saving.
-        if orphaned_worker()
-            && (ORPHANED.swap(true, Ordering::SeqCst) || RECEIVED.load(Ordering::SeqCst) > 0)
-        {
-            return;
+    #[cfg(target_os = "linux")]
+    if std::env::var_os(LAUNCHER_PID_VAR).is_some() {
+        // SAFETY: the handler only touches atomics and calls _exit, both async-signal-safe.
+        unsafe {
+            libc::signal(
+                LAUNCHER_DIED,
+                launcher_died as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
         }
+    }
+    ctrlc::set_handler(|| {
         let received = RECEIVED.fetch_add(1, Ordering::SeqCst) + 1;
         if FORWARDING.load(Ordering::SeqCst) {
             return;

@@ -5,7 +5,7 @@
 //! launcher options. They get their own process group, so a terminal's Ctrl-C reaches only the
 //! launcher, which forwards each interrupt once to every worker (first: save and stop at the
 //! next step; second: quit; a third kills them). On Linux a worker whose launcher dies gets
-//! SIGTERM (and saves and stops like on Ctrl-C). When one worker fails the others notice within
+//! SIGUSR2 (and saves and stops, however often it arrives). When one worker fails the others notice within
 //! a collective; any still alive after a grace period are killed, and the launcher reports the
 //! first failure.
 
@@ -99,7 +99,8 @@ pub fn launch(job: &Job, worker_args: &[OsString]) -> Result<()> {
             let launcher_pid = std::process::id() as libc::pid_t;
             std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
                 // Orphaned workers (launcher killed) save and stop instead of training on.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                let signal = interrupt::LAUNCHER_DIED as libc::c_ulong;
+                if libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 // The launcher died before the line above took effect.
