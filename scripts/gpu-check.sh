@@ -11,8 +11,9 @@
 # settings) with tokens/s, MFU and peak GPU memory, with and without activation checkpointing.
 #
 # What comes back from a device run is limited (a few files): every result goes into one archive,
-# $OUT/gpu-check.tgz, and a one-line-per-check summary into $OUT/summary.txt and stdout. The
-# step timeouts add up to 510 s; give the run about 580 s.
+# $OUT/gpu-check.tgz, a one-line-per-check summary into $OUT/summary.txt (as each check ends) and
+# stdout, and the GPU and library facts into $OUT/gpu.txt. The step timeouts add up to 490 s
+# (plus 5 s of kill grace each); give the run about 580 s.
 set -uo pipefail
 
 OUT="${OUT:-/tmp/tune-gpu-check}"
@@ -55,15 +56,14 @@ echo "CUDA libraries: ${TUNE_CUDA_LIB:-not found (set TUNE_CUDA_LIB)}"
 step() { # name timeout_seconds command...
   local name="$1" limit="$2"; shift 2
   local start=$SECONDS
-  timeout -k 10 "$limit" "$@" > "$WORK/$name.json" 2> "$WORK/$name.log"
+  timeout -k 5 "$limit" "$@" > "$WORK/$name.json" 2> "$WORK/$name.log"
   local rc=$?
   local verdict="rc=$rc"
   grep -q '"pass": true' "$WORK/$name.json" && verdict="pass"
   grep -q '"pass": false' "$WORK/$name.json" && verdict="FAIL"
   local line
   line="$(printf '%-40s %-6s %4ds' "$name" "$verdict" $((SECONDS - start)))"
-  echo "$line" | tee -a "$WORK/summary.txt" >> "$OUT/summary.txt"
-  echo "$line"
+  echo "$line" | tee -a "$WORK/summary.txt" "$OUT/summary.txt"
   if [ $rc -ne 0 ]; then
     tail -5 "$WORK/$name.log" | sed 's/^/    /'
   fi
@@ -71,7 +71,7 @@ step() { # name timeout_seconds command...
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv; "$BIN" --version;
-  ldd "$BIN" | grep -E 'cuda|cublas|curand|not found'; } 2>&1 | tee "$WORK/gpu.txt"
+  ldd "$BIN" | grep -E 'cuda|cublas|curand|not found'; } 2>&1 | tee "$WORK/gpu.txt" "$OUT/gpu.txt"
 
 step lora_step_cuda_fp32 45 "$BIN" selfcheck lora-step --device "$DEVICE" --dtype fp32
 step lora_step_cuda_bf16 45 "$BIN" selfcheck lora-step --device "$DEVICE" --dtype bf16
@@ -79,10 +79,10 @@ step qlora_step_cuda_fp32 45 "$BIN" selfcheck qlora-step --device "$DEVICE" --dt
 step qlora_step_cuda_bf16 45 "$BIN" selfcheck qlora-step --device "$DEVICE" --dtype bf16
 step trajectory_cuda_fp32 45 "$BIN" selfcheck trajectory --device "$DEVICE" --dtype fp32
 step trajectory_cuda_bf16 45 "$BIN" selfcheck trajectory --device "$DEVICE" --dtype bf16
-step bench_7b_lora_bf16 120 "$BIN" bench ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --lora-attn-modules q_proj,v_proj,output_proj \
+step bench_7b_lora_bf16 110 "$BIN" bench ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --lora-attn-modules q_proj,v_proj,output_proj \
   --apply-lora-to-mlp --lora-rank 8 --lora-alpha 16 --batch-size "$BENCH_BATCH" --seq-len "$BENCH_SEQ" \
   --warmup 1 --steps 3 --device "$DEVICE" --dtype "$BENCH_DTYPE" --peak-tflops 989 --activation-checkpointing
-step bench_7b_lora_bf16_no_checkpointing 120 "$BIN" bench ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --lora-attn-modules q_proj,v_proj,output_proj \
+step bench_7b_lora_bf16_no_checkpointing 110 "$BIN" bench ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --lora-attn-modules q_proj,v_proj,output_proj \
   --apply-lora-to-mlp --lora-rank 8 --lora-alpha 16 --batch-size "$BENCH_BATCH" --seq-len "$BENCH_SEQ" \
   --warmup 1 --steps 2 --device "$DEVICE" --dtype "$BENCH_DTYPE" --peak-tflops 989
 
@@ -90,9 +90,8 @@ step bench_7b_lora_bf16_no_checkpointing 120 "$BIN" bench ${MODEL_ARGS[@]+"${MOD
 # device memory is the driver's used total after a backward, CUDA context included.)
 for b in bench_7b_lora_bf16 bench_7b_lora_bf16_no_checkpointing; do
   grep -E '"(tokens_per_second|mfu|mfu_lora|peak_device_memory_gib)"' "$WORK/$b.json" 2>/dev/null \
-    | tr -d ' ,' | sed "s/^/$b /" | tee -a "$WORK/summary.txt" >> "$OUT/summary.txt"
+    | tr -d ' ,' | sed "s/^/$b /" | tee -a "$WORK/summary.txt" "$OUT/summary.txt"
 done
-cat "$OUT/summary.txt"
 
 tar czf "$OUT/gpu-check.tgz" -C "$WORK" --exclude tune .
 echo "results: $OUT/summary.txt and $OUT/gpu-check.tgz"

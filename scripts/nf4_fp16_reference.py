@@ -146,5 +146,7 @@ def differences():
 if __name__ == "__main__":
     if sys.argv[1:] == ["--differences"]:
         differences()
+    elif sys.argv[1:]:
+        sys.exit("usage: nf4_fp16_reference.py [--differences]")
     else:
         main()
