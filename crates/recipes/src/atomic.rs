@@ -8,11 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 fn temp_name(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", owner()))
+    marked(path, "tmp")
 }
 
 /// Writes `bytes` to `path` atomically (temp file, fsync, rename).

@@ -219,6 +219,30 @@ impl ProcessGroup {
     }
 
     /// Returns once every rank has called it.
+    /// Fails on every rank unless all ranks hold the same `value` (compared by hash with rank
+    /// 0's); `what` names it in the error. A group of one agrees with itself.
+    pub fn check_all_agree(&mut self, value: &impl std::hash::Hash, what: &str) -> Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        use std::hash::Hasher;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        value.hash(&mut hasher);
+        let fingerprint = hasher.finish();
+        let reference = self.broadcast_u64(fingerprint)?;
+        let mut disagree = [f64::from(u8::from(reference != fingerprint))];
+        self.all_reduce_sum_f64(&mut disagree)?;
+        if disagree[0] > 0.0 {
+            bail!(
+                "{} of {} ranks were started with another {what} than rank 0; start every rank \
+                 with the same config and overrides",
+                disagree[0],
+                self.world_size()
+            );
+        }
+        Ok(())
+    }
+
     pub fn barrier(&mut self) -> Result<()> {
         self.all_reduce_sum_f64(&mut [])
     }

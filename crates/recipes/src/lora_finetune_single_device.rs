@@ -336,25 +336,10 @@ pub fn train_objective(
     )?;
     // Every rank must train the same thing: a rank given another config, seed or data would
     // train apart without a word (only rank 0 saves).
-    if group.world_size() > 1 {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        config.to_yaml_string().hash(&mut hasher);
-        seed.hash(&mut hasher);
-        objective.num_examples().hash(&mut hasher);
-        let fingerprint = hasher.finish();
-        let reference = group.broadcast_u64(fingerprint)?;
-        let mut disagree = [f64::from(u8::from(reference != fingerprint))];
-        group.all_reduce_sum_f64(&mut disagree)?;
-        if disagree[0] > 0.0 {
-            bail!(
-                "{} of {} ranks were started with another config, seed or dataset than rank 0; \
-                 start every rank with the same config and overrides",
-                disagree[0],
-                group.world_size()
-            );
-        }
-    }
+    group.check_all_agree(
+        &(config.to_yaml_string(), seed, objective.num_examples()),
+        "config, seed or dataset",
+    )?;
     // Dropout draws from the device's generator: seeded per rank, as torchtune seeds each rank
     // with seed + rank (candle cannot seed its CPU generator; there it stays unseeded).
     let _ = device.set_seed(seed.wrapping_add(group.rank() as u64));
