@@ -208,6 +208,16 @@ impl Args {
         Args { component, values }
     }
 
+    /// Sets argument `name` (a preset filling in the builder argument it fixes).
+    pub fn set(&mut self, name: &str, value: Value) {
+        self.values.insert(name.to_string(), value);
+    }
+
+    /// Removes argument `name`, returning its value.
+    pub fn remove(&mut self, name: &str) -> Option<Value> {
+        self.values.remove(name)
+    }
+
     pub fn raw(&self, name: &str) -> Option<&Value> {
         self.values.get(name)
     }

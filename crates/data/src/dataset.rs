@@ -6,7 +6,8 @@
 //! Sources are local files: `source: json` (JSON / JSON Lines), `source: text` (one row per
 //! line, as Hugging Face's `text` loader) or `source: parquet` with `data_files`, or a path to
 //! such a file or a folder of them. A Hugging Face dataset id downloads its JSON or Parquet files
-//! through hf-hub; folders and Hub datasets take their splits from the file names.
+//! through hf-hub; folders and Hub datasets take their files from their dataset card's config
+//! (`name`, [`crate::dataset_card`]) when it declares configs, else their splits from the file names.
 
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use tune_core::Args;
 
+use crate::dataset_card::{card_configs, choose_config, CardConfig};
 use crate::json_source::{
     parse_split, read_parquet_rows, read_rows, read_text_rows, DataFiles, Row, TextSampleBy,
 };
@@ -181,10 +183,16 @@ impl RowSource {
             }
             None => None,
         };
+        // `name` picks a config of a dataset card; the packaged builders (`json`, ...) have none.
+        let name = match is_packaged(&source) {
+            false => args.get_opt::<String>("name")?,
+            true => None,
+        };
         let known: Vec<&str> = SOURCE_ARGS
             .iter()
             .chain(own)
             .chain(&["sample_by"])
+            .chain(name.is_some().then_some(&"name"))
             .copied()
             .collect();
         for (key, value) in args.extra(&known) {
@@ -194,10 +202,6 @@ impl RowSource {
                         "{component}: streaming=True is not supported; local files are read whole"
                     )
                 }
-                "name" if !value.is_null() && !is_local_or_packaged(&source) => bail!(
-                    "{component}: `name` (a Hugging Face dataset config) is not supported; pick the \
-                     config's files with `data_dir` or `data_files`"
-                ),
                 "name" | "cache_dir" | "streaming" | "trust_remote_code" | "keep_in_memory"
                 | "num_proc" => {
                     tracing::warn!("{component}: ignoring load_dataset argument `{key}` (not needed for local files)")
@@ -221,6 +225,7 @@ impl RowSource {
             Folder {
                 data_dir: data_dir.as_deref(),
                 default_hub_data_dir: default_data_dir,
+                name: name.as_deref(),
                 wanted_splits: &wanted_splits,
             },
         )?;
@@ -289,16 +294,49 @@ struct Folder<'a> {
     data_dir: Option<&'a str>,
     /// The subfolder of a Hub dataset read when `data_dir` is not given (a preset's default).
     default_hub_data_dir: Option<&'a str>,
+    /// The dataset card config to read (`name`), if one is named.
+    name: Option<&'a str>,
     /// The splits the `split` argument reads (only their Hub files are downloaded).
     wanted_splits: &'a [String],
 }
 
-/// `json`, `text`, `parquet` and the like, or a path that exists here.
-fn is_local_or_packaged(source: &str) -> bool {
+/// `json`, `text`, `parquet` and Hugging Face's other packaged builders.
+pub(crate) fn is_packaged(source: &str) -> bool {
     matches!(
         source,
         "json" | "text" | "parquet" | "csv" | "arrow" | "pandas"
-    ) || Path::new(source).exists()
+    )
+}
+
+/// The config of a local dataset folder's card (`README.md`) that `name` picks, or its default.
+fn local_card_config(folder: &Path, name: Option<&str>) -> Result<Option<CardConfig>> {
+    let readme = folder.join("README.md");
+    let configs = match std::fs::read_to_string(&readme) {
+        Ok(text) => card_configs(&text).with_context(|| readme.display().to_string())?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", readme.display())),
+    };
+    Ok(choose_config(&configs, name, &folder.display().to_string())?.cloned())
+}
+
+/// Named data files, read as text when every one is a `.txt` file and by extension otherwise.
+fn files_source(component: &str, files: DataFiles, sample_by: TextSampleBy) -> Result<Source> {
+    let is_text = |p: &Path| extension_is(p, &["txt", "text"]);
+    if let Some(other) = files
+        .all()
+        .into_iter()
+        .find(|f| !is_text(f) && !looks_like_data(f))
+    {
+        bail!(
+            "{component}: {} is neither JSON, JSON Lines, Parquet nor text; convert it to JSON \
+             Lines (or Parquet)",
+            other.display()
+        );
+    }
+    Ok(match files.all().iter().all(|f| is_text(f)) {
+        true => Source::Text(files, sample_by),
+        false => Source::Files(files),
+    })
 }
 
 fn resolve_source(
@@ -342,8 +380,19 @@ fn resolve_source(
         (_, None) if local.is_file() && looks_like_json(local) => {
             Ok(Source::Json(DataFiles::Train(vec![local.to_path_buf()])))
         }
+        // A folder is read as load_dataset reads it: a given data_dir by its file names, else
+        // the card's config (`name`, or the default), else by file names.
         (_, None) if local.is_dir() => {
-            let root = match folder.data_dir {
+            let config = local_card_config(local, folder.name)
+                .with_context(|| component.to_string())?
+                .filter(|_| folder.data_dir.is_none());
+            if let Some(files) = config.as_ref().and_then(CardConfig::data_files_from_root) {
+                return files_source(component, local_files(files.relative_to(local))?, sample_by);
+            }
+            let dir = folder
+                .data_dir
+                .or(config.as_ref().and_then(|c| c.data_dir.as_deref()));
+            let root = match dir {
                 Some(dir) => local.join(dir),
                 None => local.to_path_buf(),
             };
@@ -369,15 +418,15 @@ fn resolve_source(
         }
         // Named files of a local dataset folder, relative to it (and to data_dir within it).
         (_, Some(files)) if local.is_dir() => {
-            let files = local_files(files.relative_to(local))?;
-            Ok(match files.all().iter().all(|f| is_text(f)) {
-                true => Source::Text(files, sample_by),
-                false => Source::Files(files),
-            })
+            // The name must still be one of the card's configs.
+            local_card_config(local, folder.name).with_context(|| component.to_string())?;
+            files_source(component, local_files(files.relative_to(local))?, sample_by)
         }
-        (_, files) => Ok(Source::Files(fetch_from_hub(
-            component, source, files, &folder,
-        )?)),
+        (_, files) => files_source(
+            component,
+            fetch_from_hub(component, source, files, &folder)?,
+            sample_by,
+        ),
     }
 }
 
@@ -522,12 +571,6 @@ fn fetch_from_hub(
             format!("{component}: cannot download {name} of Hugging Face Hub dataset {repo_id:?}. {offline_fix}")
         })
     };
-    let names = |files: &[PathBuf]| -> Vec<String> {
-        files
-            .iter()
-            .map(|f| f.to_string_lossy().into_owned())
-            .collect()
-    };
     let listing = || -> Result<Vec<String>> {
         let info = repo.info().with_context(|| {
             format!("{component}: cannot list Hugging Face Hub dataset {repo_id:?}. {offline_fix}")
@@ -550,69 +593,72 @@ fn fetch_from_hub(
         }
         files => files,
     };
-    match data_files {
-        Some(DataFiles::Train(files)) => Ok(DataFiles::Train(
-            names(&files)
+    let download = |files: DataFiles| {
+        files.try_map(|names| {
+            names
                 .iter()
-                .map(|n| get(n))
-                .collect::<Result<_>>()?,
-        )),
-        Some(DataFiles::Splits(map)) => {
-            let mut out = std::collections::BTreeMap::new();
-            for (split, files) in map {
-                out.insert(
-                    split,
-                    names(&files)
-                        .iter()
-                        .map(|n| get(n))
-                        .collect::<Result<_>>()?,
-                );
-            }
-            Ok(DataFiles::Splits(out))
-        }
-        None => {
-            let dir = folder.data_dir.or(folder.default_hub_data_dir);
-            let prefix = dir.map(|d| format!("{}/", d.trim_end_matches('/')));
-            // Names relative to data_dir, as Hugging Face matches its split patterns.
-            let files: Vec<(String, String)> = listing()?
-                .into_iter()
-                .filter(|f| looks_like_data(Path::new(f)))
-                .filter_map(|f| {
-                    let relative = match &prefix {
-                        Some(p) => f.strip_prefix(p.as_str())?.to_string(),
-                        None => f.clone(),
-                    };
-                    (!skipped_by_hugging_face(&relative)).then_some((relative, f))
-                })
-                .collect();
-            if files.is_empty() {
-                bail!(
-                    "{component}: Hugging Face Hub dataset {repo_id:?} has no .json, .jsonl or \
-                     .parquet data files{}",
-                    dir.map(|d| format!(" under {d}/")).unwrap_or_default()
-                );
-            }
-            // Only the wanted splits' files are downloaded.
-            let fetch = |names: Vec<String>| -> Result<Vec<PathBuf>> {
-                names.iter().map(|n| get(n)).collect()
-            };
-            Ok(match files_by_split(files) {
-                SplitFiles::Train(all) => SplitFiles::Train(fetch(all)?),
-                SplitFiles::Splits(map) => {
-                    let mut out = std::collections::BTreeMap::new();
-                    for (split, names) in map {
-                        let files = match folder.wanted_splits.contains(&split) {
-                            true => fetch(names)?,
-                            false => Vec::new(),
-                        };
-                        out.insert(split, files);
-                    }
-                    SplitFiles::Splits(out)
-                }
-            }
-            .into_data_files())
-        }
+                .map(|name| get(&name.to_string_lossy()))
+                .collect()
+        })
+    };
+    if let Some(files) = data_files {
+        return download(files);
     }
+    let listing = listing()?;
+    // The card's config (`name`, or the default), unless a data_dir says where to read.
+    let configs = match listing.iter().any(|f| f == "README.md") {
+        true => {
+            let readme = get("README.md")?;
+            let text = std::fs::read_to_string(&readme)
+                .with_context(|| format!("cannot read {}", readme.display()))?;
+            card_configs(&text).with_context(|| {
+                format!("{component}: README.md of Hugging Face Hub dataset {repo_id:?}")
+            })?
+        }
+        false => Vec::new(),
+    };
+    let config = choose_config(&configs, folder.name, repo_id)
+        .with_context(|| component.to_string())?
+        .filter(|_| folder.data_dir.is_none() && folder.default_hub_data_dir.is_none());
+    // Only the wanted splits' files are downloaded.
+    if let Some(files) = config.and_then(CardConfig::data_files_from_root) {
+        let files = files.expand_patterns(Some(&listing)).with_context(|| {
+            format!(
+                "{component}: config {:?} of {repo_id:?}",
+                config.map(|c| &c.name)
+            )
+        })?;
+        return download(files.only_splits(folder.wanted_splits));
+    }
+    let dir = folder
+        .data_dir
+        .or(folder.default_hub_data_dir)
+        .or(config.and_then(|c| c.data_dir.as_deref()));
+    let prefix = dir.map(|d| format!("{}/", d.trim_end_matches('/')));
+    // Names relative to data_dir, as Hugging Face matches its split patterns.
+    let files: Vec<(String, PathBuf)> = listing
+        .into_iter()
+        .filter(|f| looks_like_data(Path::new(f)))
+        .filter_map(|f| {
+            let relative = match &prefix {
+                Some(p) => f.strip_prefix(p.as_str())?.to_string(),
+                None => f.clone(),
+            };
+            (!skipped_by_hugging_face(&relative)).then_some((relative, PathBuf::from(f)))
+        })
+        .collect();
+    if files.is_empty() {
+        bail!(
+            "{component}: Hugging Face Hub dataset {repo_id:?} has no .json, .jsonl or \
+             .parquet data files{}",
+            dir.map(|d| format!(" under {d}/")).unwrap_or_default()
+        );
+    }
+    download(
+        files_by_split(files)
+            .into_data_files()
+            .only_splits(folder.wanted_splits),
+    )
 }
 
 fn looks_like_data(p: &Path) -> bool {

@@ -117,8 +117,24 @@ impl DataFiles {
         })
     }
 
+    /// The same files with those of splits other than `wanted` left out (their names stay, so
+    /// asking for one still says it exists).
+    pub fn only_splits(self, wanted: &[String]) -> Self {
+        match self {
+            DataFiles::Train(files) => DataFiles::Train(files),
+            DataFiles::Splits(map) => DataFiles::Splits(
+                map.into_iter()
+                    .map(|(split, files)| match wanted.contains(&split) {
+                        true => (split, files),
+                        false => (split, Vec::new()),
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
     /// Every file list transformed by `f`.
-    fn try_map(self, mut f: impl FnMut(Vec<PathBuf>) -> Result<Vec<PathBuf>>) -> Result<Self> {
+    pub fn try_map(self, mut f: impl FnMut(Vec<PathBuf>) -> Result<Vec<PathBuf>>) -> Result<Self> {
         Ok(match self {
             DataFiles::Train(files) => DataFiles::Train(f(files)?),
             DataFiles::Splits(map) => DataFiles::Splits(

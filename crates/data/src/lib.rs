@@ -14,6 +14,7 @@
 //! - [`json_source`] — local JSON / JSON Lines / text / Parquet data files and `train[:10%]`-style
 //!   splits.
 //! - [`dataset`] — what every dataset builder shares ([`DatasetSpec`]: source, split, packing).
+//! - [`dataset_card`] — the `configs` of a Hugging Face dataset card (`name`: a dataset's subsets).
 //! - [`alpaca`] — `alpaca_dataset` / `alpaca_cleaned_dataset`.
 //! - [`instruct`] — `instruct_dataset` (prompt/response columns).
 //! - [`chat`] — `chat_dataset` (ShareGPT / OpenAI conversations).
@@ -21,7 +22,8 @@
 //! - [`preference`] — chosen/rejected pairs for DPO (`preference_dataset`,
 //!   `stack_exchange_paired_dataset`) and `padded_collate_dpo`.
 //! - [`presets`] — torchtune's named Hub datasets (`samsum_dataset`, `grammar_dataset`,
-//!   `slimorca_dataset`, `hh_rlhf_helpful_dataset`) as presets of the builders above.
+//!   `slimorca_dataset`, `hh_rlhf_helpful_dataset`, `wikitext_dataset`,
+//!   `cnn_dailymail_articles_dataset`) as presets of the builders above.
 //! - [`sft`] — the tokenized training [`Sample`] (tokens, labels, mask).
 //! - [`packed`] — `packed: True`: samples packed into fixed-length [`Pack`]s.
 //!
@@ -40,6 +42,7 @@ mod charsmap;
 pub mod chat;
 pub mod collate;
 pub mod dataset;
+pub mod dataset_card;
 pub mod hf_tokenizer;
 pub mod instruct;
 pub mod json_source;

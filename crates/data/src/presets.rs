@@ -8,12 +8,66 @@
 //! | `grammar_dataset` | `liweili/c4_200m`: `input` -> `output` | `instruct_dataset` |
 //! | `slimorca_dataset` | `Open-Orca/SlimOrca-Dedup`: ShareGPT `conversations` | `chat_dataset` |
 //! | `hh_rlhf_helpful_dataset` | `RLHFlow/HH-RLHF-Helpful-standard`: `chosen`/`rejected` conversations | `preference_dataset` |
+//! | `wikitext_dataset` | `EleutherAI/wikitext_document_level`, config `subset` (`wikitext-103-v1`): `page` | `text_completion_dataset` |
+//! | `cnn_dailymail_articles_dataset` | `ccdv/cnn_dailymail`, config `3.0.0`: `article` | `text_completion_dataset` |
 
-use tune_core::{ArgSpec, ArgType};
+use anyhow::{bail, Result};
+use serde_yaml::Value;
+use tune_core::{ArgSpec, ArgType, Args};
 
 use crate::chat::build_sharegpt;
+use crate::dataset::DatasetSpec;
 use crate::instruct::build_input_output;
 use crate::preference::build_chosen_rejected;
+use crate::text_completion::build_text_completion;
+
+/// A text-completion preset: the text of `column` in the dataset config `config` (a Hub
+/// dataset's subset, as `load_dataset(source, name)`). Like torchtune's, the preset fixes the
+/// column and the config, so passing either again is an error.
+fn build_text_preset(
+    args: &Args,
+    component: &'static str,
+    column: &str,
+    config: Value,
+) -> Result<DatasetSpec> {
+    for fixed in ["column", "name"] {
+        if !args.is_null(fixed) {
+            bail!(
+                "{component} sets `{fixed}` itself; to read another, use \
+                 torchtune.datasets.text_completion_dataset with `source`, `column` and `name`"
+            );
+        }
+    }
+    if !args.is_null("max_seq_len") {
+        bail!(
+            "{component}: samples are cut at the tokenizer's length; set \
+             `tokenizer.max_seq_len` instead of `dataset.max_seq_len`"
+        );
+    }
+    let mut args = args.clone();
+    args.remove("max_seq_len");
+    args.set("column", Value::String(column.to_string()));
+    // Local files through a packaged builder (`source: json`) have no configs.
+    if !crate::dataset::is_packaged(&args.get::<String>("source")?) {
+        args.set("name", config);
+    }
+    build_text_completion(&args, component)
+}
+
+/// The arguments of torchtune's text-completion presets after `source`.
+macro_rules! text_preset_args {
+    ($source:expr $(, $extra:expr)*) => {
+        &[
+            ArgSpec::optional("source", ArgType::Str, $source),
+            $($extra,)*
+            ArgSpec::nullable("max_seq_len", ArgType::Int),
+            ArgSpec::optional("packed", ArgType::Bool, "false"),
+            ArgSpec::nullable("filter_fn", ArgType::Any),
+            ArgSpec::optional("split", ArgType::Str, "train"),
+            ArgSpec::nullable("data_files", ArgType::Any),
+        ]
+    };
+}
 
 /// The arguments of torchtune's instruct-style presets, with `source` defaulting to `source`.
 macro_rules! sft_args {
@@ -88,5 +142,41 @@ tune_core::inventory::submit! {
         about: "Anthropic HH helpfulness pairs (chosen/rejected conversations) for DPO",
         origin: "built-in",
         build: |args| Ok(Box::new(build_chosen_rejected(args, "hh_rlhf_helpful_dataset")?)),
+    }
+}
+
+tune_core::inventory::submit! {
+    tune_core::Component {
+        path: "torchtune.datasets.wikitext_dataset",
+        aliases: &["wikitext_dataset"],
+        kind: tune_core::ComponentKind::Dataset,
+        args: text_preset_args!(
+            "EleutherAI/wikitext_document_level",
+            ArgSpec::optional("subset", ArgType::Str, "wikitext-103-v1")
+        ),
+        extra_args: true,
+        about: "Wikipedia articles (the `page` column) for continued pre-training, text_completion_dataset over EleutherAI/wikitext_document_level",
+        origin: "built-in",
+        build: |args| {
+            let mut args = args.clone();
+            let subset = args.remove("subset").unwrap_or(Value::Null);
+            Ok(Box::new(build_text_preset(&args, "wikitext_dataset", "page", subset)?))
+        },
+    }
+}
+
+tune_core::inventory::submit! {
+    tune_core::Component {
+        path: "torchtune.datasets.cnn_dailymail_articles_dataset",
+        aliases: &["cnn_dailymail_articles_dataset"],
+        kind: tune_core::ComponentKind::Dataset,
+        args: text_preset_args!("ccdv/cnn_dailymail"),
+        extra_args: true,
+        about: "News articles (the `article` column, not the highlights), text_completion_dataset over ccdv/cnn_dailymail 3.0.0",
+        origin: "built-in",
+        build: |args| {
+            let config = Value::String("3.0.0".into());
+            Ok(Box::new(build_text_preset(args, "cnn_dailymail_articles_dataset", "article", config)?))
+        },
     }
 }

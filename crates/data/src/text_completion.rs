@@ -50,7 +50,8 @@ impl RowToSample for TextRows {
     }
 }
 
-fn build(args: &Args) -> Result<DatasetSpec> {
+/// `text_completion_dataset` (or a preset of it, named `component`) over `args`.
+pub(crate) fn build_text_completion(args: &Args, component: &'static str) -> Result<DatasetSpec> {
     let rows = TextRows {
         column: args.get_opt("column")?.unwrap_or_else(|| "text".into()),
         add_eos: args.get_opt::<bool>("add_eos")?.unwrap_or(true),
@@ -58,7 +59,7 @@ fn build(args: &Args) -> Result<DatasetSpec> {
     let split_across_pack = args.get_opt::<bool>("split_across_pack")?.unwrap_or(true);
     DatasetSpec::from_args(
         args,
-        "text_completion_dataset",
+        component,
         &["column", "add_eos", "split_across_pack"],
         split_across_pack,
         Arc::new(rows),
@@ -83,6 +84,6 @@ tune_core::inventory::submit! {
         extra_args: true,
         about: "Free text trained on every token: source: text (one sample per line) or json (column), with data_files",
         origin: "built-in",
-        build: |args| Ok(Box::new(build(args)?)),
+        build: |args| Ok(Box::new(build_text_completion(args, "text_completion_dataset")?)),
     }
 }

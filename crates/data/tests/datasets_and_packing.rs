@@ -539,17 +539,115 @@ fn folders_split_by_file_names_and_data_dir_picks_a_subfolder() {
     assert_eq!(instructions(", split: test"), ["test"]);
     assert_eq!(instructions(", data_dir: sft"), ["train"]);
     assert_eq!(instructions(", data_dir: rl"), ["rl"]);
+}
 
-    let node: Yaml = serde_yaml::from_str(
-        "{_component_: alpaca_dataset, source: some-org/some-dataset, name: subset_a}",
-    )
-    .unwrap();
-    let err = tune_core::registry::lookup("alpaca_dataset")
+fn build_error(yaml: &str) -> String {
+    let node: Yaml = serde_yaml::from_str(yaml).unwrap();
+    let name = node["_component_"].as_str().unwrap().to_string();
+    match tune_core::registry::lookup(&name)
         .unwrap()
         .build_from(&node)
-        .err()
-        .unwrap();
-    assert!(format!("{err:#}").contains("data_dir"), "{err:#}");
+    {
+        Ok(_) => panic!("{yaml} built"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// A dataset card's `configs` (README.md) name a folder's subsets: `name` (wikitext's `subset`)
+/// picks one, else the default is read; a given `data_dir` is read by its file names instead.
+#[test]
+fn dataset_card_configs_pick_the_files_as_load_dataset_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(
+        root,
+        "README.md",
+        "---\nlicense: cc-by-sa-3.0\nconfigs:\n- config_name: wikitext-103-v1\n  data_files:\n  \
+         - split: train\n    path: wikitext-103-v1/train-*.jsonl\n  - split: test\n    path: \
+         wikitext-103-v1/test.jsonl\n- config_name: wikitext-2-v1\n  data_dir: wikitext-2-v1\n  \
+         default: true\n---\n# WikiText\n",
+    );
+    for sub in ["wikitext-103-v1", "wikitext-2-v1"] {
+        std::fs::create_dir(root.join(sub)).unwrap();
+    }
+    let page = |text: &str| format!("{{\"page\": \"{text}\", \"article\": \"{text}\"}}\n");
+    write(&root.join("wikitext-103-v1"), "train-0.jsonl", &page("a"));
+    write(&root.join("wikitext-103-v1"), "train-1.jsonl", &page("b"));
+    write(&root.join("wikitext-103-v1"), "test.jsonl", &page("t"));
+    write(&root.join("wikitext-2-v1"), "train.jsonl", &page("small"));
+    write(
+        &root.join("wikitext-2-v1"),
+        "test.jsonl",
+        &page("small test"),
+    );
+    let source = root.display().to_string();
+    let pages = |yaml: &str| -> Vec<String> {
+        dataset(yaml)
+            .rows
+            .rows()
+            .unwrap()
+            .iter()
+            .map(|r| r.columns["page"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let wikitext =
+        |extra: &str| format!("{{_component_: wikitext_dataset, source: {source:?}{extra}}}");
+    let text = |extra: &str| {
+        format!("{{_component_: text_completion_dataset, source: {source:?}, column: page{extra}}}")
+    };
+    // wikitext_dataset's default subset is wikitext-103-v1, whose card lists its files per split.
+    assert_eq!(pages(&wikitext("")), ["a", "b"]);
+    assert_eq!(pages(&wikitext(", split: test")), ["t"]);
+    assert_eq!(pages(&wikitext(", subset: wikitext-2-v1")), ["small"]);
+    // Without a name the card's default (`default: true`) is read: its data_dir, split by names.
+    assert_eq!(pages(&text("")), ["small"]);
+    assert_eq!(pages(&text(", name: wikitext-103-v1, split: test")), ["t"]);
+    // A given data_dir is read by its file names, whatever the card says.
+    assert_eq!(
+        pages(&wikitext(", data_dir: wikitext-2-v1, split: test")),
+        ["small test"]
+    );
+    // The preset is text_completion_dataset over the `page` column, tokens and all.
+    let tok = tok512(None);
+    assert_eq!(
+        dataset(&wikitext("")).load(&tok).unwrap(),
+        dataset(&text(", name: wikitext-103-v1"))
+            .load(&tok)
+            .unwrap()
+    );
+
+    let err = build_error(&wikitext(", subset: wikitext-103-raw-v1"));
+    assert!(err.contains("no config \"wikitext-103-raw-v1\""), "{err}");
+    assert!(err.contains("wikitext-103-v1, wikitext-2-v1"), "{err}");
+    let err = build_error(&wikitext(", name: wikitext-2-v1"));
+    assert!(err.contains("sets `name` itself"), "{err}");
+    let err = build_error(&wikitext(", max_seq_len: 512"));
+    assert!(err.contains("tokenizer.max_seq_len"), "{err}");
+
+    // cnn_dailymail_articles_dataset reads config 3.0.0, which a card without configs lacks...
+    let plain = tempfile::tempdir().unwrap();
+    let articles = write(plain.path(), "train.jsonl", &page("news"));
+    let err = build_error(&format!(
+        "{{_component_: cnn_dailymail_articles_dataset, source: {:?}}}",
+        plain.path().display().to_string()
+    ));
+    assert!(
+        err.contains("no config \"3.0.0\"") && err.contains("declares no `configs`"),
+        "{err}"
+    );
+    // ... while local files through `source: json` have no configs to pick.
+    assert_eq!(
+        dataset(&format!(
+            "{{_component_: cnn_dailymail_articles_dataset, source: json, data_files: {articles:?}}}"
+        ))
+        .load(&tok)
+        .unwrap(),
+        dataset(&format!(
+            "{{_component_: text_completion_dataset, source: json, data_files: {articles:?}, column: article}}"
+        ))
+        .load(&tok)
+        .unwrap()
+    );
 }
 
 /// Conversations stored as Parquet `list<struct<from, value>>` (as pyarrow writes ShareGPT data)
