@@ -275,7 +275,7 @@ pub fn read_parquet_rows(path: &Path) -> Result<Vec<Row>> {
     for (index, row) in reader.into_iter().enumerate() {
         let row = row.with_context(|| {
             format!(
-                "{} row {index}: cannot decode (tune-rs reads uncompressed, Snappy and gzip Parquet)",
+                "{} row {index}: cannot decode (tune-rs reads uncompressed, Snappy, gzip, Zstandard and LZ4 Parquet)",
                 path.display()
             )
         })?;

@@ -348,6 +348,14 @@ fn bad_settings_and_rows_get_one_clear_error() {
 /// Writes rows of string columns as a Snappy-compressed Parquet file; a name written
 /// `bin:name` is a binary column (no UTF8 annotation).
 fn write_parquet(path: &Path, columns: &[(&str, Vec<&str>)]) {
+    write_parquet_compressed(path, columns, parquet::basic::Compression::SNAPPY)
+}
+
+fn write_parquet_compressed(
+    path: &Path,
+    columns: &[(&str, Vec<&str>)],
+    compression: parquet::basic::Compression,
+) {
     use parquet::data_type::{ByteArray, ByteArrayType};
     use parquet::file::properties::WriterProperties;
     use parquet::file::writer::SerializedFileWriter;
@@ -364,7 +372,7 @@ fn write_parquet(path: &Path, columns: &[(&str, Vec<&str>)]) {
     );
     let props = std::sync::Arc::new(
         WriterProperties::builder()
-            .set_compression(parquet::basic::Compression::SNAPPY)
+            .set_compression(compression)
             .build(),
     );
     let file = std::fs::File::create(path).unwrap();
@@ -409,15 +417,25 @@ fn parquet_files_and_split_folders_read_like_json() {
         ("input", rows.iter().map(|r| r.1).collect()),
         ("output", rows.iter().map(|r| r.2).collect()),
     ];
-    let parquet_file = dir.path().join("rows.parquet");
-    write_parquet(&parquet_file, &columns);
-    let got = dataset(&format!(
-        "{{_component_: alpaca_dataset, source: parquet, data_files: {:?}}}",
-        parquet_file.display().to_string()
-    ))
-    .load(&tok)
-    .unwrap();
-    assert_eq!(got, want);
+    // pyarrow writes Snappy by default, polars Zstandard; the others are pyarrow options.
+    use parquet::basic::{Compression, GzipLevel, ZstdLevel};
+    for compression in [
+        Compression::SNAPPY,
+        Compression::ZSTD(ZstdLevel::default()),
+        Compression::GZIP(GzipLevel::default()),
+        Compression::LZ4_RAW,
+        Compression::UNCOMPRESSED,
+    ] {
+        let parquet_file = dir.path().join("rows.parquet");
+        write_parquet_compressed(&parquet_file, &columns, compression);
+        let got = dataset(&format!(
+            "{{_component_: alpaca_dataset, source: parquet, data_files: {:?}}}",
+            parquet_file.display().to_string()
+        ))
+        .load(&tok)
+        .unwrap_or_else(|e| panic!("{compression}: {e:#}"));
+        assert_eq!(got, want, "{compression}");
+    }
 
     // A folder laid out like a Hub dataset: splits from the file names.
     let folder = dir.path().join("hub_like/data");
