@@ -22,7 +22,8 @@ use crate::interrupt;
 pub struct Job {
     pub nnodes: usize,
     pub nproc_per_node: usize,
-    pub node_rank: usize,
+    /// `None`: given at the rendezvous (`--rdzv_backend c10d` without `--node_rank`).
+    pub node_rank: Option<usize>,
     /// `host:port` rank 0 listens on; `None` picks a free local port (single node only).
     pub endpoint: Option<(String, u16)>,
     /// Shared by every rank of the job (`--rdzv_id` on several nodes); a new one per
@@ -44,10 +45,9 @@ const GRACE: Duration = Duration::from_secs(15);
 /// Runs `worker_args` (arguments after the program name) as this node's ranks; returns when all
 /// exited, with an error naming the first rank that failed.
 pub fn launch(job: &Job, worker_args: &[OsString]) -> Result<()> {
-    if job.node_rank >= job.nnodes {
+    if let Some(node_rank) = job.node_rank.filter(|&r| r >= job.nnodes) {
         bail!(
-            "--node_rank {} is not valid with --nnodes {}",
-            job.node_rank,
+            "--node_rank {node_rank} is not valid with --nnodes {}",
             job.nnodes
         );
     }
@@ -72,11 +72,28 @@ pub fn launch(job: &Job, worker_args: &[OsString]) -> Result<()> {
             token_of(&format!("port {port}"))
         }
     });
+    let node_rank = match job.node_rank {
+        Some(rank) => rank,
+        None => {
+            let meeting = crate::rendezvous::Meeting {
+                job_token,
+                nnodes: job.nnodes,
+                nproc_per_node: job.nproc_per_node,
+            };
+            let timeout = tune_recipes::distributed::timeout_from_env()?;
+            let rank = crate::rendezvous::node_rank(&addr, port, meeting, timeout)?;
+            tracing::info!(
+                "the rendezvous at {addr}:{port} made this node {rank} of {}",
+                job.nnodes
+            );
+            rank
+        }
+    };
     interrupt::set_forwarding(true);
 
     let mut workers: Vec<(usize, Child)> = Vec::new();
     for local_rank in 0..job.nproc_per_node {
-        let rank = job.node_rank * job.nproc_per_node + local_rank;
+        let rank = node_rank * job.nproc_per_node + local_rank;
         let mut command = Command::new(&exe);
         command
             .args(worker_args)
@@ -120,8 +137,8 @@ pub fn launch(job: &Job, worker_args: &[OsString]) -> Result<()> {
     }
     tracing::info!(
         "started ranks {}-{} of {} (rank 0 at {addr}:{port})",
-        job.node_rank * job.nproc_per_node,
-        (job.node_rank + 1) * job.nproc_per_node - 1,
+        node_rank * job.nproc_per_node,
+        (node_rank + 1) * job.nproc_per_node - 1,
         job.world_size()
     );
     let result = supervise(&mut workers);
@@ -252,7 +269,7 @@ mod tests {
         let job = Job {
             nnodes: 2,
             nproc_per_node: 1,
-            node_rank: 0,
+            node_rank: Some(0),
             endpoint: None,
             job_token: None,
             threads_per_worker: None,

@@ -9,6 +9,7 @@ mod commands;
 mod interrupt;
 mod launcher;
 mod logging;
+mod rendezvous;
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -270,6 +270,54 @@ fn two_nodes_meet_at_the_master_address() {
 }
 
 #[test]
+fn two_nodes_meet_at_a_c10d_rendezvous_without_node_ranks() {
+    // torchrun's multi-node form: the same command on every node, node ranks handed out at the
+    // endpoint (the launcher on its host is node 0; here both "nodes" are this machine).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("127.0.0.1:{port}");
+    let work = tempfile::tempdir().unwrap();
+    let output_arg = format!("output_dir={}", work.path().display());
+    let node = || {
+        let mut args = vec![
+            "run",
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--rdzv_id",
+            "job-42",
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            &endpoint,
+        ];
+        args.extend_from_slice(&distributed_args(&output_arg, &["max_steps_per_epoch=2"])[3..]);
+        tune_command(&args).spawn_piped()
+    };
+    let (first, second) = (node(), node());
+    let (first, second) = (
+        first.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    );
+    succeeded(&first);
+    succeeded(&second);
+    let said = |what: &str| {
+        [&first, &second]
+            .iter()
+            .filter(|o| text(&o.stderr).contains(what))
+            .count()
+    };
+    assert_eq!(said("made this node 0 of 2"), 1);
+    assert_eq!(said("made this node 1 of 2"), 1);
+    assert_eq!(log_lines(work.path()).len(), 2);
+    assert!(work.path().join("epoch_0/recipe_state").is_dir());
+}
+
+#[test]
 fn launcher_options_are_checked_before_anything_starts() {
     let cases: [(&[&str], &str); 3] = [
         (
@@ -280,7 +328,7 @@ fn launcher_options_are_checked_before_anything_starts() {
             &["--nproc_per_node", "2", "--rdzv_endpoint", "localhost"],
             "expected HOST:PORT",
         ),
-        // torchrun's multi-node form (c10d rendezvous, no node rank): each node must say its rank.
+        // A static rendezvous (torchrun's default) has no one to hand out node ranks.
         (
             &[
                 "--nnodes",
@@ -289,8 +337,6 @@ fn launcher_options_are_checked_before_anything_starts() {
                 "1",
                 "--rdzv_id",
                 "101",
-                "--rdzv_backend",
-                "c10d",
                 "--rdzv_endpoint",
                 "127.0.0.1:29500",
             ],

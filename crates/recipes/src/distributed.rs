@@ -86,7 +86,8 @@ fn env_usize(name: &str) -> Result<Option<usize>> {
     }
 }
 
-fn timeout_from_env() -> Result<Duration> {
+/// How long any wait on other ranks may take: `TUNE_DIST_TIMEOUT_S`, else 30 minutes.
+pub fn timeout_from_env() -> Result<Duration> {
     match env_usize("TUNE_DIST_TIMEOUT_S")? {
         Some(0) => bail!("TUNE_DIST_TIMEOUT_S=0: the timeout must be at least 1 second"),
         Some(seconds) => Ok(Duration::from_secs(seconds as u64)),
@@ -324,7 +325,7 @@ pub fn free_local_endpoint() -> Result<String> {
 
 /// Where rank 0 listens: `endpoint` itself on loopback, else every interface on its port (a
 /// host name may resolve to a loopback address on its own machine, unreachable from others).
-fn listen_address(endpoint: &str) -> Result<String> {
+pub fn listen_address(endpoint: &str) -> Result<String> {
     let (host, port) = endpoint
         .rsplit_once(':')
         .with_context(|| format!("{endpoint}: expected HOST:PORT"))?;

@@ -27,7 +27,7 @@ use crate::catalog;
 #[derive(Debug, clap::Args)]
 #[command(
     verbatim_doc_comment,
-    override_usage = "tune run [--nnodes N] [--nproc_per_node M] [--node_rank R] [--master_addr HOST] [--master_port PORT] [--dry-run] [--plugin PATH]... <RECIPE> --config <CONFIG> [OVERRIDES]..."
+    override_usage = "tune run [--nnodes N] [--nproc_per_node M] [--node_rank R] [--master_addr HOST] [--master_port PORT] [--rdzv_endpoint HOST:PORT] [--rdzv_backend c10d] [--rdzv_id JOB] [--dry-run] [--plugin PATH]... <RECIPE> --config <CONFIG> [OVERRIDES]..."
 )]
 pub struct Args {
     /// Number of nodes (machines) for a distributed run.
@@ -42,7 +42,8 @@ pub struct Args {
     )]
     pub nproc_per_node: usize,
     /// This node's index in a multi-node run (0 on the node whose rank 0 listens); required
-    /// with --nnodes above 1 (e.g. `--node_rank $SLURM_NODEID`).
+    /// with --nnodes above 1 (e.g. `--node_rank $SLURM_NODEID`) unless --rdzv_backend c10d
+    /// hands the node ranks out.
     #[arg(long = "node_rank", alias = "node-rank", value_name = "R")]
     pub node_rank: Option<usize>,
     /// Address of the node running rank 0 (multi-node runs; default: this machine).
@@ -61,8 +62,8 @@ pub struct Args {
     /// A job id shared by every node of a multi-node run (keeps concurrent jobs apart).
     #[arg(long = "rdzv_id", alias = "rdzv-id", value_name = "ID")]
     pub rdzv_id: Option<String>,
-    /// torchrun's rendezvous backend (`c10d`, `static`): accepted; tune-rs always meets at the
-    /// endpoint, with node ranks given by --node_rank.
+    /// torchrun's rendezvous backend: `c10d` (nodes meet at --rdzv_endpoint, which hands out
+    /// node ranks in order of arrival, the host's node first) or `static` (--node_rank given).
     #[arg(long = "rdzv_backend", alias = "rdzv-backend", value_name = "BACKEND")]
     pub rdzv_backend: Option<String>,
     /// Single-node run with a local rendezvous (the default; accepted for torchrun users).
@@ -196,14 +197,18 @@ fn job(args: &Args) -> Result<crate::launcher::Job> {
             bail!("--rdzv_backend {backend:?}: tune-rs meets at the endpoint (c10d or static)");
         }
     }
-    // torchrun's c10d rendezvous hands out node ranks; here each node is told its own.
+    // torchrun's c10d rendezvous hands out node ranks; with a static one each node says its own.
     let node_rank = match args.node_rank {
-        Some(rank) => rank,
+        Some(rank) => Some(rank),
         // Without an endpoint the launcher says what is missing first.
-        None if args.nnodes == 1 || endpoint.is_none() => 0,
+        None if args.nnodes == 1 || endpoint.is_none() => Some(0),
+        None if args.rdzv_backend.as_deref() == Some("c10d") && args.rdzv_endpoint.is_some() => {
+            None
+        }
         None => bail!(
-            "--nnodes {} needs --node_rank on each node (0 to {}, 0 where rank 0 listens); under \
-             SLURM pass --node_rank $SLURM_NODEID",
+            "--nnodes {} needs --node_rank on each node (0 to {}, 0 where rank 0 listens; under \
+             SLURM --node_rank $SLURM_NODEID), or torchrun's dynamic form: --rdzv_backend c10d \
+             --rdzv_endpoint HOST:PORT --rdzv_id JOB, the same on every node",
             args.nnodes,
             args.nnodes - 1
         ),
