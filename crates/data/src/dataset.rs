@@ -17,9 +17,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use tune_core::Args;
 
-use crate::dataset_card::{card_configs, choose_config, CardConfig};
+use crate::dataset_card::{config_to_read, CardConfig};
 use crate::json_source::{
-    parse_split, read_parquet_rows, read_rows, read_text_rows, DataFiles, Row, TextSampleBy,
+    parse_split, read_parquet_rows, read_rows, read_text_rows, skipped_by_hugging_face, DataFiles,
+    Row, TextSampleBy,
 };
 use crate::llama2_tokenizer::Llama2Tokenizer;
 use crate::packed::{pack_samples, Examples};
@@ -308,15 +309,21 @@ pub(crate) fn is_packaged(source: &str) -> bool {
     )
 }
 
-/// The config of a local dataset folder's card (`README.md`) that `name` picks, or its default.
-fn local_card_config(folder: &Path, name: Option<&str>) -> Result<Option<CardConfig>> {
+/// The config of a local dataset folder's card (`README.md`) to read (see
+/// [`crate::dataset_card::config_to_read`]).
+fn local_card_config(
+    folder: &Path,
+    name: Option<&str>,
+    files_chosen: bool,
+) -> Result<Option<CardConfig>> {
     let readme = folder.join("README.md");
-    let configs = match std::fs::read_to_string(&readme) {
-        Ok(text) => card_configs(&text).with_context(|| readme.display().to_string())?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+    let text = match std::fs::read_to_string(&readme) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", readme.display())),
     };
-    Ok(choose_config(&configs, name, &folder.display().to_string())?.cloned())
+    config_to_read(&text, name, &folder.display().to_string(), files_chosen)
+        .with_context(|| readme.display().to_string())
 }
 
 /// Named data files, read as text when every one is a `.txt` file and by extension otherwise.
@@ -383,9 +390,8 @@ fn resolve_source(
         // A folder is read as load_dataset reads it: a given data_dir by its file names, else
         // the card's config (`name`, or the default), else by file names.
         (_, None) if local.is_dir() => {
-            let config = local_card_config(local, folder.name)
-                .with_context(|| component.to_string())?
-                .filter(|_| folder.data_dir.is_none());
+            let config = local_card_config(local, folder.name, folder.data_dir.is_some())
+                .with_context(|| component.to_string())?;
             if let Some(files) = config.as_ref().and_then(CardConfig::data_files_from_root) {
                 return files_source(component, local_files(files.relative_to(local))?, sample_by);
             }
@@ -419,7 +425,7 @@ fn resolve_source(
         // Named files of a local dataset folder, relative to it (and to data_dir within it).
         (_, Some(files)) if local.is_dir() => {
             // The name must still be one of the card's configs.
-            local_card_config(local, folder.name).with_context(|| component.to_string())?;
+            local_card_config(local, folder.name, true).with_context(|| component.to_string())?;
             files_source(component, local_files(files.relative_to(local))?, sample_by)
         }
         (_, files) => files_source(
@@ -442,21 +448,6 @@ fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(out)
-}
-
-/// Files Hugging Face's data-file patterns never pick: hidden or `__` paths and its own metadata.
-fn skipped_by_hugging_face(name: &str) -> bool {
-    name.split('/')
-        .any(|part| part.starts_with('.') || part.starts_with("__"))
-        || matches!(
-            name.rsplit('/').next().unwrap_or(name),
-            "README.md"
-                | "config.json"
-                | "dataset_info.json"
-                | "dataset_infos.json"
-                | "dataset_dict.json"
-                | "dummy_data.zip"
-        )
 }
 
 /// The split keyword among `words` (the last one wins): `train`/`training`,
@@ -601,33 +592,36 @@ fn fetch_from_hub(
                 .collect()
         })
     };
+    // The card's config to read: `name`'s, else the default, unless a data_dir or data_files
+    // says which files to read (a name must still be one of its configs).
+    let card_config = |listing: &[String], files_chosen: bool| -> Result<Option<CardConfig>> {
+        let text = match listing.iter().any(|f| f == "README.md") {
+            true => {
+                let readme = get("README.md")?;
+                std::fs::read_to_string(&readme)
+                    .with_context(|| format!("cannot read {}", readme.display()))?
+            }
+            false => String::new(),
+        };
+        config_to_read(&text, folder.name, repo_id, files_chosen).with_context(|| {
+            format!("{component}: README.md of Hugging Face Hub dataset {repo_id:?}")
+        })
+    };
     if let Some(files) = data_files {
+        if folder.name.is_some() {
+            card_config(&listing()?, true)?;
+        }
         return download(files);
     }
     let listing = listing()?;
-    // The card's config (`name`, or the default), unless a data_dir says where to read.
-    let configs = match listing.iter().any(|f| f == "README.md") {
-        true => {
-            let readme = get("README.md")?;
-            let text = std::fs::read_to_string(&readme)
-                .with_context(|| format!("cannot read {}", readme.display()))?;
-            card_configs(&text).with_context(|| {
-                format!("{component}: README.md of Hugging Face Hub dataset {repo_id:?}")
-            })?
-        }
-        false => Vec::new(),
-    };
-    let config = choose_config(&configs, folder.name, repo_id)
-        .with_context(|| component.to_string())?
-        .filter(|_| folder.data_dir.is_none() && folder.default_hub_data_dir.is_none());
+    let files_chosen = folder.data_dir.is_some() || folder.default_hub_data_dir.is_some();
+    let config = card_config(&listing, files_chosen)?;
+    let config = config.as_ref();
     // Only the wanted splits' files are downloaded.
-    if let Some(files) = config.and_then(CardConfig::data_files_from_root) {
-        let files = files.expand_patterns(Some(&listing)).with_context(|| {
-            format!(
-                "{component}: config {:?} of {repo_id:?}",
-                config.map(|c| &c.name)
-            )
-        })?;
+    if let Some((name, files)) = config.and_then(|c| Some((&c.name, c.data_files_from_root()?))) {
+        let files = files
+            .expand_patterns(Some(&listing))
+            .with_context(|| format!("{component}: config {name:?} of {repo_id:?}"))?;
         return download(files.only_splits(folder.wanted_splits));
     }
     let dir = folder

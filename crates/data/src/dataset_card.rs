@@ -33,14 +33,45 @@ pub struct CardConfig {
 }
 
 impl CardConfig {
-    /// Its data files relative to the dataset root (its `data_dir` prefixed).
+    /// Its data files relative to the dataset root (its `data_dir` prefixed), always by split:
+    /// a plain list is the `train` split of this config, not files the user named.
     pub fn data_files_from_root(&self) -> Option<DataFiles> {
-        let files = self.data_files.clone()?;
+        let files = match self.data_files.clone()? {
+            DataFiles::Train(files) => DataFiles::Splits(BTreeMap::from([("train".into(), files)])),
+            splits => splits,
+        };
         Some(match &self.data_dir {
             Some(dir) => files.relative_to(std::path::Path::new(dir.trim_end_matches('/'))),
             None => files,
         })
     }
+}
+
+/// The config of the card `readme` that `load_dataset(dataset, name)` reads (see
+/// [`choose_config`]). When `files_chosen` (a `data_dir` or `data_files` says which files to
+/// read) none is, though a `name` must still be one of the card's configs. A card whose YAML
+/// cannot be read counts as having no configs, unless a config is asked for by name.
+pub fn config_to_read(
+    readme: &str,
+    name: Option<&str>,
+    dataset: &str,
+    files_chosen: bool,
+) -> Result<Option<CardConfig>> {
+    let configs = match (card_configs(readme), name) {
+        (Ok(configs), _) => configs,
+        (Err(e), Some(_)) => return Err(e),
+        (Err(e), None) => {
+            tracing::warn!("{dataset}: reading README.md as having no configs: {e:#}");
+            Vec::new()
+        }
+    };
+    if files_chosen {
+        if name.is_some() && !configs.is_empty() {
+            choose_config(&configs, name, dataset)?;
+        }
+        return Ok(None);
+    }
+    Ok(choose_config(&configs, name, dataset)?.cloned())
 }
 
 /// The configs a `README.md` declares; none when it has no YAML block or no `configs` key.
@@ -49,7 +80,7 @@ pub fn card_configs(readme: &str) -> Result<Vec<CardConfig>> {
         return Ok(Vec::new());
     };
     let card: Value = serde_yaml::from_str(yaml).context("the YAML block of README.md")?;
-    let Some(configs) = card.get("configs") else {
+    let Some(configs) = card.get("configs").filter(|c| !c.is_null()) else {
         return Ok(Vec::new());
     };
     let configs = configs
@@ -58,11 +89,12 @@ pub fn card_configs(readme: &str) -> Result<Vec<CardConfig>> {
     configs
         .iter()
         .map(|config| {
-            let name = config
-                .get("config_name")
-                .and_then(Value::as_str)
-                .ok_or_else(|| anyhow!("README.md: a config has no `config_name`"))?
-                .to_string();
+            let name = match config.get("config_name") {
+                Some(Value::String(name)) => name.clone(),
+                // `config_name: 2022` is the name "2022".
+                Some(Value::Number(number)) => number.to_string(),
+                _ => bail!("README.md: a config has no `config_name`"),
+            };
             let data_files = config
                 .get("data_files")
                 .map(config_data_files)
@@ -145,8 +177,9 @@ pub fn choose_config<'a>(
             None | Some("default") => Ok(None),
             Some(name) => bail!(
                 "dataset {dataset} has no config {name:?}: its README.md declares no `configs`, \
-                 so it has only the default one; remove `name` (or `subset`), or pick files with \
-                 `data_dir` or `data_files`"
+                 so it has only the default one; remove `name`, or name the files to read with \
+                 `data_files` (a preset that fixes the config, such as \
+                 cnn_dailymail_articles_dataset, then reads them)"
             ),
         };
     }
@@ -162,9 +195,21 @@ pub fn choose_config<'a>(
                 )
             });
     }
-    let chosen = configs
-        .iter()
-        .find(|c| c.default)
+    let defaults: Vec<&CardConfig> = configs.iter().filter(|c| c.default).collect();
+    if defaults.len() > 1 {
+        bail!(
+            "dataset {dataset}'s README.md marks several configs `default: true` ({}); pick one \
+             with `name`",
+            defaults
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let chosen = defaults
+        .first()
+        .copied()
         .or_else(|| configs.iter().find(|c| c.name == "default"))
         .or_else(|| (configs.len() == 1).then(|| &configs[0]));
     match chosen {
@@ -209,6 +254,14 @@ mod tests {
         assert_eq!(
             configs[1].data_files,
             Some(DataFiles::Train(paths(&["wikitext-2-v1/all.jsonl"])))
+        );
+        // A config's plain list is its train split.
+        assert_eq!(
+            configs[1].data_files_from_root(),
+            Some(DataFiles::Splits(BTreeMap::from([(
+                "train".into(),
+                paths(&["wikitext-2-v1/all.jsonl"])
+            )])))
         );
         assert_eq!(configs[2].data_files, None);
         assert_eq!(configs[2].data_dir.as_deref(), Some("raw"));
@@ -277,8 +330,62 @@ mod tests {
         };
         assert_eq!(
             config.data_files_from_root(),
-            Some(DataFiles::Train(paths(&["sub/train.jsonl"])))
+            Some(DataFiles::Splits(BTreeMap::from([(
+                "train".into(),
+                paths(&["sub/train.jsonl"])
+            )])))
         );
+    }
+
+    #[test]
+    fn chosen_files_need_no_config_but_a_name_must_exist() {
+        // Several configs and no default: a data_dir or data_files is enough, as in HF.
+        let card = "---\nconfigs:\n- config_name: a\n  data_dir: a\n- config_name: b\n  data_dir: b\n---\n";
+        assert!(config_to_read(card, None, "d", false).is_err());
+        assert_eq!(config_to_read(card, None, "d", true).unwrap(), None);
+        assert_eq!(config_to_read(card, Some("b"), "d", true).unwrap(), None);
+        assert!(config_to_read(card, Some("c"), "d", true).is_err());
+        assert_eq!(
+            config_to_read(card, Some("b"), "d", false)
+                .unwrap()
+                .unwrap()
+                .data_dir
+                .as_deref(),
+            Some("b")
+        );
+        // Without configs a preset's fixed name reads the files named.
+        assert_eq!(
+            config_to_read("# card", Some("3.0.0"), "d", true).unwrap(),
+            None
+        );
+        // YAML that cannot be read is no configs, unless one is asked for.
+        let broken = "---\nconfigs: [unclosed\n---\n";
+        assert_eq!(config_to_read(broken, None, "d", false).unwrap(), None);
+        assert!(config_to_read(broken, Some("a"), "d", false).is_err());
+    }
+
+    #[test]
+    fn two_defaults_and_odd_names() {
+        let card = "---\nconfigs:\n- config_name: a\n  default: true\n- config_name: b\n  default: true\n---\n";
+        let err = config_to_read(card, None, "d", false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("several configs `default: true` (a, b)"),
+            "{err}"
+        );
+        assert_eq!(
+            config_to_read(card, Some("b"), "d", false)
+                .unwrap()
+                .unwrap()
+                .name,
+            "b"
+        );
+        let card = "---\nconfigs:\n- config_name: 2022\n---\n";
+        assert_eq!(card_configs(card).unwrap()[0].name, "2022");
+        assert!(card_configs("---\nconfigs: null\n---\n")
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

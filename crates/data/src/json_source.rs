@@ -91,6 +91,7 @@ impl DataFiles {
                     out.push(file);
                     continue;
                 }
+                let text = hugging_face_pattern(&text);
                 let mut matches: Vec<PathBuf> = match candidates {
                     None => glob::glob_with(&text, options)
                         .with_context(|| format!("data_files pattern {text:?}"))?
@@ -107,6 +108,7 @@ impl DataFiles {
                             .collect()
                     }
                 };
+                matches.retain(|m| !ignored_match(&text, &m.to_string_lossy()));
                 if matches.is_empty() {
                     bail!("data_files pattern {text:?} matches no file");
                 }
@@ -169,6 +171,49 @@ impl DataFiles {
             }),
         }
     }
+}
+
+/// Files Hugging Face's data-file patterns never pick: hidden or `__` paths and its own metadata.
+pub fn skipped_by_hugging_face(name: &str) -> bool {
+    name.split('/')
+        .any(|part| part.starts_with('.') || part.starts_with("__"))
+        || matches!(
+            name.rsplit('/').next().unwrap_or(name),
+            "README.md"
+                | "config.json"
+                | "dataset_info.json"
+                | "dataset_infos.json"
+                | "dataset_dict.json"
+                | "dummy_data.zip"
+        )
+}
+
+/// A pattern as Hugging Face (fsspec) reads it: `**` inside a name is `*`, and a trailing `**`
+/// is every file below (the glob crate's alone would match only folders).
+fn hugging_face_pattern(pattern: &str) -> String {
+    let parts: Vec<String> = pattern
+        .split('/')
+        .map(|part| match part {
+            "**" => part.to_string(),
+            _ => part.replace("**", "*"),
+        })
+        .collect();
+    let mut out = parts.join("/");
+    if parts.last().is_some_and(|last| last == "**") {
+        out.push_str("/*");
+    }
+    out
+}
+
+/// Whether a file a pattern matched is one Hugging Face leaves out: only the part of its name
+/// below the pattern's fixed folders counts (a hidden folder the pattern names is fine).
+fn ignored_match(pattern: &str, matched: &str) -> bool {
+    let fixed = pattern
+        .split('/')
+        .take_while(|part| !part.contains(['*', '?', '[']))
+        .count();
+    let below: Vec<&str> = matched.split('/').skip(fixed).collect();
+    !below.is_empty() && skipped_by_hugging_face(&below.join("/"))
 }
 
 /// Reads every row of one file. `field` picks the rows out of a top-level object.

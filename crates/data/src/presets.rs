@@ -48,7 +48,7 @@ fn build_text_preset(
     args.remove("max_seq_len");
     args.set("column", Value::String(column.to_string()));
     // Local files through a packaged builder (`source: json`) have no configs.
-    if !crate::dataset::is_packaged(&args.get::<String>("source")?) {
+    if !config.is_null() && !crate::dataset::is_packaged(&args.get::<String>("source")?) {
         args.set("name", config);
     }
     build_text_completion(&args, component)

@@ -642,6 +642,39 @@ fn dataset_card_configs_pick_the_files_as_load_dataset_does() {
     let err = build_error(&wikitext(", max_seq_len: 512"));
     assert!(err.contains("tokenizer.max_seq_len"), "{err}");
 
+
+    // Patterns as Hugging Face resolves them: a trailing `**` is every file below, and the
+    // card, hidden files and Hugging Face's metadata files are never data.
+    let globbed = tempfile::tempdir().unwrap();
+    let g = globbed.path();
+    std::fs::create_dir_all(g.join("data/nested/.cache")).unwrap();
+    write(g, "README.md", "---\nconfigs:\n- config_name: all\n  data_files: \"**\"\n- config_name: under\n  data_files: data/**\n---\n");
+    write(&g.join("data"), "one.jsonl", &page("one"));
+    write(&g.join("data/nested"), "two.jsonl", &page("two"));
+    write(&g.join("data/nested/.cache"), "stale.jsonl", &page("stale"));
+    write(&g.join("data"), "dataset_info.json", "{}");
+    let globbed = g.display().to_string();
+    for config in ["all", "under"] {
+        assert_eq!(
+            pages(&format!("{{_component_: text_completion_dataset, source: {globbed:?}, column: page, name: {config}}}")),
+            // In name order, as Hugging Face sorts a pattern's matches.
+            ["two", "one"],
+            "{config}"
+        );
+    }
+    // Several configs and no default: a data_dir alone says what to read, as in HF.
+    assert_eq!(
+        pages(&format!("{{_component_: text_completion_dataset, source: {globbed:?}, column: page, data_dir: data/nested}}")),
+        ["two"]
+    );
+    let err = build_error(&format!(
+        "{{_component_: text_completion_dataset, source: {globbed:?}, column: page}}"
+    ));
+    assert!(
+        err.contains("several configs and none is the default"),
+        "{err}"
+    );
+
     // cnn_dailymail_articles_dataset reads config 3.0.0, which a card without configs lacks...
     let plain = tempfile::tempdir().unwrap();
     let articles = write(plain.path(), "train.jsonl", &page("news"));
@@ -652,6 +685,18 @@ fn dataset_card_configs_pick_the_files_as_load_dataset_does() {
     assert!(
         err.contains("no config \"3.0.0\"") && err.contains("declares no `configs`"),
         "{err}"
+    );
+    // ... unless the files are named.
+    let plain_source = plain.path().display().to_string();
+    assert_eq!(
+        dataset(&format!(
+            "{{_component_: cnn_dailymail_articles_dataset, source: {plain_source:?}, data_files: train.jsonl}}"
+        ))
+        .rows
+        .rows()
+        .unwrap()
+        .len(),
+        1
     );
     // ... while local files through `source: json` have no configs to pick.
     assert_eq!(
