@@ -319,7 +319,7 @@ fn two_nodes_meet_at_a_c10d_rendezvous_without_node_ranks() {
 
 #[test]
 fn launcher_options_are_checked_before_anything_starts() {
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 4] = [
         (
             &["--nnodes", "2", "--nproc_per_node", "1"],
             "--master_addr HOST --master_port",
@@ -341,6 +341,18 @@ fn launcher_options_are_checked_before_anything_starts() {
                 "127.0.0.1:29500",
             ],
             "needs --node_rank on each node",
+        ),
+        // Every machine can listen on 0.0.0.0, so every node would host the rendezvous.
+        (
+            &[
+                "--nnodes",
+                "2",
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                "0.0.0.0:29500",
+            ],
+            "must be one machine's address",
         ),
     ];
     for (launcher, expected) in cases {

@@ -642,7 +642,6 @@ fn dataset_card_configs_pick_the_files_as_load_dataset_does() {
     let err = build_error(&wikitext(", max_seq_len: 512"));
     assert!(err.contains("tokenizer.max_seq_len"), "{err}");
 
-
     // Patterns as Hugging Face resolves them: a trailing `**` is every file below, and the
     // card, hidden files and Hugging Face's metadata files are never data.
     let globbed = tempfile::tempdir().unwrap();

@@ -475,6 +475,12 @@ fn reply(stream: &mut TcpStream, verdict: std::result::Result<(), &str>) -> std:
 fn read_hello(stream: &mut TcpStream, world_size: usize, job: u64) -> Result<usize> {
     let mut magic = [0u8; 8];
     stream.read_exact(&mut magic)?;
+    if &magic == b"TUNERDZ1" {
+        bail!(
+            "a launcher came to join the c10d rendezvous on this port, which has already \
+             completed: start every node of the job together"
+        );
+    }
     if &magic != HELLO_MAGIC {
         bail!("not a rank of this tune-rs version (use the same `tune` binary on every node)");
     }

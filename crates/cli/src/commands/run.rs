@@ -203,6 +203,17 @@ fn job(args: &Args) -> Result<crate::launcher::Job> {
         // Without an endpoint the launcher says what is missing first.
         None if args.nnodes == 1 || endpoint.is_none() => Some(0),
         None if args.rdzv_backend.as_deref() == Some("c10d") && args.rdzv_endpoint.is_some() => {
+            let (host, _) = endpoint.as_ref().expect("parsed above");
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            if bare
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_unspecified())
+            {
+                bail!(
+                    "--rdzv_endpoint {host}: the rendezvous must be one machine's address or host \
+                     name (every node would host at {host})"
+                );
+            }
             None
         }
         None => bail!(
