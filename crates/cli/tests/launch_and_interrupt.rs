@@ -476,3 +476,76 @@ fn ctrl_c_outside_training_quits_at_once() {
     assert!(!text(&out.stderr).contains("saving a checkpoint"));
     assert!(started.elapsed() < Duration::from_secs(30));
 }
+
+/// A save that runs out of space (here: a file-size limit, which fails writes as a full disk
+/// does) fails the run with an error that says so, leaves no partial files, and keeps the
+/// checkpoint already in place byte for byte.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_save_that_runs_out_of_space_keeps_the_last_checkpoint() {
+    use std::os::unix::process::CommandExt;
+    let work = tempfile::tempdir().unwrap();
+    let output_arg = format!("output_dir={}", work.path().display());
+    let args = [
+        "run",
+        "lora_finetune_single_device",
+        "--config",
+        "stories260K/lora_single_device",
+        &output_arg,
+        "max_steps_per_epoch=2",
+    ];
+    succeeded(&tune_command(&args).output().unwrap());
+    let epoch = work.path().join("epoch_0");
+    let before: Vec<(PathBuf, Vec<u8>)> = files_under(&epoch);
+    // The merged weights are the one file over the limit below.
+    assert!(before.iter().any(|(_, bytes)| bytes.len() > 200_000));
+
+    // The same run again, where no file may grow past 200 kB: the merged weights (1 MB) cannot
+    // be written.
+    let mut limited = tune_command(&args);
+    // SAFETY: setrlimit and signal are async-signal-safe; nothing else runs before exec.
+    unsafe {
+        limited.pre_exec(|| {
+            // Without this the kernel kills the writer (SIGXFSZ) instead of failing the write.
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: 200_000,
+                rlim_max: 200_000,
+            };
+            match libc::setrlimit(libc::RLIMIT_FSIZE, &limit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    let o = limited.output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    let stderr = text(&o.stderr);
+    assert!(
+        stderr.contains("saving checkpoint") && stderr.contains("is the disk full"),
+        "{stderr}"
+    );
+    assert_eq!(files_under(&epoch), before, "the last checkpoint changed");
+    let leftovers: Vec<String> = std::fs::read_dir(work.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "left behind {leftovers:?}");
+}
+
+/// Every file under `dir` with its bytes, in name order.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push((path.clone(), std::fs::read(&path).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}

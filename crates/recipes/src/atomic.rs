@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+/// The usual reason a write fails, and its fix.
+const FULL_DISK: &str = "is the disk full? free space, or point output_dir at another disk";
+
 fn temp_name(path: &Path) -> PathBuf {
     marked(path, "tmp")
 }
@@ -24,7 +27,7 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = fs::remove_file(&tmp);
         return Err(e).with_context(|| {
             format!(
-                "cannot write {} (is the disk full or the folder read-only?)",
+                "cannot write {} ({FULL_DISK}, or is the folder read-only?)",
                 path.display()
             )
         });
@@ -42,13 +45,18 @@ pub fn save_safetensors(
     // a file without metadata.
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     let saved = safetensors::tensor::serialize_to_file(tensors.iter(), Some(metadata), &tmp)
-        .with_context(|| format!("cannot write {} (is the disk full?)", path.display()));
+        .map_err(|e| match e {
+            // The I/O error itself: safetensors' wrapper would print it twice.
+            safetensors::SafeTensorError::IoError(io) => anyhow::Error::new(io),
+            other => anyhow::anyhow!("{other}"),
+        })
+        .with_context(|| format!("cannot write {} ({FULL_DISK})", path.display()));
     // candle flushes but does not sync: without it a power cut after the rename (and after the
     // old checkpoint is deleted) could leave an empty file under the final name.
     let saved = saved.and_then(|()| {
         fs::File::open(&tmp)
             .and_then(|f| f.sync_all())
-            .with_context(|| format!("cannot write {} (is the disk full?)", path.display()))
+            .with_context(|| format!("cannot write {} ({FULL_DISK})", path.display()))
     });
     if let Err(e) = saved {
         let _ = fs::remove_file(&tmp);
