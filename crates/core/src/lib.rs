@@ -27,7 +27,7 @@ pub use adapter::{Adapter, AdapterFactory, AdapterSpec, FrozenLinear, PeftTarget
 pub use args::Args;
 pub use config::Config;
 pub use recipe::{Recipe, RecipeEntry};
-pub use registry::{ArgSpec, ArgType, Component, ComponentKind};
+pub use registry::{ArgSpec, ArgType, Component, ComponentKind, Unavailable};
 
 /// Re-exported so that components can register themselves with `tune_core::inventory::submit!`.
 pub use inventory;

@@ -156,6 +156,17 @@ impl Component {
 
 inventory::collect!(Component);
 
+/// A torchtune component tune-rs knows of but does not provide, with why and what to use instead.
+/// Registered like components (`inventory::submit!`) by the crate that provides the alternative;
+/// naming one is an error that says so, rather than a guess at a similar name.
+#[derive(Debug)]
+pub struct Unavailable {
+    pub path: &'static str,
+    pub why: &'static str,
+}
+
+inventory::collect!(Unavailable);
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("unknown _component_ `{name}`{}", suggestion_text(.suggestions))]
@@ -163,6 +174,8 @@ pub enum RegistryError {
         name: String,
         suggestions: Vec<String>,
     },
+    #[error("`{name}` is not available in tune-rs: {why}")]
+    Unavailable { name: String, why: &'static str },
     #[error(
         "component `{name}` is already registered (by {existing}); a plugin may not replace it"
     )]
@@ -213,6 +226,15 @@ fn find(name: &str) -> Option<&'static Component> {
 
 /// Looks a component up by dotted path or alias. Unknown names list the closest registered ones.
 pub fn lookup(name: &str) -> Result<&'static Component, RegistryError> {
+    if let Some(unavailable) = inventory::iter::<Unavailable>
+        .into_iter()
+        .find(|u| u.path == name && find(name).is_none())
+    {
+        return Err(RegistryError::Unavailable {
+            name: name.to_string(),
+            why: unavailable.why,
+        });
+    }
     find(name).ok_or_else(|| RegistryError::Unknown {
         name: name.to_string(),
         suggestions: closest(name, all_names().iter().map(String::as_str), 3),

@@ -645,3 +645,20 @@ tune_core::inventory::submit! {
         build: |args| Ok(Box::new(HfCheckpointer::from_args(args)?)),
     }
 }
+
+tune_core::inventory::submit! {
+    tune_core::Unavailable {
+        path: "torchtune.training.FullModelMetaCheckpointer",
+        why: "tune-rs reads and writes Hugging Face checkpoints. Download the model in that format \
+              (`tune download meta-llama/Llama-2-7b-hf`) and use \
+              torchtune.training.FullModelHFCheckpointer",
+    }
+}
+
+tune_core::inventory::submit! {
+    tune_core::Unavailable {
+        path: "torchtune.training.FullModelTorchTuneCheckpointer",
+        why: "tune-rs reads and writes Hugging Face checkpoints; use \
+              torchtune.training.FullModelHFCheckpointer with a Hugging Face model folder",
+    }
+}

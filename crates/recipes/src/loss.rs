@@ -161,3 +161,43 @@ tune_core::inventory::submit! {
         build: |args| Ok(Box::new(ChunkedCrossEntropy { num_output_chunks: args.get("num_output_chunks")? })),
     }
 }
+
+// Older torchtune configs name torch's own loss; with its defaults it is the same mean over
+// non-ignored tokens, computed here in chunks all the same.
+tune_core::inventory::submit! {
+    Component {
+        path: "torch.nn.CrossEntropyLoss",
+        aliases: &["CrossEntropyLoss", "torch.nn.modules.loss.CrossEntropyLoss"],
+        kind: ComponentKind::Loss,
+        args: &[
+            ArgSpec::nullable("weight", ArgType::Any),
+            ArgSpec::optional("ignore_index", ArgType::Int, "-100"),
+            ArgSpec::optional("reduction", ArgType::Str, "mean"),
+            ArgSpec::optional("label_smoothing", ArgType::Float, "0.0"),
+        ],
+        extra_args: false,
+        about: "torch's cross-entropy with its defaults: the same loss as CEWithChunkedOutputLoss",
+        origin: "built-in",
+        build: |args| {
+            let supported = args.is_null("weight")
+                && args.get::<i64>("ignore_index")? == -100
+                && args.get::<String>("reduction")? == "mean"
+                && args.get::<f64>("label_smoothing")? == 0.0;
+            if !supported {
+                anyhow::bail!(
+                    "torch.nn.CrossEntropyLoss: only its defaults (weight=None, ignore_index=-100, \
+                     reduction='mean', label_smoothing=0.0) are supported, which is the loss \
+                     torchtune's recipes train with"
+                );
+            }
+            Ok(Box::new(ChunkedCrossEntropy { num_output_chunks: 8 }))
+        },
+    }
+}
+
+tune_core::inventory::submit! {
+    tune_core::Unavailable {
+        path: "torchtune.modules.loss.ForwardKLWithChunkedOutputLoss",
+        why: "it is the knowledge-distillation loss, and tune-rs has no distillation recipe",
+    }
+}

@@ -324,3 +324,28 @@ mod tests {
         assert_eq!(masked_crc(b""), 0xa282_ead8);
     }
 }
+
+tune_core::inventory::submit! {
+    tune_core::Unavailable {
+        path: "torchtune.training.metric_logging.WandBLogger",
+        why: "Weights & Biases has no client outside Python. Log with \
+              torchtune.training.metric_logging.TensorBoardLogger (log_dir: ...) and upload its \
+              event files with `wandb sync <log_dir>`",
+    }
+}
+
+tune_core::inventory::submit! {
+    tune_core::Unavailable {
+        path: "torchtune.training.metric_logging.CometLogger",
+        why: "Comet has no client outside Python. Log with \
+              torchtune.training.metric_logging.TensorBoardLogger or DiskLogger instead",
+    }
+}
+
+tune_core::inventory::submit! {
+    tune_core::Unavailable {
+        path: "torchtune.training.metric_logging.MLFlowLogger",
+        why: "MLflow's client is Python. Log with torchtune.training.metric_logging.TensorBoardLogger \
+              or DiskLogger instead",
+    }
+}

@@ -122,3 +122,21 @@ tune_core::inventory::submit! {
         build: |args| Ok(Box::new(AdamWConfig::from_args(args)?)),
     }
 }
+
+// bitsandbytes' optimizers save memory on full-model state; a LoRA run's optimizer state is a
+// few MB, so AdamW serves the same purpose.
+tune_core::inventory::submit! {
+    tune_core::Unavailable {
+        path: "bitsandbytes.optim.PagedAdamW",
+        why: "bitsandbytes is a CUDA library for Python. LoRA trains few parameters, so \
+              torch.optim.AdamW's state is small: use it",
+    }
+}
+
+tune_core::inventory::submit! {
+    tune_core::Unavailable {
+        path: "bitsandbytes.optim.PagedAdamW8bit",
+        why: "bitsandbytes is a CUDA library for Python. LoRA trains few parameters, so \
+              torch.optim.AdamW's state is small: use it",
+    }
+}

@@ -256,3 +256,52 @@ fn activation_offloading_on_the_cpu_is_refused_as_in_torchtune() {
     let e = run_err(&["enable_activation_offloading=True", "max_steps_per_epoch=1"]);
     assert!(e.contains("only applies to training on CUDA"), "{e}");
 }
+
+/// torchtune components that tune-rs does not provide are named as such, with what to use
+/// instead, rather than answered with similar-looking names.
+#[test]
+fn unavailable_components_say_what_to_use_instead() {
+    let e = run_err(&[
+        "metric_logger._component_=torchtune.training.metric_logging.WandBLogger",
+        "metric_logger.project=lora",
+    ]);
+    assert!(
+        e.contains("WandBLogger` is not available in tune-rs") && e.contains("wandb sync"),
+        "{e}"
+    );
+    let e = run_err(&["checkpointer._component_=torchtune.training.FullModelMetaCheckpointer"]);
+    assert!(e.contains("FullModelHFCheckpointer"), "{e}");
+    let e = run_err(&["optimizer._component_=bitsandbytes.optim.PagedAdamW8bit"]);
+    assert!(e.contains("torch.optim.AdamW"), "{e}");
+    let e = run_err(&[
+        "loss._component_=torch.nn.CrossEntropyLoss",
+        "loss.label_smoothing=0.1",
+    ]);
+    assert!(e.contains("only its defaults"), "{e}");
+}
+
+/// Older configs' `torch.nn.CrossEntropyLoss` trains exactly as `CEWithChunkedOutputLoss`.
+#[test]
+fn torchs_cross_entropy_trains_as_the_chunked_loss() {
+    tune_recipes::link();
+    let losses = |overrides: &[&str]| -> Vec<f64> {
+        let work = tempfile::tempdir().unwrap();
+        let mut all = vec!["max_steps_per_epoch=3"];
+        all.extend_from_slice(overrides);
+        train(
+            common::stories_config(work.path(), &all),
+            &RunOptions::default(),
+        )
+        .unwrap()
+        .steps
+        .iter()
+        .map(|s| s.loss)
+        .collect()
+    };
+    let chunked = losses(&[]);
+    assert_eq!(chunked.len(), 3);
+    assert_eq!(
+        losses(&["loss._component_=torch.nn.CrossEntropyLoss"]),
+        chunked
+    );
+}
