@@ -229,9 +229,10 @@ fn a_failing_rank_fails_the_job_with_its_error() {
     );
 }
 
-#[test]
-fn two_nodes_meet_at_the_master_address() {
-    // Two `tune run --nnodes 2` launchers, as on two machines, each starting one rank.
+/// Two `tune run --nnodes 2 --nproc_per_node 1` launchers on this machine, as on two machines,
+/// each with its own launcher options (given the free port), training together; returns their
+/// outputs once both succeeded and rank 0 logged and saved.
+fn two_nodes(launcher: impl Fn(usize, &str) -> Vec<String>) -> [Output; 2] {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -240,81 +241,65 @@ fn two_nodes_meet_at_the_master_address() {
         .to_string();
     let work = tempfile::tempdir().unwrap();
     let output_arg = format!("output_dir={}", work.path().display());
-    let node = |node_rank: &str| {
-        let mut args = vec![
-            "run",
-            "--nnodes",
-            "2",
-            "--nproc_per_node",
-            "1",
-            "--node_rank",
-            node_rank,
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            &port,
-        ];
+    let node = |node: usize| {
+        let options = launcher(node, &port);
+        let mut args = vec!["run", "--nnodes", "2", "--nproc_per_node", "1"];
+        args.extend(options.iter().map(String::as_str));
         args.extend_from_slice(&distributed_args(&output_arg, &["max_steps_per_epoch=2"])[3..]);
         tune_command(&args).spawn_piped()
     };
-    let (first, second) = (node("0"), node("1"));
-    let (first, second) = (
+    let (first, second) = (node(0), node(1));
+    let outputs = [
         first.wait_with_output().unwrap(),
         second.wait_with_output().unwrap(),
-    );
-    succeeded(&first);
-    succeeded(&second);
-    assert!(text(&first.stderr).contains("rank 0 of 2"));
+    ];
+    outputs.iter().for_each(succeeded);
     assert_eq!(log_lines(work.path()).len(), 2);
     assert!(work.path().join("epoch_0/recipe_state").is_dir());
+    outputs
+}
+
+#[test]
+fn two_nodes_meet_at_the_master_address() {
+    let [first, _] = two_nodes(|node, port| {
+        let options = [
+            "--node_rank",
+            &node.to_string(),
+            "--master_addr",
+            "127.0.0.1",
+        ];
+        let mut options: Vec<String> = options.iter().map(|s| s.to_string()).collect();
+        options.extend(["--master_port".to_string(), port.to_string()]);
+        options
+    });
+    assert!(text(&first.stderr).contains("rank 0 of 2"));
 }
 
 #[test]
 fn two_nodes_meet_at_a_c10d_rendezvous_without_node_ranks() {
     // torchrun's multi-node form: the same command on every node, node ranks handed out at the
     // endpoint (the launcher on its host is node 0; here both "nodes" are this machine).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let endpoint = format!("127.0.0.1:{port}");
-    let work = tempfile::tempdir().unwrap();
-    let output_arg = format!("output_dir={}", work.path().display());
-    let node = || {
-        let mut args = vec![
-            "run",
-            "--nnodes",
-            "2",
-            "--nproc_per_node",
-            "1",
+    let outputs = two_nodes(|_, port| {
+        [
             "--rdzv_id",
             "job-42",
             "--rdzv_backend",
             "c10d",
             "--rdzv_endpoint",
-            &endpoint,
-        ];
-        args.extend_from_slice(&distributed_args(&output_arg, &["max_steps_per_epoch=2"])[3..]);
-        tune_command(&args).spawn_piped()
-    };
-    let (first, second) = (node(), node());
-    let (first, second) = (
-        first.wait_with_output().unwrap(),
-        second.wait_with_output().unwrap(),
-    );
-    succeeded(&first);
-    succeeded(&second);
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([format!("127.0.0.1:{port}")])
+        .collect()
+    });
     let said = |what: &str| {
-        [&first, &second]
+        outputs
             .iter()
             .filter(|o| text(&o.stderr).contains(what))
             .count()
     };
     assert_eq!(said("made this node 0 of 2"), 1);
     assert_eq!(said("made this node 1 of 2"), 1);
-    assert_eq!(log_lines(work.path()).len(), 2);
-    assert!(work.path().join("epoch_0/recipe_state").is_dir());
 }
 
 #[test]
