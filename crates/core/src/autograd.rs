@@ -183,6 +183,21 @@ pub fn with_backward3(
     a.apply_op3_arc(b, c, Arc::new(Box::new(op)))
 }
 
+/// [`with_backward`] for two inputs: a three-input op whose third input is the second again
+/// (and never gets a gradient of its own).
+pub fn with_backward2(
+    name: &'static str,
+    inputs: (&Tensor, &Tensor),
+    output: Tensor,
+    backward: impl Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let (a, b) = inputs;
+    with_backward3(name, (a, b, b), output, move |grad| {
+        let (da, db) = backward(grad)?;
+        Ok((da, db, None))
+    })
+}
+
 /// Causal scaled-dot-product attention `softmax(q k^T * scale + mask) v` for q/k/v
 /// [batch, heads, seq, head_dim] that stores nothing but its inputs: the backward recomputes the
 /// attention probabilities (as flash attention does) instead of keeping [seq, seq] matrices per
@@ -528,6 +543,85 @@ pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
     })
 }
 
+/// SwiGLU's `silu(gate) * up` that keeps only `gate` and `up` for its backward. Recorded op by op,
+/// `silu(gate)` (as wide as the MLP) would also stay alive until the backward.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let (gate_saved, up_saved) = (gate.detach(), up.detach());
+    let y = (gate_saved.silu()? * &up_saved)?;
+    with_backward2("swiglu", (gate, up), y, move |grad| {
+        let (d_gate, d_up) = swiglu_grads(&gate_saved, &up_saved, grad)?;
+        Ok((Some(d_gate), Some(d_up)))
+    })
+}
+
+/// With `s = sigmoid(g)`: `d_gate = dy * up * s * (1 + g * (1 - s))`, `d_up = dy * g * s`, in
+/// fp32 and rounded once to the inputs' dtype.
+fn swiglu_grads(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    if let Some(grads) = swiglu_grads_cpu(gate, up, grad)? {
+        return Ok(grads);
+    }
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let (g, u, dy) = (f32(gate)?, f32(up)?, f32(grad)?);
+    let s = (g.neg()?.exp()? + 1.0)?.recip()?;
+    let silu = (&g * &s)?;
+    let d_up = (&dy * &silu)?;
+    // s * (1 + g * (1 - s)) = s + silu - silu * s
+    let d_silu = ((&s + &silu)? - (&silu * &s)?)?;
+    let d_gate = ((dy * u)? * d_silu)?;
+    Ok((d_gate.to_dtype(gate.dtype())?, d_up.to_dtype(up.dtype())?))
+}
+
+/// The elements of a contiguous fp32 CPU tensor's storage.
+fn cpu_f32_slice<'a>(storage: &'a candle_core::Storage, layout: &Layout) -> Option<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) => Some(&v[start..end]),
+        _ => None,
+    }
+}
+
+/// [`swiglu_grads`] in one pass over contiguous fp32 CPU tensors (the generic version makes about
+/// eight); `None` for any other device, dtype or layout.
+fn swiglu_grads_cpu(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    use rayon::prelude::*;
+    let grad = grad.contiguous()?;
+    let (gs, gl) = gate.storage_and_layout();
+    let (us, ul) = up.storage_and_layout();
+    let (dys, dyl) = grad.storage_and_layout();
+    let (Some(g), Some(u), Some(dy)) = (
+        cpu_f32_slice(&gs, gl),
+        cpu_f32_slice(&us, ul),
+        cpu_f32_slice(&dys, dyl),
+    ) else {
+        return Ok(None);
+    };
+    if g.len() != u.len() || g.len() != dy.len() {
+        return Ok(None);
+    }
+    let mut d_gate = vec![0f32; g.len()];
+    let mut d_up = vec![0f32; g.len()];
+    const CHUNK: usize = 1 << 14;
+    d_gate
+        .par_chunks_mut(CHUNK)
+        .zip(d_up.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(chunk, (d_gate, d_up))| {
+            let start = chunk * CHUNK;
+            for i in 0..d_gate.len() {
+                let (x, up, dy) = (g[start + i], u[start + i], dy[start + i]);
+                let s = 1.0 / (1.0 + (-x).exp());
+                let silu = x * s;
+                d_up[i] = dy * silu;
+                d_gate[i] = dy * up * (s + silu - silu * s);
+            }
+        });
+    let shape = gate.shape().clone();
+    let device = gate.device();
+    Ok(Some((
+        Tensor::from_vec(d_gate, shape.clone(), device)?,
+        Tensor::from_vec(d_up, shape, device)?,
+    )))
+}
+
 /// The interleaved rotation as torchtune computes it: in fp32 (tables and arithmetic) whatever
 /// `x`'s dtype, rounded once to that dtype. In bf16, candle's kernel would round the tables and
 /// each product.
@@ -828,6 +922,66 @@ mod tests {
             g2.get(v2.as_tensor()).unwrap().clone(),
             fwd,
         )
+    }
+
+    /// SwiGLU's two gradients against candle's own ops, through the one-pass CPU kernel (fp32,
+    /// contiguous), the generic path (a transposed, non-contiguous gate) and in bf16.
+    #[test]
+    fn swiglu_matches_silu_times_up() {
+        // Values wide enough to reach both tails of the sigmoid.
+        let gate = (rand(&[4, 6, 40], 3) * 16.0).unwrap();
+        let up = rand(&[4, 6, 40], 4);
+        let probe = rand(&[4, 6, 40], 5);
+        let run = |gate: &Tensor, up: &Tensor, fused: bool| -> (Tensor, Tensor, Tensor) {
+            let (gv, uv) = (
+                Var::from_tensor(gate).unwrap(),
+                Var::from_tensor(up).unwrap(),
+            );
+            let y = match fused {
+                true => swiglu(gv.as_tensor(), uv.as_tensor()).unwrap(),
+                false => (gv.as_tensor().silu().unwrap() * uv.as_tensor()).unwrap(),
+            };
+            let probe = probe.to_dtype(y.dtype()).unwrap();
+            let store = (&y * probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let grad = |v: &Var| {
+                store
+                    .get(v.as_tensor())
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+            };
+            (y.to_dtype(DType::F32).unwrap(), grad(&gv), grad(&uv))
+        };
+        let (y_ref, dg_ref, du_ref) = run(&gate, &up, false);
+        let (y, dg, du) = run(&gate, &up, true);
+        assert_eq!(max_abs(&y, &y_ref), 0.0);
+        assert!(max_abs(&dg, &dg_ref) < 1e-5, "{}", max_abs(&dg, &dg_ref));
+        assert!(max_abs(&du, &du_ref) < 1e-5, "{}", max_abs(&du, &du_ref));
+
+        // The generic path: transposed copies, so the fast one declines.
+        let t = |x: &Tensor| x.transpose(1, 2).unwrap();
+        let (gate_t, up_t) = (t(&gate), t(&up));
+        assert!(!gate_t.is_contiguous());
+        let grad_t = t(&probe).contiguous().unwrap();
+        assert!(swiglu_grads_cpu(&gate_t, &up_t, &grad_t).unwrap().is_none());
+        let (dg_t, du_t) = swiglu_grads(&gate_t, &up_t, &grad_t).unwrap();
+        assert!(max_abs(&t(&dg_t), &dg_ref) < 1e-5);
+        assert!(max_abs(&t(&du_t), &du_ref) < 1e-5);
+
+        // bf16: computed in fp32 and rounded once, so within bf16's rounding of the fp32 result.
+        let bf16 = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
+        let (_, dg_16, du_16) = run(&bf16(&gate), &bf16(&up), true);
+        let tolerance = |r: &Tensor| {
+            r.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                / 64.0
+        };
+        assert!(max_abs(&dg_16, &dg_ref) < tolerance(&dg_ref));
+        assert!(max_abs(&du_16, &du_ref) < tolerance(&du_ref));
     }
 
     #[test]

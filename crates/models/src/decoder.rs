@@ -619,9 +619,13 @@ fn mlp_residual(
 ) -> Result<Tensor> {
     let hn = rms_norm(h, &layer.mlp_norm, c.norm_eps)?;
     let m = &layer.mlp;
-    let gate = proj(m.w1.as_ref(), &hn, opts)?.silu()?;
+    let gate = proj(m.w1.as_ref(), &hn, opts)?;
     let up = proj(m.w3.as_ref(), &hn, opts)?;
-    let out = proj(m.w2.as_ref(), &(gate * up)?, opts)?;
+    let out = proj(
+        m.w2.as_ref(),
+        &tune_core::autograd::swiglu(&gate, &up)?,
+        opts,
+    )?;
     Ok((h + out)?)
 }
 
