@@ -162,6 +162,8 @@ inventory::collect!(Component);
 #[derive(Debug)]
 pub struct Unavailable {
     pub path: &'static str,
+    /// Other names it goes by (short names, older module paths).
+    pub aliases: &'static [&'static str],
     pub why: &'static str,
 }
 
@@ -228,7 +230,7 @@ fn find(name: &str) -> Option<&'static Component> {
 pub fn lookup(name: &str) -> Result<&'static Component, RegistryError> {
     if let Some(unavailable) = inventory::iter::<Unavailable>
         .into_iter()
-        .find(|u| u.path == name && find(name).is_none())
+        .find(|u| (u.path == name || u.aliases.contains(&name)) && find(name).is_none())
     {
         return Err(RegistryError::Unavailable {
             name: name.to_string(),

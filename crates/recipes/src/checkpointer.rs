@@ -649,6 +649,7 @@ tune_core::inventory::submit! {
 tune_core::inventory::submit! {
     tune_core::Unavailable {
         path: "torchtune.training.FullModelMetaCheckpointer",
+        aliases: &["FullModelMetaCheckpointer", "torchtune.training.checkpointing.FullModelMetaCheckpointer", "torchtune.utils.FullModelMetaCheckpointer"],
         why: "tune-rs reads and writes Hugging Face checkpoints. Download the model in that format \
               (`tune download meta-llama/Llama-2-7b-hf`) and use \
               torchtune.training.FullModelHFCheckpointer",
@@ -658,6 +659,7 @@ tune_core::inventory::submit! {
 tune_core::inventory::submit! {
     tune_core::Unavailable {
         path: "torchtune.training.FullModelTorchTuneCheckpointer",
+        aliases: &["FullModelTorchTuneCheckpointer", "torchtune.training.checkpointing.FullModelTorchTuneCheckpointer", "torchtune.utils.FullModelTorchTuneCheckpointer"],
         why: "tune-rs reads and writes Hugging Face checkpoints; use \
               torchtune.training.FullModelHFCheckpointer with a Hugging Face model folder",
     }

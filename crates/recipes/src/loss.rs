@@ -163,7 +163,8 @@ tune_core::inventory::submit! {
 }
 
 // Older torchtune configs name torch's own loss; with its defaults it is the same mean over
-// non-ignored tokens, computed here in chunks all the same.
+// non-ignored tokens, computed here in chunks and in fp32 all the same (torch's own returns bf16
+// in a bf16 run).
 tune_core::inventory::submit! {
     Component {
         path: "torch.nn.CrossEntropyLoss",
@@ -176,7 +177,7 @@ tune_core::inventory::submit! {
             ArgSpec::optional("label_smoothing", ArgType::Float, "0.0"),
         ],
         extra_args: false,
-        about: "torch's cross-entropy with its defaults: the same loss as CEWithChunkedOutputLoss",
+        about: "torch's cross-entropy with its defaults, computed as CEWithChunkedOutputLoss (in fp32; torch's rounds to bf16 in bf16 runs)",
         origin: "built-in",
         build: |args| {
             let supported = args.is_null("weight")
@@ -198,6 +199,7 @@ tune_core::inventory::submit! {
 tune_core::inventory::submit! {
     tune_core::Unavailable {
         path: "torchtune.modules.loss.ForwardKLWithChunkedOutputLoss",
+        aliases: &["ForwardKLWithChunkedOutputLoss", "torchtune.modules.loss.ForwardKLLoss"],
         why: "it is the knowledge-distillation loss, and tune-rs has no distillation recipe",
     }
 }

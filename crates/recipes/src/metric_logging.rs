@@ -328,6 +328,7 @@ mod tests {
 tune_core::inventory::submit! {
     tune_core::Unavailable {
         path: "torchtune.training.metric_logging.WandBLogger",
+        aliases: &["WandBLogger", "torchtune.utils.metric_logging.WandBLogger"],
         why: "Weights & Biases has no client outside Python. Log with \
               torchtune.training.metric_logging.TensorBoardLogger (log_dir: ...) and upload its \
               event files with `wandb sync <log_dir>`",
@@ -337,6 +338,7 @@ tune_core::inventory::submit! {
 tune_core::inventory::submit! {
     tune_core::Unavailable {
         path: "torchtune.training.metric_logging.CometLogger",
+        aliases: &["CometLogger", "torchtune.utils.metric_logging.CometLogger"],
         why: "Comet has no client outside Python. Log with \
               torchtune.training.metric_logging.TensorBoardLogger or DiskLogger instead",
     }
@@ -345,6 +347,7 @@ tune_core::inventory::submit! {
 tune_core::inventory::submit! {
     tune_core::Unavailable {
         path: "torchtune.training.metric_logging.MLFlowLogger",
+        aliases: &["MLFlowLogger", "torchtune.utils.metric_logging.MLFlowLogger"],
         why: "MLflow's client is Python. Log with torchtune.training.metric_logging.TensorBoardLogger \
               or DiskLogger instead",
     }

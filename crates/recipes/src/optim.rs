@@ -128,6 +128,7 @@ tune_core::inventory::submit! {
 tune_core::inventory::submit! {
     tune_core::Unavailable {
         path: "bitsandbytes.optim.PagedAdamW",
+        aliases: &["PagedAdamW", "bitsandbytes.optim.PagedAdamW32bit", "bitsandbytes.optim.AdamW"],
         why: "bitsandbytes is a CUDA library for Python. LoRA trains few parameters, so \
               torch.optim.AdamW's state is small: use it",
     }
@@ -136,6 +137,7 @@ tune_core::inventory::submit! {
 tune_core::inventory::submit! {
     tune_core::Unavailable {
         path: "bitsandbytes.optim.PagedAdamW8bit",
+        aliases: &["PagedAdamW8bit", "bitsandbytes.optim.AdamW8bit", "torchao.prototype.low_bit_optim.AdamW8bit", "torchao.optim.AdamW8bit"],
         why: "bitsandbytes is a CUDA library for Python. LoRA trains few parameters, so \
               torch.optim.AdamW's state is small: use it",
     }

@@ -269,6 +269,9 @@ fn unavailable_components_say_what_to_use_instead() {
         e.contains("WandBLogger` is not available in tune-rs") && e.contains("wandb sync"),
         "{e}"
     );
+    // Short names and older module paths too.
+    let e = run_err(&["metric_logger._component_=torchtune.utils.metric_logging.WandBLogger"]);
+    assert!(e.contains("is not available in tune-rs"), "{e}");
     let e = run_err(&["checkpointer._component_=torchtune.training.FullModelMetaCheckpointer"]);
     assert!(e.contains("FullModelHFCheckpointer"), "{e}");
     let e = run_err(&["optimizer._component_=bitsandbytes.optim.PagedAdamW8bit"]);
