@@ -341,6 +341,20 @@ mod tests {
         }
     }
 
+    /// The ranks `nodes` concurrent calls of `node` get, sorted.
+    fn ranks_of(
+        nodes: usize,
+        node: impl Fn() -> Result<usize> + Copy + Send + 'static,
+    ) -> Vec<usize> {
+        let nodes: Vec<_> = (0..nodes).map(|_| std::thread::spawn(node)).collect();
+        let mut ranks: Vec<usize> = nodes
+            .into_iter()
+            .map(|n| n.join().unwrap().unwrap())
+            .collect();
+        ranks.sort();
+        ranks
+    }
+
     fn join(port: u16, meeting: Meeting) -> Result<usize> {
         let deadline = Instant::now() + Duration::from_secs(20);
         join_meeting(
@@ -355,18 +369,9 @@ mod tests {
     fn three_nodes_get_three_ranks() {
         for host in ["127.0.0.1", "localhost"] {
             let port = free_port();
-            let nodes: Vec<_> = (0..3)
-                .map(|_| {
-                    std::thread::spawn(move || {
-                        node_rank(host, port, MEETING, Duration::from_secs(20))
-                    })
-                })
-                .collect();
-            let mut ranks: Vec<usize> = nodes
-                .into_iter()
-                .map(|n| n.join().unwrap().unwrap())
-                .collect();
-            ranks.sort();
+            let ranks = ranks_of(3, move || {
+                node_rank(host, port, MEETING, Duration::from_secs(20))
+            });
             assert_eq!(ranks, [0, 1, 2], "{host}");
             // The host closed the port: rank 0 can listen there now.
             let rank0 = tune_recipes::distributed::listen_address(&format!("{host}:{port}"));
@@ -417,15 +422,7 @@ mod tests {
         drop(quitter);
         std::thread::sleep(Duration::from_millis(200));
         // Two more nodes complete the meeting of three without it.
-        let nodes: Vec<_> = (0..2)
-            .map(|_| std::thread::spawn(move || join(port, MEETING)))
-            .collect();
-        let mut ranks: Vec<usize> = nodes
-            .into_iter()
-            .map(|n| n.join().unwrap().unwrap())
-            .collect();
-        ranks.sort();
-        assert_eq!(ranks, [1, 2]);
+        assert_eq!(ranks_of(2, move || join(port, MEETING)), [1, 2]);
         assert_eq!(host.join().unwrap().unwrap(), 0);
     }
 
