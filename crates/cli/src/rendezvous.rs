@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-const MAGIC: &[u8; 8] = b"TUNERDZ1";
+use tune_recipes::distributed::{bare_host, names_loopback, RENDEZVOUS_MAGIC as MAGIC};
 
 /// How long a peer gets for each short step (introduction, acknowledgements).
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,16 +58,17 @@ pub fn node_rank(host: &str, port: u16, meeting: Meeting, timeout: Duration) -> 
     join_meeting(&endpoint, meeting, deadline, STEP_TIMEOUT)
 }
 
-/// Where this machine would host the rendezvous, if `host` names it: one of its addresses (the
-/// first a loopback name resolves to, as rank 0 will bind it; every interface for others, as a
-/// host name may resolve to a loopback address on its own machine), or its host name.
+/// Where this machine would host the rendezvous, if `host` names it: `localhost` or a loopback
+/// address (bound as rank 0 will bind it, the first address it resolves to), else one of its
+/// addresses or its host name (bound on every interface, as a host name may resolve to a
+/// loopback address on its own machine).
 fn host_address(host: &str, port: u16) -> Option<SocketAddr> {
-    let addresses: Vec<SocketAddr> = (host, port)
+    let addresses: Vec<SocketAddr> = (bare_host(host), port)
         .to_socket_addrs()
         .map(Iterator::collect)
         .unwrap_or_default();
-    if let Some(first) = addresses.first().filter(|a| a.ip().is_loopback()) {
-        return Some(*first);
+    if names_loopback(host) {
+        return addresses.first().copied();
     }
     let own_name = hostname().is_some_and(|name| {
         name.eq_ignore_ascii_case(host)
@@ -109,7 +110,14 @@ fn host_meeting(
         meeting.nnodes - 1
     );
     let mut joined: Vec<(SocketAddr, TcpStream)> = Vec::new();
-    while joined.len() + 1 < meeting.nnodes {
+    loop {
+        if joined.len() + 1 == meeting.nnodes {
+            // Complete only if nobody left in the meantime.
+            forget_departed(&mut joined);
+            if joined.len() + 1 == meeting.nnodes {
+                break;
+            }
+        }
         match listener.accept() {
             Ok((mut stream, from)) => {
                 stream.set_nonblocking(false)?;
@@ -129,14 +137,7 @@ fn host_meeting(
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // A node that gave up (Ctrl-C, its own timeout) no longer counts.
-                joined.retain(|(from, stream)| {
-                    let alive = still_connected(stream);
-                    if !alive {
-                        tracing::warn!("the node at {from} left the rendezvous");
-                    }
-                    alive
-                });
+                forget_departed(&mut joined);
                 if Instant::now() > deadline {
                     let why = format!(
                         "the rendezvous at {endpoint} timed out with {} of {} nodes; start `tune \
@@ -183,6 +184,17 @@ fn host_meeting(
         let _ = stream.write_all(&[START]);
     }
     Ok(())
+}
+
+/// Drops the waiting nodes that gave up (Ctrl-C, their own timeout): they no longer count.
+fn forget_departed(joined: &mut Vec<(SocketAddr, TcpStream)>) {
+    joined.retain(|(from, stream)| {
+        let alive = still_connected(stream);
+        if !alive {
+            tracing::warn!("the node at {from} left the rendezvous");
+        }
+        alive
+    });
 }
 
 /// Whether the peer of a waiting node's connection is still there (nothing to read, no EOF).
@@ -411,7 +423,12 @@ mod tests {
         });
         std::thread::sleep(Duration::from_millis(200));
         // A launcher that says hello and is then stopped (Ctrl-C) before the others come.
-        let mut quitter = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut quitter = loop {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(stream) => break stream,
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
         quitter.write_all(MAGIC).unwrap();
         for value in [7u64, 3, 2] {
             quitter.write_all(&value.to_le_bytes()).unwrap();
@@ -430,7 +447,7 @@ mod tests {
     fn a_host_that_gives_up_tells_the_waiting_nodes() {
         let port = free_port();
         let host = std::thread::spawn(move || {
-            node_rank("127.0.0.1", port, MEETING, Duration::from_millis(1500))
+            node_rank("127.0.0.1", port, MEETING, Duration::from_secs(5))
         });
         std::thread::sleep(Duration::from_millis(200));
         let err = join(port, MEETING).unwrap_err().to_string();
@@ -456,6 +473,7 @@ mod tests {
     #[test]
     fn only_this_machine_hosts() {
         assert!(host_address("127.0.0.1", 1).is_some());
+        assert!(host_address("[::1]", 1).is_some());
         // TEST-NET-1 (RFC 5737) is nobody's address.
         assert!(host_address("192.0.2.1", 1).is_none());
         if let Some(name) = hostname() {

@@ -262,15 +262,14 @@ fn two_nodes(launcher: impl Fn(usize, &str) -> Vec<String>) -> [Output; 2] {
 #[test]
 fn two_nodes_meet_at_the_master_address() {
     let [first, _] = two_nodes(|node, port| {
-        let options = [
-            "--node_rank",
-            &node.to_string(),
-            "--master_addr",
-            "127.0.0.1",
-        ];
-        let mut options: Vec<String> = options.iter().map(|s| s.to_string()).collect();
-        options.extend(["--master_port".to_string(), port.to_string()]);
-        options
+        vec![
+            "--node_rank".into(),
+            node.to_string(),
+            "--master_addr".into(),
+            "127.0.0.1".into(),
+            "--master_port".into(),
+            port.to_string(),
+        ]
     });
     assert!(text(&first.stderr).contains("rank 0 of 2"));
 }
@@ -510,6 +509,7 @@ fn a_save_that_runs_out_of_space_keeps_the_last_checkpoint() {
         stderr.contains("saving checkpoint") && stderr.contains("is the disk full"),
         "{stderr}"
     );
+    assert_eq!(stderr.matches("File too large").count(), 1, "{stderr}");
     assert_eq!(files_under(&epoch), before, "the last checkpoint changed");
     let leftovers: Vec<String> = std::fs::read_dir(work.path())
         .unwrap()

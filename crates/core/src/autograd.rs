@@ -1006,18 +1006,33 @@ mod tests {
         assert!(max_abs(&dg_64.to_dtype(DType::F32).unwrap(), &dg_32) < 1e-5);
         assert!(max_abs(&du_64.to_dtype(DType::F32).unwrap(), &du_32) < 1e-5);
 
-        // bf16 forward: silu rounded once from fp32, then the product rounded (torch's bf16).
+        // bf16 forward as torch rounds it: silu once (here from an f64 reference), then the
+        // product. candle's CPU bf16 silu, rounding each of its steps, misses on many elements.
         let bf16 = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
         let (g16, u16) = (bf16(&gate), bf16(&up));
-        let torch_like = (bf16(&g16.to_dtype(DType::F32).unwrap().silu().unwrap()) * &u16).unwrap();
-        let ours = swiglu(&g16, &u16).unwrap();
-        assert_eq!(
-            max_abs(
-                &ours.to_dtype(DType::F32).unwrap(),
-                &torch_like.to_dtype(DType::F32).unwrap()
-            ),
-            0.0
-        );
+        let g64: Vec<f64> = g16
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let silu64: Vec<f64> = g64.iter().map(|x| x / (1.0 + (-x).exp())).collect();
+        let silu_once = bf16(&Tensor::from_vec(silu64, g16.shape(), &Device::Cpu).unwrap());
+        let reference = (silu_once * &u16).unwrap();
+        let values = |y: &Tensor| -> Vec<f32> {
+            let y = y.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+            y.to_vec1().unwrap()
+        };
+        let misses = |y: &Tensor| -> usize {
+            let (y, r) = (values(y), values(&reference));
+            y.iter().zip(&r).filter(|(a, b)| a != b).count()
+        };
+        let ours = misses(&swiglu(&g16, &u16).unwrap());
+        let stepwise = misses(&(g16.silu().unwrap() * &u16).unwrap());
+        // fp32 then bf16 can round differently from f64 then bf16 only on exact ties.
+        assert!(ours <= 2, "{ours} of 960 differ from torch's rounding");
+        assert!(stepwise > 10 * ours.max(1), "{stepwise} vs {ours}");
 
         // bf16: computed in fp32 and rounded once, so within bf16's rounding of the fp32 result.
         let (_, dg_16, du_16) = run(&g16, &u16, true);

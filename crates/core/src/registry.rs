@@ -226,18 +226,22 @@ fn find(name: &str) -> Option<&'static Component> {
         .find(|c| c.path == name || c.aliases.contains(&name))
 }
 
-/// Looks a component up by dotted path or alias. Unknown names list the closest registered ones.
+/// Looks a component up by dotted path or alias. A name registered as [`Unavailable`] says why
+/// and what to use instead; other unknown names list the closest registered ones.
 pub fn lookup(name: &str) -> Result<&'static Component, RegistryError> {
+    if let Some(component) = find(name) {
+        return Ok(component);
+    }
     if let Some(unavailable) = inventory::iter::<Unavailable>
         .into_iter()
-        .find(|u| (u.path == name || u.aliases.contains(&name)) && find(name).is_none())
+        .find(|u| u.path == name || u.aliases.contains(&name))
     {
         return Err(RegistryError::Unavailable {
             name: name.to_string(),
             why: unavailable.why,
         });
     }
-    find(name).ok_or_else(|| RegistryError::Unknown {
+    Err(RegistryError::Unknown {
         name: name.to_string(),
         suggestions: closest(name, all_names().iter().map(String::as_str), 3),
     })

@@ -424,8 +424,11 @@ fn resolve_source(
         }
         // Named files of a local dataset folder, relative to it (and to data_dir within it).
         (_, Some(files)) if local.is_dir() => {
-            // The name must still be one of the card's configs.
-            local_card_config(local, folder.name, true).with_context(|| component.to_string())?;
+            // A name must still be one of the card's configs.
+            if folder.name.is_some() {
+                local_card_config(local, folder.name, true)
+                    .with_context(|| component.to_string())?;
+            }
             files_source(component, local_files(files.relative_to(local))?, sample_by)
         }
         (_, files) => files_source(

@@ -177,9 +177,9 @@ pub fn choose_config<'a>(
             None | Some("default") => Ok(None),
             Some(name) => bail!(
                 "dataset {dataset} has no config {name:?}: its README.md declares no `configs`, \
-                 so it has only the default one; remove `name`, or name the files to read with \
-                 `data_files` (a preset that fixes the config, such as \
-                 cnn_dailymail_articles_dataset, then reads them)"
+                 so it has only the default one; remove `name` (wikitext_dataset: `subset: null`), \
+                 or name the files to read with `data_files` (a preset that fixes the config, \
+                 such as cnn_dailymail_articles_dataset, then reads them)"
             ),
         };
     }

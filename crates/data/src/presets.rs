@@ -24,18 +24,26 @@ use crate::text_completion::build_text_completion;
 /// A text-completion preset: the text of `column` in the dataset config `config` (a Hub
 /// dataset's subset, as `load_dataset(source, name)`). Like torchtune's, the preset fixes the
 /// column and the config, so passing either again is an error.
+/// `config_arg` is the preset's own argument for the config, if it has one (wikitext's `subset`).
 fn build_text_preset(
     args: &Args,
     component: &'static str,
     column: &str,
     config: Value,
+    config_arg: Option<&str>,
 ) -> Result<DatasetSpec> {
     for fixed in ["column", "name"] {
-        if !args.is_null(fixed) {
-            bail!(
+        if args.is_null(fixed) {
+            continue;
+        }
+        match (fixed, config_arg) {
+            ("name", Some(own)) => {
+                bail!("{component} names its config with `{own}`; set `{own}` instead of `name`")
+            }
+            _ => bail!(
                 "{component} sets `{fixed}` itself; to read another, use \
                  torchtune.datasets.text_completion_dataset with `source`, `column` and `name`"
-            );
+            ),
         }
     }
     if !args.is_null("max_seq_len") {
@@ -152,7 +160,13 @@ tune_core::inventory::submit! {
         kind: tune_core::ComponentKind::Dataset,
         args: text_preset_args!(
             "EleutherAI/wikitext_document_level",
-            ArgSpec::optional("subset", ArgType::Str, "wikitext-103-v1")
+            // null: the card's default config.
+            ArgSpec {
+                name: "subset",
+                ty: ArgType::Str,
+                default: Some("wikitext-103-v1"),
+                nullable: true,
+            }
         ),
         extra_args: true,
         about: "Wikipedia articles (the `page` column) for continued pre-training, text_completion_dataset over EleutherAI/wikitext_document_level",
@@ -160,7 +174,7 @@ tune_core::inventory::submit! {
         build: |args| {
             let mut args = args.clone();
             let subset = args.remove("subset").unwrap_or(Value::Null);
-            Ok(Box::new(build_text_preset(&args, "wikitext_dataset", "page", subset)?))
+            Ok(Box::new(build_text_preset(&args, "wikitext_dataset", "page", subset, Some("subset"))?))
         },
     }
 }
@@ -176,7 +190,7 @@ tune_core::inventory::submit! {
         origin: "built-in",
         build: |args| {
             let config = Value::String("3.0.0".into());
-            Ok(Box::new(build_text_preset(args, "cnn_dailymail_articles_dataset", "article", config)?))
+            Ok(Box::new(build_text_preset(args, "cnn_dailymail_articles_dataset", "article", config, None)?))
         },
     }
 }

@@ -638,7 +638,9 @@ fn dataset_card_configs_pick_the_files_as_load_dataset_does() {
     assert!(err.contains("no config \"wikitext-103-raw-v1\""), "{err}");
     assert!(err.contains("wikitext-103-v1, wikitext-2-v1"), "{err}");
     let err = build_error(&wikitext(", name: wikitext-2-v1"));
-    assert!(err.contains("sets `name` itself"), "{err}");
+    assert!(err.contains("set `subset` instead of `name`"), "{err}");
+    // No subset: the card's default.
+    assert_eq!(pages(&wikitext(", subset: null")), ["small"]);
     let err = build_error(&wikitext(", max_seq_len: 512"));
     assert!(err.contains("tokenizer.max_seq_len"), "{err}");
 

@@ -24,6 +24,10 @@ use candle_core::{DType, Tensor};
 /// Changes whenever the handshake does, so mismatched binaries fail at the hello.
 const HELLO_MAGIC: &[u8; 8] = b"TUNERS02";
 
+/// What a launcher joining a c10d rendezvous (the CLI's) sends first, so that rank 0, which
+/// listens on the same port once the rendezvous is over, can name a late one.
+pub const RENDEZVOUS_MAGIC: &[u8; 8] = b"TUNERDZ1";
+
 /// How long a rank waits for the others (rendezvous, and each collective), unless
 /// `TUNE_DIST_TIMEOUT_S` says otherwise. Generous like NCCL's: rank 0 may be saving a checkpoint.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -323,16 +327,28 @@ pub fn free_local_endpoint() -> Result<String> {
     Ok(format!("127.0.0.1:{}", listener.local_addr()?.port()))
 }
 
+/// A host as written in an endpoint, without the brackets of an IPv6 address (`[::1]`).
+pub fn bare_host(host: &str) -> &str {
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// Whether `host` names this machine's loopback itself: `localhost` or a loopback address (not a
+/// host name that happens to resolve to one, such as Debian's `127.0.1.1` for its own name).
+pub fn names_loopback(host: &str) -> bool {
+    host == "localhost"
+        || bare_host(host)
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Where rank 0 listens: `endpoint` itself on loopback, else every interface on its port (a
 /// host name may resolve to a loopback address on its own machine, unreachable from others).
 pub fn listen_address(endpoint: &str) -> Result<String> {
     let (host, port) = endpoint
         .rsplit_once(':')
         .with_context(|| format!("{endpoint}: expected HOST:PORT"))?;
-    // IPv6 hosts come bracketed (`[::1]:29500`).
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let ip = bare.parse::<std::net::IpAddr>().ok();
-    let loopback = host == "localhost" || ip.is_some_and(|ip| ip.is_loopback());
+    let ip = bare_host(host).parse::<std::net::IpAddr>().ok();
+    let loopback = names_loopback(host);
     Ok(match (loopback, ip) {
         (true, _) => endpoint.to_string(),
         (false, Some(std::net::IpAddr::V6(_))) => format!("[::]:{port}"),
@@ -475,7 +491,7 @@ fn reply(stream: &mut TcpStream, verdict: std::result::Result<(), &str>) -> std:
 fn read_hello(stream: &mut TcpStream, world_size: usize, job: u64) -> Result<usize> {
     let mut magic = [0u8; 8];
     stream.read_exact(&mut magic)?;
-    if &magic == b"TUNERDZ1" {
+    if &magic == RENDEZVOUS_MAGIC {
         bail!(
             "a launcher came to join the c10d rendezvous on this port, which has already \
              completed: start every node of the job together"
@@ -608,6 +624,25 @@ fn receive<T: Element>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A launcher that comes to a c10d rendezvous after it completed reaches rank 0 instead, which
+    /// says so (and keeps waiting for its ranks).
+    #[test]
+    fn rank_zero_names_a_late_launcher() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let late = std::thread::spawn(move || {
+            let mut stream = TcpStream::connect(address).unwrap();
+            stream.write_all(RENDEZVOUS_MAGIC).unwrap();
+        });
+        let (mut stream, _) = listener.accept().unwrap();
+        late.join().unwrap();
+        let err = read_hello(&mut stream, 2, 0).unwrap_err().to_string();
+        assert!(
+            err.contains("rendezvous on this port, which has already completed"),
+            "{err}"
+        );
+    }
 
     /// Runs `body` on `world` ranks (threads) joined into one group; returns each rank's result.
     fn on_ranks<R: Send + 'static>(

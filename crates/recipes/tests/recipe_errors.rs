@@ -283,7 +283,10 @@ fn unavailable_components_say_what_to_use_instead() {
     assert!(e.contains("only its defaults"), "{e}");
 }
 
-/// Older configs' `torch.nn.CrossEntropyLoss` trains exactly as `CEWithChunkedOutputLoss`.
+/// Older configs' `torch.nn.CrossEntropyLoss` is wired to the same loss as
+/// `CEWithChunkedOutputLoss` (with torch's defaults the two are the same mean over non-ignored
+/// tokens; that loss is checked against torchtune's numbers by the lora_step and trajectory
+/// fixtures).
 #[test]
 fn torchs_cross_entropy_trains_as_the_chunked_loss() {
     tune_recipes::link();

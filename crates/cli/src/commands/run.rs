@@ -204,7 +204,7 @@ fn job(args: &Args) -> Result<crate::launcher::Job> {
         None if args.nnodes == 1 || endpoint.is_none() => Some(0),
         None if args.rdzv_backend.as_deref() == Some("c10d") && args.rdzv_endpoint.is_some() => {
             let (host, _) = endpoint.as_ref().expect("parsed above");
-            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            let bare = tune_recipes::distributed::bare_host(host);
             if bare
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_unspecified())
