@@ -581,7 +581,15 @@ pub fn train_objective(
             if idx / grad_accum >= steps_per_epoch {
                 break;
             }
-            let micro = objective.micro_batch(&model, batch_indices, &device)?;
+            let step = state.global_step + 1;
+            let out_of_memory = |what: &str, e: anyhow::Error| {
+                crate::settings::explain_out_of_memory(e, || {
+                    format!("in the {what} of step {step} (batch_size {batch_size})")
+                })
+            };
+            let micro = objective
+                .micro_batch(&model, batch_indices, &device)
+                .map_err(|e| out_of_memory("forward", e))?;
             let loss = micro.weighted_loss;
             let loss_value: f32 = loss.to_dtype(DType::F32)?.to_scalar()?;
             if !loss_value.is_finite() {
@@ -595,7 +603,9 @@ pub fn train_objective(
             // A micro-batch without label tokens (every label masked) adds nothing to learn
             // from: no backward, and its weight of 0 leaves the window's average alone.
             if micro.weight > 0.0 {
-                let store = loss.backward()?;
+                let store = loss
+                    .backward()
+                    .map_err(|e| out_of_memory("backward", e.into()))?;
                 // The graph (every kept activation) goes with the loss tensor: free it now, not
                 // after the all-reduce and the optimizer step.
                 drop(loss);

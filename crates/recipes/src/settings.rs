@@ -223,6 +223,21 @@ pub fn check_weights_fit(
     Ok(())
 }
 
+/// `error`, with what to change when it says the device ran out of memory (CUDA's
+/// `CUDA_ERROR_OUT_OF_MEMORY`); `at` says where (e.g. "in the backward of step 12").
+pub fn explain_out_of_memory(error: anyhow::Error, at: impl FnOnce() -> String) -> anyhow::Error {
+    let text = format!("{error:#}").to_ascii_lowercase();
+    if !(text.contains("out_of_memory") || text.contains("out of memory")) {
+        return error;
+    }
+    error.context(format!(
+        "the device ran out of memory {}. Lower batch_size (raising gradient_accumulation_steps \
+         keeps the same steps), cap tokenizer.max_seq_len, set \
+         enable_activation_checkpointing=True, or use a QLoRA config (model.quantize_base=True)",
+        at()
+    ))
+}
+
 /// Peak resident memory of this process in GiB (Linux `VmHWM`).
 pub fn peak_rss_gib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -251,6 +266,25 @@ tune_core::inventory::submit! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CUDA out-of-memory error (as candle passes cudarc's on) says what to change; any other
+    /// error is left as it is.
+    #[test]
+    fn out_of_memory_says_what_to_change() {
+        let cuda = candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        );
+        let explained = explain_out_of_memory(cuda.into(), || "in the backward of step 3".into());
+        let text = format!("{explained:#}");
+        assert!(
+            text.starts_with("the device ran out of memory in the backward of step 3")
+                && text.contains("enable_activation_checkpointing=True")
+                && text.contains("CUDA_ERROR_OUT_OF_MEMORY"),
+            "{text}"
+        );
+        let other = explain_out_of_memory(anyhow::anyhow!("shape mismatch"), || unreachable!());
+        assert_eq!(format!("{other:#}"), "shape mismatch");
+    }
 
     fn spec(builder: &str) -> tune_models::ModelSpec {
         let node: Value = serde_yaml::from_str(&format!(
