@@ -583,9 +583,11 @@ pub fn train_objective(
             }
             let step = state.global_step + 1;
             let out_of_memory = |what: &str, e: anyhow::Error| {
-                crate::settings::explain_out_of_memory(e, || {
-                    format!("in the {what} of step {step} (batch_size {batch_size})")
-                })
+                crate::settings::explain_out_of_memory(
+                    e,
+                    || format!("in the {what} of step {step} (batch_size {batch_size})"),
+                    crate::settings::TRAINING_MEMORY_ADVICE,
+                )
             };
             let micro = objective
                 .micro_batch(&model, batch_indices, &device)

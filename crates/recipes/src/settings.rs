@@ -223,19 +223,23 @@ pub fn check_weights_fit(
     Ok(())
 }
 
-/// `error`, with what to change when it says the device ran out of memory (CUDA's
+/// What to change when training runs out of device memory.
+pub const TRAINING_MEMORY_ADVICE: &str = "Lower batch_size (raising gradient_accumulation_steps \
+     keeps the same steps), cap tokenizer.max_seq_len, set enable_activation_checkpointing=True, \
+     or use a QLoRA config (model.quantize_base=True)";
+
+/// `error`, with `advice` when it says the device ran out of memory (CUDA's
 /// `CUDA_ERROR_OUT_OF_MEMORY`); `at` says where (e.g. "in the backward of step 12").
-pub fn explain_out_of_memory(error: anyhow::Error, at: impl FnOnce() -> String) -> anyhow::Error {
+pub fn explain_out_of_memory(
+    error: anyhow::Error,
+    at: impl FnOnce() -> String,
+    advice: &str,
+) -> anyhow::Error {
     let text = format!("{error:#}").to_ascii_lowercase();
     if !(text.contains("out_of_memory") || text.contains("out of memory")) {
         return error;
     }
-    error.context(format!(
-        "the device ran out of memory {}. Lower batch_size (raising gradient_accumulation_steps \
-         keeps the same steps), cap tokenizer.max_seq_len, set \
-         enable_activation_checkpointing=True, or use a QLoRA config (model.quantize_base=True)",
-        at()
-    ))
+    error.context(format!("the device ran out of memory {}. {advice}", at()))
 }
 
 /// Peak resident memory of this process in GiB (Linux `VmHWM`).
@@ -274,7 +278,11 @@ mod tests {
         let cuda = candle_core::Error::Msg(
             "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
         );
-        let explained = explain_out_of_memory(cuda.into(), || "in the backward of step 3".into());
+        let explained = explain_out_of_memory(
+            cuda.into(),
+            || "in the backward of step 3".into(),
+            TRAINING_MEMORY_ADVICE,
+        );
         let text = format!("{explained:#}");
         assert!(
             text.starts_with("the device ran out of memory in the backward of step 3")
@@ -282,7 +290,11 @@ mod tests {
                 && text.contains("CUDA_ERROR_OUT_OF_MEMORY"),
             "{text}"
         );
-        let other = explain_out_of_memory(anyhow::anyhow!("shape mismatch"), || unreachable!());
+        let other = explain_out_of_memory(
+            anyhow::anyhow!("shape mismatch"),
+            || unreachable!(),
+            TRAINING_MEMORY_ADVICE,
+        );
         assert_eq!(format!("{other:#}"), "shape mismatch");
     }
 
