@@ -3,7 +3,7 @@
 //!
 //! Supported parts of the file (everything Llama-2/Mistral-style files use):
 //! - `added_tokens`: matched in the raw text (`normalized: false`) or in the normalized text
-//!   (`normalized: true`), longest first, with `lstrip`/`rstrip`;
+//!   (`normalized: true`), longest first, with `lstrip`/`rstrip` and `single_word`;
 //! - `normalizer`: `Sequence`, `Prepend`, `Replace` (string patterns), `Lowercase`, `Strip`, or null;
 //! - `pre_tokenizer`: `Metaspace` (`prepend_scheme` always/first/never or the older
 //!   `add_prefix_space`, `split`), `Sequence` of those, or null;
@@ -31,6 +31,8 @@ pub struct AddedToken {
     pub normalized: bool,
     pub lstrip: bool,
     pub rstrip: bool,
+    /// Matches only where no word character (alphanumeric or `_`) touches it on either side.
+    pub single_word: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -315,6 +317,7 @@ impl HfTokenizer {
                     .unwrap_or(!flag("special")),
                 lstrip: flag("lstrip"),
                 rstrip: flag("rstrip"),
+                single_word: flag("single_word"),
             });
         }
         let size = vocab
@@ -445,6 +448,16 @@ impl HfTokenizer {
             };
             let mut start = pos;
             let mut end = pos + pattern.len();
+            // A single-word token inside a word stays text, and (as in `tokenizers`, whose
+            // matches do not overlap) no other token is looked for inside it.
+            let is_word_char = |c: char| c.is_alphanumeric() || c == '_';
+            if token.single_word
+                && (text[..start].chars().next_back().is_some_and(is_word_char)
+                    || text[end..].chars().next().is_some_and(is_word_char))
+            {
+                pos = end;
+                continue;
+            }
             if token.lstrip {
                 start = last + text[last..start].trim_end().len();
             }

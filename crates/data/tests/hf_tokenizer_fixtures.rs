@@ -1,5 +1,6 @@
 //! Hugging Face tokenizer.json support against ids and text from the `tokenizers` library
-//! (fixtures/tokenizer/hf_tok512_cases.json, made by make_extra_fixtures.py).
+//! (fixtures/tokenizer/hf_tok512_cases.json, made by make_extra_fixtures.py, and
+//! hf_added_cases.json, made by make_added_token_fixtures.py).
 
 mod common;
 
@@ -48,6 +49,32 @@ fn tokenizer_json_matches_the_tokenizers_library() {
             failures.join("\n")
         );
     }
+}
+
+/// Added tokens with every flag (`single_word`, `lstrip`/`rstrip`, `normalized`, `special`) are
+/// matched where the `tokenizers` library matches them.
+#[test]
+fn added_tokens_match_where_the_tokenizers_library_matches_them() {
+    let fixture = tokenizer_fixture("hf_added_cases.json");
+    let hf = HfTokenizer::from_file(fixtures().join("tokenizer/hf_tok512/added.tokenizer.json"))
+        .unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(cases.len() > 300);
+    let failures: Vec<String> = cases
+        .iter()
+        .filter_map(|case| {
+            let text = case["text"].as_str().unwrap();
+            let got = hf.encode(text);
+            (got != ids(&case["ids"]))
+                .then(|| format!("encode {text:?}: got {got:?}, want {}", case["ids"]))
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// For ordinary text (no runs of spaces, no literal "<s>"), the Llama-style tokenizer.json gives
