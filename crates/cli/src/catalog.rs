@@ -55,15 +55,32 @@ pub const CONFIG_RECIPES: &[(&str, &str)] = &[
     ("stories260K/generation", "generate"),
     ("llama2/7B_eval", "eleuther_eval"),
     ("stories260K/eval", "eleuther_eval"),
+    ("eleuther_evaluation", "eleuther_eval"),
+    ("generation", "generate"),
 ];
 
-/// Every built-in config name, sorted.
+/// torchtune's own names for built-in configs kept here under `llama2/`: its docs run
+/// `tune run eleuther_eval --config eleuther_evaluation` and `tune run generate --config generation`.
+const CONFIG_ALIASES: &[(&str, &str)] = &[
+    ("eleuther_evaluation", "llama2/7B_eval"),
+    ("generation", "llama2/generation"),
+];
+
+/// Every built-in config name (the files', then torchtune's aliases).
 pub fn config_names() -> Vec<&'static str> {
-    embedded::CONFIGS.iter().map(|(name, _)| *name).collect()
+    embedded::CONFIGS
+        .iter()
+        .map(|(name, _)| *name)
+        .chain(CONFIG_ALIASES.iter().map(|(alias, _)| *alias))
+        .collect()
 }
 
-/// The YAML text of a built-in config.
+/// The YAML text of a built-in config (by its name or torchtune's alias).
 pub fn config_text(name: &str) -> Option<&'static str> {
+    let name = CONFIG_ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == name)
+        .map_or(name, |(_, target)| *target);
     embedded::CONFIGS
         .iter()
         .find(|(n, _)| *n == name)

@@ -610,3 +610,27 @@ fn bench_writes_a_random_checkpoint_that_recipes_train_from() {
         .join("out/epoch_0/adapter/adapter_model.safetensors")
         .is_file());
 }
+
+/// torchtune's own config names for evaluation and generation (its docs' commands) run the
+/// built-in llama2 configs.
+#[test]
+fn torchtunes_config_names_for_eval_and_generation_work() {
+    for (alias, config, recipe) in [
+        ("eleuther_evaluation", "llama2/7B_eval", "eleuther_eval"),
+        ("generation", "llama2/generation", "generate"),
+    ] {
+        assert_eq!(ok(&tune(&["cat", alias])), ok(&tune(&["cat", config])));
+        assert!(ok(&tune(&["ls"])).contains(alias), "{alias}");
+        // The dry run builds the tokenizer: the bundled one stands in for Llama-2's.
+        let tokenizer = "tokenizer.path=../../assets/stories260K/tokenizer.model";
+        let out = ok(&tune(&[
+            "run",
+            recipe,
+            "--config",
+            alias,
+            tokenizer,
+            "--dry-run",
+        ]));
+        assert!(out.contains("torchtune.models.llama2.llama2_7b"), "{out}");
+    }
+}
