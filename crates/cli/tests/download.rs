@@ -268,6 +268,10 @@ fn gated_and_missing_repos_are_explained_and_leave_nothing() {
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("Repository 'org/nothing' not found"), "{err}");
+    // torchtune's other source is refused before anything is fetched.
+    let o = download(&hub, dir.path(), &["org/tiny", "--source", "kaggle"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--source kaggle is not supported"), "{err}");
     assert_eq!(
         std::fs::read_dir(dir.path()).unwrap().count(),
         0,

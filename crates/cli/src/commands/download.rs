@@ -32,12 +32,24 @@ pub struct Args {
     /// option for several patterns.
     #[arg(long, value_name = "PATTERN")]
     pub ignore_patterns: Vec<String>,
+    /// Where to download from: `huggingface` (torchtune's other source, `kaggle`, is not
+    /// supported).
+    #[arg(long, value_name = "SOURCE", default_value = "huggingface")]
+    pub source: String,
 }
 
 /// The file recording which repo a checkpoint came from.
 pub const REPO_ID_FILE: &str = "original_repo_id.json";
 
 pub fn run(args: &Args) -> Result<()> {
+    match args.source.as_str() {
+        "huggingface" => {}
+        "kaggle" => bail!(
+            "--source kaggle is not supported: tune-rs downloads from the Hugging Face Hub (the \
+             Llama-2 models are there, e.g. meta-llama/Llama-2-7b-hf); drop --source"
+        ),
+        other => bail!("--source {other:?}: expected huggingface"),
+    }
     let repo_id = args.repo_id.trim();
     if repo_id.is_empty() || repo_id.split('/').count() > 2 || repo_id.split('/').any(str::is_empty)
     {
