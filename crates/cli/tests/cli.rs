@@ -634,3 +634,31 @@ fn torchtunes_config_names_for_eval_and_generation_work() {
         assert!(out.contains("torchtune.models.llama2.llama2_7b"), "{out}");
     }
 }
+
+/// torchrun options that change nothing here are accepted with a warning, so a torchrun command
+/// line runs; restarts, which would change what happens, are refused.
+#[test]
+fn torchrun_options_without_effect_are_accepted_restarts_are_not() {
+    let config = [
+        "lora_finetune_single_device",
+        "--config",
+        "stories260K/lora_single_device",
+    ];
+    let mut args = vec!["run", "--max_restarts", "0", "--monitor_interval", "5"];
+    args.extend(["--rdzv_conf", "join_timeout=900", "--tee", "3"]);
+    args.extend(config);
+    args.push("--dry-run");
+    let o = tune(&args);
+    ok(&o);
+    let err = stderr(&o);
+    for option in ["--monitor_interval", "--rdzv_conf", "--tee"] {
+        assert!(
+            err.contains(&format!("torchrun's {option} has no effect")),
+            "{err}"
+        );
+    }
+    let mut args = vec!["run", "--max_restarts", "3"];
+    args.extend(config);
+    let err = fails(&tune(&args));
+    assert!(err.contains("does not restart failed ranks"), "{err}");
+}

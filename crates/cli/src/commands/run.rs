@@ -69,6 +69,34 @@ pub struct Args {
     /// Single-node run with a local rendezvous (the default; accepted for torchrun users).
     #[arg(long)]
     pub standalone: bool,
+    /// torchrun's restarts of a failed job: only 0 (here a failed rank stops the job).
+    #[arg(
+        long = "max_restarts",
+        alias = "max-restarts",
+        value_name = "N",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub max_restarts: usize,
+    /// torchrun options that change nothing here, accepted (with a warning) so that torchrun
+    /// command lines run: --monitor_interval, --start_method, --rdzv_conf, --log_dir,
+    /// --redirects, --tee, --local_addr, --role.
+    #[arg(long = "monitor_interval", alias = "monitor-interval", hide = true)]
+    pub monitor_interval: Option<String>,
+    #[arg(long = "start_method", alias = "start-method", hide = true)]
+    pub start_method: Option<String>,
+    #[arg(long = "rdzv_conf", alias = "rdzv-conf", hide = true)]
+    pub rdzv_conf: Option<String>,
+    #[arg(long = "log_dir", alias = "log-dir", hide = true)]
+    pub log_dir: Option<String>,
+    #[arg(long, short = 'r', hide = true)]
+    pub redirects: Option<String>,
+    #[arg(long, short = 't', hide = true)]
+    pub tee: Option<String>,
+    #[arg(long = "local_addr", alias = "local-addr", hide = true)]
+    pub local_addr: Option<String>,
+    #[arg(long, hide = true)]
+    pub role: Option<String>,
     /// Resolve the config and build what needs no weights, print it, and exit.
     #[arg(long)]
     pub dry_run: bool,
@@ -101,6 +129,14 @@ pub fn run(args: &Args) -> Result<()> {
     if args.nnodes == 0 || args.nproc_per_node == 0 {
         bail!("--nnodes and --nproc_per_node must be at least 1");
     }
+    if args.max_restarts > 0 {
+        bail!(
+            "--max_restarts {}: tune-rs does not restart failed ranks (a failed rank stops the job); \
+             drop it, and continue a stopped run with resume_from_checkpoint=True",
+            args.max_restarts
+        );
+    }
+
     let options = RunOptions {
         dry_run: args.dry_run,
         nnodes: args.nnodes,
@@ -147,6 +183,19 @@ pub fn run(args: &Args) -> Result<()> {
         .and_then(|v| v.as_str())
         .map(str::to_string);
     crate::logging::init(log_level.as_deref())?;
+    let no_effect = [
+        ("--monitor_interval", &args.monitor_interval),
+        ("--start_method", &args.start_method),
+        ("--rdzv_conf", &args.rdzv_conf),
+        ("--log_dir", &args.log_dir),
+        ("--redirects", &args.redirects),
+        ("--tee", &args.tee),
+        ("--local_addr", &args.local_addr),
+        ("--role", &args.role),
+    ];
+    for (option, _) in no_effect.iter().filter(|(_, value)| value.is_some()) {
+        tracing::warn!("torchrun's {option} has no effect in tune-rs; ignoring it");
+    }
     // Before the checks: a config may name a plugin's adapter.
     load_plugins(&args.plugins, Some(&config))?;
     check(&config)?;
