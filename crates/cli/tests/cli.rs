@@ -662,3 +662,22 @@ fn torchrun_options_without_effect_are_accepted_restarts_are_not() {
     let err = fails(&tune(&args));
     assert!(err.contains("does not restart failed ranks"), "{err}");
 }
+
+/// Asking for PyTorch .bin outputs says that safetensors are written all the same.
+#[test]
+fn safe_serialization_false_says_safetensors_are_written() {
+    let o = tune(&[
+        "run",
+        "lora_finetune_single_device",
+        "--config",
+        "stories260K/lora_single_device",
+        "checkpointer.safe_serialization=False",
+        "--dry-run",
+    ]);
+    ok(&o);
+    assert!(
+        stderr(&o).contains("tune-rs writes safetensors all the same"),
+        "{}",
+        stderr(&o)
+    );
+}

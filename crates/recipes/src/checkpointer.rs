@@ -129,6 +129,13 @@ impl HfCheckpointer {
         }
         let checkpoint_dir = PathBuf::from(args.get::<String>("checkpoint_dir")?);
         let output_dir = PathBuf::from(args.get::<String>("output_dir")?);
+        if !args.get::<bool>("safe_serialization")? {
+            tracing::warn!(
+                "checkpointer.safe_serialization=False: tune-rs writes safetensors all the same \
+                 (transformers, PEFT, vLLM and mistral.rs all read them); torchtune would write \
+                 PyTorch .bin files"
+            );
+        }
         let c = HfCheckpointer {
             checkpoint_files: expand_files(args.raw("checkpoint_files"))?,
             adapter_checkpoint: args
