@@ -37,6 +37,15 @@ pub struct CosineArgs {
 
 impl CosineArgs {
     fn from_args(args: &Args) -> Result<Self> {
+        let last_epoch: i64 = args.get("last_epoch")?;
+        if last_epoch != -1 {
+            // torch's LambdaLR fails too: it needs an optimizer state it is not given.
+            anyhow::bail!(
+                "lr_scheduler.last_epoch={last_epoch}: the schedule starts with the run (-1); to \
+                 continue a run where it stopped, use resume_from_checkpoint=True, which restores \
+                 the step count"
+            );
+        }
         Ok(CosineArgs {
             num_warmup_steps: args.get("num_warmup_steps")?,
             num_cycles: args.get("num_cycles")?,
@@ -85,5 +94,20 @@ mod tests {
             assert!((s.multiplier(i) * 3e-3 - lr).abs() < 1e-12, "step {i}");
         }
         assert_eq!(s.multiplier(10), 0.0);
+    }
+
+    #[test]
+    fn a_schedule_that_starts_mid_run_is_refused() {
+        let component = tune_core::registry::lookup("get_cosine_schedule_with_warmup").unwrap();
+        let node = |extra: &str| -> serde_yaml::Value {
+            serde_yaml::from_str(&format!("{{num_warmup_steps: 10{extra}}}")).unwrap()
+        };
+        assert!(component.build_from(&node("")).is_ok());
+        let err = component
+            .build_from(&node(", last_epoch: 5"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("resume_from_checkpoint=True"), "{err}");
     }
 }
