@@ -681,3 +681,30 @@ fn safe_serialization_false_says_safetensors_are_written() {
         stderr(&o)
     );
 }
+
+/// torchtune's DPO recipes ignore clip_grad_norm; applying it here is said out loud.
+#[test]
+fn clip_grad_norm_in_dpo_is_announced() {
+    let work = tempfile::tempdir().unwrap();
+    let output = format!("output_dir={}", work.path().display());
+    let o = tune_in(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .as_path(),
+        &[
+            "run",
+            "lora_dpo_single_device",
+            "--config",
+            "stories260K/lora_dpo_single_device",
+            &output,
+            "clip_grad_norm=1.0",
+            "max_steps_per_epoch=1",
+        ],
+    );
+    ok(&o);
+    assert!(
+        stderr(&o).contains("torchtune's DPO recipes ignore it"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -274,6 +274,12 @@ impl Preference {
             ComponentKind::Loss,
             "; DPO needs `loss: {_component_: torchtune.rlhf.loss.DPOLoss}` (or RSOLoss)",
         )?;
+        if cfg.opt::<f64>("clip_grad_norm")?.is_some() {
+            tracing::warn!(
+                "clip_grad_norm is applied to this DPO run; torchtune's DPO recipes ignore it, so \
+                 their numbers would differ"
+            );
+        }
         let tokenizer = build_tokenizer(cfg, spec.transformer.vocab_size)?;
         // One dataset, or a list of them trained as one (torchtune's ConcatDataset).
         let datasets: Vec<PreferenceSpec> = cfg.build_each(

@@ -223,6 +223,9 @@ pub fn train_objective(
     let shuffle: bool = cfg.get("shuffle", true)?;
     let save_adapter_weights_only: bool = cfg.get("save_adapter_weights_only", false)?;
     let log_every: usize = cfg.get("log_every_n_steps", 1)?;
+    if log_every == 0 {
+        bail!("log_every_n_steps=0 would never log; set it to at least 1");
+    }
     let log_peak_memory: bool = cfg.get("log_peak_memory_stats", false)?;
     let save_every_n_steps: Option<usize> = cfg.opt("save_every_n_steps")?;
     if grad_accum == 0 || batch_size == 0 {
@@ -235,6 +238,15 @@ pub fn train_objective(
         bail!(
             "`{}` has no adapter; this recipe trains LoRA models (e.g. lora_llama2_7b)",
             spec.builder
+        );
+    }
+    if spec.transformer.attn_dropout > 0.0 {
+        // torchtune drops attention probabilities in training; the fused attention here has no
+        // dropout, so the value would be ignored.
+        bail!(
+            "model.attn_dropout={} is not supported in training (attention dropout is not \
+             implemented); set model.attn_dropout=0.0, as every torchtune llama2 config does",
+            spec.transformer.attn_dropout
         );
     }
     let checkpointer: HfCheckpointer = cfg.build("checkpointer", ComponentKind::Checkpointer)?;
@@ -261,6 +273,14 @@ pub fn train_objective(
     // ---- Resume point: before the seed, which a resumed run takes from its checkpoint ------
     let resume_from: Option<(PathBuf, RecipeState)> =
         resume.then(|| checkpointer.resume_point()).transpose()?;
+    if let (Some((dir, _)), Some(adapter)) = (&resume_from, &checkpointer.adapter_checkpoint) {
+        tracing::warn!(
+            "checkpointer.adapter_checkpoint ({}) is not used when resuming: the adapter comes \
+             from {}",
+            adapter.display(),
+            dir.display()
+        );
+    }
     let seed: u64 = match (&resume_from, cfg.opt::<u64>("seed")?) {
         // As torchtune: the checkpoint's seed and max_steps_per_epoch win (the data order and
         // the epoch length must be the ones the run started with), with a warning.

@@ -158,7 +158,16 @@ tune_core::inventory::submit! {
         extra_args: false,
         about: "fp32 cross-entropy over shifted labels, mean over non-ignored tokens",
         origin: "built-in",
-        build: |args| Ok(Box::new(ChunkedCrossEntropy { num_output_chunks: args.get("num_output_chunks")? })),
+        build: |args| {
+            let ignore_index: i64 = args.get("ignore_index")?;
+            if ignore_index != IGNORE_INDEX {
+                anyhow::bail!(
+                    "CEWithChunkedOutputLoss.ignore_index must be {IGNORE_INDEX}, the label the \
+                     datasets mask with (got {ignore_index})"
+                );
+            }
+            Ok(Box::new(ChunkedCrossEntropy { num_output_chunks: args.get("num_output_chunks")? }))
+        },
     }
 }
 

@@ -61,15 +61,21 @@ pub struct DiskLogger {
 }
 
 impl DiskLogger {
-    pub fn new(log_dir: &Path, jsonl: bool) -> Result<Self> {
+    /// Appends to `log_dir/filename`, or to `log_dir/log_{unix_time}.txt` (`.jsonl`) without one.
+    pub fn new(log_dir: &Path, filename: Option<&str>, jsonl: bool) -> Result<Self> {
         std::fs::create_dir_all(log_dir)
             .with_context(|| format!("cannot create log_dir {}", log_dir.display()))?;
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        let ext = if jsonl { "jsonl" } else { "txt" };
-        let path = log_dir.join(format!("log_{stamp}.{ext}"));
+        let path = match filename.filter(|f| !f.is_empty()) {
+            Some(name) => log_dir.join(name),
+            None => {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs();
+                let ext = if jsonl { "jsonl" } else { "txt" };
+                log_dir.join(format!("log_{stamp}.{ext}"))
+            }
+        };
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -215,15 +221,25 @@ fn proto_bytes(out: &mut Vec<u8>, field: u32, data: &[u8]) {
 /// What a `metric_logger` node asks for.
 #[derive(Debug, Clone)]
 pub enum LoggerSpec {
-    Disk { log_dir: PathBuf, jsonl: bool },
+    Disk {
+        log_dir: PathBuf,
+        filename: Option<String>,
+        jsonl: bool,
+    },
     Stdout,
-    TensorBoard { log_dir: PathBuf },
+    TensorBoard {
+        log_dir: PathBuf,
+    },
 }
 
 impl LoggerSpec {
     pub fn open(&self) -> Result<Box<dyn MetricLogger>> {
         Ok(match self {
-            LoggerSpec::Disk { log_dir, jsonl } => Box::new(DiskLogger::new(log_dir, *jsonl)?),
+            LoggerSpec::Disk {
+                log_dir,
+                filename,
+                jsonl,
+            } => Box::new(DiskLogger::new(log_dir, filename.as_deref(), *jsonl)?),
             LoggerSpec::Stdout => Box::new(StdoutLogger),
             LoggerSpec::TensorBoard { log_dir } => Box::new(TensorBoardLogger::new(log_dir)?),
         })
@@ -239,6 +255,7 @@ fn disk(args: &Args) -> Result<LoggerSpec> {
     };
     Ok(LoggerSpec::Disk {
         log_dir: PathBuf::from(args.get::<String>("log_dir")?),
+        filename: args.get_opt("filename")?,
         jsonl,
     })
 }
@@ -251,7 +268,7 @@ tune_core::inventory::submit! {
         args: &[ArgSpec::required("log_dir", ArgType::Str), ArgSpec::optional("output_fmt", ArgType::Str, "txt"), ArgSpec::nullable("filename", ArgType::Str)],
         // torchtune's loggers take **kwargs (a `project` shared with a W&B node, ...).
         extra_args: true,
-        about: "appends `Step N | loss:... lr:...` lines (or JSONL) to log_dir/log_<time>.txt",
+        about: "appends `Step N | loss:... lr:...` lines (or JSONL) to log_dir/filename, by default log_<time>.txt",
         origin: "built-in",
         build: |args| Ok(Box::new(disk(args)?)),
     }
@@ -286,6 +303,34 @@ tune_core::inventory::submit! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// torchtune's `DiskLogger(filename=...)` writes that file in `log_dir`; without one,
+    /// `log_<unix time>.txt`.
+    #[test]
+    fn disk_logger_writes_the_named_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let node: serde_yaml::Value = serde_yaml::from_str(&format!(
+            "{{log_dir: {:?}, filename: run1.txt}}",
+            dir.path()
+        ))
+        .unwrap();
+        let spec =
+            disk(&Args::new(tune_core::registry::lookup("DiskLogger").unwrap(), &node).unwrap())
+                .unwrap();
+        let mut logger = spec.open().unwrap();
+        logger.log(1, &vec![("loss".into(), 2.5)]).unwrap();
+        drop(logger);
+        let text = std::fs::read_to_string(dir.path().join("run1.txt")).unwrap();
+        assert_eq!(text, "Step 1 | loss:2.5 \n");
+        let unnamed = DiskLogger::new(dir.path(), None, false).unwrap();
+        let name = unnamed
+            .path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(name.starts_with("log_") && name.ends_with(".txt"), "{name}");
+    }
 
     #[test]
     fn floats_print_like_python() {

@@ -311,3 +311,25 @@ fn torchs_cross_entropy_trains_as_the_chunked_loss() {
         chunked
     );
 }
+
+/// Settings that would be silently ignored are refused with the fix.
+#[test]
+fn settings_that_would_do_nothing_are_refused() {
+    let e = run_err(&["model.attn_dropout=0.1"]);
+    assert!(
+        e.contains("model.attn_dropout=0.1 is not supported in training"),
+        "{e}"
+    );
+    let e = run_err(&["loss.ignore_index=0"]);
+    assert!(e.contains("ignore_index must be -100"), "{e}");
+    let e = run_err(&["log_every_n_steps=0"]);
+    assert!(e.contains("log_every_n_steps=0 would never log"), "{e}");
+    let e = run_err(&[
+        "collate_fn._component_=torchtune.data.padded_collate_sft",
+        "collate_fn.ignore_idx=0",
+    ]);
+    assert!(
+        e.contains("padded_collate_sft.ignore_idx must be -100"),
+        "{e}"
+    );
+}
