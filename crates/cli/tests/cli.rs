@@ -708,3 +708,24 @@ fn clip_grad_norm_in_dpo_is_announced() {
         stderr(&o)
     );
 }
+
+/// torchtune's FSDP CPU offload (either spelling) is said to have no effect.
+#[test]
+fn fsdp_cpu_offload_is_announced_as_without_effect() {
+    for key in ["fsdp_cpu_offload=True", "fsdp.cpu_offload=True"] {
+        let o = tune(&[
+            "run",
+            "lora_finetune_distributed",
+            "--config",
+            "stories260K/lora_distributed",
+            key,
+            "--dry-run",
+        ]);
+        ok(&o);
+        assert!(
+            stderr(&o).contains("=True has no effect"),
+            "{key}: {}",
+            stderr(&o)
+        );
+    }
+}

@@ -59,12 +59,15 @@ impl Recipe for LoraFinetuneDistributed {
         } else {
             ProcessGroup::from_env()?
         };
-        // torchtune's FSDP options: every rank here holds the whole model (see the module docs).
-        if config.get("fsdp.cpu_offload").and_then(|v| v.as_bool()) == Some(true) {
-            tracing::warn!(
-                "fsdp.cpu_offload=True has no effect: tune-rs does not shard or offload the frozen \
-                 base model; each rank keeps it on its device"
-            );
+        // torchtune's FSDP option (`fsdp_cpu_offload`; its 70B config spells it `fsdp.cpu_offload`,
+        // which its recipe does not read): every rank here holds the whole model.
+        for key in ["fsdp_cpu_offload", "fsdp.cpu_offload"] {
+            if config.get(key).and_then(|v| v.as_bool()) == Some(true) {
+                tracing::warn!(
+                    "{key}=True has no effect: tune-rs does not shard or offload the frozen base \
+                     model; each rank keeps it on its device"
+                );
+            }
         }
         if group.world_size() > 1 {
             tracing::info!(
