@@ -97,13 +97,6 @@ impl CollateSft {
         let d = CollateSft::default();
         let padding_idx = args.get_opt("padding_idx")?.unwrap_or(d.padding_idx);
         let ignore_idx = args.get_opt("ignore_idx")?.unwrap_or(d.ignore_idx);
-        if ignore_idx != CROSS_ENTROPY_IGNORE_IDX {
-            // The loss ignores -100 only: any other value would train on the padding.
-            bail!(
-                "padded_collate_sft.ignore_idx must be {CROSS_ENTROPY_IGNORE_IDX}, the label the \
-                 datasets mask with and the loss ignores (got {ignore_idx})"
-            );
-        }
         let multiple: i64 = args.get_opt("pad_to_multiple_of")?.unwrap_or(1);
         if multiple < 1 {
             bail!("padded_collate_sft.pad_to_multiple_of must be at least 1, got {multiple}");

@@ -103,10 +103,19 @@ pub fn build(
     if examples.is_empty() {
         bail!("the dataset is empty; check dataset.data_files and dataset.split");
     }
-    let collate = match cfg.node("collate_fn") {
+    let collate: CollateSft = match cfg.node("collate_fn") {
         Ok(_) => cfg.build("collate_fn", ComponentKind::Collator)?,
         Err(_) => CollateSft::default(),
     };
+    let ignore = tune_data::CROSS_ENTROPY_IGNORE_IDX;
+    if collate.ignore_idx != ignore {
+        // The loss ignores -100 only: any other value would train on the padding.
+        bail!(
+            "collate_fn.ignore_idx must be {ignore}, the label the datasets mask with and the \
+             loss ignores (got {})",
+            collate.ignore_idx
+        );
+    }
     let unit = match examples {
         Examples::Samples(_) => "samples",
         Examples::Packs(_) => "packs",

@@ -294,15 +294,54 @@ tune_core::inventory::submit! {
         kind: ComponentKind::MetricLogger,
         args: &[ArgSpec::required("log_dir", ArgType::Str), ArgSpec::optional("organize_logs", ArgType::Bool, "true")],
         extra_args: true,
-        about: "writes TensorBoard event files",
+        about: "writes TensorBoard event files (in log_dir/run_0_<time> with organize_logs, the default)",
         origin: "built-in",
-        build: |args| Ok(Box::new(LoggerSpec::TensorBoard { log_dir: PathBuf::from(args.get::<String>("log_dir")?) })),
+        build: |args| {
+            let mut log_dir = PathBuf::from(args.get::<String>("log_dir")?);
+            // As torchtune: each run in its own `run_{rank}_{time}` folder (only rank 0 logs).
+            if args.get::<bool>("organize_logs")? {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64();
+                log_dir = log_dir.join(format!("run_0_{now}"));
+            }
+            Ok(Box::new(LoggerSpec::TensorBoard { log_dir }))
+        },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// As torchtune's, the TensorBoard logger puts each run in its own `run_0_<time>` folder
+    /// unless `organize_logs: False`.
+    #[test]
+    fn tensorboard_runs_get_their_own_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_dir = |extra: &str| -> PathBuf {
+            let node: serde_yaml::Value =
+                serde_yaml::from_str(&format!("{{log_dir: {:?}{extra}}}", dir.path())).unwrap();
+            let built = tune_core::registry::lookup("TensorBoardLogger")
+                .unwrap()
+                .build_from(&node)
+                .unwrap();
+            match *built.downcast::<LoggerSpec>().unwrap() {
+                LoggerSpec::TensorBoard { log_dir } => log_dir,
+                other => panic!("{other:?}"),
+            }
+        };
+        let organized = log_dir("");
+        assert_eq!(organized.parent(), Some(dir.path()));
+        let name = organized
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(name.starts_with("run_0_"), "{name}");
+        assert_eq!(log_dir(", organize_logs: false"), dir.path());
+    }
 
     /// torchtune's `DiskLogger(filename=...)` writes that file in `log_dir`; without one,
     /// `log_<unix time>.txt`.

@@ -328,8 +328,5 @@ fn settings_that_would_do_nothing_are_refused() {
         "collate_fn._component_=torchtune.data.padded_collate_sft",
         "collate_fn.ignore_idx=0",
     ]);
-    assert!(
-        e.contains("padded_collate_sft.ignore_idx must be -100"),
-        "{e}"
-    );
+    assert!(e.contains("collate_fn.ignore_idx must be -100"), "{e}");
 }
