@@ -230,6 +230,15 @@ impl RowSource {
                 wanted_splits: &wanted_splits,
             },
         )?;
+        // As load_dataset, which passes these to the one builder that has them.
+        if field.is_some() && matches!(source, Source::Text(..) | Source::Parquet(_)) {
+            bail!(
+                "{component}: `field` picks rows out of a JSON file; these data files are not JSON"
+            );
+        }
+        if !args.is_null("sample_by") && !matches!(source, Source::Text(..)) {
+            bail!("{component}: `sample_by` splits plain text (`source: text`); these data files are not text");
+        }
         Ok(RowSource {
             component,
             source,

@@ -879,3 +879,28 @@ fn local_files_read_as_hugging_faces_loaders_read_them() {
     let err = spec.load(&tok).unwrap_err();
     assert!(format!("{err:#}").contains("`text` is not text"), "{err:#}");
 }
+
+/// `field` (JSON) and `sample_by` (text) on files they do not apply to are errors, as
+/// load_dataset's builders reject them, rather than being dropped.
+#[test]
+fn source_settings_for_another_format_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = write(dir.path(), "lines.txt", "one\ntwo\n");
+    let json = write(dir.path(), "rows.jsonl", "{\"text\": \"one\"}\n");
+    let err = build_error(&format!(
+        "{{_component_: text_completion_dataset, source: text, data_files: {text:?}, field: rows}}"
+    ));
+    assert!(
+        err.contains("`field` picks rows out of a JSON file"),
+        "{err}"
+    );
+    let err = build_error(&format!(
+        "{{_component_: text_completion_dataset, source: json, data_files: {json:?}, sample_by: paragraph}}"
+    ));
+    assert!(err.contains("`sample_by` splits plain text"), "{err}");
+    // Where they apply, they work.
+    let by_paragraph = dataset(&format!(
+        "{{_component_: text_completion_dataset, source: text, data_files: {text:?}, sample_by: paragraph}}"
+    ));
+    assert_eq!(by_paragraph.rows.rows().unwrap().len(), 1);
+}
