@@ -729,3 +729,106 @@ fn fsdp_cpu_offload_is_announced_as_without_effect() {
         );
     }
 }
+
+/// Top-level keys the recipe does not read: a near miss of one it reads is an error naming it,
+/// anything else is announced, torchtune's memory knobs and `${key}` variables pass silently.
+#[test]
+fn top_level_keys_the_recipe_does_not_read() {
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "lora_finetune_single_device",
+            "--config",
+            "stories260K/lora_single_device",
+            "--dry-run",
+        ];
+        args.extend_from_slice(extra);
+        tune(&args)
+    };
+    let err = fails(&run(&["gradient_accumulaton_steps=4"]));
+    assert!(
+        err.contains("lora_finetune_single_device does not read `gradient_accumulaton_steps` (did you mean `gradient_accumulation_steps`?)"),
+        "{err}"
+    );
+    // Also when the file spells it so, and beside the right spelling.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("typo.yaml");
+    ok(&tune_in(
+        dir.path(),
+        &["cp", "stories260K/lora_single_device", "typo.yaml"],
+    ));
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("{text}\nmax_step_per_epoch: 3\n")).unwrap();
+    let err = fails(&tune(&[
+        "run",
+        "lora_finetune_single_device",
+        "--config",
+        file.to_str().unwrap(),
+        "--dry-run",
+    ]));
+    assert!(
+        err.contains("(did you mean `max_steps_per_epoch`?)"),
+        "{err}"
+    );
+
+    let o = run(&["foo=1", "collate_function=x"]);
+    ok(&o);
+    assert!(
+        stderr(&o).contains(
+            "lora_finetune_single_device does not read the top-level keys foo, collate_function; \
+             they have no effect"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    // torchtune's keys for torch's memory, and a variable the config refers to.
+    let o = run(&[
+        "low_cpu_ram=True",
+        "cudnn_deterministic_mode=True",
+        "base=/tmp/somewhere",
+        "output_dir=${base}/out",
+    ]);
+    ok(&o);
+    assert!(!stderr(&o).contains("does not read"), "{}", stderr(&o));
+    // DPO takes no collate_fn (its pairs are collated as torchtune's DPO collates them).
+    let o = tune(&[
+        "run",
+        "lora_dpo_single_device",
+        "--config",
+        "stories260K/lora_dpo_single_device",
+        "collate_fn=torchtune.data.padded_collate_sft",
+        "--dry-run",
+    ]);
+    assert!(
+        stderr(&o).contains("lora_dpo_single_device does not read the top-level key collate_fn"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// Every built-in config (copies of torchtune's) uses only keys its recipes read.
+#[test]
+fn built_in_configs_use_only_keys_their_recipes_read() {
+    let listing = ok(&tune(&["ls"]));
+    let mut recipe = String::new();
+    let mut checked = 0;
+    for line in listing.lines().skip(1) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let config = match words.as_slice() {
+            [name, config] => {
+                recipe = name.to_string();
+                config
+            }
+            [config] => config,
+            _ => continue,
+        };
+        let o = tune(&["run", &recipe, "--config", config, "--dry-run"]);
+        assert!(
+            !stderr(&o).contains("does not read"),
+            "{recipe} {config}: {}",
+            stderr(&o)
+        );
+        checked += 1;
+    }
+    assert!(checked >= 19, "{listing}");
+}

@@ -26,9 +26,15 @@ pub trait Recipe: Sync {
     fn supports_distributed(&self) -> bool {
         false
     }
-    /// The top-level config keys it reads besides component nodes (`output_dir`, `seed`, ...):
-    /// an override may add one a config lacks without being taken for a misplaced argument.
+    /// Every top-level config key it reads, component nodes included (`model`, `output_dir`,
+    /// `seed`, ...): an override may add one a config lacks without being taken for a misplaced
+    /// argument, and any other key is reported by [`unread_top_level_keys`].
     fn top_level_keys(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// torchtune keys it knowingly leaves unread (settings of torch's memory or determinism that
+    /// have no counterpart here): torchtune's own configs carry them, so they pass silently.
+    fn keys_without_effect(&self) -> &'static [&'static str] {
         &[]
     }
     fn run(&self, config: Config, options: &RunOptions) -> anyhow::Result<()>;
@@ -62,6 +68,42 @@ pub fn lookup(name: &str) -> anyhow::Result<&'static dyn Recipe> {
             }
         )
     })
+}
+
+/// The top-level keys of `config` that `recipe` neither reads nor knowingly ignores, in document
+/// order; keys other values refer to (`${key}`) count as read. A key of six or more characters
+/// within two edits of one the recipe reads is taken for a typo of it: an error naming both
+/// (torchtune would run on without the setting). The rest are for the caller to announce.
+pub fn unread_top_level_keys(config: &Config, recipe: &dyn Recipe) -> anyhow::Result<Vec<String>> {
+    let read = recipe.top_level_keys();
+    let unread: Vec<String> = config
+        .keys()
+        .into_iter()
+        .filter(|key| {
+            !read.contains(&key.as_str())
+                && !recipe.keys_without_effect().contains(&key.as_str())
+                && !crate::config::overrides::refers_to(&config.root, key)
+        })
+        .collect();
+    let typos: Vec<String> = unread
+        .iter()
+        .filter(|key| key.len() >= 6)
+        .filter_map(|key| {
+            let meant = read
+                .iter()
+                .min_by_key(|known| strsim::damerau_levenshtein(key, known))
+                .filter(|known| strsim::damerau_levenshtein(key, known) <= 2)?;
+            Some(format!("`{key}` (did you mean `{meant}`?)"))
+        })
+        .collect();
+    if !typos.is_empty() {
+        anyhow::bail!(
+            "{} does not read {}; fix the name, or delete the key (`~key` on the command line)",
+            recipe.name(),
+            typos.join(", ")
+        );
+    }
+    Ok(unread)
 }
 
 static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -56,6 +56,9 @@ impl Recipe for EleutherEval {
     fn top_level_keys(&self) -> &'static [&'static str] {
         &[
             "output_dir",
+            "model",
+            "tokenizer",
+            "checkpointer",
             "tasks",
             "limit",
             "max_seq_length",
@@ -72,6 +75,12 @@ impl Recipe for EleutherEval {
             "log_level",
             "plugins",
         ]
+    }
+
+    fn keys_without_effect(&self) -> &'static [&'static str] {
+        // torchtune's eval configs carry `resume_from_checkpoint: False`, which its recipe does
+        // not read either.
+        &["resume_from_checkpoint", "cudnn_deterministic_mode"]
     }
 
     fn run(&self, config: Config, options: &RunOptions) -> Result<()> {

@@ -43,6 +43,9 @@ impl Recipe for Generate {
 
     fn top_level_keys(&self) -> &'static [&'static str] {
         &[
+            "model",
+            "tokenizer",
+            "checkpointer",
             "prompt",
             "max_new_tokens",
             "temperature",
@@ -56,6 +59,12 @@ impl Recipe for Generate {
             "log_level",
             "plugins",
         ]
+    }
+
+    fn keys_without_effect(&self) -> &'static [&'static str] {
+        // torchtune's generation config has an `output_dir` for its checkpointer; nothing is
+        // written.
+        &["output_dir", "cudnn_deterministic_mode"]
     }
 
     fn run(&self, config: Config, options: &RunOptions) -> Result<()> {

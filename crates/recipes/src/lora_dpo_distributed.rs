@@ -28,7 +28,11 @@ impl Recipe for LoraDpoDistributed {
     }
 
     fn top_level_keys(&self) -> &'static [&'static str] {
-        crate::settings::TRAINING_KEYS
+        crate::settings::DPO_KEYS
+    }
+
+    fn keys_without_effect(&self) -> &'static [&'static str] {
+        crate::settings::TRAINING_KEYS_WITHOUT_EFFECT
     }
 
     fn run(&self, config: Config, options: &RunOptions) -> Result<()> {

@@ -50,7 +50,11 @@ impl Recipe for LoraFinetuneDistributed {
     /// Runs as one rank of the group the environment describes (`tune run`'s launcher sets it);
     /// without one, as a group of one.
     fn top_level_keys(&self) -> &'static [&'static str] {
-        crate::settings::TRAINING_KEYS
+        crate::settings::SFT_KEYS
+    }
+
+    fn keys_without_effect(&self) -> &'static [&'static str] {
+        crate::settings::TRAINING_KEYS_WITHOUT_EFFECT
     }
 
     fn run(&self, config: Config, options: &RunOptions) -> Result<()> {

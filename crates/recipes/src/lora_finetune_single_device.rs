@@ -56,7 +56,11 @@ impl Recipe for LoraFinetuneSingleDevice {
     }
 
     fn top_level_keys(&self) -> &'static [&'static str] {
-        crate::settings::TRAINING_KEYS
+        crate::settings::SFT_KEYS
+    }
+
+    fn keys_without_effect(&self) -> &'static [&'static str] {
+        crate::settings::TRAINING_KEYS_WITHOUT_EFFECT
     }
 
     fn run(&self, config: Config, options: &RunOptions) -> Result<()> {

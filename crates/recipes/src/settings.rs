@@ -5,27 +5,60 @@ use candle_core::{DType, Device};
 use serde_yaml::Value;
 use tune_core::Config;
 
-/// Top-level keys the LoRA training recipes (SFT and DPO) read.
-pub const TRAINING_KEYS: &[&str] = &[
-    "resume_from_checkpoint",
-    "save_adapter_weights_only",
-    "save_every_n_steps",
-    "seed",
-    "shuffle",
-    "batch_size",
-    "epochs",
-    "max_steps_per_epoch",
-    "gradient_accumulation_steps",
-    "clip_grad_norm",
-    "compile",
-    "log_every_n_steps",
-    "log_peak_memory_stats",
-    "device",
-    "dtype",
-    "enable_activation_checkpointing",
-    "enable_activation_offloading",
-    "log_level",
-    "plugins",
+/// The top-level keys every LoRA training recipe (SFT and DPO) reads, followed by its own.
+macro_rules! training_keys {
+    ($($own:literal),*) => {
+        &[
+            "output_dir",
+            "model",
+            "tokenizer",
+            "checkpointer",
+            "dataset",
+            "optimizer",
+            "lr_scheduler",
+            "loss",
+            "metric_logger",
+            "profiler",
+            "resume_from_checkpoint",
+            "save_adapter_weights_only",
+            "save_every_n_steps",
+            "seed",
+            "shuffle",
+            "batch_size",
+            "epochs",
+            "max_steps_per_epoch",
+            "gradient_accumulation_steps",
+            "clip_grad_norm",
+            "compile",
+            "log_every_n_steps",
+            "log_peak_memory_stats",
+            "device",
+            "dtype",
+            "enable_activation_checkpointing",
+            "enable_activation_offloading",
+            "log_level",
+            "plugins",
+            $($own),*
+        ]
+    };
+}
+
+/// Top-level keys the LoRA fine-tuning recipes read.
+pub const SFT_KEYS: &[&str] = training_keys!("collate_fn");
+
+/// Top-level keys the LoRA DPO recipes read (torchtune's DPO collates pairs itself, without a
+/// `collate_fn`).
+pub const DPO_KEYS: &[&str] = training_keys!();
+
+/// torchtune training keys for torch's memory, sharding and determinism that mean nothing here
+/// (every rank holds the whole model; `fsdp_cpu_offload` is announced by the distributed recipes).
+pub const TRAINING_KEYS_WITHOUT_EFFECT: &[&str] = &[
+    "low_cpu_ram",
+    "cudnn_deterministic_mode",
+    "custom_sharded_layers",
+    "fsdp_reshard_after_forward",
+    "fsdp_cpu_offload",
+    "fsdp",
 ];
 
 /// Parses `device: cpu | cuda | cuda:N`. A CUDA device in a binary built without the `cuda`

@@ -174,6 +174,7 @@ pub fn run(args: &Args) -> Result<()> {
     recipe_configs.extend(recipe.configs().iter().map(|c| c.to_string()));
     let mut config = load_config(&args.config, &recipe_configs)?;
     config.apply_overrides(&args.overrides)?;
+    let unread = tune_core::recipe::unread_top_level_keys(&config, recipe)?;
     config
         .resolve_interpolations()
         .context("cannot resolve the config's ${...} references")?;
@@ -195,6 +196,20 @@ pub fn run(args: &Args) -> Result<()> {
     ];
     for (option, _) in no_effect.iter().filter(|(_, value)| value.is_some()) {
         tracing::warn!("torchrun's {option} has no effect in tune-rs; ignoring it");
+    }
+    // The launcher has said it already for the ranks it started.
+    if !unread.is_empty() && std::env::var_os("TUNE_DIST_JOB").is_none() {
+        tracing::warn!(
+            "{} does not read the top-level {} {}; {} no effect",
+            recipe.name(),
+            if unread.len() == 1 { "key" } else { "keys" },
+            unread.join(", "),
+            if unread.len() == 1 {
+                "it has"
+            } else {
+                "they have"
+            }
+        );
     }
     // Before the checks: a config may name a plugin's adapter.
     load_plugins(&args.plugins, Some(&config))?;

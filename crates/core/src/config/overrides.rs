@@ -463,7 +463,7 @@ fn check_component_key(
 }
 
 /// Whether any string under `value` interpolates `key` (`${key}` or `${key.sub}`).
-fn refers_to(value: &Value, key: &str) -> bool {
+pub(crate) fn refers_to(value: &Value, key: &str) -> bool {
     match value {
         Value::String(s) => s.match_indices("${").any(|(i, _)| {
             let Some(after) = s[i + 2..].trim_start().strip_prefix(key) else {
