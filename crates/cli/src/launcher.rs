@@ -193,9 +193,14 @@ fn supervise(workers: &mut [(usize, Child)]) -> Result<()> {
     }
     match first_failure {
         None => Ok(()),
-        // Ranks that quit on the user's Ctrl-C (while loading, or on a second one) did not fail.
-        Some((rank, status)) if interrupts_forwarded > 0 && quit_on_interrupt(&status) => {
-            eprintln!("Interrupted: rank {rank} quit ({status})");
+        // Ranks that stopped on an interrupt (saved and stopped, or quit while loading or on a
+        // second Ctrl-C) did not fail; a rank killed by a signal did, unless the user pressed
+        // Ctrl-C.
+        Some((rank, status))
+            if status.code() == Some(130)
+                || (interrupts_forwarded > 0 && status.code().is_none()) =>
+        {
+            eprintln!("Interrupted: the ranks stopped (rank {rank}: {status})");
             std::process::exit(130);
         }
         Some((rank, status)) => bail!(
@@ -203,11 +208,6 @@ fn supervise(workers: &mut [(usize, Child)]) -> Result<()> {
              above as `Error (rank N): ...`"
         ),
     }
-}
-
-/// A worker that ended on an interrupt: exit status 130 (`tune`'s own) or killed by a signal.
-fn quit_on_interrupt(status: &ExitStatus) -> bool {
-    matches!(status.code(), Some(130) | None)
 }
 
 fn stop_all(workers: &mut [(usize, Child)]) {

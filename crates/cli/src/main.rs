@@ -77,6 +77,9 @@ fn main() -> ExitCode {
         }
     };
     match result {
+        // Saved and stopped on Ctrl-C/SIGTERM before the run was done: not a finished run (a
+        // job script's `&&` must not go on), so 130 as for any interrupted command.
+        Ok(()) if tune_core::recipe::stopped_early() => ExitCode::from(130),
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let line = match std::env::var("RANK") {

@@ -832,3 +832,21 @@ fn built_in_configs_use_only_keys_their_recipes_read() {
     }
     assert!(checked >= 19, "{listing}");
 }
+
+/// torchtune's quantizers are refused with what to do instead, not answered with look-alikes.
+#[test]
+fn torchtunes_quantizers_say_to_set_quantizer_null() {
+    let o = tune(&[
+        "run",
+        "eleuther_eval",
+        "--config",
+        "stories260K/eval",
+        "quantizer._component_=torchtune.training.quantization.Int8DynActInt4WeightQuantizer",
+        "--dry-run",
+    ]);
+    let err = fails(&o);
+    assert!(
+        err.contains("not implemented in tune-rs; set quantizer=null") && !err.contains("closest"),
+        "{err}"
+    );
+}

@@ -184,9 +184,13 @@ fn ctrl_c_saves_and_the_resumed_run_ends_where_an_uninterrupted_one_does() {
     let output_arg = format!("output_dir={}", work.path().display());
     let child = tune_command(&distributed_args(&output_arg, &[steps])).spawn_piped();
     let interrupted = interrupt_when(child, || log_lines(work.path()).len() >= 2);
-    succeeded(&interrupted);
     let stderr = text(&interrupted.stderr);
-    assert!(stderr.contains("Stopped at step"), "{stderr}");
+    // Saved, but not finished: a job script's `&&` must not go on.
+    assert_eq!(interrupted.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("Stopped at step") && stderr.contains("Interrupted: the ranks stopped"),
+        "{stderr}"
+    );
     let stopped_at = log_lines(work.path()).len();
     assert!(stopped_at < 40, "stopped at step {stopped_at}");
     let step_dir = work.path().join(format!("step_{stopped_at}"));
@@ -427,8 +431,8 @@ fn ctrl_c_in_a_single_device_run_saves_a_step_checkpoint() {
     ])
     .spawn_piped();
     let out = interrupt_when(child, || log_lines(work.path()).len() >= 2);
-    succeeded(&out);
     let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(
         stderr.contains("Interrupted: saving a checkpoint"),
         "{stderr}"

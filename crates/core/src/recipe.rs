@@ -121,6 +121,20 @@ pub fn stop_requested() -> bool {
 /// Clears a stop request (for a new run in the same process).
 pub fn clear_stop() {
     STOP_REQUESTED.store(false, std::sync::atomic::Ordering::SeqCst);
+    STOPPED_EARLY.store(false, std::sync::atomic::Ordering::SeqCst);
+}
+
+static STOPPED_EARLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Records that a recipe honoured a stop request before its run was done (it saved where it
+/// was): the process should then exit as interrupted, not as finished.
+pub fn note_stopped_early() {
+    STOPPED_EARLY.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether [`note_stopped_early`] was called.
+pub fn stopped_early() -> bool {
+    STOPPED_EARLY.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 static STOP_LISTENED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

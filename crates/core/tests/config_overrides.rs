@@ -349,7 +349,7 @@ fn lists_that_cannot_be_what_was_meant_are_errors() {
         // torchtune issue #1486: the list arrives as one string.
         ("model.lora_attn_modules=\"['q_proj','v_proj']\"", "not a list: the brackets were quoted"),
         ("model.lora_attn_modules='[q_proj,v_proj]'", "not a list: the brackets were quoted"),
-        ("model.lora_attn_modules=[]", "empty list"),
+        ("model.lora_attn_modules=[]", "empty list, which is almost never intended; list the items, e.g. model.lora_attn_modules=[q_proj,v_proj]"),
         ("model.lora_attn_modules=[ ]", "empty list"),
         ("model.lora_attn_modules=q_proj,v_proj", "takes a list, but got the string \"q_proj,v_proj\"; write model.lora_attn_modules=[q_proj,v_proj]"),
         ("model.lora_attn_modules=q_proj", "takes a list"),
@@ -359,7 +359,8 @@ fn lists_that_cannot_be_what_was_meant_are_errors() {
         ("model.lora_attn_modules=[q_proj,,v_proj]", "empty item"),
         ("model.lora_attn_modules=['q_proj,v_proj]", "unterminated quote"),
         ("checkpointer.checkpoint_files=a.bin,b.bin", "holds commas; for several values write checkpointer.checkpoint_files=[a.bin,b.bin]"),
-        ("seed=[]", "empty list"),
+        // The LoRA example only where it fits.
+        ("seed=[]", "empty list, which is almost never intended; list the items, or delete the key with ~seed"),
     ];
     for (arg, expected) in cases {
         let mut config = lora_7b();

@@ -72,8 +72,13 @@ impl ConversationRows {
     /// One turn's role and text items.
     fn turn(&self, turn: &Value) -> Result<(Role, Vec<String>)> {
         let field = |name: &str| {
-            turn.get(name)
-                .ok_or_else(|| anyhow!("no `{name}` key (a {:?}-style turn)", self.style))
+            turn.get(name).ok_or_else(|| {
+                let style = match self.style {
+                    ConversationStyle::ShareGpt => "conversation_style sharegpt",
+                    ConversationStyle::OpenAi => "conversation_style openai",
+                };
+                anyhow!("no `{name}` key, which every turn has with {style}")
+            })
         };
         match self.style {
             ConversationStyle::ShareGpt => {
@@ -81,8 +86,11 @@ impl ConversationRows {
                     Some("system") => Role::System,
                     Some("human") => Role::User,
                     Some("gpt") => Role::Assistant,
-                    other => {
+                    Some(other) => {
                         bail!("`from` is {other:?}; ShareGPT turns are from system, human or gpt")
+                    }
+                    None => {
+                        bail!("`from` is not text; ShareGPT turns are from system, human or gpt")
                     }
                 };
                 let text = field("value")?

@@ -3,13 +3,12 @@
 //! `drop_last`, and an explicit position so a resumed run continues with the very next batch
 //! (which torchtune does not do).
 //!
-//! The shuffle is a Fisher-Yates permutation driven by ChaCha8 (seeded with `seed`, one stream
-//! per epoch), so a (seed, epoch) pair always gives the same order on every platform. It is not
-//! torch's permutation.
+//! The shuffle is torch's: `DistributedSampler` draws each epoch's order with
+//! `torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))`, and
+//! [`torch_randperm`] reproduces that permutation exactly, so with torchtune's sampler seed (0)
+//! the batches are the ones torchtune trains on.
 
 use anyhow::{bail, Result};
-use rand::{RngCore, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::collate::{Batch, CollateSft};
@@ -35,16 +34,21 @@ pub struct BatchSampler {
     rank: usize,
 }
 
-/// A uniform integer in `0..n` (Lemire's method, unbiased).
-fn below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
-    let mut m = u128::from(rng.next_u64()) * u128::from(n);
-    if (m as u64) < n {
-        let threshold = n.wrapping_neg() % n;
-        while (m as u64) < threshold {
-            m = u128::from(rng.next_u64()) * u128::from(n);
-        }
+/// The largest dataset [`torch_randperm`] reproduces: beyond it torch switches to 64-bit draws.
+pub const TORCH_RANDPERM_MAX: usize = (u32::MAX / 20) as usize;
+
+/// `torch.randperm(n, generator=g)` on the CPU for a generator seeded with `seed`: torch seeds an
+/// MT19937 with the seed's low 32 bits and swaps each position `i` with one drawn from `i..n` by
+/// a 32-bit draw modulo `n - i` (for `n` below [`TORCH_RANDPERM_MAX`]).
+pub fn torch_randperm(n: usize, seed: u64) -> Vec<usize> {
+    debug_assert!(n < TORCH_RANDPERM_MAX);
+    let mut mt = rand_mt::Mt::new(seed as u32);
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in 0..n.saturating_sub(1) {
+        let offset = mt.next_u32() as usize % (n - i);
+        order.swap(i, i + offset);
     }
-    (m >> 64) as u64
+    order
 }
 
 impl BatchSampler {
@@ -52,6 +56,12 @@ impl BatchSampler {
     pub fn new(num_samples: usize, batch_size: usize) -> Result<Self> {
         if batch_size == 0 {
             bail!("batch_size must be at least 1");
+        }
+        if num_samples >= TORCH_RANDPERM_MAX {
+            bail!(
+                "{num_samples} samples: more than the {TORCH_RANDPERM_MAX} whose order tune-rs \
+                 draws as torch does; split the dataset"
+            );
         }
         Ok(BatchSampler {
             num_samples,
@@ -64,7 +74,8 @@ impl BatchSampler {
         })
     }
 
-    /// Shuffle every epoch, from `seed`.
+    /// Shuffle every epoch with torch's permutation for `seed + epoch` (torchtune's recipes
+    /// give their sampler the seed 0, whatever the config's `seed`).
     pub fn with_shuffle(mut self, shuffle: bool, seed: u64) -> Self {
         self.shuffle = shuffle;
         self.seed = seed;
@@ -99,16 +110,11 @@ impl BatchSampler {
 
     /// The order of all samples in `epoch`, before splitting across replicas.
     pub fn order_for_epoch(&self, epoch: u64) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.num_samples).collect();
         if self.shuffle {
-            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
-            rng.set_stream(epoch);
-            for i in (1..order.len()).rev() {
-                let j = below(&mut rng, i as u64 + 1) as usize;
-                order.swap(i, j);
-            }
+            torch_randperm(self.num_samples, self.seed.wrapping_add(epoch))
+        } else {
+            (0..self.num_samples).collect()
         }
-        order
     }
 
     /// This rank's sample indices for `epoch`.
@@ -288,18 +294,5 @@ mod tests {
         assert_eq!(r1, [1, 3, 0]);
         assert_eq!(base.clone().with_replicas(2, 1).unwrap().num_batches(), 3);
         assert!(base.with_replicas(2, 2).is_err());
-    }
-
-    #[test]
-    fn unbiased_below_stays_in_range() {
-        let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let mut counts = [0usize; 3];
-        for _ in 0..3000 {
-            counts[below(&mut rng, 3) as usize] += 1;
-        }
-        assert!(
-            counts.iter().all(|&c| (800..1200).contains(&c)),
-            "{counts:?}"
-        );
     }
 }

@@ -13,7 +13,7 @@
 use anyhow::{bail, Result};
 
 use crate::collate::{Batch, CollateSft, PackedLayout};
-use crate::sft::{Sample, CROSS_ENTROPY_IGNORE_IDX};
+use crate::sft::{has_a_label_to_predict, Sample, CROSS_ENTROPY_IGNORE_IDX};
 
 /// One pack of `max_seq_len` tokens.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -133,6 +133,15 @@ impl Examples {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether any example has a label the loss counts after its shift by one (`labels[1..]`):
+    /// a one-token sample has nothing to predict.
+    pub fn has_a_label_to_predict(&self) -> bool {
+        match self {
+            Examples::Samples(samples) => samples.iter().any(|s| has_a_label_to_predict(&s.labels)),
+            Examples::Packs(packs) => packs.iter().any(|p| has_a_label_to_predict(&p.labels)),
+        }
     }
 
     /// The batch of examples `indices`: samples through `collate` (`padded_collate_sft`), packs

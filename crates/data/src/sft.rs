@@ -18,6 +18,15 @@ pub struct Sample {
     pub mask: Vec<bool>,
 }
 
+/// Whether `labels` hold one the loss counts after its shift by one (`labels[1..]`): each
+/// token is learnt from the ones before it, so a one-token sample has nothing to predict.
+pub fn has_a_label_to_predict(labels: &[i64]) -> bool {
+    labels
+        .iter()
+        .skip(1)
+        .any(|&l| l != CROSS_ENTROPY_IGNORE_IDX)
+}
+
 impl Sample {
     /// Builds the labels from tokens and mask (torchtune: `np.where(mask, -100, tokens)`).
     ///

@@ -215,14 +215,25 @@ pub fn load_model(
     let mut spec = spec.clone();
     let paths = resolve_files(checkpoint_dir, files)?;
     let hf = read_tensors(&paths)?;
-    let tied_in_config = read_hf_config(checkpoint_dir)?
+    let hf_config = read_hf_config(checkpoint_dir)?;
+    let tied_in_config = hf_config
+        .as_ref()
         .and_then(|c| c.get("tie_word_embeddings").and_then(|v| v.as_bool()))
         .unwrap_or(false);
     if tied_in_config && !hf.contains_key("lm_head.weight") {
         spec.transformer.tie_word_embeddings = true;
     }
     let tune = hf_to_tune(&spec, hf)?;
-    validate_base(&spec, &tune)?;
+    validate_base(&spec, &tune).map_err(|e| match hf_config {
+        // Without it a tied checkpoint looks as if it lacked its output layer.
+        None => e.context(format!(
+            "{} has no config.json, which every Hugging Face checkpoint ships with (it says, \
+             among other things, whether lm_head is tied to the embedding); copy it from the \
+             model's repository",
+            checkpoint_dir.display()
+        )),
+        Some(_) => e,
+    })?;
     let quantized = spec.lora.as_ref().is_some_and(|l| l.quantize_base);
     let mut on_device = HashMap::with_capacity(tune.len());
     let mut sources = HashMap::new();

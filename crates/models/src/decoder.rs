@@ -278,9 +278,11 @@ impl TransformerDecoder {
             let t = &tensors[&name];
             if t.dims() != var.dims() {
                 anyhow::bail!(
-                    "adapter tensor `{name}`: expected shape {:?}, found {:?}",
-                    var.dims(),
-                    t.dims()
+                    "adapter tensor `{name}` has shape {:?}, the model's has {:?}: the adapter was \
+                     made with another lora_rank (or model size); use the settings of the run \
+                     that saved it",
+                    t.dims(),
+                    var.dims()
                 );
             }
             var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;

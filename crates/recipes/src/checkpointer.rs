@@ -79,6 +79,18 @@ pub struct RecipeState {
     pub batch_size: Option<usize>,
     #[serde(default)]
     pub steps_per_epoch: Option<usize>,
+    /// The sample order ([`data_order`]); older states shuffled otherwise.
+    #[serde(default)]
+    pub data_order: Option<String>,
+}
+
+/// How a run orders its samples: torch's `DistributedSampler` permutation, or file order.
+pub fn data_order(shuffle: bool) -> &'static str {
+    if shuffle {
+        "torch_randperm"
+    } else {
+        "sequential"
+    }
 }
 
 fn one_rank() -> usize {
@@ -128,7 +140,11 @@ impl HfCheckpointer {
             bail!("checkpointer.model_type `{model_type}` is not supported; tune-rs implements LLAMA2");
         }
         let checkpoint_dir = PathBuf::from(args.get::<String>("checkpoint_dir")?);
-        let output_dir = PathBuf::from(args.get::<String>("output_dir")?);
+        let output_dir = args.get::<String>("output_dir")?;
+        if output_dir.trim().is_empty() {
+            bail!("checkpointer.output_dir is empty; set it (or output_dir) to a folder");
+        }
+        let output_dir = PathBuf::from(output_dir);
         if !args.get::<bool>("safe_serialization")? {
             tracing::warn!(
                 "checkpointer.safe_serialization=False: tune-rs writes safetensors all the same \
@@ -215,7 +231,26 @@ impl HfCheckpointer {
     }
 
     /// Reads an adapter file (PEFT or torchtune names) as torchtune-named, torchtune-layout tensors.
+    /// A folder stands for the adapter file in it (PEFT's `adapter_model.safetensors`, or a
+    /// tune-rs checkpoint's `adapter/adapter_model.safetensors`).
     pub fn read_adapter(path: &Path, spec: &ModelSpec) -> Result<HashMap<String, Tensor>> {
+        let inside = [
+            "adapter_model.safetensors",
+            "adapter/adapter_model.safetensors",
+        ];
+        let path: PathBuf = if path.is_dir() {
+            match inside.iter().map(|f| path.join(f)).find(|p| p.is_file()) {
+                Some(file) => file,
+                None => bail!(
+                    "adapter checkpoint {} is a folder without adapter_model.safetensors; name \
+                     the adapter file itself",
+                    path.display()
+                ),
+            }
+        } else {
+            path.to_path_buf()
+        };
+        let path = path.as_path();
         if !path.is_file() {
             bail!("adapter checkpoint {} not found (checkpointer.adapter_checkpoint is relative to checkpoint_dir)", path.display());
         }
@@ -271,7 +306,7 @@ impl HfCheckpointer {
             }
             let adapter_dir = staging.join("adapter");
             std::fs::create_dir_all(&adapter_dir)?;
-            self.write_peft_adapter(&adapter_dir, model, spec)?;
+            self.write_peft_adapter(&adapter_dir, &dest.join("adapter"), model, spec)?;
             let state_dir = staging.join("recipe_state");
             std::fs::create_dir_all(&state_dir)?;
             let adapter: HashMap<String, Tensor> = model
@@ -321,9 +356,11 @@ impl HfCheckpointer {
         Ok(())
     }
 
+    /// Writes the PEFT files into `dir` (a staging folder that becomes `final_dir`).
     fn write_peft_adapter(
         &self,
         dir: &Path,
+        final_dir: &Path,
         model: &TransformerDecoder,
         spec: &ModelSpec,
     ) -> Result<()> {
@@ -361,7 +398,7 @@ impl HfCheckpointer {
                 "{}: a DoRA adapter loads in Hugging Face PEFT; vLLM refuses DoRA and mistral.rs \
                  would read it as plain LoRA (without the magnitudes). The merged weights load \
                  anywhere",
-                dir.display()
+                final_dir.display()
             );
         }
         atomic::write(
@@ -547,6 +584,29 @@ impl HfCheckpointer {
             });
         };
         let path = self.output_dir.join(named);
+        if !path.exists() {
+            let mut held: Vec<String> = std::fs::read_dir(&self.output_dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.path().join("recipe_state/recipe_state.json").is_file())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            held.sort();
+            bail!(
+                "checkpointer.recipe_checkpoint {} does not exist; {}",
+                path.display(),
+                if held.is_empty() {
+                    format!("{} holds no checkpoint", self.output_dir.display())
+                } else {
+                    format!(
+                        "{} holds {} (or set it to null to resume from the newest)",
+                        self.output_dir.display(),
+                        held.join(", ")
+                    )
+                }
+            );
+        }
         let folder = path
             .ancestors()
             .find(|dir| dir.join("recipe_state/recipe_state.json").is_file())

@@ -48,7 +48,6 @@ pub fn build(
     (model_vocab, model_max_seq_len): (usize, usize),
     batch_size: usize,
     shuffle: bool,
-    seed: u64,
     (num_replicas, rank): (usize, usize),
 ) -> Result<TrainData> {
     let tokenizer = build_tokenizer(cfg, model_vocab)?;
@@ -103,6 +102,17 @@ pub fn build(
     if examples.is_empty() {
         bail!("the dataset is empty; check dataset.data_files and dataset.split");
     }
+    if !examples.has_a_label_to_predict() {
+        // Each token is learnt from the ones before it: a sample cut to one token has none.
+        bail!(
+            "no sample has a labelled token after its first, so there is nothing to learn (the \
+             loss would be 0/0); raise tokenizer.max_seq_len (now {}), set train_on_input, or \
+             check the data",
+            tokenizer
+                .max_seq_len()
+                .map_or("null".to_string(), |n| n.to_string())
+        );
+    }
     let collate: CollateSft = match cfg.node("collate_fn") {
         Ok(_) => cfg.build("collate_fn", ComponentKind::Collator)?,
         Err(_) => CollateSft::default(),
@@ -124,7 +134,6 @@ pub fn build(
         (examples.len(), unit),
         batch_size,
         shuffle,
-        seed,
         (num_replicas, rank),
     )?;
     Ok(TrainData {
@@ -135,19 +144,22 @@ pub fn build(
     })
 }
 
-/// The seeded batch sampler of `num_examples` examples (`unit` names them in messages), with
+/// torchtune's recipes give their `DistributedSampler` this seed whatever the config's `seed`
+/// (which seeds the adapters' initialisation and dropout), so every run sees the same order.
+const SAMPLER_SEED: u64 = 0;
+
+/// The batch sampler of `num_examples` examples (`unit` names them in messages), with
 /// the last partial batch dropped and, with several ranks, this rank's share.
 pub fn build_sampler(
     (num_examples, unit): (usize, &str),
     batch_size: usize,
     shuffle: bool,
-    seed: u64,
     (num_replicas, rank): (usize, usize),
 ) -> Result<BatchSampler> {
     // torchtune's recipe always drops the last partial batch; with several ranks each takes
     // every `num_replicas`-th sample of the (padded) order, as DistributedSampler does.
     let sampler = BatchSampler::new(num_examples, batch_size)?
-        .with_shuffle(shuffle, seed)
+        .with_shuffle(shuffle, SAMPLER_SEED)
         .with_drop_last(true)
         .with_replicas(num_replicas, rank)?;
     if sampler.num_batches() == 0 {
@@ -177,7 +189,7 @@ impl TrainData {
         self.sampler.num_batches()
     }
 
-    /// Sample indices of every batch of `epoch` (same for the same seed and epoch).
+    /// Sample indices of every batch of `epoch` (the same in every run).
     pub fn epoch_batches(&self, epoch: usize) -> Result<Vec<Vec<usize>>> {
         Ok(self.sampler.batches_for_epoch(epoch as u64))
     }

@@ -208,6 +208,12 @@ fn last_position(logits: &Tensor) -> Result<Vec<f32>> {
 /// `prompt + max_new_tokens - 1` positions must fit.
 fn check_fits(spec: &ModelSpec, prompt_len: usize, max_new_tokens: usize) -> Result<()> {
     let max = spec.transformer.max_seq_len;
+    if prompt_len > max {
+        bail!(
+            "the prompt is {prompt_len} tokens, more than the model's max_seq_len ({max}); \
+             shorten the prompt"
+        );
+    }
     if prompt_len + max_new_tokens.saturating_sub(1) > max {
         bail!(
             "the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's \
@@ -408,24 +414,42 @@ fn adapter_source(
     adapter_dir: Option<String>,
     checkpointer: &HfCheckpointer,
 ) -> Result<Option<AdapterSource>> {
-    match (adapter_dir, &checkpointer.adapter_checkpoint) {
+    let source = match (adapter_dir, &checkpointer.adapter_checkpoint) {
         (Some(_), Some(_)) => {
             bail!("both adapter_dir and checkpointer.adapter_checkpoint are set; keep one of them")
         }
-        (Some(dir), None) => Ok(Some(AdapterSource::from_dir(Path::new(&dir))?)),
+        (Some(dir), None) => Some(AdapterSource::from_dir(Path::new(&dir))?),
+        (None, Some(dir)) if dir.is_dir() => Some(AdapterSource::from_dir(dir)?),
         (None, Some(file)) => {
             let config_path = file.parent().map(|p| p.join("adapter_config.json"));
             let peft_config = match config_path.filter(|p| p.is_file()) {
                 Some(p) => Some(read_json(&p)?),
                 None => None,
             };
-            Ok(Some(AdapterSource {
+            Some(AdapterSource {
                 weights: file.clone(),
                 peft_config,
-            }))
+            })
         }
-        (None, None) => Ok(None),
+        (None, None) => None,
+    };
+    // A tune-rs epoch folder's merged weights already hold its adapter: applied again, the
+    // update would count twice.
+    let folder = &checkpointer.checkpoint_dir;
+    if let (Some(src), true) = (&source, folder.join("recipe_state").is_dir()) {
+        if let (Ok(folder), Ok(weights)) = (folder.canonicalize(), src.weights.canonicalize()) {
+            if weights.starts_with(&folder) {
+                bail!(
+                    "the merged weights in {} already include the adapter {}; drop adapter_dir \
+                     (or checkpointer.adapter_checkpoint) to use them as they are, or point \
+                     checkpointer.checkpoint_dir at the base model to apply the adapter to it",
+                    folder.display(),
+                    weights.display()
+                );
+            }
+        }
     }
+    Ok(source)
 }
 
 impl AdapterSource {
@@ -648,3 +672,27 @@ fn target_modules(value: Option<&serde_json::Value>) -> Result<(Vec<String>, boo
     attn.dedup();
     Ok((attn, !mlp.is_empty(), output))
 }
+
+/// torchtune's torchao quantizers (generation and eval take one as `quantizer`), refused with
+/// what to do instead.
+macro_rules! unavailable_quantizers {
+    ($($name:literal),*) => {$(
+        tune_core::inventory::submit! {
+            tune_core::Unavailable {
+                path: concat!("torchtune.training.quantization.", $name),
+                aliases: &[$name, concat!("torchtune.utils.quantization.", $name)],
+                why: "torchao's int4/int8 quantization is not implemented in tune-rs; set \
+                      quantizer=null (generation and eval then run in the config's dtype)",
+            }
+        }
+    )*};
+}
+
+unavailable_quantizers!(
+    "Int4WeightOnlyQuantizer",
+    "Int4WeightOnlyQATQuantizer",
+    "Int4WeightOnlyQATQuantizerModuleSwap",
+    "Int8DynActInt4WeightQuantizer",
+    "Int8DynActInt4WeightQATQuantizer",
+    "Int8DynActInt4WeightQATQuantizerModuleSwap"
+);

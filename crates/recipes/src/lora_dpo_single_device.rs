@@ -296,6 +296,20 @@ impl Preference {
         for dataset in &datasets {
             pairs.extend(dataset.load(&tokenizer).context("loading `dataset`")?);
         }
+        let learnable = |p: &tune_data::preference::PreferencePair| {
+            tune_data::sft::has_a_label_to_predict(&p.chosen.labels)
+                || tune_data::sft::has_a_label_to_predict(&p.rejected.labels)
+        };
+        if !pairs.is_empty() && !pairs.iter().any(learnable) {
+            bail!(
+                "no preference pair keeps a response token to score (after the prompt, from the \
+                 second token on), so DPO has nothing to compare; raise tokenizer.max_seq_len \
+                 (now {}), or check the data",
+                tokenizer
+                    .max_seq_len()
+                    .map_or("null".to_string(), |n| n.to_string())
+            );
+        }
         let longest = pairs
             .iter()
             .map(|p| p.chosen.len().max(p.rejected.len()))
@@ -312,7 +326,6 @@ impl Preference {
             (pairs.len(), "preference pairs"),
             settings.batch_size,
             settings.shuffle,
-            settings.seed,
             settings.replicas,
         )?;
         Ok(Box::new(Preference {
@@ -410,10 +423,16 @@ tune_core::inventory::submit! {
         extra_args: false,
         about: "Direct Preference Optimization: -log sigmoid(beta * (policy - reference log-ratio)) of chosen vs rejected",
         origin: "built-in",
-        build: |args| Ok(Box::new(PreferenceLoss::Dpo(DpoLoss {
-            beta: args.get_opt("beta")?.unwrap_or(0.1),
-            label_smoothing: args.get_opt("label_smoothing")?.unwrap_or(0.0),
-        }))),
+        build: |args| {
+            let beta: f64 = args.get_opt("beta")?.unwrap_or(0.1);
+            if beta.is_nan() || beta <= 0.0 {
+                anyhow::bail!("loss.beta={beta}: the DPO loss needs beta > 0 (at 0 it is constant and trains nothing); torchtune's configs use 0.1");
+            }
+            Ok(Box::new(PreferenceLoss::Dpo(DpoLoss {
+                beta,
+                label_smoothing: args.get_opt("label_smoothing")?.unwrap_or(0.0),
+            })))
+        },
     }
 }
 
@@ -426,8 +445,12 @@ tune_core::inventory::submit! {
         extra_args: false,
         about: "Statistical rejection sampling optimisation: hinge loss relu(1 - gamma * (policy - reference log-ratio))",
         origin: "built-in",
-        build: |args| Ok(Box::new(PreferenceLoss::Rso(RsoLoss {
-            gamma: args.get_opt("gamma")?.unwrap_or(0.1),
-        }))),
+        build: |args| {
+            let gamma: f64 = args.get_opt("gamma")?.unwrap_or(0.1);
+            if gamma.is_nan() || gamma <= 0.0 {
+                anyhow::bail!("loss.gamma={gamma}: the RSO loss needs gamma > 0 (at 0 it is constant and trains nothing); its default is 0.1");
+            }
+            Ok(Box::new(PreferenceLoss::Rso(RsoLoss { gamma })))
+        },
     }
 }

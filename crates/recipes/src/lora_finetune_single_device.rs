@@ -151,7 +151,6 @@ impl NextToken {
             (spec.transformer.vocab_size, spec.transformer.max_seq_len),
             settings.batch_size,
             settings.shuffle,
-            settings.seed,
             settings.replicas,
         )?;
         Ok(Box::new(NextToken { data }))
@@ -216,6 +215,13 @@ pub fn train_objective(
     let cfg = TopLevel(&config);
 
     // ---- Environment -------------------------------------------------------------------
+    // An empty one would put checkpoints in the working folder and `${output_dir}/logs` at /logs.
+    if cfg
+        .opt::<String>("output_dir")?
+        .is_some_and(|d| d.trim().is_empty())
+    {
+        bail!("output_dir is empty; set output_dir=<folder> for the checkpoints and logs");
+    }
     let epochs: usize = cfg.get("epochs", 1)?;
     let mut max_steps_per_epoch: Option<usize> = cfg.opt("max_steps_per_epoch")?;
     if max_steps_per_epoch == Some(0) {
@@ -286,8 +292,8 @@ pub fn train_objective(
         );
     }
     let seed: u64 = match (&resume_from, cfg.opt::<u64>("seed")?) {
-        // As torchtune: the checkpoint's seed and max_steps_per_epoch win (the data order and
-        // the epoch length must be the ones the run started with), with a warning.
+        // As torchtune: the checkpoint's seed and max_steps_per_epoch win (the adapters' dropout
+        // and the epoch length must be the ones the run started with), with a warning.
         (Some((dir, saved)), asked) => {
             if asked.is_some_and(|s| s != saved.seed) {
                 tracing::warn!(
@@ -298,16 +304,18 @@ pub fn train_objective(
             }
             if max_steps_per_epoch != saved.max_steps_per_epoch {
                 tracing::warn!(
-                    "max_steps_per_epoch differs from {}'s; using the checkpoint's {:?}",
+                    "max_steps_per_epoch differs from {}'s; using the checkpoint's {}",
                     dir.display(),
-                    saved.max_steps_per_epoch
+                    saved
+                        .max_steps_per_epoch
+                        .map_or("null".to_string(), |n| n.to_string())
                 );
                 max_steps_per_epoch = saved.max_steps_per_epoch;
             }
             saved.seed
         }
         (None, Some(s)) => s,
-        // With `seed: null` rank 0 draws one and every rank uses it (same adapter init and order).
+        // With `seed: null` rank 0 draws one and every rank uses it (the same adapter init).
         (None, None) => group.broadcast_u64(rand::random::<u32>() as u64)?,
     };
     // Past the dry run: only now does the device matter.
@@ -462,6 +470,7 @@ pub fn train_objective(
         world_size: group.world_size(),
         batch_size: Some(batch_size),
         steps_per_epoch: Some(steps_per_epoch),
+        data_order: Some(crate::checkpointer::data_order(shuffle).to_string()),
     };
     if let Some((dir, saved)) = resume_from {
         if saved.gradient_accumulation_steps != grad_accum {
@@ -490,16 +499,36 @@ pub fn train_objective(
                     group.world_size()
                 );
             }
+            let order = crate::checkpointer::data_order(shuffle);
+            if saved.data_order.as_deref() != Some(order) {
+                bail!(
+                    "{} stopped mid-epoch with {}; this run (shuffle={shuffle}) orders the samples \
+                     otherwise and would repeat some and skip others. Resume it with the same \
+                     shuffle, or from an epoch's end (checkpointer.recipe_checkpoint=epoch_N)",
+                    dir.display(),
+                    match saved.data_order.as_deref() {
+                        Some("torch_randperm") => "shuffle=True",
+                        Some("sequential") => "shuffle=False",
+                        _ => "an older tune-rs's shuffled order",
+                    }
+                );
+            }
         }
-        let adapter = candle_core::safetensors::load(
-            dir.join("recipe_state/adapter_torchtune.safetensors"),
-            &device,
-        )?;
+        let state_file = |name: &str| {
+            let path = dir.join("recipe_state").join(name);
+            candle_core::safetensors::load(&path, &device).with_context(|| {
+                format!(
+                    "cannot read {} ({}); resume from another checkpoint \
+                     (checkpointer.recipe_checkpoint=<epoch_N or step_N>), or start afresh with \
+                     resume_from_checkpoint=False",
+                    path.display(),
+                    if path.exists() { "damaged" } else { "missing" }
+                )
+            })
+        };
+        let adapter = state_file("adapter_torchtune.safetensors")?;
         model.load_adapter(&adapter)?;
-        let moments = candle_core::safetensors::load(
-            dir.join("recipe_state/optimizer.safetensors"),
-            &device,
-        )?;
+        let moments = state_file("optimizer.safetensors")?;
         for p in optimizer.params.iter_mut() {
             p.exp_avg = moments
                 .get(&format!("exp_avg.{}", p.name))
@@ -523,6 +552,7 @@ pub fn train_objective(
             world_size: group.world_size(),
             batch_size: Some(batch_size),
             steps_per_epoch: Some(steps_per_epoch),
+            data_order: Some(crate::checkpointer::data_order(shuffle).to_string()),
             ..saved
         };
         // At an epoch's end the run may go on with other ranks or batch sizes: count the steps
@@ -618,6 +648,14 @@ pub fn train_objective(
                 .map_err(|e| out_of_memory("forward", e))?;
             let loss = micro.weighted_loss;
             let loss_value: f32 = loss.to_dtype(DType::F32)?.to_scalar()?;
+            if !loss_value.is_finite() && optimizer.step == 0 {
+                // No update has run yet: the learning rate is not to blame.
+                bail!(
+                    "the loss is {loss_value} at epoch {epoch}, batch {idx}, before any update: \
+                     the base model gives it. Check the checkpoint for NaN/inf weights, or run \
+                     with dtype=fp32 if bf16 overflows"
+                );
+            }
             if !loss_value.is_finite() {
                 bail!(
                     "loss became {loss_value} at epoch {epoch}, batch {idx} (step {}). Nothing was saved \
@@ -803,6 +841,7 @@ pub fn train_objective(
                         dir.display()
                     );
                 }
+                tune_core::recipe::note_stopped_early();
                 return Ok(summary);
             }
             window_start = Instant::now();
@@ -825,6 +864,7 @@ pub fn train_objective(
                     "Stopped after epoch {epoch} on request. Continue with resume_from_checkpoint=True"
                 );
             }
+            tune_core::recipe::note_stopped_early();
             return Ok(summary);
         }
     }

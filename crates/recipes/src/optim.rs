@@ -26,13 +26,43 @@ impl AdamWConfig {
         if args.get::<bool>("amsgrad")? {
             bail!("optimizer.amsgrad=True is not supported; remove it");
         }
-        Ok(AdamWConfig {
+        let config = AdamWConfig {
             lr: args.get("lr")?,
             betas: (betas[0], betas[1]),
             eps: args.get("eps")?,
             weight_decay: args.get("weight_decay")?,
-        })
+        };
+        // torch.optim.AdamW refuses these too (a negative lr would ascend the loss).
+        let problem = if !at_least_zero(config.lr) {
+            Some(format!(
+                "optimizer.lr={} (the learning rate must be >= 0)",
+                config.lr
+            ))
+        } else if !at_least_zero(config.eps) {
+            Some(format!("optimizer.eps={} (it must be >= 0)", config.eps))
+        } else if !at_least_zero(config.weight_decay) {
+            Some(format!(
+                "optimizer.weight_decay={} (it must be >= 0)",
+                config.weight_decay
+            ))
+        } else if betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            Some(format!(
+                "optimizer.betas=[{}, {}] (each must be in [0, 1), e.g. [0.9, 0.999])",
+                betas[0], betas[1]
+            ))
+        } else {
+            None
+        };
+        match problem {
+            Some(problem) => bail!("invalid {problem}"),
+            None => Ok(config),
+        }
     }
+}
+
+/// `x >= 0`, and false for NaN.
+fn at_least_zero(x: f64) -> bool {
+    x >= 0.0
 }
 
 /// One parameter's optimizer state.

@@ -251,6 +251,7 @@ fn save_writes_peft_dora_with_hf_layout_magnitude() {
         world_size: 1,
         batch_size: None,
         steps_per_epoch: None,
+        data_order: None,
     };
     let dir = ckpt
         .save("epoch_0", &model, &spec, &layout, true, &state, &opt)

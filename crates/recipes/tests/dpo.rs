@@ -475,3 +475,35 @@ fn chunked_log_probs_equal_the_full_logits() {
         assert!(tune_core::compare::max_abs_diff_scaled(a, &b).unwrap() <= 1e-4);
     }
 }
+
+/// Settings under which DPO would learn nothing are refused with the reason.
+#[test]
+fn dpo_that_cannot_learn_is_refused() {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    let err = |overrides: &[&str]| {
+        let e = train(dpo_config(work.path(), overrides), &RunOptions::default()).unwrap_err();
+        format!("{e:#}")
+    };
+    let e = err(&["loss.beta=0"]);
+    assert!(
+        e.contains("loss.beta=0: the DPO loss needs beta > 0"),
+        "{e}"
+    );
+    let e = err(&[
+        "loss=torchtune.rlhf.loss.RSOLoss",
+        "~loss.beta",
+        "~loss.label_smoothing",
+        "loss.gamma=0",
+    ]);
+    assert!(
+        e.contains("loss.gamma=0: the RSO loss needs gamma > 0"),
+        "{e}"
+    );
+    let e = err(&["tokenizer.max_seq_len=2"]);
+    assert!(
+        e.contains("no preference pair keeps a response token")
+            && e.contains("tokenizer.max_seq_len (now 2)"),
+        "{e}"
+    );
+}

@@ -361,3 +361,50 @@ fn bundled_configs_validate_and_register() {
         assert!(generate::generate(on_gpu, &RunOptions::default()).is_err());
     }
 }
+
+#[test]
+fn a_prompt_longer_than_the_model_is_named_as_such() {
+    tune_recipes::link();
+    let mut config = gen_config(&["max_new_tokens=0"]);
+    config
+        .set(
+            "prompt.user",
+            Value::String("once upon a time ".repeat(200)),
+        )
+        .unwrap();
+    let e = format!(
+        "{:#}",
+        generate(config, &RunOptions::default()).unwrap_err()
+    );
+    assert!(
+        e.contains("more than the model's max_seq_len (512); shorten the prompt"),
+        "{e}"
+    );
+}
+
+/// An epoch folder's merged weights already hold its adapter: applying it again is refused.
+#[test]
+fn an_adapter_is_not_applied_to_the_merged_weights_that_hold_it() {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    tune_recipes::lora_finetune_single_device::train(
+        common::stories_config(work.path(), &["max_steps_per_epoch=1"]),
+        &RunOptions::default(),
+    )
+    .unwrap();
+    let epoch = work.path().join("output/epoch_0");
+    let dir = format!("checkpointer.checkpoint_dir={}", epoch.display());
+    let files = "checkpointer.checkpoint_files=[model.safetensors.index.json]";
+    for adapter in [epoch.clone(), epoch.join("adapter")] {
+        let adapter_dir = format!("adapter_dir={}", adapter.display());
+        let config = gen_config(&[&dir, files, &adapter_dir]);
+        let e = format!(
+            "{:#}",
+            generate(config, &RunOptions::default()).unwrap_err()
+        );
+        assert!(e.contains("already include the adapter"), "{e}");
+    }
+    // The merged weights alone generate.
+    let text = run(gen_config(&[&dir, files, "max_new_tokens=8"]), None);
+    assert!(!text.token_ids.is_empty());
+}

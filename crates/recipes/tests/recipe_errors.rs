@@ -238,7 +238,7 @@ fn saving_merged_weights_never_touches_the_live_base_weights() {
 }
 
 #[test]
-fn a_step_without_label_tokens_stops_instead_of_writing_nan() {
+fn a_dataset_without_label_tokens_stops_before_training() {
     // Prompts masked and cut at 8 tokens: no response token is left to learn from.
     let e = run_err(&[
         "dataset.train_on_input=False",
@@ -246,7 +246,7 @@ fn a_step_without_label_tokens_stops_instead_of_writing_nan() {
         "max_steps_per_epoch=2",
     ]);
     assert!(
-        e.contains("no label tokens") && e.contains("tokenizer.max_seq_len"),
+        e.contains("no sample has a labelled token") && e.contains("tokenizer.max_seq_len (now 8)"),
         "{e}"
     );
 }
@@ -322,6 +322,8 @@ fn settings_that_would_do_nothing_are_refused() {
     );
     let e = run_err(&["loss.ignore_index=0"]);
     assert!(e.contains("ignore_index must be -100"), "{e}");
+    let e = run_err(&["output_dir=''"]);
+    assert!(e.contains("output_dir is empty"), "{e}");
     let e = run_err(&["log_every_n_steps=0"]);
     assert!(e.contains("log_every_n_steps=0 would never log"), "{e}");
     let e = run_err(&[
@@ -329,4 +331,117 @@ fn settings_that_would_do_nothing_are_refused() {
         "collate_fn.ignore_idx=0",
     ]);
     assert!(e.contains("collate_fn.ignore_idx must be -100"), "{e}");
+}
+
+/// torch.optim.AdamW's own refusals: a negative lr would climb the loss.
+#[test]
+fn adamw_refuses_what_torch_refuses() {
+    for (arg, want) in [
+        ("optimizer.lr=-1", "invalid optimizer.lr=-1"),
+        ("optimizer.eps=-1e-8", "invalid optimizer.eps=-0.00000001"),
+        (
+            "optimizer.weight_decay=-0.1",
+            "invalid optimizer.weight_decay=-0.1",
+        ),
+        (
+            "optimizer.betas=[1.5,0.999]",
+            "invalid optimizer.betas=[1.5, 0.999]",
+        ),
+        ("optimizer.betas=[0.9,1.0]", "each must be in [0, 1)"),
+    ] {
+        let e = run_err(&[arg, "max_steps_per_epoch=1"]);
+        assert!(e.contains(want), "{arg}: {e}");
+    }
+}
+
+#[test]
+fn samples_cut_to_one_token_have_nothing_to_learn() {
+    for packed in ["dataset.packed=False", "dataset.packed=True"] {
+        let e = run_err(&["tokenizer.max_seq_len=1", packed, "max_steps_per_epoch=2"]);
+        assert!(
+            e.contains("no sample has a labelled token after its first")
+                && e.contains("tokenizer.max_seq_len (now 1)"),
+            "{packed}: {e}"
+        );
+    }
+}
+
+/// A copy of the bundled stories260K checkpoint folder, without the file `left_out`.
+fn stories_copy_without(left_out: &str) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(common::root().join("assets/stories260K")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap();
+        if name != left_out {
+            std::fs::copy(&path, copy.path().join(name)).unwrap();
+        }
+    }
+    copy
+}
+
+/// A checkpoint folder without config.json says so, rather than blaming the dimensions.
+#[test]
+fn a_checkpoint_without_config_json_is_named() {
+    let copy = stories_copy_without("config.json");
+    let dir = format!("checkpointer.checkpoint_dir={}", copy.path().display());
+    let e = run_err(&[&dir, "max_steps_per_epoch=1"]);
+    assert!(
+        e.contains("has no config.json") && e.contains("copy it from the model's repository"),
+        "{e}"
+    );
+}
+
+/// `checkpointer.adapter_checkpoint` may name an adapter folder (PEFT's, or an epoch folder).
+#[test]
+fn adapter_checkpoint_may_name_a_folder() {
+    tune_recipes::link();
+    let first = tempfile::tempdir().unwrap();
+    let opts = ["max_steps_per_epoch=2", "save_adapter_weights_only=True"];
+    train(
+        common::stories_config(first.path(), &opts),
+        &RunOptions::default(),
+    )
+    .unwrap();
+    let epoch = first.path().join("output/epoch_0");
+    for folder in [epoch.clone(), epoch.join("adapter")] {
+        let work = tempfile::tempdir().unwrap();
+        let arg = format!("checkpointer.adapter_checkpoint={}", folder.display());
+        let warm = train(
+            common::stories_config(work.path(), &[&arg, opts[0], opts[1]]),
+            &RunOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(warm.steps.len(), 2, "{}", folder.display());
+    }
+    let e = run_err(&[
+        &format!(
+            "checkpointer.adapter_checkpoint={}",
+            epoch.join("recipe_state").display()
+        ),
+        "max_steps_per_epoch=1",
+    ]);
+    assert!(
+        e.contains("is a folder without adapter_model.safetensors"),
+        "{e}"
+    );
+}
+
+/// A NaN loss before any update comes from the base model, not the learning rate.
+#[test]
+fn a_nan_in_the_base_weights_is_not_blamed_on_the_learning_rate() {
+    let copy = stories_copy_without("");
+    let weights = copy.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    let norm = tensors["model.norm.weight"].clone();
+    let nan = (norm * f64::NAN).unwrap();
+    tensors.insert("model.norm.weight".into(), nan);
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let dir = format!("checkpointer.checkpoint_dir={}", copy.path().display());
+    let e = run_err(&[&dir, "max_steps_per_epoch=1"]);
+    assert!(
+        e.contains("before any update")
+            && e.contains("NaN/inf weights")
+            && !e.contains("lower the learning rate"),
+        "{e}"
+    );
 }

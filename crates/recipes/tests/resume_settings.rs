@@ -53,8 +53,8 @@ fn a_run_without_a_seed_resumes_with_its_checkpoints_seed() {
         .unwrap();
     assert!(dir.ends_with("epoch_1"), "{}", dir.display());
     assert_eq!(last.seed, first.seed);
-    // The seed was used, not just recorded: epoch 1's shuffled order gives the losses of a run
-    // that set that seed from the start.
+    // The seed was used, not just recorded: epoch 1 gives the losses of a run that set that seed
+    // from the start (it seeded the adapters' initialisation).
     let straight = tempfile::tempdir().unwrap();
     let seed = format!("seed={}", first.seed);
     let want = run(straight.path(), &with(&[&seed, "epochs=2"])).unwrap();
@@ -136,6 +136,57 @@ fn recipe_checkpoint_names_the_checkpoint_and_a_mid_epoch_one_needs_the_same_bat
         "{msg}"
     );
 
+    // Another order mid-epoch would repeat some samples and skip others.
+    let err = run(
+        work.path(),
+        &with(&[
+            "epochs=1",
+            "shuffle=False",
+            "resume_from_checkpoint=True",
+            "checkpointer.recipe_checkpoint=step_2",
+        ]),
+    )
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("stopped mid-epoch with shuffle=True") && msg.contains("same shuffle"),
+        "{msg}"
+    );
+
+    // An adapter of another rank does not fit this run's model.
+    let msg = format!(
+        "{:#}",
+        run(
+            work.path(),
+            &with(&[
+                "epochs=2",
+                "model.lora_rank=2",
+                "resume_from_checkpoint=True",
+                "checkpointer.recipe_checkpoint=epoch_0",
+            ]),
+        )
+        .unwrap_err()
+    );
+    assert!(msg.contains("made with another lora_rank"), "{msg}");
+
+    // A damaged or missing state file is named, with where else to resume from.
+    let optimizer = output.join("step_2/recipe_state/optimizer.safetensors");
+    let bytes = std::fs::read(&optimizer).unwrap();
+    std::fs::write(&optimizer, &bytes[..100]).unwrap();
+    let resume_step_2 = with(&[
+        "epochs=1",
+        "resume_from_checkpoint=True",
+        "checkpointer.recipe_checkpoint=step_2",
+    ]);
+    let msg = format!("{:#}", run(work.path(), &resume_step_2).unwrap_err());
+    assert!(
+        msg.contains("optimizer.safetensors (damaged)") && msg.contains("recipe_checkpoint="),
+        "{msg}"
+    );
+    std::fs::remove_file(&optimizer).unwrap();
+    let msg = format!("{:#}", run(work.path(), &resume_step_2).unwrap_err());
+    assert!(msg.contains("optimizer.safetensors (missing)"), "{msg}");
+
     let err = run(
         work.path(),
         &with(&[
@@ -144,7 +195,11 @@ fn recipe_checkpoint_names_the_checkpoint_and_a_mid_epoch_one_needs_the_same_bat
         ]),
     )
     .unwrap_err();
-    assert!(format!("{err:#}").contains("recipe_checkpoint"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("step_99 does not exist")
+            && format!("{err:#}").contains("holds epoch_0, step_1, step_2, step_3 ("),
+        "{err:#}"
+    );
 }
 
 #[test]

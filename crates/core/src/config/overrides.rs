@@ -515,8 +515,13 @@ fn check_surprising(
             s.split(',').map(str::trim).collect::<Vec<_>>().join(",")
         ),
         Value::Sequence(items) if items.is_empty() => bail!(
-            "`{key}=[]` is an empty list, which is almost never intended (an empty lora_attn_modules \
-             trains nothing); list the items, e.g. {key}=[q_proj,v_proj], or delete the key with ~{key}"
+            "`{key}=[]` is an empty list, which is almost never intended; list the items{}, or \
+             delete the key with ~{key}",
+            if key.ends_with("lora_attn_modules") {
+                format!(", e.g. {key}=[q_proj,v_proj]")
+            } else {
+                String::new()
+            }
         ),
         Value::Sequence(items) => {
             for item in items {
