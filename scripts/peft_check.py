@@ -1,7 +1,8 @@
 """Loads tune-rs adapters with Hugging Face PEFT and checks them against tune-rs's merged weights.
 
-For each adapter kind (LoRA on q/v; LoRA on every projection, the MLP and the output; DoRA), it
-trains stories260K for 30 steps with the release `tune`, then compares on a fixed batch:
+For each adapter kind (LoRA on q/v; LoRA on every projection, the MLP and the output; DoRA; the
+IA3 example plugin, when plugins/ia3 is built), it trains stories260K for 30 steps with the
+release `tune`, then compares on a fixed batch:
   PeftModel.from_pretrained(base, epoch_0/adapter)   logits
   AutoPeftModelForCausalLM.from_pretrained(adapter)  logits (base found through the adapter config)
   AutoModelForCausalLM.from_pretrained(epoch_0)      logits (tune-rs's merged weights)
@@ -23,15 +24,24 @@ from transformers import AutoModelForCausalLM
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TUNE = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "target/release/tune")
+# Each kind: options before the recipe name, then overrides.
 KINDS = {
-    "lora_qv": [],
-    "lora_all": [
+    "lora_qv": ([], []),
+    "lora_all": ([], [
         "model.lora_attn_modules=[q_proj,k_proj,v_proj,output_proj]",
         "model.apply_lora_to_mlp=True",
         "model.apply_lora_to_output=True",
-    ],
-    "dora_qv": ["model.use_dora=True"],
+    ]),
+    "dora_qv": ([], ["model.use_dora=True"]),
 }
+IA3 = ROOT / "plugins/ia3/target/release/libtune_ia3.so"
+if IA3.is_file():
+    KINDS["ia3_plugin"] = (["--plugin", str(IA3)], [
+        "model.adapter=ia3",
+        "model.lora_attn_modules=[k_proj,v_proj]",
+        "model.apply_lora_to_mlp=True",
+        "optimizer.lr=3e-2",
+    ])
 
 torch.manual_seed(0)
 tokens = torch.randint(3, 512, (2, 48))
@@ -47,10 +57,10 @@ def logits(model):
 base_logits = logits(AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32))
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
 failed = False
-for kind, overrides in KINDS.items():
+for kind, (options, overrides) in KINDS.items():
     out = pathlib.Path(tempfile.mkdtemp()) / kind
     subprocess.run(
-        [TUNE, "run", "lora_finetune_single_device", "--config", "stories260K/lora_single_device",
+        [TUNE, "run", *options, "lora_finetune_single_device", "--config", "stories260K/lora_single_device",
          f"output_dir={out}", "max_steps_per_epoch=30", *overrides],
         cwd=ROOT, check=True, capture_output=True,
     )
