@@ -408,3 +408,30 @@ fn an_adapter_is_not_applied_to_the_merged_weights_that_hold_it() {
     let text = run(gen_config(&[&dir, files, "max_new_tokens=8"]), None);
     assert!(!text.token_ids.is_empty());
 }
+
+/// torchtune's generate recipe, greedy, prints the same (`tests/fixtures/generate/
+/// torchtune_greedy.json`): a plain prompt, and a system + user prompt through the Llama-2 chat
+/// template.
+#[test]
+fn greedy_generation_prints_what_torchtune_printed() {
+    let path = common::root().join("tests/fixtures/generate/torchtune_greedy.json");
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for case in fixture["cases"].as_array().unwrap() {
+        let mut overrides = vec!["top_k=1".to_string(), "max_new_tokens=40".to_string()];
+        overrides.extend(
+            case["overrides"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o.as_str().unwrap().to_string()),
+        );
+        let refs: Vec<&str> = overrides.iter().map(String::as_str).collect();
+        let got = run(gen_config(&refs), None);
+        assert_eq!(
+            got.full_text,
+            case["printed"].as_str().unwrap(),
+            "{overrides:?}"
+        );
+    }
+}
