@@ -1,7 +1,7 @@
 //! Recipes against torchtune 0.6.1 itself (`tests/fixtures/torchtune_runs`): from the adapters
 //! torchtune initialised, 12 shuffled steps of 2 accumulated micro-batches on stories260K log
 //! every metric torchtune logged and end with the adapters it ended with, for LoRA DPO (loss,
-//! lr, rewards, log-probabilities, logits) and for DoRA fine-tuning (loss, lr).
+//! lr, rewards, log-probabilities, logits), DoRA and QLoRA fine-tuning (loss, lr).
 
 mod common;
 
@@ -53,7 +53,14 @@ fn matches_torchtune(run: &str, train: Train) {
         .as_object()
         .unwrap()
         .iter()
-        .map(|(key, value)| format!("{key}={}", value.as_str().unwrap()))
+        .map(|(key, value)| {
+            // Repository paths, from wherever the test runs.
+            let value = value.as_str().unwrap();
+            match value.starts_with("tests/") {
+                true => format!("{key}={}", common::root().join(value).display()),
+                false => format!("{key}={value}"),
+            }
+        })
         .collect();
     overrides.push(format!(
         "checkpointer.adapter_checkpoint={}",
@@ -110,4 +117,9 @@ fn twelve_dpo_steps_log_and_learn_what_torchtune_did() {
 #[test]
 fn twelve_dora_steps_log_and_learn_what_torchtune_did() {
     matches_torchtune("dora", tune_recipes::lora_finetune_single_device::train);
+}
+
+#[test]
+fn twelve_qlora_steps_log_and_learn_what_torchtune_did() {
+    matches_torchtune("qlora", tune_recipes::lora_finetune_single_device::train);
 }
