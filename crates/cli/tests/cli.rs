@@ -771,6 +771,14 @@ fn top_level_keys_the_recipe_does_not_read() {
         "{err}"
     );
 
+    // Parked beside a real key rather than misspelt: announced, not refused.
+    let o = run(&["dataset_2=x"]);
+    ok(&o);
+    assert!(
+        stderr(&o).contains("top-level key dataset_2"),
+        "{}",
+        stderr(&o)
+    );
     let o = run(&["foo=1", "collate_function=x"]);
     ok(&o);
     assert!(

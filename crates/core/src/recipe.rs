@@ -71,9 +71,9 @@ pub fn lookup(name: &str) -> anyhow::Result<&'static dyn Recipe> {
 }
 
 /// The top-level keys of `config` that `recipe` neither reads nor knowingly ignores, in document
-/// order; keys other values refer to (`${key}`) count as read. A key of six or more characters
-/// within two edits of one the recipe reads is taken for a typo of it: an error naming both
-/// (torchtune would run on without the setting). The rest are for the caller to announce.
+/// order; keys other values refer to (`${key}`) count as read. A key that looks like a typo of
+/// one the recipe reads ([`is_typo_of`]) is an error naming both (torchtune would run on without
+/// the setting). The rest are for the caller to announce.
 pub fn unread_top_level_keys(config: &Config, recipe: &dyn Recipe) -> anyhow::Result<Vec<String>> {
     let read = recipe.top_level_keys();
     let unread: Vec<String> = config
@@ -87,12 +87,8 @@ pub fn unread_top_level_keys(config: &Config, recipe: &dyn Recipe) -> anyhow::Re
         .collect();
     let typos: Vec<String> = unread
         .iter()
-        .filter(|key| key.len() >= 6)
         .filter_map(|key| {
-            let meant = read
-                .iter()
-                .min_by_key(|known| strsim::damerau_levenshtein(key, known))
-                .filter(|known| strsim::damerau_levenshtein(key, known) <= 2)?;
+            let meant = read.iter().find(|known| is_typo_of(key, known))?;
             Some(format!("`{key}` (did you mean `{meant}`?)"))
         })
         .collect();
@@ -104,6 +100,15 @@ pub fn unread_top_level_keys(config: &Config, recipe: &dyn Recipe) -> anyhow::Re
         );
     }
     Ok(unread)
+}
+
+/// Is `key` a misspelling of `known`: at most two edits from it (one for keys under eight
+/// characters, where two edits make another word), and not `known` with something appended
+/// (`dataset_2`, `seed1`: a key parked beside the real one)?
+fn is_typo_of(key: &str, known: &str) -> bool {
+    let edits = strsim::damerau_levenshtein(key, known);
+    let allowed = if known.len() < 8 { 1 } else { 2 };
+    key.len() >= 4 && edits > 0 && edits <= allowed && !key.starts_with(known)
 }
 
 static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -158,5 +163,33 @@ pub struct StopListener(());
 impl Drop for StopListener {
     fn drop(&mut self) {
         STOP_LISTENED.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_typo_of;
+
+    #[test]
+    fn typos_are_near_misses_not_parked_keys() {
+        assert!(is_typo_of(
+            "gradient_accumulaton_steps",
+            "gradient_accumulation_steps"
+        ));
+        assert!(is_typo_of("max_step_per_epoch", "max_steps_per_epoch"));
+        assert!(is_typo_of("shufle", "shuffle"));
+        assert!(is_typo_of("epoch", "epochs"));
+        // Parked beside the real key, or another word two edits away from a short one.
+        for (key, known) in [
+            ("dataset_2", "dataset"),
+            ("dataset_b", "dataset"),
+            ("seed1", "seed"),
+            ("model2", "model"),
+            ("datasets", "dataset"),
+            ("dtypes", "dtype"),
+            ("dataset_val", "dataset"),
+        ] {
+            assert!(!is_typo_of(key, known), "{key} vs {known}");
+        }
     }
 }

@@ -140,11 +140,7 @@ impl HfCheckpointer {
             bail!("checkpointer.model_type `{model_type}` is not supported; tune-rs implements LLAMA2");
         }
         let checkpoint_dir = PathBuf::from(args.get::<String>("checkpoint_dir")?);
-        let output_dir = args.get::<String>("output_dir")?;
-        if output_dir.trim().is_empty() {
-            bail!("checkpointer.output_dir is empty; set it (or output_dir) to a folder");
-        }
-        let output_dir = PathBuf::from(output_dir);
+        let output_dir = PathBuf::from(args.get::<String>("output_dir")?);
         if !args.get::<bool>("safe_serialization")? {
             tracing::warn!(
                 "checkpointer.safe_serialization=False: tune-rs writes safetensors all the same \

@@ -418,8 +418,11 @@ fn adapter_source(
         (Some(_), Some(_)) => {
             bail!("both adapter_dir and checkpointer.adapter_checkpoint are set; keep one of them")
         }
-        (Some(dir), None) => Some(AdapterSource::from_dir(Path::new(&dir))?),
-        (None, Some(dir)) if dir.is_dir() => Some(AdapterSource::from_dir(dir)?),
+        (Some(dir), None) => Some(AdapterSource::from_dir(Path::new(&dir), "adapter_dir")?),
+        (None, Some(dir)) if dir.is_dir() => Some(AdapterSource::from_dir(
+            dir,
+            "checkpointer.adapter_checkpoint",
+        )?),
         (None, Some(file)) => {
             let config_path = file.parent().map(|p| p.join("adapter_config.json"));
             let peft_config = match config_path.filter(|p| p.is_file()) {
@@ -433,30 +436,41 @@ fn adapter_source(
         }
         (None, None) => None,
     };
-    // A tune-rs epoch folder's merged weights already hold its adapter: applied again, the
-    // update would count twice.
-    let folder = &checkpointer.checkpoint_dir;
-    if let (Some(src), true) = (&source, folder.join("recipe_state").is_dir()) {
-        if let (Ok(folder), Ok(weights)) = (folder.canonicalize(), src.weights.canonicalize()) {
-            if weights.starts_with(&folder) {
-                bail!(
-                    "the merged weights in {} already include the adapter {}; drop adapter_dir \
-                     (or checkpointer.adapter_checkpoint) to use them as they are, or point \
-                     checkpointer.checkpoint_dir at the base model to apply the adapter to it",
-                    folder.display(),
-                    weights.display()
-                );
-            }
-        }
+    if let Some(src) = &source {
+        refuse_adapter_already_merged(src, &checkpointer.checkpoint_dir)?;
     }
     Ok(source)
 }
 
+/// A training output's merged weights already hold the adapter saved beside them: applied
+/// again, its update would count twice. tune-rs's `epoch_N` keeps the adapter in `adapter/` next
+/// to `recipe_state/`; torchtune's keeps `adapter_config.json` beside the model's own files.
+fn refuse_adapter_already_merged(src: &AdapterSource, checkpoint_dir: &Path) -> Result<()> {
+    let (Ok(folder), Ok(weights)) = (checkpoint_dir.canonicalize(), src.weights.canonicalize())
+    else {
+        return Ok(());
+    };
+    let tune_rs_epoch = folder.join("recipe_state").is_dir() && weights.starts_with(&folder);
+    let torchtune_epoch =
+        folder.join("adapter_config.json").is_file() && weights.parent() == Some(folder.as_path());
+    if tune_rs_epoch || torchtune_epoch {
+        bail!(
+            "the merged weights in {} already include the adapter {}; drop adapter_dir (or \
+             checkpointer.adapter_checkpoint) to use them as they are, or point \
+             checkpointer.checkpoint_dir at the base model to apply the adapter to it",
+            folder.display(),
+            weights.display()
+        );
+    }
+    Ok(())
+}
+
 impl AdapterSource {
-    /// A PEFT adapter folder, or a tune-rs checkpoint folder holding one in `adapter/`.
-    pub fn from_dir(dir: &Path) -> Result<Self> {
+    /// A PEFT adapter folder, or a tune-rs checkpoint folder holding one in `adapter/`; `key`
+    /// names the setting that gave it, for messages.
+    pub fn from_dir(dir: &Path, key: &str) -> Result<Self> {
         if !dir.is_dir() {
-            bail!("adapter_dir {} is not a folder; point it at a PEFT adapter folder or a tune-rs epoch_N folder", dir.display());
+            bail!("{key} {} is not a folder; point it at a PEFT adapter folder or a tune-rs epoch_N folder", dir.display());
         }
         let dir = if !dir.join("adapter_config.json").is_file()
             && dir.join("adapter/adapter_config.json").is_file()
@@ -468,7 +482,7 @@ impl AdapterSource {
         let config_path = dir.join("adapter_config.json");
         if !config_path.is_file() {
             bail!(
-                "adapter_dir {} has no adapter_config.json: expected a PEFT adapter folder (adapter_config.json + \
+                "{key} {} has no adapter_config.json: expected a PEFT adapter folder (adapter_config.json + \
                  adapter_model.safetensors) or a tune-rs epoch_N folder with adapter/ inside",
                 dir.display()
             );
@@ -481,7 +495,7 @@ impl AdapterSource {
                 ""
             };
             bail!(
-                "adapter_dir {} has no adapter_model.safetensors{hint}",
+                "{key} {} has no adapter_model.safetensors{hint}",
                 dir.display()
             );
         }

@@ -120,7 +120,6 @@ pub struct MicroBatch {
 pub struct DataSettings {
     pub batch_size: usize,
     pub shuffle: bool,
-    pub seed: u64,
     /// (ranks, this rank).
     pub replicas: (usize, usize),
 }
@@ -216,11 +215,14 @@ pub fn train_objective(
 
     // ---- Environment -------------------------------------------------------------------
     // An empty one would put checkpoints in the working folder and `${output_dir}/logs` at /logs.
-    if cfg
-        .opt::<String>("output_dir")?
-        .is_some_and(|d| d.trim().is_empty())
-    {
-        bail!("output_dir is empty; set output_dir=<folder> for the checkpoints and logs");
+    for key in ["output_dir", "checkpointer.output_dir"] {
+        if config
+            .get(key)
+            .and_then(|v| v.as_str())
+            .is_some_and(|d| d.trim().is_empty())
+        {
+            bail!("{key} is empty; set output_dir=<folder> for the checkpoints and logs");
+        }
     }
     let epochs: usize = cfg.get("epochs", 1)?;
     let mut max_steps_per_epoch: Option<usize> = cfg.opt("max_steps_per_epoch")?;
@@ -362,7 +364,6 @@ pub fn train_objective(
         &DataSettings {
             batch_size,
             shuffle,
-            seed,
             replicas: (group.world_size(), group.rank()),
         },
     )?;
@@ -499,17 +500,23 @@ pub fn train_objective(
                     group.world_size()
                 );
             }
+            // File order never changed; a shuffled order saved before tune-rs recorded it was
+            // not torch's.
             let order = crate::checkpointer::data_order(shuffle);
-            if saved.data_order.as_deref() != Some(order) {
+            let same_order = match saved.data_order.as_deref() {
+                Some(saved_order) => saved_order == order,
+                None => !shuffle,
+            };
+            if !same_order {
                 bail!(
-                    "{} stopped mid-epoch with {}; this run (shuffle={shuffle}) orders the samples \
+                    "{} stopped mid-epoch {}; this run (shuffle={shuffle}) orders the samples \
                      otherwise and would repeat some and skip others. Resume it with the same \
                      shuffle, or from an epoch's end (checkpointer.recipe_checkpoint=epoch_N)",
                     dir.display(),
                     match saved.data_order.as_deref() {
-                        Some("torch_randperm") => "shuffle=True",
-                        Some("sequential") => "shuffle=False",
-                        _ => "an older tune-rs's shuffled order",
+                        Some("torch_randperm") => "with shuffle=True",
+                        Some("sequential") => "with shuffle=False",
+                        _ => "in a run written before tune-rs shuffled as torch does",
                     }
                 );
             }
@@ -652,8 +659,13 @@ pub fn train_objective(
                 // No update has run yet: the learning rate is not to blame.
                 bail!(
                     "the loss is {loss_value} at epoch {epoch}, batch {idx}, before any update: \
-                     the base model gives it. Check the checkpoint for NaN/inf weights, or run \
-                     with dtype=fp32 if bf16 overflows"
+                     the starting weights give it. Check the checkpoint{} for NaN/inf weights, \
+                     or run with dtype=fp32 if bf16 overflows",
+                    if checkpointer.adapter_checkpoint.is_some() {
+                        " and checkpointer.adapter_checkpoint"
+                    } else {
+                        ""
+                    }
                 );
             }
             if !loss_value.is_finite() {

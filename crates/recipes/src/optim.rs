@@ -33,30 +33,29 @@ impl AdamWConfig {
             weight_decay: args.get("weight_decay")?,
         };
         // torch.optim.AdamW refuses these too (a negative lr would ascend the loss).
-        let problem = if !at_least_zero(config.lr) {
-            Some(format!(
-                "optimizer.lr={} (the learning rate must be >= 0)",
+        if !at_least_zero(config.lr) {
+            bail!(
+                "invalid optimizer.lr={} (the learning rate must be >= 0)",
                 config.lr
-            ))
-        } else if !at_least_zero(config.eps) {
-            Some(format!("optimizer.eps={} (it must be >= 0)", config.eps))
-        } else if !at_least_zero(config.weight_decay) {
-            Some(format!(
-                "optimizer.weight_decay={} (it must be >= 0)",
-                config.weight_decay
-            ))
-        } else if betas.iter().any(|b| !(0.0..1.0).contains(b)) {
-            Some(format!(
-                "optimizer.betas=[{}, {}] (each must be in [0, 1), e.g. [0.9, 0.999])",
-                betas[0], betas[1]
-            ))
-        } else {
-            None
-        };
-        match problem {
-            Some(problem) => bail!("invalid {problem}"),
-            None => Ok(config),
+            );
         }
+        if !at_least_zero(config.eps) {
+            bail!("invalid optimizer.eps={} (it must be >= 0)", config.eps);
+        }
+        if !at_least_zero(config.weight_decay) {
+            bail!(
+                "invalid optimizer.weight_decay={} (it must be >= 0)",
+                config.weight_decay
+            );
+        }
+        if betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            bail!(
+                "invalid optimizer.betas=[{}, {}] (each must be in [0, 1), e.g. [0.9, 0.999])",
+                betas[0],
+                betas[1]
+            );
+        }
+        Ok(config)
     }
 }
 

@@ -407,6 +407,27 @@ fn an_adapter_is_not_applied_to_the_merged_weights_that_hold_it() {
     // The merged weights alone generate.
     let text = run(gen_config(&[&dir, files, "max_new_tokens=8"]), None);
     assert!(!text.token_ids.is_empty());
+
+    // torchtune's layout: the adapter files beside the merged model, no recipe_state/.
+    let flat = work.path().join("torchtune_epoch_0");
+    std::fs::create_dir(&flat).unwrap();
+    for entry in std::fs::read_dir(&epoch).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, flat.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    for name in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(epoch.join("adapter").join(name), flat.join(name)).unwrap();
+    }
+    let dir = format!("checkpointer.checkpoint_dir={}", flat.display());
+    let adapter_dir = format!("adapter_dir={}", flat.display());
+    let config = gen_config(&[&dir, files, &adapter_dir]);
+    let e = format!(
+        "{:#}",
+        generate(config, &RunOptions::default()).unwrap_err()
+    );
+    assert!(e.contains("already include the adapter"), "{e}");
 }
 
 /// torchtune's generate recipe, greedy, prints the same (`tests/fixtures/generate/

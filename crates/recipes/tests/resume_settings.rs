@@ -268,3 +268,40 @@ fn resume_from_checkpoint_is_read_at_the_top_level_or_on_the_checkpointer() {
     let steps: Vec<usize> = rest.steps.iter().map(|s| s.step).collect();
     assert_eq!(steps, [5, 6, 7, 8]);
 }
+
+/// A mid-epoch checkpoint from before tune-rs recorded its sample order resumes in file order
+/// (which never changed), but not shuffled (the old shuffle was not torch's).
+#[test]
+fn mid_epoch_checkpoints_without_a_recorded_order_resume_only_unshuffled() {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    let unshuffled = ["epochs=1", "save_every_n_steps=1", "shuffle=False"];
+    run(work.path(), &with(&unshuffled)).unwrap();
+    let state_file = work
+        .path()
+        .join("output/step_2/recipe_state/recipe_state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    assert_eq!(state["data_order"], "sequential");
+    state.as_object_mut().unwrap().remove("data_order");
+    std::fs::write(&state_file, state.to_string()).unwrap();
+    let from_step_2 = |shuffle: &str| {
+        with(&[
+            "epochs=1",
+            shuffle,
+            "resume_from_checkpoint=True",
+            "checkpointer.recipe_checkpoint=step_2",
+        ])
+    };
+    let msg = format!(
+        "{:#}",
+        run(work.path(), &from_step_2("shuffle=True")).unwrap_err()
+    );
+    assert!(
+        msg.contains("written before tune-rs shuffled as torch does"),
+        "{msg}"
+    );
+    let rest = run(work.path(), &from_step_2("shuffle=False")).unwrap();
+    let steps: Vec<usize> = rest.steps.iter().map(|s| s.step).collect();
+    assert_eq!(steps, [3, 4]);
+}
