@@ -86,10 +86,11 @@ step bench_7b_lora_bf16_no_checkpointing 110 "$BIN" bench ${MODEL_ARGS[@]+"${MOD
   --apply-lora-to-mlp --lora-rank 8 --lora-alpha 16 --batch-size "$BENCH_BATCH" --seq-len "$BENCH_SEQ" \
   --warmup 1 --steps 2 --device "$DEVICE" --dtype "$BENCH_DTYPE" --peak-tflops 989
 
-# The benchmarks' headline numbers, for the summary. (A bench says rc=0 when it ran; the
-# device memory is the driver's used total after a backward, CUDA context included.)
+# The benchmarks' headline numbers, for the summary. (A bench says rc=0 when it ran. Device
+# memory: the pool's peaks in the timed steps, as torch's max_memory_allocated / _reserved, and
+# the driver's total at the end, CUDA context and cuBLAS workspaces included.)
 for b in bench_7b_lora_bf16 bench_7b_lora_bf16_no_checkpointing; do
-  grep -E '"(tokens_per_second|mfu|mfu_lora|peak_device_memory_gib)"' "$WORK/$b.json" 2>/dev/null \
+  grep -E '"(tokens_per_second|mfu|mfu_lora|peak_device_memory_gib|peak_device_reserved_gib|device_memory_used_gib)"' "$WORK/$b.json" 2>/dev/null \
     | tr -d ' ,' | sed "s/^/$b /" | tee -a "$WORK/summary.txt" "$OUT/summary.txt"
 done
 

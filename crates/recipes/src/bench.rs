@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use tune_models::{ModelSpec, TransformerDecoder};
 
+use crate::device_memory::gib;
 use crate::loss::model_ce_sum;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::settings::peak_rss_gib;
@@ -84,32 +85,6 @@ pub fn write_random_checkpoint(
     )
 }
 
-/// Free device memory (bytes) as the driver reports it, on CUDA builds.
-pub fn device_memory_free(device: &Device) -> Option<u64> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(_) = device {
-        use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
-        if let Ok((free, _total)) = mem_get_info() {
-            return Some(free as u64);
-        }
-    }
-    let _ = device;
-    None
-}
-
-/// Device memory in use (GPU: the driver's count), or `None` where it cannot be read.
-pub fn device_memory_used(device: &Device) -> Option<u64> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(_) = device {
-        use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
-        if let Ok((free, total)) = mem_get_info() {
-            return Some((total - free) as u64);
-        }
-    }
-    let _ = device;
-    None
-}
-
 /// Runs `warmup + steps` full training steps (forward, loss, backward, AdamW) on random tokens.
 pub fn train_steps(
     model: &TransformerDecoder,
@@ -134,7 +109,7 @@ pub fn train_steps(
     let top = c.vocab_size.saturating_sub(1) as f32;
     let tokens = Tensor::rand(0f32, top, (batch, seq), &device)?.to_dtype(DType::U32)?;
     let labels = tokens.to_dtype(DType::I64)?;
-    let mut peak_device: u64 = device_memory_used(&device).unwrap_or(0);
+    crate::device_memory::reset_peaks(&device);
     let mut times = Vec::new();
     for i in 0..warmup + steps {
         device.synchronize()?;
@@ -149,9 +124,6 @@ pub fn train_steps(
                     .ok_or_else(|| anyhow::anyhow!("no gradient for {name}"))
             })
             .collect::<Result<_>>()?;
-        if let Some(used) = device_memory_used(&device) {
-            peak_device = peak_device.max(used);
-        }
         drop(store);
         opt.step(&grads, 1e-4)?;
         let _: f32 = loss.to_dtype(DType::F32)?.to_scalar()?;
@@ -160,6 +132,7 @@ pub fn train_steps(
             times.push(start.elapsed().as_secs_f64());
         }
     }
+    let memory = crate::device_memory::read(&device);
     let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
     let tokens_per_step = (batch * seq) as f64;
     // Model FLOPs per token. `mfu` uses the usual 6N convention (+ causal attention, 6 * layers
@@ -189,6 +162,10 @@ pub fn train_steps(
         "lora_model_flops_per_token": lora_flops_per_token,
         "achieved_tflops_lora": lora_flops_per_token * tokens_per_step / mean / 1e12,
         "peak_rss_gib": peak_rss_gib(),
-        "peak_device_memory_gib": if peak_device > 0 { Some(peak_device as f64 / (1u64 << 30) as f64) } else { None },
+        // GPU: the pool's peaks over the timed loop (torch's max_memory_allocated / _reserved)
+        // and the driver's count at the end, CUDA context and cuBLAS workspaces included.
+        "peak_device_memory_gib": memory.map(|m| gib(m.peak_in_use)),
+        "peak_device_reserved_gib": memory.map(|m| gib(m.peak_reserved)),
+        "device_memory_used_gib": memory.map(|m| gib(m.driver_used)),
     }))
 }

@@ -17,6 +17,7 @@
 //! - [`checkpointer`] — `FullModelHFCheckpointer` (load; save merged weights, PEFT adapter, state).
 //! - [`metric_logging`] — DiskLogger, StdoutLogger, TensorBoardLogger.
 //! - [`atomic`] — crash-safe file and folder writes.
+//! - [`device_memory`] — the GPU memory pool's peaks, logged as torchtune logs them.
 //! - [`distributed`] — the process group (rendezvous and all-reduce over TCP) ranks train in.
 //! - [`selfcheck`] and [`bench`]: fixture parity and speed on any device (`tune selfcheck`, `tune bench`).
 
@@ -24,6 +25,7 @@ pub mod atomic;
 pub mod bench;
 pub mod checkpointer;
 pub mod data;
+pub mod device_memory;
 pub mod distributed;
 pub mod eleuther_eval;
 pub mod generate;

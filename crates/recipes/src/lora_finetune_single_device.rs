@@ -327,7 +327,7 @@ pub fn train_objective(
     // A model that cannot fit fails here with the numbers, not as an allocation error mid-load.
     crate::settings::check_weights_fit(
         crate::settings::weight_bytes(&spec, dtype)?,
-        crate::bench::device_memory_free(&device),
+        crate::device_memory::free_bytes(&device),
         &device_name,
         dtype,
         group.world_size() > 1,
@@ -620,7 +620,6 @@ pub fn train_objective(
         group.barrier()?;
         Ok(dir)
     };
-    let mut peak_device_bytes: u64 = 0;
     let _listening = tune_core::recipe::listen_for_stop();
     // Set when the ranks agreed to stop at a step that ended an epoch: stop after its save.
     let mut stopping = false;
@@ -685,11 +684,6 @@ pub fn train_objective(
                 // The graph (every kept activation) goes with the loss tensor: free it now, not
                 // after the all-reduce and the optimizer step.
                 drop(loss);
-                // On a GPU: device memory in use right after the backward, when activations and
-                // gradients are all alive (the driver's view, sampled once per micro-batch).
-                if let Some(used) = crate::bench::device_memory_used(&device) {
-                    peak_device_bytes = peak_device_bytes.max(used);
-                }
                 let grads = params
                     .iter()
                     .map(|(name, var)| {
@@ -810,11 +804,12 @@ pub fn train_objective(
                     if let Some(gib) = peak_rss_gib() {
                         metrics.push(("peak_memory_rss".into(), gib));
                     }
-                    if peak_device_bytes > 0 {
-                        metrics.push((
-                            "peak_memory_device".into(),
-                            peak_device_bytes as f64 / (1u64 << 30) as f64,
-                        ));
+                    // On a GPU, torchtune's peaks since the last log.
+                    if let Some(memory) = crate::device_memory::read(&device) {
+                        use crate::device_memory::gib;
+                        metrics.push(("peak_memory_alloc".into(), gib(memory.peak_in_use)));
+                        metrics.push(("peak_memory_reserved".into(), gib(memory.peak_reserved)));
+                        crate::device_memory::reset_peaks(&device);
                     }
                 }
                 if let Some(logger) = logger.as_mut() {

@@ -79,9 +79,11 @@ pub fn parse_device(name: &str) -> Result<Device> {
                      it with scripts/build-cuda.sh (cargo --features cuda), or run with device=cpu dtype=fp32"
                 );
             }
-            Device::new_cuda(ordinal).with_context(|| {
+            let device = Device::new_cuda(ordinal).with_context(|| {
                 format!("cannot open CUDA device {ordinal}: no usable GPU/driver here. Use device=cpu dtype=fp32")
-            })
+            })?;
+            crate::device_memory::keep_freed_memory(&device);
+            Ok(device)
         }
         other => bail!("unknown device `{other}`; use cpu, cuda or cuda:N"),
     }
