@@ -12,7 +12,7 @@
 #
 # What comes back from a device run is limited (a few files): every result goes into one archive,
 # $OUT/gpu-check.tgz, a one-line-per-check summary into $OUT/summary.txt (as each check ends) and
-# stdout, and the GPU and library facts into $OUT/gpu.txt. The step timeouts add up to 490 s
+# stdout, and the GPU and library facts into $OUT/gpu.txt. The step timeouts add up to 495 s
 # (plus 5 s of kill grace each); give the run about 580 s.
 set -uo pipefail
 
@@ -50,6 +50,14 @@ fi
 if [ -n "$TUNE_CUDA_LIB" ]; then
   export LD_LIBRARY_PATH="$TUNE_CUDA_LIB:${LD_LIBRARY_PATH:-}"
 fi
+# Any library still missing (cuRAND or the runtime may live apart from cuBLAS): look for it alone.
+for lib in $(ldd "$BIN" 2>/dev/null | awk '/not found/ {print $1}'); do
+  found="$(timeout 60 find / \( -path /proc -o -path /sys \) -prune -o -name "$lib" -print 2>/dev/null | head -1)"
+  [ -n "$found" ] && export LD_LIBRARY_PATH="$(dirname "$found"):$LD_LIBRARY_PATH"
+done
+# candle's kernels ship as PTX that the driver compiles on first use: keep the compiled kernels
+# between the steps' processes (a writable cache, large enough for all of them).
+export CUDA_CACHE_PATH="${CUDA_CACHE_PATH:-$WORK/cuda-cache}" CUDA_CACHE_MAXSIZE="${CUDA_CACHE_MAXSIZE:-4294967296}"
 echo "CUDA libraries: ${TUNE_CUDA_LIB:-not found (set TUNE_CUDA_LIB)}"
 
 # Each summary line goes to $OUT at once: a run cut short still returns what it finished.
@@ -73,16 +81,17 @@ step() { # name timeout_seconds command...
 { nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv; "$BIN" --version;
   ldd "$BIN" | grep -E 'cuda|cublas|curand|not found'; } 2>&1 | tee "$WORK/gpu.txt" "$OUT/gpu.txt"
 
-step lora_step_cuda_fp32 45 "$BIN" selfcheck lora-step --device "$DEVICE" --dtype fp32
+# The first step also pays the kernels' compilation (see CUDA_CACHE_PATH above).
+step lora_step_cuda_fp32 90 "$BIN" selfcheck lora-step --device "$DEVICE" --dtype fp32
 step lora_step_cuda_bf16 45 "$BIN" selfcheck lora-step --device "$DEVICE" --dtype bf16
 step qlora_step_cuda_fp32 45 "$BIN" selfcheck qlora-step --device "$DEVICE" --dtype fp32
 step qlora_step_cuda_bf16 45 "$BIN" selfcheck qlora-step --device "$DEVICE" --dtype bf16
 step trajectory_cuda_fp32 45 "$BIN" selfcheck trajectory --device "$DEVICE" --dtype fp32
 step trajectory_cuda_bf16 45 "$BIN" selfcheck trajectory --device "$DEVICE" --dtype bf16
-step bench_7b_lora_bf16 110 "$BIN" bench ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --lora-attn-modules q_proj,v_proj,output_proj \
+step bench_7b_lora_bf16 90 "$BIN" bench ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --lora-attn-modules q_proj,v_proj,output_proj \
   --apply-lora-to-mlp --lora-rank 8 --lora-alpha 16 --batch-size "$BENCH_BATCH" --seq-len "$BENCH_SEQ" \
   --warmup 1 --steps 3 --device "$DEVICE" --dtype "$BENCH_DTYPE" --peak-tflops 989 --activation-checkpointing
-step bench_7b_lora_bf16_no_checkpointing 110 "$BIN" bench ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --lora-attn-modules q_proj,v_proj,output_proj \
+step bench_7b_lora_bf16_no_checkpointing 90 "$BIN" bench ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --lora-attn-modules q_proj,v_proj,output_proj \
   --apply-lora-to-mlp --lora-rank 8 --lora-alpha 16 --batch-size "$BENCH_BATCH" --seq-len "$BENCH_SEQ" \
   --warmup 1 --steps 2 --device "$DEVICE" --dtype "$BENCH_DTYPE" --peak-tflops 989
 
@@ -94,5 +103,5 @@ for b in bench_7b_lora_bf16 bench_7b_lora_bf16_no_checkpointing; do
     | tr -d ' ,' | sed "s/^/$b /" | tee -a "$WORK/summary.txt" "$OUT/summary.txt"
 done
 
-tar czf "$OUT/gpu-check.tgz" -C "$WORK" --exclude tune .
+tar czf "$OUT/gpu-check.tgz" -C "$WORK" --exclude tune --exclude cuda-cache .
 echo "results: $OUT/summary.txt and $OUT/gpu-check.tgz"

@@ -211,13 +211,103 @@ pub fn attention(
 ) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let out = attention_probs(&qd, &kd, mask, scale)?.matmul(&vd)?;
+    let limit = max_scores(q.device());
+    let out = dense_attend(&qd, &kd, &vd, mask, scale, limit)?;
     let mask = mask.cloned();
     with_backward3("attention", (&q, &k, &v), out, move |grad| {
-        let p = attention_probs(&qd, &kd, mask.as_ref(), scale)?;
-        let (dq, dk, dv) = attention_grads(&qd, &kd, &vd, &p, &grad.contiguous()?, scale)?;
+        let (dq, dk, dv) = dense_attend_grads(
+            &qd,
+            &kd,
+            &vd,
+            &grad.contiguous()?,
+            mask.as_ref(),
+            scale,
+            limit,
+        )?;
         Ok((Some(dq), Some(dk), Some(dv)))
     })
+}
+
+/// The most scores one softmax may see on `device`. candle's CUDA softmax indexes its input
+/// with 32-bit integers, so 2^31 or more scores would be read out of bounds; the CPU has no
+/// such limit.
+fn max_scores(device: &candle_core::Device) -> usize {
+    if device.is_cpu() {
+        usize::MAX
+    } else {
+        i32::MAX as usize
+    }
+}
+
+/// Runs `f` on groups of heads (dim 1 of q/k/v/grad [batch, heads, seq, head_dim]) small enough
+/// that a group's scores [batch, heads, q_seq, k_seq] hold at most `limit` elements, and joins
+/// each of its outputs along the heads. One group (no copies) when everything fits.
+fn in_head_groups(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    grad: Option<&Tensor>,
+    limit: usize,
+    f: impl Fn(&Tensor, &Tensor, &Tensor, Option<&Tensor>) -> Result<Vec<Tensor>>,
+) -> Result<Vec<Tensor>> {
+    let (batch, heads, q_seq, _) = q.dims4()?;
+    let scores_per_head = batch * q_seq * k.dim(2)?;
+    let group = (limit / scores_per_head.max(1)).min(heads);
+    if group == heads {
+        return f(q, k, v, grad);
+    }
+    if group == 0 {
+        candle_core::bail!(
+            "attention over {batch} x {q_seq} x {} scores per head is more than this device's \
+             softmax takes ({limit}); lower batch_size or the sequence length",
+            k.dim(2)?
+        );
+    }
+    let mut joined: Vec<Vec<Tensor>> = Vec::new();
+    for start in (0..heads).step_by(group) {
+        let part = |t: &Tensor| t.narrow(1, start, group.min(heads - start))?.contiguous();
+        let g = grad.map(part).transpose()?;
+        let outs = f(&part(q)?, &part(k)?, &part(v)?, g.as_ref())?;
+        joined.resize(outs.len(), Vec::new());
+        for (all, out) in joined.iter_mut().zip(outs) {
+            all.push(out);
+        }
+    }
+    joined.iter().map(|parts| Tensor::cat(parts, 1)).collect()
+}
+
+/// `softmax(q k^T * scale + mask) v` for q/k/v [batch, heads, seq, head_dim] under a mask that
+/// broadcasts over the heads, `limit` scores per softmax at most.
+fn dense_attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    limit: usize,
+) -> Result<Tensor> {
+    let mut out = in_head_groups((q, k, v), None, limit, |q, k, v, _| {
+        Ok(vec![attention_probs(q, k, mask, scale)?.matmul(v)?])
+    })?;
+    Ok(out.remove(0))
+}
+
+/// The gradients of q, k and v of [`dense_attend`] from the output's gradient `grad`.
+fn dense_attend_grads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grad: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    limit: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let grads = in_head_groups((q, k, v), Some(grad), limit, |q, k, v, grad| {
+        let p = attention_probs(q, k, mask, scale)?;
+        let grad = grad.expect("the backward passes the output gradient");
+        let (dq, dk, dv) = attention_grads(q, k, v, &p, grad, scale)?;
+        Ok(vec![dq, dk, dv])
+    })?;
+    let [dq, dk, dv]: [Tensor; 3] = grads.try_into().expect("three gradients");
+    Ok((dq, dk, dv))
 }
 
 /// `softmax(q k^T * scale + mask)` over the last dimension, for q/k [.., seq, head_dim].
@@ -270,12 +360,25 @@ pub struct MaskBlock {
 }
 
 /// `softmax(q k^T * scale + mask) v` for q/k/v [batch, heads, seq, head_dim].
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, scale: f64) -> Result<Tensor> {
+fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+    limit: usize,
+) -> Result<Tensor> {
     match mask {
-        AttentionMask::Dense(m) => attention_probs(q, k, Some(m), scale)?.matmul(v),
+        AttentionMask::Dense(m) => dense_attend(q, k, v, Some(m), scale, limit),
         AttentionMask::Blocks(rows) => per_block(q, k, v, None, rows, |q, k, v, _, block| {
-            let p = attention_probs(q, k, Some(&block.mask), scale)?;
-            Ok(vec![p.matmul(v)?])
+            Ok(vec![dense_attend(
+                q,
+                k,
+                v,
+                Some(&block.mask),
+                scale,
+                limit,
+            )?])
         })
         .map(|mut outs| outs.remove(0)),
     }
@@ -289,25 +392,21 @@ fn attend_grads(
     grad: &Tensor,
     mask: &AttentionMask,
     scale: f64,
+    limit: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let mut grads = match mask {
-        AttentionMask::Dense(m) => {
-            let p = attention_probs(q, k, Some(m), scale)?;
-            let (dq, dk, dv) = attention_grads(q, k, v, &p, grad, scale)?;
-            vec![dq, dk, dv]
-        }
+    match mask {
+        AttentionMask::Dense(m) => dense_attend_grads(q, k, v, grad, Some(m), scale, limit),
         AttentionMask::Blocks(rows) => {
-            per_block(q, k, v, Some(grad), rows, |q, k, v, grad, block| {
-                let p = attention_probs(q, k, Some(&block.mask), scale)?;
+            let grads = per_block(q, k, v, Some(grad), rows, |q, k, v, grad, block| {
                 let grad = grad.expect("the backward passes the output gradient");
-                let (dq, dk, dv) = attention_grads(q, k, v, &p, grad, scale)?;
+                let (dq, dk, dv) =
+                    dense_attend_grads(q, k, v, grad, Some(&block.mask), scale, limit)?;
                 Ok(vec![dq, dk, dv])
-            })?
+            })?;
+            let [dq, dk, dv]: [Tensor; 3] = grads.try_into().expect("three gradients");
+            Ok((dq, dk, dv))
         }
-    };
-    let dv = grads.pop().expect("three gradients");
-    let dk = grads.pop().expect("three gradients");
-    Ok((grads.pop().expect("three gradients"), dk, dv))
+    }
 }
 
 /// Runs `f` on every block's slice of q, k, v (and `grad`) [batch, heads, seq, head_dim], and
@@ -403,7 +502,8 @@ pub fn rope_attention(
         }
     };
     let [qr, kr, vr] = recompute(&qd, &kd, &vd)?;
-    let out = merge(&attend(&qr, &kr, &vr, mask, scale)?, num_heads)?;
+    let limit = max_scores(q.device());
+    let out = merge(&attend(&qr, &kr, &vr, mask, scale, limit)?, num_heads)?;
     // Freed before the op copies `out` into its own storage.
     drop((qr, kr, vr));
     let mask = mask.clone();
@@ -417,7 +517,7 @@ pub fn rope_attention(
     with_backward3("rope_attention", (q, k, v), out, move |grad| {
         let [qr, kr, vr] = recompute(&qd, &kd, &vd)?;
         let grad = split(grad, num_heads)?;
-        let (dq, dk, dv) = attend_grads(&qr, &kr, &vr, &grad, &mask, scale)?;
+        let (dq, dk, dv) = attend_grads(&qr, &kr, &vr, &grad, &mask, scale, limit)?;
         // RoPE's backward is the rotation by the opposite angle.
         let unrotate = |t: &Tensor| rope_fp32(&t.contiguous()?, &cos, &neg_sin);
         let dq = merge(&unrotate(&dq)?, num_heads)?;
@@ -1438,5 +1538,56 @@ mod tests {
         assert!(max_abs(&r1, &r2) < 1e-5);
         assert_eq!(r1.to_vec1::<f32>().unwrap()[1], 0.0, "ignored rows are 0");
         assert!(max_abs(&g1, &g2) < 1e-6);
+    }
+
+    /// Attention too big for one softmax (CUDA's 2^31 scores) runs over groups of heads, with
+    /// the same outputs and gradients, for dense and per-block masks alike.
+    #[test]
+    fn attention_in_head_groups_equals_attention_at_once() {
+        let (b, h, s, d) = (2, 5, 6, 4);
+        let (q, k, v) = (
+            rand(&[b, h, s, d], 21),
+            rand(&[b, h, s, d], 22),
+            rand(&[b, h, s, d], 23),
+        );
+        let grad = rand(&[b, h, s, d], 24);
+        let blocks: Vec<Vec<MaskBlock>> = (0..b)
+            .map(|_| {
+                vec![
+                    MaskBlock {
+                        start: 0,
+                        len: 2,
+                        mask: causal(2),
+                    },
+                    MaskBlock {
+                        start: 2,
+                        len: 4,
+                        mask: causal(4),
+                    },
+                ]
+            })
+            .collect();
+        for mask in [
+            AttentionMask::Dense(causal(s)),
+            AttentionMask::Blocks(Arc::new(blocks)),
+        ] {
+            let whole = attend(&q, &k, &v, &mask, 0.5, usize::MAX).unwrap();
+            let whole_grads = attend_grads(&q, &k, &v, &grad, &mask, 0.5, usize::MAX).unwrap();
+            // 1, 2 and 3 heads per group (the last group of 5 heads is shorter); a dense row
+            // has b * s * s scores per head, a block fewer.
+            for heads_per_group in [1, 2, 3] {
+                let limit = heads_per_group * b * s * s;
+                let out = attend(&q, &k, &v, &mask, 0.5, limit).unwrap();
+                assert!(max_abs(&out, &whole) < 1e-6, "{mask:?} {heads_per_group}");
+                let (dq, dk, dv) = attend_grads(&q, &k, &v, &grad, &mask, 0.5, limit).unwrap();
+                assert!(max_abs(&dq, &whole_grads.0) < 1e-6);
+                assert!(max_abs(&dk, &whole_grads.1) < 1e-6);
+                assert!(max_abs(&dv, &whole_grads.2) < 1e-6);
+            }
+        }
+        // Not even one head fits: an error that says what to lower.
+        let mask = AttentionMask::Dense(causal(s));
+        let err = attend(&q, &k, &v, &mask, 0.5, b * s * s - 1).unwrap_err();
+        assert!(err.to_string().contains("lower batch_size"), "{err}");
     }
 }

@@ -296,3 +296,14 @@ fn cpu_bf16_qlora_matches_torchtunes_bf16_runs() {
         "{dense:?}"
     );
 }
+
+/// What `tune selfcheck qlora-step` runs off the CPU (NF4 on the device against the host), run
+/// here with the CPU as the "device": it must read the fixtures (whose int8 scalers candle
+/// cannot load) and find no difference.
+#[test]
+fn the_nf4_device_check_reads_its_fixtures() {
+    for dtype in [DType::BF16, DType::F32] {
+        let worst = selfcheck::nf4_device_vs_host(&common::root(), &Device::Cpu, dtype).unwrap();
+        assert_eq!(worst, 0.0, "{dtype:?}");
+    }
+}
