@@ -242,12 +242,18 @@ pub fn config_plugin_paths(root: &serde_yaml::Value) -> Result<Vec<PathBuf>> {
         Some(serde_yaml::Value::Sequence(items)) => items
             .iter()
             .map(|v| {
-                v.as_str()
-                    .map(PathBuf::from)
-                    .ok_or_else(|| anyhow!("`plugins` must list library paths, found {v:?}"))
+                v.as_str().map(PathBuf::from).ok_or_else(|| {
+                    anyhow!(
+                        "`plugins` must list library paths, found {}",
+                        tune_core::config::kind_of(v)
+                    )
+                })
             })
             .collect(),
-        Some(other) => bail!("`plugins` must be a list of library paths, found {other:?}"),
+        Some(other) => bail!(
+            "`plugins` must be a list of library paths, found {}",
+            tune_core::config::kind_of(other)
+        ),
     }
 }
 

@@ -58,6 +58,12 @@ fn main() -> ExitCode {
     }
     // Links the recipes crate, and through it every crate whose components register themselves.
     tune_recipes::link();
+    // A bare `tune` is a request for help, as in torchtune: on stdout, exit status 0.
+    if std::env::args_os().len() == 1 {
+        use clap::CommandFactory;
+        let _ = Cli::command().print_help();
+        return ExitCode::SUCCESS;
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Ls(args) => logging::init(None).and_then(|()| commands::ls::run(&args)),

@@ -72,6 +72,8 @@ fn help_for_every_verb() {
     }
     assert!(ok(&tune(&["run", "--help"])).contains("--nproc_per_node"));
     assert!(ok(&tune(&["cp", "--help"])).contains("--make-parents"));
+    // A bare `tune` prints the same help on stdout and succeeds, as torchtune's does.
+    assert_eq!(ok(&tune(&[])), top);
 }
 
 #[test]
@@ -403,6 +405,22 @@ fn run_errors_before_doing_any_work() {
         err.contains("recipe `lora_finetune_singel_device`"),
         "{err}"
     );
+    // torchtune's other recipes, and Python recipe files, are named as not implemented.
+    for (recipe, says) in [
+        (
+            "full_finetune_single_device",
+            "a torchtune recipe that tune-rs does not implement",
+        ),
+        ("recipes/my_recipe.py", "not Python recipe files"),
+    ] {
+        let err = fails(&tune(&[
+            "run",
+            recipe,
+            "--config",
+            "llama2/7B_lora_single_device",
+        ]));
+        assert!(err.contains(says), "{err}");
+    }
 
     let probe = tune(&[
         "run",
@@ -428,7 +446,21 @@ fn run_errors_before_doing_any_work() {
         "llama2/7B_lora_single_device",
     ]));
     assert!(
-        err.contains("does not support distributed training"),
+        err.contains("does not support distributed training")
+            && err.contains("or use lora_finetune_distributed"),
+        "{err}"
+    );
+    // Inference recipes have no distributed twin to point at.
+    let err = fails(&tune(&[
+        "run",
+        "--nproc_per_node",
+        "2",
+        "generate",
+        "--config",
+        "stories260K/generation",
+    ]));
+    assert!(
+        err.contains("does not support distributed training") && !err.contains("or use"),
         "{err}"
     );
 

@@ -86,18 +86,6 @@ pub fn check(component: &Component, node: &Value) -> Vec<ArgProblem> {
     problems
 }
 
-fn describe(value: &Value) -> String {
-    match value {
-        Value::Null => "null".into(),
-        Value::Bool(b) => format!("bool {b}"),
-        Value::Number(n) => format!("number {n}"),
-        Value::String(s) => format!("string {s:?}"),
-        Value::Sequence(s) => format!("a list of {} items", s.len()),
-        Value::Mapping(_) => "a mapping".into(),
-        Value::Tagged(t) => format!("tagged value {}", t.tag),
-    }
-}
-
 /// A YAML 1.1 scalar that YAML 1.2 (serde_yaml) reads as a string but PyYAML, and so torchtune,
 /// reads as a bool or a number: `yes`/`no`/`on`/`off` (any of their three casings) and numbers
 /// with `_` separators (`1_000`). `None` for anything else.
@@ -160,7 +148,7 @@ fn type_ok(ty: ArgType, nullable: bool, value: &Value) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(describe(value))
+        Err(crate::config::kind_of(value))
     }
 }
 
@@ -236,7 +224,7 @@ impl Args {
             anyhow!(
                 "{}.{name}: {e} (value: {})",
                 short(self.component),
-                describe(value)
+                crate::config::kind_of(value)
             )
         })
     }

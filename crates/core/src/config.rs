@@ -229,8 +229,8 @@ fn list_index(part: &str, len: usize) -> Result<usize> {
     }
 }
 
-/// A short description of a value's kind, for error messages.
-pub(crate) fn kind_of(value: &Value) -> String {
+/// A short description of a value ("the number 42", "a list of 2 items"), for error messages.
+pub fn kind_of(value: &Value) -> String {
     match value {
         Value::Null => "null".into(),
         Value::Bool(b) => format!("the bool {b}"),

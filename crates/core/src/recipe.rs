@@ -55,7 +55,29 @@ pub fn all() -> Vec<&'static dyn Recipe> {
     v
 }
 
+/// torchtune 0.6.1's recipes that tune-rs does not implement (it covers LoRA, QLoRA and DoRA
+/// fine-tuning, LoRA DPO, generation and evaluation).
+const TORCHTUNE_ONLY_RECIPES: &[&str] = &[
+    "full_finetune_single_device",
+    "full_finetune_distributed",
+    "full_dpo_distributed",
+    "ppo_full_finetune_single_device",
+    "quantize",
+    "qat_distributed",
+    "qat_lora_finetune_distributed",
+    "knowledge_distillation_single_device",
+    "knowledge_distillation_distributed",
+];
+
 pub fn lookup(name: &str) -> anyhow::Result<&'static dyn Recipe> {
+    if TORCHTUNE_ONLY_RECIPES.contains(&name) {
+        anyhow::bail!("{name} is a torchtune recipe that tune-rs does not implement; `tune ls` lists the ones it does");
+    }
+    if name.ends_with(".py") {
+        anyhow::bail!(
+            "{name}: tune-rs runs its built-in recipes, not Python recipe files; `tune ls` lists them"
+        );
+    }
     all().into_iter().find(|r| r.name() == name).ok_or_else(|| {
         let names: Vec<&str> = all().iter().map(|r| r.name()).collect();
         let close = crate::registry::closest(name, names.iter().copied(), 3);

@@ -100,9 +100,9 @@ optimizer:
 ";
     let found = problems(text);
     let expect = [
-        "model: lora_llama2_7b.lora_attn_modules: expected list[str], found string \"q_proj\"",
+        "model: lora_llama2_7b.lora_attn_modules: expected list[str], found the string \"q_proj\"",
         "model: unknown key `lora_rnak` for lora_llama2_7b; did you mean `lora_rank`?",
-        "model: lora_llama2_7b.lora_alpha: expected float, found string \"sixteen\"",
+        "model: lora_llama2_7b.lora_alpha: expected float, found the string \"sixteen\"",
         "checkpointer: FullModelHFCheckpointer: missing required argument `output_dir` (str)",
         "optimizer: unknown _component_ `torch.optim.AdamWW`",
     ];

@@ -137,7 +137,10 @@ impl PromptTemplate {
                 }
                 Ok(Some(PromptTemplate::Custom(out)))
             }
-            other => bail!("prompt_template: expected a string, a mapping or null, found {other:?}"),
+            other => bail!(
+                "prompt_template: expected a string, a mapping or null, found {}",
+                tune_core::config::kind_of(other)
+            ),
         }
     }
 

@@ -102,6 +102,13 @@ pub fn replace_dir(staging: &Path, dest: &Path) -> Result<()> {
     // Durable before anything is moved: the window without `dest` stays two renames long.
     sync_dir(staging);
     let had_old = dest.exists();
+    if had_old && !dest.is_dir() {
+        // Moved aside, it could not be removed as an old folder would: leave it to its owner.
+        anyhow::bail!(
+            "{} is in the way: it is not a folder this run wrote; move it and save again",
+            dest.display()
+        );
+    }
     if had_old {
         fs::rename(dest, &old).with_context(|| format!("cannot move aside {}", dest.display()))?;
     }

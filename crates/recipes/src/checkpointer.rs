@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! epoch_0/
-//!   config.json, tokenizer files ...            copied from checkpoint_dir
+//!   config.json, tokenizer files ...            copied from checkpoint_dir (always)
 //!   model-00001-of-0000K.safetensors + index    merged weights, HF names, input dtype
 //!                                               (absent with save_adapter_weights_only)
 //!   adapter/adapter_model.safetensors           PEFT names: `PeftModel.from_pretrained(base, "epoch_0/adapter")`
@@ -296,8 +296,9 @@ impl HfCheckpointer {
         let dest = self.output_dir.join(dir_name);
         let staging = atomic::staging_dir(&dest)?;
         let result = (|| -> Result<()> {
+            // As torchtune: config and tokenizer files in every checkpoint, weights or not.
+            self.copy_model_files(&staging)?;
             if save_merged {
-                self.copy_model_files(&staging)?;
                 write_merged(&staging, model, spec, layout)?;
             }
             let adapter_dir = staging.join("adapter");
@@ -654,6 +655,29 @@ fn is_checkpoint_folder_name(name: &str) -> bool {
         base.strip_prefix(prefix)
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
     })
+}
+
+/// A file (not a folder) named like a checkpoint this run may write (`epoch_N`, `step_N`) in
+/// `output_dir` is refused before training: saving there would have to move it aside.
+pub fn refuse_files_named_like_checkpoints(output_dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let checkpoint_like = ["epoch_", "step_"].iter().any(|prefix| {
+            name.strip_prefix(prefix)
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        });
+        if checkpoint_like && !entry.path().is_dir() {
+            bail!(
+                "{} is not a checkpoint folder, but this run saves its checkpoints under such \
+                 names; move it out of output_dir or choose another output_dir",
+                entry.path().display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Reads the newest checkpoint in `output_dir` (furthest into the run: epochs, then batches of

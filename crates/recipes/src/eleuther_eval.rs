@@ -38,7 +38,7 @@ use tune_models::decoder::{Forward, KvCache};
 use tune_models::TransformerDecoder;
 
 use crate::generate::{check_vocab, load_for_inference, reject_quantizer};
-use crate::settings::{parse_device, parse_dtype, TopLevel};
+use crate::settings::{parse_device, parse_dtype, seed_setting, TopLevel};
 
 pub struct EleutherEval;
 
@@ -119,6 +119,14 @@ impl Task {
             return Ok(task);
         }
         let names = Task::ALL.map(Task::name);
+        if name == "truthfulqa" {
+            // lm-eval's group; running only part of it under the group's name would mislead.
+            bail!(
+                "`truthfulqa` is lm-eval's group of truthfulqa_gen, truthfulqa_mc1 and \
+                 truthfulqa_mc2; tune-rs implements the two multiple-choice tasks: \
+                 tasks=[truthfulqa_mc1,truthfulqa_mc2]"
+            );
+        }
         let close = tune_core::registry::closest(name, names.iter().copied(), 1);
         bail!(
             "unknown task `{name}`{}; tune-rs implements {}",
@@ -329,7 +337,8 @@ pub struct ChoiceResult {
 /// Runs the recipe; `None` for a dry run.
 pub fn evaluate(config: Config, options: &RunOptions) -> Result<Option<EvalReport>> {
     let cfg = TopLevel(&config);
-    let seed: u64 = cfg.get("seed", 1234)?;
+    // Scoring draws nothing; the seed only initialises adapter weights that a checkpoint replaces.
+    let seed = seed_setting(&cfg, 1)?.unwrap_or(1234);
     let settings = read_settings(&cfg)?;
     reject_quantizer(&cfg)?;
 
@@ -404,8 +413,8 @@ pub fn evaluate(config: Config, options: &RunOptions) -> Result<Option<EvalRepor
             "model": loaded.spec.builder,
             "checkpoint_dir": cfg.0.get("checkpointer.checkpoint_dir"),
             "adapter": loaded.adapter.as_ref().map(|p| p.display().to_string()),
-            "device": format!("{device:?}"),
-            "dtype": format!("{dtype:?}"),
+            "device": cfg.get("device", "cpu".to_string())?,
+            "dtype": cfg.get("dtype", "fp32".to_string())?,
             "seed": seed,
         });
         report.results_file = Some(report.write_json(

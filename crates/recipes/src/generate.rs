@@ -26,7 +26,7 @@ use tune_models::decoder::{Forward, KvCache};
 use tune_models::{LoraSettings, ModelSpec, TransformerDecoder};
 
 use crate::checkpointer::HfCheckpointer;
-use crate::settings::{parse_device, parse_dtype, TopLevel};
+use crate::settings::{parse_device, parse_dtype, random_seed, seed_setting, TopLevel};
 
 pub struct Generate;
 
@@ -112,7 +112,15 @@ pub fn generate(config: Config, options: &RunOptions) -> Result<Option<Generatio
     let cfg = TopLevel(&config);
 
     // ---- Settings ------------------------------------------------------------------------
-    let seed: u64 = cfg.get("seed", 1234)?;
+    // As torchtune's set_seed: `seed: null` draws one (said, so that the text can be repeated).
+    let seed = match seed_setting(&cfg, 1)? {
+        Some(seed) => seed,
+        None => {
+            let seed = random_seed(1);
+            tracing::info!("seed is null: sampling with seed {seed} (seed={seed} repeats this)");
+            seed
+        }
+    };
     let max_new_tokens: usize = cfg.require("max_new_tokens")?;
     let use_cache: bool = cfg.get("enable_kv_cache", true)?;
     let mut sampler = Sampler::new(cfg.get("temperature", 0.6)?, cfg.opt("top_k")?, seed)?;
@@ -122,6 +130,8 @@ pub fn generate(config: Config, options: &RunOptions) -> Result<Option<Generatio
     let tokenizer: Llama2Tokenizer = cfg.build("tokenizer", ComponentKind::Tokenizer)?;
     let prompt_ids = prompt_tokens(cfg.0.get("prompt"), &tokenizer)?;
     if options.dry_run {
+        let spec = model_spec_from_node(cfg.node("model")?).context("building `model`")?;
+        check_fits(&spec, prompt_ids.len(), max_new_tokens)?;
         println!("{}", config.to_yaml_string());
         println!("prompt: {} tokens {:?}", prompt_ids.len(), prompt_ids);
         return Ok(None);
@@ -266,7 +276,11 @@ pub fn prompt_tokens(prompt: Option<&Value>, tokenizer: &Llama2Tokenizer) -> Res
                 match value {
                     Value::Null if role == Role::System => {}
                     Value::String(text) => messages.push(Message::new(role, text.clone(), true)),
-                    other => bail!("prompt.{key} must be a string, found {other:?}"),
+                    other => bail!(
+                        "prompt.{key} must be a string, found {}; quote a value YAML reads \
+                         otherwise: prompt.{key}=\"'...'\"",
+                        tune_core::config::kind_of(other)
+                    ),
                 }
             }
             if !messages.iter().any(|m| m.role == Role::User) {
@@ -277,7 +291,8 @@ pub fn prompt_tokens(prompt: Option<&Value>, tokenizer: &Llama2Tokenizer) -> Res
             Ok(tokenizer.tokenize_messages(&messages, false).0)
         }
         Some(other) => bail!(
-            "prompt must be a string or a mapping with `user` (and `system`), found {other:?}"
+            "prompt must be a string or a mapping with `user` (and `system`), found {}",
+            tune_core::config::kind_of(other)
         ),
     }
 }
@@ -450,7 +465,14 @@ fn refuse_adapter_already_merged(src: &AdapterSource, checkpoint_dir: &Path) -> 
     else {
         return Ok(());
     };
-    let tune_rs_epoch = folder.join("recipe_state").is_dir() && weights.starts_with(&folder);
+    // A checkpoint saved with save_adapter_weights_only has no merged weights to refuse.
+    let has_weights = std::fs::read_dir(&folder).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+    });
+    let tune_rs_epoch =
+        has_weights && folder.join("recipe_state").is_dir() && weights.starts_with(&folder);
     let torchtune_epoch =
         folder.join("adapter_config.json").is_file() && weights.parent() == Some(folder.as_path());
     if tune_rs_epoch || torchtune_epoch {

@@ -33,7 +33,9 @@ use crate::loss::model_ce_sum;
 use crate::lr_schedule::{CosineArgs, CosineWithWarmup};
 use crate::metric_logging::{LoggerSpec, Metrics};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::settings::{parse_device, parse_dtype, peak_rss_gib, TopLevel};
+use crate::settings::{
+    parse_device, parse_dtype, peak_rss_gib, random_seed, seed_setting, TopLevel,
+};
 
 pub struct LoraFinetuneSingleDevice;
 
@@ -293,7 +295,7 @@ pub fn train_objective(
             dir.display()
         );
     }
-    let seed: u64 = match (&resume_from, cfg.opt::<u64>("seed")?) {
+    let seed: u64 = match (&resume_from, seed_setting(&cfg, group.world_size())?) {
         // As torchtune: the checkpoint's seed and max_steps_per_epoch win (the adapters' dropout
         // and the epoch length must be the ones the run started with), with a warning.
         (Some((dir, saved)), asked) => {
@@ -318,7 +320,7 @@ pub fn train_objective(
         }
         (None, Some(s)) => s,
         // With `seed: null` rank 0 draws one and every rank uses it (the same adapter init).
-        (None, None) => group.broadcast_u64(rand::random::<u32>() as u64)?,
+        (None, None) => group.broadcast_u64(random_seed(group.world_size()))?,
     };
     // Past the dry run: only now does the device matter.
     let device_name = rank_device(&cfg.get("device", "cpu".to_string())?, group);
@@ -431,6 +433,7 @@ pub fn train_objective(
     };
     let mut logger = group.is_main().then(|| logger_spec.open()).transpose()?;
     if group.is_main() {
+        crate::checkpointer::refuse_files_named_like_checkpoints(&checkpointer.output_dir)?;
         if !resume {
             // Only a warning: an unreadable old state must not stop a run that never reads it.
             if let Some((dir, _)) = newest_checkpoint(&checkpointer.output_dir).ok().flatten() {

@@ -95,7 +95,7 @@ pub fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
         "fp32" | "float32" => DType::F32,
         "bf16" | "bfloat16" => DType::BF16,
         "fp16" | "float16" => {
-            bail!("dtype fp16 is not supported (torchtune refuses it too); use bf16 or fp32")
+            bail!("dtype fp16 is not supported by tune-rs (torchtune's training recipes refuse it too); use bf16 or fp32")
         }
         "fp64" | "float64" => DType::F64,
         other => bail!("unknown dtype `{other}`; use fp32 or bf16"),
@@ -105,6 +105,25 @@ pub fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
         tracing::warn!("dtype bf16 on CPU runs slower than fp32 (candle widens each bf16 matmul to fp32); it is for checking bf16 numerics");
     }
     Ok(dtype)
+}
+
+/// torchtune's `seed`: an integer from 0 to 2^32 - world_size (rank r seeds seed + r), as its
+/// `set_seed` requires; `None` for `null` (or no key), which the recipe replaces by a draw.
+pub fn seed_setting(cfg: &TopLevel, world_size: usize) -> Result<Option<u64>> {
+    let Some(seed) = cfg.opt::<i64>("seed")? else {
+        return Ok(None);
+    };
+    let max = u32::MAX as i64 - world_size as i64 + 1;
+    if !(0..=max).contains(&seed) {
+        bail!("seed {seed} is out of range: use an integer from 0 to {max}, or null for a random seed");
+    }
+    Ok(Some(seed as u64))
+}
+
+/// A random seed for `seed: null`, in the range [`seed_setting`] accepts.
+pub fn random_seed(world_size: usize) -> u64 {
+    let max = u32::MAX as u64 + 1 - world_size as u64;
+    rand::random::<u32>() as u64 % (max + 1)
 }
 
 /// Typed access to top-level keys with defaults.

@@ -176,6 +176,9 @@ fn reproduces_lm_eval_with_context_cache() {
             .unwrap()
             > 0.0
     );
+    // The run's settings as the config spells them.
+    assert_eq!(doc["config"]["device"], "cpu");
+    assert_eq!(doc["config"]["dtype"], "fp32");
     assert_eq!(doc["n-samples"]["truthfulqa_mc1"]["original"], 817);
     assert_eq!(doc["n-samples"]["truthfulqa_mc1"]["effective"], 20);
     assert_eq!(
@@ -313,6 +316,11 @@ fn bad_settings_name_the_fix() {
     let e = run_err(&["tasks=[truthfulqa_mc3]"]);
     assert!(
         e.contains("unknown task `truthfulqa_mc3`") && e.contains("did you mean"),
+        "{e}"
+    );
+    let e = run_err(&["tasks=[truthfulqa]"]);
+    assert!(
+        e.contains("lm-eval's group") && e.contains("tasks=[truthfulqa_mc1,truthfulqa_mc2]"),
         "{e}"
     );
     let e = run_err(&["limit=2.5"]);

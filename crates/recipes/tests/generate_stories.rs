@@ -201,6 +201,29 @@ fn sampling_follows_seed_temperature_and_top_k() {
         Some(prompt),
     );
     assert_eq!(no_cache.token_ids, a.token_ids);
+    // `seed: null` draws a seed, as torchtune's set_seed(None): two runs, two texts.
+    let drawn = |_| {
+        run(
+            gen_config(&["max_new_tokens=40", "seed=null"]),
+            Some(prompt),
+        )
+    };
+    let (d1, d2) = (drawn(1), drawn(2));
+    assert_ne!(
+        d1.token_ids, d2.token_ids,
+        "seed=null sampled the same text twice"
+    );
+    // Out of torchtune's range [0, 2^32 - 1]: refused, not wrapped.
+    for seed in ["seed=-1", "seed=4294967296"] {
+        let e = format!(
+            "{:#}",
+            generate(gen_config(&[seed]), &RunOptions::default()).unwrap_err()
+        );
+        assert!(
+            e.contains("out of range") && e.contains("4294967295"),
+            "{e}"
+        );
+    }
 }
 
 #[test]
@@ -360,6 +383,12 @@ fn bundled_configs_validate_and_register() {
         assert!(generate::generate(on_gpu.clone(), &dry).unwrap().is_none());
         assert!(generate::generate(on_gpu, &RunOptions::default()).is_err());
     }
+    // It does check that the tokens fit the model, as the run would.
+    let e = format!(
+        "{:#}",
+        generate::generate(gen_config(&["max_new_tokens=100000"]), &dry).unwrap_err()
+    );
+    assert!(e.contains("exceeds the model's max_seq_len (512)"), "{e}");
 }
 
 #[test]
@@ -428,6 +457,53 @@ fn an_adapter_is_not_applied_to_the_merged_weights_that_hold_it() {
         generate(config, &RunOptions::default()).unwrap_err()
     );
     assert!(e.contains("already include the adapter"), "{e}");
+}
+
+/// With save_adapter_weights_only the epoch folder still gets checkpoint_dir's config and
+/// tokenizer files (as torchtune's), has no merged weights, and its adapter applies to the base.
+#[test]
+fn an_adapter_only_checkpoint_keeps_the_model_files_and_applies_to_the_base() {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    tune_recipes::lora_finetune_single_device::train(
+        common::stories_config(
+            work.path(),
+            &["max_steps_per_epoch=1", "save_adapter_weights_only=True"],
+        ),
+        &RunOptions::default(),
+    )
+    .unwrap();
+    let epoch = work.path().join("output/epoch_0");
+    for name in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        assert!(
+            epoch.join(name).is_file(),
+            "{name} missing from {}",
+            epoch.display()
+        );
+    }
+    let weights: Vec<_> = std::fs::read_dir(&epoch)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .collect();
+    assert!(weights.is_empty(), "{weights:?}");
+    let adapter_dir = format!("adapter_dir={}", epoch.display());
+    let text = run(gen_config(&[&adapter_dir, "max_new_tokens=8"]), None);
+    assert!(!text.token_ids.is_empty());
+    // Pointed at the epoch folder as a model, the missing weights are the problem named.
+    let dir = format!("checkpointer.checkpoint_dir={}", epoch.display());
+    let e = format!(
+        "{:#}",
+        generate(gen_config(&[&dir, &adapter_dir]), &RunOptions::default()).unwrap_err()
+    );
+    assert!(!e.contains("already include the adapter"), "{e}");
+    assert!(e.contains("model.safetensors"), "{e}");
 }
 
 /// torchtune's generate recipe, greedy, prints the same (`tests/fixtures/generate/

@@ -445,3 +445,37 @@ fn a_nan_in_the_base_weights_is_not_blamed_on_the_learning_rate() {
         "{e}"
     );
 }
+
+/// torchtune's set_seed range, [0, 2^32 - world_size]: outside it the seed is refused, not
+/// wrapped into another run's seed.
+#[test]
+fn seed_out_of_range() {
+    for seed in ["seed=-3", "seed=4294967296"] {
+        let e = run_err(&[seed]);
+        assert!(
+            e.contains("out of range: use an integer from 0 to 4294967295"),
+            "{e}"
+        );
+    }
+}
+
+/// A file where the run would save `epoch_0` is refused before training, and left as it was.
+#[test]
+fn a_file_named_like_a_checkpoint_is_not_moved_aside() {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("output");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("epoch_0"), "notes").unwrap();
+    let e = train(
+        common::stories_config(work.path(), &["max_steps_per_epoch=1"]),
+        &RunOptions::default(),
+    )
+    .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("epoch_0 is not a checkpoint folder"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("epoch_0")).unwrap(),
+        "notes"
+    );
+}

@@ -153,17 +153,13 @@ pub fn run(args: &Args) -> Result<()> {
         // The distributed twin of a single-device recipe, as torchtune names them.
         let twin = recipe.name().replace("_single_device", "_distributed");
         let instead = match tune_core::recipe::lookup(&twin) {
-            Ok(r) if r.supports_distributed() => twin,
-            _ => tune_core::recipe::all()
-                .iter()
-                .filter(|r| r.supports_distributed())
-                .map(|r| r.name())
-                .collect::<Vec<_>>()
-                .join(" or "),
+            Ok(r) if r.supports_distributed() => format!(", or use {twin}"),
+            // generate, eleuther_eval: nothing to parallelise over processes.
+            _ => String::new(),
         };
         bail!(
             "recipe {} does not support distributed training (--nnodes {} --nproc_per_node {}); run \
-             it without launcher options, or use {instead}",
+             it without launcher options{instead}",
             recipe.name(),
             args.nnodes,
             args.nproc_per_node
