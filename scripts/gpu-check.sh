@@ -47,14 +47,19 @@ if [ -z "${TUNE_CUDA_LIB:-}" ]; then
     TUNE_CUDA_LIB="${found:+$(dirname "$found")}"
   fi
 fi
-if [ -n "$TUNE_CUDA_LIB" ]; then
-  export LD_LIBRARY_PATH="$TUNE_CUDA_LIB:${LD_LIBRARY_PATH:-}"
+add_lib_dir() { export LD_LIBRARY_PATH="$1${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; }
+[ -n "$TUNE_CUDA_LIB" ] && add_lib_dir "$TUNE_CUDA_LIB"
+# Libraries still missing (cuRAND or the runtime may live apart from cuBLAS): one search for all
+# of them. Not libcuda: the driver's own is already on the loader's path, and a link stub found
+# first would hide it.
+missing="$(ldd "$BIN" 2>/dev/null | awk '/not found/ && $1 !~ /^libcuda\.so/ {print $1}')"
+if [ -n "$missing" ]; then
+  names=()
+  for lib in $missing; do names+=(${names[@]+-o} -name "$lib"); done
+  while read -r dir; do
+    [ -n "$dir" ] && add_lib_dir "$dir"
+  done < <(timeout 60 find / \( -path /proc -o -path /sys \) -prune -o \( "${names[@]}" \) -printf '%h\n' 2>/dev/null | sort -u)
 fi
-# Any library still missing (cuRAND or the runtime may live apart from cuBLAS): look for it alone.
-for lib in $(ldd "$BIN" 2>/dev/null | awk '/not found/ {print $1}'); do
-  found="$(timeout 60 find / \( -path /proc -o -path /sys \) -prune -o -name "$lib" -print 2>/dev/null | head -1)"
-  [ -n "$found" ] && export LD_LIBRARY_PATH="$(dirname "$found"):$LD_LIBRARY_PATH"
-done
 # candle's kernels ship as PTX that the driver compiles on first use: keep the compiled kernels
 # between the steps' processes (a writable cache, large enough for all of them).
 export CUDA_CACHE_PATH="${CUDA_CACHE_PATH:-$WORK/cuda-cache}" CUDA_CACHE_MAXSIZE="${CUDA_CACHE_MAXSIZE:-4294967296}"

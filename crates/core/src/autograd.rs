@@ -256,8 +256,8 @@ fn in_head_groups(
     }
     if group == 0 {
         candle_core::bail!(
-            "attention over {batch} x {q_seq} x {} scores per head is more than this device's \
-             softmax takes ({limit}); lower batch_size or the sequence length",
+            "attention over {batch} x {q_seq} x {} scores for a single head is more than this \
+             device's softmax takes ({limit}); lower batch_size or the sequence length",
             k.dim(2)?
         );
     }

@@ -67,6 +67,10 @@ const TORCHTUNE_ONLY_RECIPES: &[&str] = &[
     "qat_lora_finetune_distributed",
     "knowledge_distillation_single_device",
     "knowledge_distillation_distributed",
+    "dev/generate_v2",
+    "dev/generate_v2_distributed",
+    "dev/lora_finetune_distributed_multi_dataset",
+    "dev/early_exit_finetune_distributed",
 ];
 
 pub fn lookup(name: &str) -> anyhow::Result<&'static dyn Recipe> {

@@ -104,6 +104,7 @@ pub fn replace_dir(staging: &Path, dest: &Path) -> Result<()> {
     let had_old = dest.exists();
     if had_old && !dest.is_dir() {
         // Moved aside, it could not be removed as an old folder would: leave it to its owner.
+        fs::remove_dir_all(staging).ok();
         anyhow::bail!(
             "{} is in the way: it is not a folder this run wrote; move it and save again",
             dest.display()

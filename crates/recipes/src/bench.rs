@@ -109,10 +109,13 @@ pub fn train_steps(
     let top = c.vocab_size.saturating_sub(1) as f32;
     let tokens = Tensor::rand(0f32, top, (batch, seq), &device)?.to_dtype(DType::U32)?;
     let labels = tokens.to_dtype(DType::I64)?;
-    crate::device_memory::reset_peaks(&device);
     let mut times = Vec::new();
     for i in 0..warmup + steps {
         device.synchronize()?;
+        if i == warmup {
+            // Peaks of the timed steps only.
+            crate::device_memory::reset_peaks(&device);
+        }
         let start = Instant::now();
         let (sum, n) = model_ce_sum(model, &tokens, &labels, None, true)?;
         let loss = (sum / n as f64)?;

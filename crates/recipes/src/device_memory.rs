@@ -31,7 +31,12 @@ mod pool {
         let Device::Cuda(cuda) = device else {
             return None;
         };
-        let cu_device = cuda.cuda_stream().context().cu_device();
+        let context = cuda.cuda_stream().context().clone();
+        // Without pool support cudarc allocates with cuMemAlloc, and the pool's counts stay 0.
+        if !context.has_async_alloc() {
+            return None;
+        }
+        let cu_device = context.cu_device();
         // SAFETY: `cu_device` comes from a live context of this process.
         unsafe { result::device::get_default_mem_pool(cu_device) }.ok()
     }

@@ -99,6 +99,8 @@ pub struct Generation {
     /// Wall time of the decoding loop (prompt included).
     pub seconds: f64,
     pub used_kv_cache: bool,
+    /// The sampling seed (drawn when the config's is null).
+    pub seed: u64,
 }
 
 impl Generation {
@@ -117,7 +119,11 @@ pub fn generate(config: Config, options: &RunOptions) -> Result<Option<Generatio
         Some(seed) => seed,
         None => {
             let seed = random_seed(1);
-            tracing::info!("seed is null: sampling with seed {seed} (seed={seed} repeats this)");
+            if !options.dry_run {
+                tracing::info!(
+                    "seed is null: sampling with seed {seed} (seed={seed} repeats this)"
+                );
+            }
             seed
         }
     };
@@ -164,6 +170,7 @@ pub fn generate(config: Config, options: &RunOptions) -> Result<Option<Generatio
         full_text,
         seconds,
         used_kv_cache: use_cache,
+        seed,
     }))
 }
 
@@ -466,16 +473,17 @@ fn refuse_adapter_already_merged(src: &AdapterSource, checkpoint_dir: &Path) -> 
         return Ok(());
     };
     // A checkpoint saved with save_adapter_weights_only has no merged weights to refuse.
-    let has_weights = std::fs::read_dir(&folder).is_ok_and(|entries| {
-        entries
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+    let has_model_weights = std::fs::read_dir(&folder).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("model") && name.ends_with(".safetensors")
+                || name.ends_with(".safetensors.index.json")
+        })
     });
-    let tune_rs_epoch =
-        has_weights && folder.join("recipe_state").is_dir() && weights.starts_with(&folder);
+    let tune_rs_epoch = folder.join("recipe_state").is_dir() && weights.starts_with(&folder);
     let torchtune_epoch =
         folder.join("adapter_config.json").is_file() && weights.parent() == Some(folder.as_path());
-    if tune_rs_epoch || torchtune_epoch {
+    if has_model_weights && (tune_rs_epoch || torchtune_epoch) {
         bail!(
             "the merged weights in {} already include the adapter {}; drop adapter_dir (or \
              checkpointer.adapter_checkpoint) to use them as they are, or point \

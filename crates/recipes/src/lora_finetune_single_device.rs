@@ -265,6 +265,7 @@ pub fn train_objective(
     }
     let checkpointer: HfCheckpointer = cfg.build("checkpointer", ComponentKind::Checkpointer)?;
     let resume = cfg.get("resume_from_checkpoint", false)? || checkpointer.resume_from_checkpoint;
+    let seed_asked = seed_setting(&cfg, group.world_size())?;
     if options.dry_run {
         println!("{}", config.to_yaml_string());
         println!("{}", spec.counts()?.summary());
@@ -275,6 +276,7 @@ pub fn train_objective(
         });
     }
     checkpointer.check_output_dir()?;
+    crate::checkpointer::refuse_files_named_like_checkpoints(&checkpointer.output_dir)?;
     // Leftovers of a killed run first (a checkpoint it had moved aside comes back), so that
     // every rank then sees the same checkpoints.
     if group.is_main() {
@@ -295,7 +297,7 @@ pub fn train_objective(
             dir.display()
         );
     }
-    let seed: u64 = match (&resume_from, seed_setting(&cfg, group.world_size())?) {
+    let seed: u64 = match (&resume_from, seed_asked) {
         // As torchtune: the checkpoint's seed and max_steps_per_epoch win (the adapters' dropout
         // and the epoch length must be the ones the run started with), with a warning.
         (Some((dir, saved)), asked) => {
@@ -380,6 +382,16 @@ pub fn train_objective(
     let _ = device.set_seed(seed.wrapping_add(group.rank() as u64));
     let (mut model, spec, layout) = checkpointer.load_base(&spec, dtype, &device, seed)?;
     tracing::info!("{}", spec.counts()?.summary());
+    // As torchtune: the GPU memory the model takes, then peaks that count training only.
+    if let Some(memory) = crate::device_memory::read(&device) {
+        use crate::device_memory::gib;
+        tracing::info!(
+            "GPU memory after model init: peak allocated {:.2} GiB, peak reserved {:.2} GiB",
+            gib(memory.peak_in_use),
+            gib(memory.peak_reserved)
+        );
+        crate::device_memory::reset_peaks(&device);
+    }
 
     let batches_per_epoch = objective.sampler().num_batches();
     let steps_per_epoch = match max_steps_per_epoch {
@@ -433,7 +445,6 @@ pub fn train_objective(
     };
     let mut logger = group.is_main().then(|| logger_spec.open()).transpose()?;
     if group.is_main() {
-        crate::checkpointer::refuse_files_named_like_checkpoints(&checkpointer.output_dir)?;
         if !resume {
             // Only a warning: an unreadable old state must not stop a run that never reads it.
             if let Some((dir, _)) = newest_checkpoint(&checkpointer.output_dir).ok().flatten() {
@@ -807,9 +818,11 @@ pub fn train_objective(
                     if let Some(gib) = peak_rss_gib() {
                         metrics.push(("peak_memory_rss".into(), gib));
                     }
-                    // On a GPU, torchtune's peaks since the last log.
+                    // On a GPU, torchtune's peaks since the last log ("active" equals
+                    // "allocated" here: candle frees nothing that another stream still uses).
                     if let Some(memory) = crate::device_memory::read(&device) {
                         use crate::device_memory::gib;
+                        metrics.push(("peak_memory_active".into(), gib(memory.peak_in_use)));
                         metrics.push(("peak_memory_alloc".into(), gib(memory.peak_in_use)));
                         metrics.push(("peak_memory_reserved".into(), gib(memory.peak_reserved)));
                         crate::device_memory::reset_peaks(&device);

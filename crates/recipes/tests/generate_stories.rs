@@ -201,7 +201,7 @@ fn sampling_follows_seed_temperature_and_top_k() {
         Some(prompt),
     );
     assert_eq!(no_cache.token_ids, a.token_ids);
-    // `seed: null` draws a seed, as torchtune's set_seed(None): two runs, two texts.
+    // `seed: null` draws a seed, as torchtune's set_seed(None), and that seed repeats the text.
     let drawn = |_| {
         run(
             gen_config(&["max_new_tokens=40", "seed=null"]),
@@ -209,10 +209,13 @@ fn sampling_follows_seed_temperature_and_top_k() {
         )
     };
     let (d1, d2) = (drawn(1), drawn(2));
-    assert_ne!(
-        d1.token_ids, d2.token_ids,
-        "seed=null sampled the same text twice"
+    assert_ne!(d1.seed, d2.seed, "seed=null drew the same seed twice");
+    let again = run(
+        gen_config(&["max_new_tokens=40", &format!("seed={}", d1.seed)]),
+        Some(prompt),
     );
+    assert_eq!(again.token_ids, d1.token_ids);
+    assert_eq!(a.seed, 7);
     // Out of torchtune's range [0, 2^32 - 1]: refused, not wrapped.
     for seed in ["seed=-1", "seed=4294967296"] {
         let e = format!(

@@ -456,6 +456,14 @@ fn seed_out_of_range() {
             e.contains("out of range: use an integer from 0 to 4294967295"),
             "{e}"
         );
+        // A dry run says so too.
+        let work = tempfile::tempdir().unwrap();
+        let dry = RunOptions {
+            dry_run: true,
+            ..Default::default()
+        };
+        let e = train(common::stories_config(work.path(), &[seed]), &dry).unwrap_err();
+        assert!(format!("{e:#}").contains("out of range"), "{e:#}");
     }
 }
 
