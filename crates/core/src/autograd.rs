@@ -312,7 +312,9 @@ fn dense_attend_grads(
 
 /// `softmax(q k^T * scale + mask)` over the last dimension, for q/k [.., seq, head_dim].
 fn attention_probs(q: &Tensor, k: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+    // Scaling q costs a pass over [.., seq, head_dim] instead of one over the scores; the
+    // transposed k goes to the matmul as a strided view (no copy).
+    let scores = (q * scale)?.matmul(&k.t()?)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
@@ -330,11 +332,13 @@ fn attention_grads(
     grad: &Tensor,
     scale: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let dv = p.t()?.contiguous()?.matmul(grad)?;
-    let dp = grad.matmul(&v.t()?.contiguous()?)?;
+    // Transposes go to the matmuls as strided views: CPU and cuBLAS matmuls take them as they
+    // are, so no [.., seq, seq] copies are made.
+    let dv = p.t()?.matmul(grad)?;
+    let dp = grad.matmul(&v.t()?)?;
     let ds = p.mul(&dp.broadcast_sub(&(&dp * p)?.sum_keepdim(D::Minus1)?)?)?;
     let dq = (ds.matmul(k)? * scale)?;
-    let dk = (ds.t()?.contiguous()?.matmul(q)? * scale)?;
+    let dk = (ds.t()?.matmul(q)? * scale)?;
     Ok((dq, dk, dv))
 }
 

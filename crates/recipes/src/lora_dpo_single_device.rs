@@ -241,7 +241,7 @@ pub fn log_probs_and_logit_means(
         &weight,
         &shifted,
         IGNORE_INDEX,
-        crate::loss::OUTPUT_CHUNK_ROWS,
+        crate::loss::output_chunk_rows(normed.device()),
     )?;
     let log_probs = nll.reshape((batch, seq))?.sum(D::Minus1)?.neg()?;
     let weight_sum = weight.to_dtype(DType::F32)?.sum(0)?;

@@ -304,10 +304,14 @@ fn two_ranks_take_the_steps_of_one_device() {
         )
         .unwrap()
     };
+    // Adam divides each update by the gradient's running RMS, so an entry whose gradient is
+    // near zero moves by about lr whichever way a last-bit difference of the two reduction
+    // orders tips it: such entries differ by ~1e-5. A wrong average across ranks moves
+    // every entry by ~lr (5e-3 per step here).
     let (a, b) = (load(one.path()), load(two.path()));
     for (name, t) in &a {
         let d = max_abs_diff(t, &b[name]).unwrap();
-        assert!(d < 1e-5, "{name}: {d}");
+        assert!(d < 5e-5, "{name}: {d}");
     }
 }
 
