@@ -8,11 +8,12 @@
 # Checks: the GPU; lora_step, qlora_step and trajectory fixtures on CUDA in fp32 (CPU tolerances)
 # and bf16 (loss within 1%), each printing "pass"; NF4 device dequantisation against the host's
 # bits; a 7B-shaped LoRA training benchmark (random weights, 7B_lora_single_device's LoRA
-# settings) with tokens/s, MFU and peak GPU memory, with and without activation checkpointing.
+# settings) with tokens/s, MFU and peak GPU memory: 2 x 2048 tokens with and without activation
+# checkpointing, and 2 x 512 tokens with it (the shape of torchtune's published 7B memory figure).
 #
 # What comes back from a device run is limited (a few files): every result goes into one archive,
 # $OUT/gpu-check.tgz, a one-line-per-check summary into $OUT/summary.txt (as each check ends) and
-# stdout, and the GPU and library facts into $OUT/gpu.txt. The step timeouts add up to 495 s
+# stdout, and the GPU and library facts into $OUT/gpu.txt. The step timeouts add up to 530 s
 # (plus 5 s of kill grace each); give the run about 580 s.
 set -uo pipefail
 
@@ -20,7 +21,7 @@ OUT="${OUT:-/tmp/tune-gpu-check}"
 BIN="${TUNE_BIN:-target/release/tune}"
 BENCH_BATCH="${BENCH_BATCH:-2}"
 BENCH_SEQ="${BENCH_SEQ:-2048}"
-# A rehearsal on a machine without a GPU: TUNE_DEVICE=cpu BENCH_MODEL= BENCH_SEQ=128
+# A rehearsal on a machine without a GPU: TUNE_DEVICE=cpu BENCH_MODEL= BENCH_SEQ=128 BENCH_SHORT_SEQ=64
 # (every step runs on the CPU, bf16 too: candle widens bf16 matmuls to fp32 there).
 DEVICE="${TUNE_DEVICE:-cuda}"
 BENCH_DTYPE="${BENCH_DTYPE:-bf16}"
@@ -88,13 +89,18 @@ step() { # name timeout_seconds command...
 
 # The first step also pays the kernels' compilation (see CUDA_CACHE_PATH above).
 step lora_step_cuda_fp32 90 "$BIN" selfcheck lora-step --device "$DEVICE" --dtype fp32
-step lora_step_cuda_bf16 45 "$BIN" selfcheck lora-step --device "$DEVICE" --dtype bf16
-step qlora_step_cuda_fp32 45 "$BIN" selfcheck qlora-step --device "$DEVICE" --dtype fp32
-step qlora_step_cuda_bf16 45 "$BIN" selfcheck qlora-step --device "$DEVICE" --dtype bf16
-step trajectory_cuda_fp32 45 "$BIN" selfcheck trajectory --device "$DEVICE" --dtype fp32
-step trajectory_cuda_bf16 45 "$BIN" selfcheck trajectory --device "$DEVICE" --dtype bf16
+step lora_step_cuda_bf16 40 "$BIN" selfcheck lora-step --device "$DEVICE" --dtype bf16
+step qlora_step_cuda_fp32 40 "$BIN" selfcheck qlora-step --device "$DEVICE" --dtype fp32
+step qlora_step_cuda_bf16 40 "$BIN" selfcheck qlora-step --device "$DEVICE" --dtype bf16
+step trajectory_cuda_fp32 40 "$BIN" selfcheck trajectory --device "$DEVICE" --dtype fp32
+step trajectory_cuda_bf16 40 "$BIN" selfcheck trajectory --device "$DEVICE" --dtype bf16
 step bench_7b_lora_bf16 90 "$BIN" bench ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --lora-attn-modules q_proj,v_proj,output_proj \
   --apply-lora-to-mlp --lora-rank 8 --lora-alpha 16 --batch-size "$BENCH_BATCH" --seq-len "$BENCH_SEQ" \
+  --warmup 1 --steps 3 --device "$DEVICE" --dtype "$BENCH_DTYPE" --peak-tflops 989 --activation-checkpointing
+# torchtune's 15.57 GB is 7B_lora_single_device on Alpaca: batches of 2 sequences of a few
+# hundred tokens, with activation checkpointing. The comparable figure: 2 x 512 tokens.
+step bench_7b_lora_bf16_seq512 60 "$BIN" bench ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --lora-attn-modules q_proj,v_proj,output_proj \
+  --apply-lora-to-mlp --lora-rank 8 --lora-alpha 16 --batch-size "$BENCH_BATCH" --seq-len "${BENCH_SHORT_SEQ:-512}" \
   --warmup 1 --steps 3 --device "$DEVICE" --dtype "$BENCH_DTYPE" --peak-tflops 989 --activation-checkpointing
 step bench_7b_lora_bf16_no_checkpointing 90 "$BIN" bench ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --lora-attn-modules q_proj,v_proj,output_proj \
   --apply-lora-to-mlp --lora-rank 8 --lora-alpha 16 --batch-size "$BENCH_BATCH" --seq-len "$BENCH_SEQ" \
@@ -103,7 +109,7 @@ step bench_7b_lora_bf16_no_checkpointing 90 "$BIN" bench ${MODEL_ARGS[@]+"${MODE
 # The benchmarks' headline numbers, for the summary. (A bench says rc=0 when it ran. Device
 # memory: the pool's peaks in the timed steps, as torch's max_memory_allocated / _reserved, and
 # the driver's total at the end, CUDA context and cuBLAS workspaces included.)
-for b in bench_7b_lora_bf16 bench_7b_lora_bf16_no_checkpointing; do
+for b in bench_7b_lora_bf16 bench_7b_lora_bf16_seq512 bench_7b_lora_bf16_no_checkpointing; do
   grep -E '"(tokens_per_second|mfu|mfu_lora|peak_device_memory_gib|peak_device_reserved_gib|device_memory_used_gib)"' "$WORK/$b.json" 2>/dev/null \
     | tr -d ' ,' | sed "s/^/$b /" | tee -a "$WORK/summary.txt" "$OUT/summary.txt"
 done
