@@ -107,8 +107,39 @@ pub enum PromptTemplate {
     /// message is folded into the user messages after it (every one of them, as torchtune does)
     /// as `"<<SYS>>\n" + system + "\n<</SYS>>\n\n"` right after `"[INST] "`.
     Llama2Chat,
-    /// torchtune's generic `PromptTemplate(template={role: (prepend, append)})`.
+    /// torchtune's generic `PromptTemplate(template={role: (prepend, append)})`, and the named
+    /// templates built from it (`QuestionAnswerTemplate`, `SummarizeTemplate`,
+    /// `GrammarErrorCorrectionTemplate`).
     Custom(BTreeMap<Role, (String, String)>),
+    /// `ChatMLTemplate`: `<|im_start|>{role}\n` + content + `<|im_end|>\n` for system, user and
+    /// assistant turns; a final empty assistant turn gets only its opening tag (generation
+    /// continues from it).
+    ChatMl,
+}
+
+/// torchtune's templates that are one `PromptTemplate` of user tags, by class name.
+const USER_TAG_TEMPLATES: &[(&str, &str, &str)] = &[
+    ("QuestionAnswerTemplate", "Question: ", "\n\nAnswer: "),
+    (
+        "SummarizeTemplate",
+        "Summarize this dialogue:\n",
+        "\n---\nSummary:\n",
+    ),
+    (
+        "GrammarErrorCorrectionTemplate",
+        "Correct this to standard English: ",
+        "\n---\nCorrected: ",
+    ),
+];
+
+/// The ChatML tags of `role` (none for tool output, as in torchtune).
+fn chatml_tags(role: Role) -> (&'static str, &'static str) {
+    match role {
+        Role::System => ("<|im_start|>system\n", "<|im_end|>\n"),
+        Role::User => ("<|im_start|>user\n", "<|im_end|>\n"),
+        Role::Assistant => ("<|im_start|>assistant\n", "<|im_end|>\n"),
+        Role::Ipython => ("", ""),
+    }
 }
 
 impl PromptTemplate {
@@ -120,19 +151,43 @@ impl PromptTemplate {
             Value::String(s) if s == LLAMA2_CHAT_TEMPLATE || s == "Llama2ChatTemplate" => {
                 Ok(Some(PromptTemplate::Llama2Chat))
             }
-            Value::String(s) => bail!(
-                "prompt_template {s:?} is not supported: use {LLAMA2_CHAT_TEMPLATE}, null (no template), \
-                 or a mapping of role to [prepend, append] strings"
-            ),
+            Value::String(s) => {
+                let class = s.strip_prefix("torchtune.data.").unwrap_or(s);
+                if class == "ChatMLTemplate" {
+                    return Ok(Some(PromptTemplate::ChatMl));
+                }
+                match USER_TAG_TEMPLATES.iter().find(|(name, _, _)| *name == class) {
+                    Some((_, pre, post)) => Ok(Some(PromptTemplate::Custom(BTreeMap::from([(
+                        Role::User,
+                        (pre.to_string(), post.to_string()),
+                    )])))),
+                    None => bail!(
+                        "prompt_template {s:?} is not supported: use {LLAMA2_CHAT_TEMPLATE}, \
+                         torchtune.data.{{ChatMLTemplate, QuestionAnswerTemplate, SummarizeTemplate, \
+                         GrammarErrorCorrectionTemplate}}, null (no template), or a mapping of role \
+                         to [prepend, append] strings"
+                    ),
+                }
+            }
             Value::Mapping(map) => {
                 let mut out = BTreeMap::new();
                 for (k, v) in map {
-                    let role = Role::parse(k.as_str().ok_or_else(|| anyhow!("prompt_template keys must be role names"))?)?;
-                    let pair: Vec<String> = serde_yaml::from_value(v.clone())
-                        .map_err(|_| anyhow!("prompt_template.{}: expected [prepend, append] strings", role.as_str()))?;
-                    let [pre, post]: [String; 2] = pair
-                        .try_into()
-                        .map_err(|_| anyhow!("prompt_template.{}: expected exactly two strings", role.as_str()))?;
+                    let role = Role::parse(
+                        k.as_str()
+                            .ok_or_else(|| anyhow!("prompt_template keys must be role names"))?,
+                    )?;
+                    let pair: Vec<String> = serde_yaml::from_value(v.clone()).map_err(|_| {
+                        anyhow!(
+                            "prompt_template.{}: expected [prepend, append] strings",
+                            role.as_str()
+                        )
+                    })?;
+                    let [pre, post]: [String; 2] = pair.try_into().map_err(|_| {
+                        anyhow!(
+                            "prompt_template.{}: expected exactly two strings",
+                            role.as_str()
+                        )
+                    })?;
                     out.insert(role, (pre, post));
                 }
                 Ok(Some(PromptTemplate::Custom(out)))
@@ -159,6 +214,24 @@ impl PromptTemplate {
                         if !post.is_empty() {
                             m.content.push(post.clone());
                         }
+                    }
+                    m
+                })
+                .collect(),
+            PromptTemplate::ChatMl => messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let mut m = m.clone();
+                    let (pre, post) = chatml_tags(m.role);
+                    let open_reply = m.role == Role::Assistant
+                        && i + 1 == messages.len()
+                        && m.content.iter().all(String::is_empty);
+                    if !pre.is_empty() {
+                        m.content.insert(0, pre.to_string());
+                    }
+                    if !post.is_empty() && !open_reply {
+                        m.content.push(post.to_string());
                     }
                     m
                 })

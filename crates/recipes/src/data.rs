@@ -114,6 +114,18 @@ pub fn build(
         );
     }
     let collate: CollateSft = match cfg.node("collate_fn") {
+        // torchtune reads collate_fn as a dotted path (its default is the string
+        // `torchtune.data.padded_collate_sft`); a `_component_` node works here too.
+        Ok(serde_yaml::Value::String(path)) => {
+            let mut node = serde_yaml::Mapping::new();
+            node.insert("_component_".into(), path.as_str().into());
+            crate::settings::build_node(
+                "collate_fn",
+                &serde_yaml::Value::Mapping(node),
+                ComponentKind::Collator,
+                "",
+            )?
+        }
         Ok(_) => cfg.build("collate_fn", ComponentKind::Collator)?,
         Err(_) => CollateSft::default(),
     };

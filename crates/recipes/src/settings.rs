@@ -197,8 +197,9 @@ impl TopLevel<'_> {
     }
 }
 
-/// Builds the component node found at `at` (a dotted path, for messages).
-fn build_node<T: 'static>(
+/// Builds the component `node` (found at `at`, a dotted path for messages) as a `T` of `kind`;
+/// `expected` ends the error when it is another type.
+pub fn build_node<T: 'static>(
     at: &str,
     node: &Value,
     kind: tune_core::ComponentKind,
