@@ -138,9 +138,20 @@ impl Examples {
     /// Whether any example has a label the loss counts after its shift by one (`labels[1..]`):
     /// a one-token sample has nothing to predict.
     pub fn has_a_label_to_predict(&self) -> bool {
+        self.without_a_label_to_predict() < self.len()
+    }
+
+    /// How many examples have no labelled token after their first (nothing to learn from).
+    pub fn without_a_label_to_predict(&self) -> usize {
         match self {
-            Examples::Samples(samples) => samples.iter().any(|s| has_a_label_to_predict(&s.labels)),
-            Examples::Packs(packs) => packs.iter().any(|p| has_a_label_to_predict(&p.labels)),
+            Examples::Samples(samples) => samples
+                .iter()
+                .filter(|s| !has_a_label_to_predict(&s.labels))
+                .count(),
+            Examples::Packs(packs) => packs
+                .iter()
+                .filter(|p| !has_a_label_to_predict(&p.labels))
+                .count(),
         }
     }
 

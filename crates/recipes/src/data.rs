@@ -113,6 +113,19 @@ pub fn build(
                 .map_or("null".to_string(), |n| n.to_string())
         );
     }
+    let label_less = examples.without_a_label_to_predict();
+    if label_less > 0 {
+        // Said now, not first at the step that meets them (which trains on nothing).
+        tracing::warn!(
+            "{label_less} of {} examples have no labelled token after their first (every \
+             response masked or cut off by tokenizer.max_seq_len = {}); a step made only of \
+             such examples is skipped without an update",
+            examples.len(),
+            tokenizer
+                .max_seq_len()
+                .map_or("null".to_string(), |n| n.to_string())
+        );
+    }
     let collate: CollateSft = match cfg.node("collate_fn") {
         // torchtune reads collate_fn as a dotted path (its default is the string
         // `torchtune.data.padded_collate_sft`); a `_component_` node works here too.

@@ -755,11 +755,14 @@ pub fn train_objective(
                     state.global_step + 1
                 );
             }
-            if step_weight <= 0.0 {
-                bail!(
-                    "step {}: its batches have no label tokens to learn from (every response masked, \
-                     or cut off by tokenizer.max_seq_len); raise tokenizer.max_seq_len, set \
-                     train_on_input, or check the data",
+            // Nothing to learn from (torchtune's loss is 0/0 = NaN here, and its update makes
+            // every weight NaN): the step passes without an update, its loss logged as NaN.
+            let learns = step_weight > 0.0;
+            if !learns {
+                tracing::warn!(
+                    "step {}: its batches have no label tokens to learn from (every response \
+                     masked, or cut off by tokenizer.max_seq_len); skipped without an update. \
+                     Raise tokenizer.max_seq_len, set train_on_input, or check the data",
                     state.global_step + 1
                 );
             }
@@ -778,11 +781,11 @@ pub fn train_objective(
             metric_sums.clear();
             window_micro_batches = 0;
             let scale = 1.0f32 / step_weight as f32;
-            for g in grads.iter_mut() {
+            for g in grads.iter_mut().filter(|_| learns) {
                 *g = (&*g * scale as f64)?;
             }
             let mut grad_norm = None;
-            if let Some(max_norm) = clip_grad_norm {
+            if let (Some(max_norm), true) = (clip_grad_norm, learns) {
                 let total = grads
                     .iter()
                     .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>())
@@ -794,7 +797,9 @@ pub fn train_objective(
                 }
                 grad_norm = Some(total as f64);
             }
-            optimizer.step(&grads, lr_at(state.global_step))?;
+            if learns {
+                optimizer.step(&grads, lr_at(state.global_step))?;
+            }
             state.global_step += 1;
             state.optimizer_step = optimizer.step;
             state.batches_in_epoch = idx + 1;
