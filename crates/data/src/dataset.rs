@@ -19,8 +19,8 @@ use tune_core::Args;
 
 use crate::dataset_card::{config_to_read, CardConfig};
 use crate::json_source::{
-    parse_split, read_parquet_rows, read_rows, read_text_rows, skipped_by_hugging_face, DataFiles,
-    Row, TextSampleBy,
+    parse_split, read_csv_rows, read_parquet_rows, read_rows, read_text_rows,
+    skipped_by_hugging_face, DataFiles, Row, TextSampleBy,
 };
 use crate::llama2_tokenizer::Llama2Tokenizer;
 use crate::packed::{pack_samples, Examples};
@@ -41,6 +41,8 @@ pub enum Source {
     Text(DataFiles, TextSampleBy),
     /// `source: parquet` with `data_files`.
     Parquet(DataFiles),
+    /// `source: csv` with `data_files` (a header row names the columns).
+    Csv(DataFiles),
     /// Files read by their extension (.json/.jsonl or .parquet): a local folder, or the files
     /// of a Hugging Face Hub dataset.
     Files(DataFiles),
@@ -231,7 +233,12 @@ impl RowSource {
             },
         )?;
         // As load_dataset, which passes these to the one builder that has them.
-        if field.is_some() && matches!(source, Source::Text(..) | Source::Parquet(_)) {
+        if field.is_some()
+            && matches!(
+                source,
+                Source::Text(..) | Source::Parquet(_) | Source::Csv(_)
+            )
+        {
             bail!(
                 "{component}: `field` picks rows out of a JSON file; these data files are not JSON"
             );
@@ -253,6 +260,7 @@ impl RowSource {
             Source::Json(files)
             | Source::Text(files, _)
             | Source::Parquet(files)
+            | Source::Csv(files)
             | Source::Files(files) => files,
         };
         let mut out = Vec::new();
@@ -266,7 +274,9 @@ impl RowSource {
                     Source::Json(_) => read_rows(path, self.field.as_deref()),
                     Source::Text(_, by) => read_text_rows(path, *by),
                     Source::Parquet(_) => read_parquet_rows(path),
+                    Source::Csv(_) => read_csv_rows(path),
                     Source::Files(_) if extension_is(path, &["parquet"]) => read_parquet_rows(path),
+                    Source::Files(_) if extension_is(path, &["csv"]) => read_csv_rows(path),
                     Source::Files(_) => read_rows(path, self.field.as_deref()),
                 };
                 rows.extend(read.with_context(|| self.component.to_string())?);
@@ -344,7 +354,7 @@ fn files_source(component: &str, files: DataFiles, sample_by: TextSampleBy) -> R
         .find(|f| !is_text(f) && !looks_like_data(f))
     {
         bail!(
-            "{component}: {} is neither JSON, JSON Lines, Parquet nor text; convert it to JSON \
+            "{component}: {} is neither JSON, JSON Lines, Parquet, CSV nor text; convert it to JSON \
              Lines (or Parquet)",
             other.display()
         );
@@ -378,13 +388,14 @@ fn resolve_source(
         ("json", Some(files)) => Ok(Source::Json(local_files(files)?)),
         ("text", Some(files)) => Ok(Source::Text(local_files(files)?, sample_by)),
         ("parquet", Some(files)) => Ok(Source::Parquet(local_files(files)?)),
-        ("json" | "text" | "parquet", None) => {
+        ("csv", Some(files)) => Ok(Source::Csv(local_files(files)?)),
+        ("json" | "text" | "parquet" | "csv", None) => {
             bail!("{component}: `source: {source}` needs `data_files` (a file, or a list of them)")
         }
-        ("csv" | "arrow" | "pandas", _) => bail!(
+        ("arrow" | "pandas", _) => bail!(
             "{component}: source {source:?} is not supported; convert the data to JSON and use \
              `source: json` with `data_files` (or `source: text` for plain text, `source: parquet` \
-             for Parquet)"
+             for Parquet, `source: csv` for CSV)"
         ),
         (_, None) if local.is_file() && is_text(local) => Ok(Source::Text(
             DataFiles::Train(vec![local.to_path_buf()]),
@@ -392,6 +403,9 @@ fn resolve_source(
         )),
         (_, None) if local.is_file() && extension_is(local, &["parquet"]) => {
             Ok(Source::Parquet(DataFiles::Train(vec![local.to_path_buf()])))
+        }
+        (_, None) if local.is_file() && extension_is(local, &["csv"]) => {
+            Ok(Source::Csv(DataFiles::Train(vec![local.to_path_buf()])))
         }
         (_, None) if local.is_file() && looks_like_json(local) => {
             Ok(Source::Json(DataFiles::Train(vec![local.to_path_buf()])))
@@ -668,7 +682,7 @@ fn fetch_from_hub(
 }
 
 fn looks_like_data(p: &Path) -> bool {
-    extension_is(p, &["json", "jsonl", "parquet"])
+    extension_is(p, &["json", "jsonl", "parquet", "csv"])
 }
 
 fn looks_like_json(p: &Path) -> bool {

@@ -306,6 +306,51 @@ pub fn read_rows(path: &Path, field: Option<&str>) -> Result<Vec<Row>> {
     }
 }
 
+/// Cells that pandas' `read_csv` (which Hugging Face's csv builder uses) reads as missing: they
+/// become null, as in the Arrow table torchtune receives.
+const CSV_MISSING: &[&str] = &[
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+];
+
+/// The rows of a CSV file with a header row, as `load_dataset("csv")` reads them: one column per
+/// header name, missing cells null. Cells stay text (pandas would turn a column of numbers
+/// into numbers, which torchtune's text datasets cannot use).
+pub fn read_csv_rows(path: &Path) -> Result<Vec<Row>> {
+    let mut reader = csv::Reader::from_path(path).with_context(|| {
+        format!(
+            "cannot read data file {}: check `data_files` (relative paths are from the current directory)",
+            path.display()
+        )
+    })?;
+    let headers = reader
+        .headers()
+        .with_context(|| format!("{}: cannot read the header row", path.display()))?
+        .clone();
+    let mut rows = Vec::new();
+    for (index, record) in reader.records().enumerate() {
+        let record = record.with_context(|| format!("{} row {index}", path.display()))?;
+        let columns = headers
+            .iter()
+            .zip(record.iter())
+            .map(|(name, cell)| {
+                let value = match CSV_MISSING.contains(&cell) {
+                    true => Value::Null,
+                    false => Value::String(cell.to_string()),
+                };
+                (name.to_string(), value)
+            })
+            .collect();
+        rows.push(Row {
+            file: path.to_path_buf(),
+            index,
+            line: None,
+            columns,
+        });
+    }
+    Ok(rows)
+}
+
 /// Reads every row of a Parquet file (the format of most Hugging Face Hub datasets).
 pub fn read_parquet_rows(path: &Path) -> Result<Vec<Row>> {
     let file = std::fs::File::open(path).with_context(|| {

@@ -325,7 +325,7 @@ mod tests {
         ]);
         assert_eq!(out[0].content, ["Q: ", "x", "\n"]);
         assert_eq!(out[1].content, ["A: ", "y"]);
-        let v: Value = serde_yaml::from_str("torchtune.data.ChatMLTemplate").unwrap();
+        let v: Value = serde_yaml::from_str("torchtune.data.AlpacaInstructTemplate").unwrap();
         assert!(
             format!("{:#}", PromptTemplate::from_config(&v).unwrap_err()).contains("not supported")
         );

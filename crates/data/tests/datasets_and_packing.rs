@@ -904,3 +904,44 @@ fn source_settings_for_another_format_are_refused() {
     ));
     assert_eq!(by_paragraph.rows.rows().unwrap().len(), 1);
 }
+
+/// `source: csv` reads as Hugging Face's csv builder (pandas): quoted commas, quotes and line
+/// breaks, and the cells pandas calls missing ("", NA, None, null, ...) become null, so an
+/// alpaca row with such an `input` has none, as in JSON with `input: null`.
+#[test]
+fn csv_files_read_like_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tok512(None);
+    let json = serde_json::json!([
+        {"instruction": "Add, then say \"hi\"", "input": null, "output": "Five"},
+        {"instruction": "Name a pet", "input": null, "output": "A cat\nand a dog"},
+        {"instruction": "Say why", "input": "Because", "output": "Fine"},
+        {"instruction": "Count", "input": null, "output": "7"},
+    ]);
+    let json_file = write(dir.path(), "rows.json", &json.to_string());
+    let want = dataset(&format!(
+        "{{_component_: alpaca_dataset, source: json, data_files: {json_file:?}}}"
+    ))
+    .load(&tok)
+    .unwrap();
+    let csv = "instruction,input,output\n\
+               \"Add, then say \"\"hi\"\"\",,Five\n\
+               Name a pet,NA,\"A cat\nand a dog\"\n\
+               Say why,Because,Fine\n\
+               Count,None,7\n";
+    let csv_file = write(dir.path(), "rows.csv", csv);
+    for source in [
+        format!("source: csv, data_files: {csv_file:?}"),
+        format!("source: {csv_file:?}"),
+    ] {
+        let got = dataset(&format!("{{_component_: alpaca_dataset, {source}}}"))
+            .load(&tok)
+            .unwrap();
+        assert_eq!(got, want, "{source}");
+    }
+    // `field` picks rows out of JSON only.
+    let e = build_error(&format!(
+        "{{_component_: alpaca_dataset, source: csv, data_files: {csv_file:?}, field: rows}}"
+    ));
+    assert!(e.contains("not JSON"), "{e}");
+}
