@@ -197,8 +197,10 @@ fn hub_sources_and_unsupported_options_are_refused_with_the_fix() {
     assert!(err.contains("source: json"), "{err}");
     let err = build_err("{_component_: alpaca_dataset, source: json}");
     assert!(err.contains("data_files"), "{err}");
-    let err = build_err("{_component_: alpaca_dataset, source: csv, data_files: x.csv}");
+    let err = build_err("{_component_: alpaca_dataset, source: arrow, data_files: x.arrow}");
     assert!(err.contains("convert the data to JSON"), "{err}");
+    let err = build_err("{_component_: alpaca_dataset, source: csv}");
+    assert!(err.contains("`source: csv` needs `data_files`"), "{err}");
     let err = build_err("{_component_: alpaca_dataset, source: json, data_files: x.json, column_map: {response: out}}");
     assert!(
         err.contains("unknown key `response`") && err.contains("instruction, input, output"),
