@@ -9,7 +9,8 @@
 # and bf16 (loss within 1%), each printing "pass"; NF4 device dequantisation against the host's
 # bits; a 7B-shaped LoRA training benchmark (random weights, 7B_lora_single_device's LoRA
 # settings) with tokens/s, MFU and peak GPU memory: 2 x 2048 tokens with and without activation
-# checkpointing, and 2 x 512 tokens with it (the shape of torchtune's published 7B memory figure).
+# checkpointing, and 2 x 512 tokens with it (near the shape of torchtune's published 7B memory
+# figure).
 #
 # What comes back from a device run is limited (a few files): every result goes into one archive,
 # $OUT/gpu-check.tgz, a one-line-per-check summary into $OUT/summary.txt (as each check ends) and
@@ -97,8 +98,9 @@ step trajectory_cuda_bf16 40 "$BIN" selfcheck trajectory --device "$DEVICE" --dt
 step bench_7b_lora_bf16 90 "$BIN" bench ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --lora-attn-modules q_proj,v_proj,output_proj \
   --apply-lora-to-mlp --lora-rank 8 --lora-alpha 16 --batch-size "$BENCH_BATCH" --seq-len "$BENCH_SEQ" \
   --warmup 1 --steps 3 --device "$DEVICE" --dtype "$BENCH_DTYPE" --peak-tflops 989 --activation-checkpointing
-# torchtune's 15.57 GB is 7B_lora_single_device on Alpaca: batches of 2 sequences of a few
-# hundred tokens, with activation checkpointing. The comparable figure: 2 x 512 tokens.
+# torchtune's 15.57 GiB (peak reserved) is 7B LoRA on Alpaca: batches of 2 sequences of a few
+# hundred tokens (the longest padded batch sets it), with activation checkpointing. Near it:
+# 2 x 512 tokens.
 step bench_7b_lora_bf16_seq512 60 "$BIN" bench ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --lora-attn-modules q_proj,v_proj,output_proj \
   --apply-lora-to-mlp --lora-rank 8 --lora-alpha 16 --batch-size "$BENCH_BATCH" --seq-len "${BENCH_SHORT_SEQ:-512}" \
   --warmup 1 --steps 3 --device "$DEVICE" --dtype "$BENCH_DTYPE" --peak-tflops 989 --activation-checkpointing

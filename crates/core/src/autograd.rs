@@ -312,9 +312,9 @@ fn dense_attend_grads(
 
 /// `softmax(q k^T * scale + mask)` over the last dimension, for q/k [.., seq, head_dim].
 fn attention_probs(q: &Tensor, k: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    // Scaling q costs a pass over [.., seq, head_dim] instead of one over the scores; the
-    // transposed k goes to the matmul as a strided view (no copy).
-    let scores = (q * scale)?.matmul(&k.t()?)?;
+    // The scores are scaled, not q: scaling q first rounds differently for one query row (a
+    // KV-cache step) than for many, and cached and uncached generation would part ways.
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,

@@ -439,11 +439,15 @@ fn resolve_source(
             files.sort();
             if files.is_empty() {
                 bail!(
-                    "{component}: folder {} has no .json, .jsonl or .parquet files",
+                    "{component}: folder {} has no .json, .jsonl, .parquet or .csv files",
                     root.display()
                 );
             }
-            Ok(Source::Files(files_by_split(files).into_data_files()))
+            Ok(Source::Files(
+                files_by_split(files)
+                    .one_builder_per_split()
+                    .into_data_files(),
+            ))
         }
         // Named files of a local dataset folder, relative to it (and to data_dir within it).
         (_, Some(files)) if local.is_dir() => {
@@ -553,6 +557,21 @@ fn files_by_split<T>(files: Vec<(String, T)>) -> SplitFiles<T> {
 enum SplitFiles<T> {
     Train(Vec<T>),
     Splits(std::collections::BTreeMap<String, Vec<T>>),
+}
+
+impl<T: AsRef<Path>> SplitFiles<T> {
+    /// Each split's files narrowed to one builder's, as Hugging Face reads them ([`one_builder`]).
+    fn one_builder_per_split(self) -> Self {
+        match self {
+            SplitFiles::Train(files) => SplitFiles::Train(one_builder(files)),
+            SplitFiles::Splits(splits) => SplitFiles::Splits(
+                splits
+                    .into_iter()
+                    .map(|(split, files)| (split, one_builder(files)))
+                    .collect(),
+            ),
+        }
+    }
 }
 
 impl SplitFiles<PathBuf> {
@@ -669,16 +688,51 @@ fn fetch_from_hub(
         .collect();
     if files.is_empty() {
         bail!(
-            "{component}: Hugging Face Hub dataset {repo_id:?} has no .json, .jsonl or \
-             .parquet data files{}",
+            "{component}: Hugging Face Hub dataset {repo_id:?} has no .json, .jsonl, .parquet \
+             or .csv data files{}",
             dir.map(|d| format!(" under {d}/")).unwrap_or_default()
         );
     }
     download(
         files_by_split(files)
+            .one_builder_per_split()
             .into_data_files()
             .only_splits(folder.wanted_splits),
     )
+}
+
+/// Hugging Face reads a split's files with one builder: that of their most common data-file
+/// extension (a draw goes to .parquet, then .jsonl, .json, .csv), over that builder's files
+/// only. (It also wants the same builder for every split; tune-rs reads each with its own.)
+fn one_builder<T: AsRef<Path>>(files: Vec<T>) -> Vec<T> {
+    const PREFERENCE: [&str; 4] = ["parquet", "jsonl", "json", "csv"];
+    let extension = |p: &T| {
+        p.as_ref()
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+    };
+    let count = |wanted: &str| {
+        files
+            .iter()
+            .filter(|p| extension(p).as_deref() == Some(wanted))
+            .count()
+    };
+    let Some((_, best)) = PREFERENCE
+        .iter()
+        .enumerate()
+        .max_by_key(|(rank, e)| (count(e), std::cmp::Reverse(*rank)))
+    else {
+        return files;
+    };
+    let same_builder = |e: &str| match *best {
+        "jsonl" | "json" => e == "json" || e == "jsonl",
+        only => e == only,
+    };
+    files
+        .into_iter()
+        .filter(|p| extension(p).is_some_and(|e| same_builder(&e)))
+        .collect()
 }
 
 fn looks_like_data(p: &Path) -> bool {

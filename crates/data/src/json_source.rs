@@ -18,7 +18,7 @@ pub struct Row {
     pub file: PathBuf,
     /// 0-based position of the row in its file.
     pub index: usize,
-    /// 1-based line, for JSON Lines files.
+    /// 1-based line, for JSON Lines and CSV files.
     pub line: Option<usize>,
     pub columns: Map<String, Value>,
 }
@@ -313,42 +313,81 @@ const CSV_MISSING: &[&str] = &[
     "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
 ];
 
-/// The rows of a CSV file with a header row, as `load_dataset("csv")` reads them: one column per
-/// header name, missing cells null. Cells stay text (pandas would turn a column of numbers
-/// into numbers, which torchtune's text datasets cannot use).
+/// The rows of a CSV file with a header row, as `load_dataset("csv")` reads them through pandas:
+/// one column per header name (a repeated name becomes `name.1`, `name.2`, an empty one
+/// `Unnamed: i`), missing cells and the cells of a short row null, blank lines skipped. Cells
+/// stay text (pandas would turn a column of numbers into numbers, which torchtune's text
+/// datasets cannot use).
 pub fn read_csv_rows(path: &Path) -> Result<Vec<Row>> {
-    let mut reader = csv::Reader::from_path(path).with_context(|| {
-        format!(
-            "cannot read data file {}: check `data_files` (relative paths are from the current directory)",
-            path.display()
-        )
-    })?;
-    let headers = reader
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(path)
+        .with_context(|| {
+            format!(
+                "cannot read data file {}: check `data_files` (relative paths are from the current directory)",
+                path.display()
+            )
+        })?;
+    let header = reader
         .headers()
         .with_context(|| format!("{}: cannot read the header row", path.display()))?
         .clone();
+    let names = csv_column_names(&header);
     let mut rows = Vec::new();
-    for (index, record) in reader.records().enumerate() {
-        let record = record.with_context(|| format!("{} row {index}", path.display()))?;
-        let columns = headers
+    for record in reader.records() {
+        let record = record.with_context(|| format!("{}: cannot read a row", path.display()))?;
+        let line = record.position().map(|p| p.line() as usize);
+        // pandas skips lines of nothing but whitespace.
+        if record.len() == 1 && record[0].trim().is_empty() {
+            continue;
+        }
+        if record.len() > names.len() {
+            bail!(
+                "{}: expected {} fields in line {}, saw {} (as pandas refuses it)",
+                path.display(),
+                names.len(),
+                line.unwrap_or(0),
+                record.len()
+            );
+        }
+        let cell = |i: usize| match record.get(i) {
+            Some(text) if !CSV_MISSING.contains(&text) => Value::String(text.to_string()),
+            _ => Value::Null,
+        };
+        let columns = names
             .iter()
-            .zip(record.iter())
-            .map(|(name, cell)| {
-                let value = match CSV_MISSING.contains(&cell) {
-                    true => Value::Null,
-                    false => Value::String(cell.to_string()),
-                };
-                (name.to_string(), value)
-            })
+            .enumerate()
+            .map(|(i, name)| (name.clone(), cell(i)))
             .collect();
         rows.push(Row {
             file: path.to_path_buf(),
-            index,
-            line: None,
+            index: rows.len(),
+            line,
             columns,
         });
     }
     Ok(rows)
+}
+
+/// pandas' column names for a header row: `Unnamed: i` for an empty one, and `name.1`,
+/// `name.2`, ... for repeats (skipping names already taken).
+fn csv_column_names(header: &csv::StringRecord) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for (i, raw) in header.iter().enumerate() {
+        let base = if raw.is_empty() {
+            format!("Unnamed: {i}")
+        } else {
+            raw.to_string()
+        };
+        let mut name = base.clone();
+        let mut n = 0;
+        while names.contains(&name) {
+            n += 1;
+            name = format!("{base}.{n}");
+        }
+        names.push(name);
+    }
+    names
 }
 
 /// Reads every row of a Parquet file (the format of most Hugging Face Hub datasets).

@@ -939,9 +939,91 @@ fn csv_files_read_like_json() {
             .unwrap();
         assert_eq!(got, want, "{source}");
     }
+    // pandas' reading of untidy files: a repeated column name is `output.1` (the first
+    // `output` stays), a short row's missing cells are null, a line of spaces is no row.
+    let untidy = "instruction,output,input,output\n\
+                  \"Add, then say \"\"hi\"\"\",Five,,Six\n\
+                  \x20\x20\x20\n\
+                  Name a pet,\"A cat\nand a dog\"\n\
+                  Say why,Fine,Because\n\
+                  Count,7\n";
+    let untidy_file = write(dir.path(), "untidy.csv", untidy);
+    let got = dataset(&format!(
+        "{{_component_: alpaca_dataset, source: csv, data_files: {untidy_file:?}}}"
+    ))
+    .load(&tok)
+    .unwrap();
+    assert_eq!(got, want);
+    // A row longer than the header is refused, as pandas refuses it.
+    let long_file = write(
+        dir.path(),
+        "long.csv",
+        "instruction,input,output\na,b,c,d\n",
+    );
+    let e = format!(
+        "{:#}",
+        dataset(&format!(
+            "{{_component_: alpaca_dataset, source: csv, data_files: {long_file:?}}}"
+        ))
+        .load(&tok)
+        .unwrap_err()
+    );
+    assert!(e.contains("expected 3 fields in line 2, saw 4"), "{e}");
     // `field` picks rows out of JSON only.
     let e = build_error(&format!(
         "{{_component_: alpaca_dataset, source: csv, data_files: {csv_file:?}, field: rows}}"
     ));
     assert!(e.contains("not JSON"), "{e}");
+}
+
+/// A folder is read with one builder, as Hugging Face picks it: that of the most common data
+/// extension (.json and .jsonl count apart; a draw goes to parquet, then jsonl, json, csv), and
+/// only its files.
+#[test]
+fn a_folder_is_read_with_the_builder_of_its_most_common_extension() {
+    let tok = tok512(None);
+    let row = |i: &str| serde_json::json!({"instruction": i, "input": "", "output": "ok"});
+    let load = |dir: &Path| {
+        dataset(&format!(
+            "{{_component_: alpaca_dataset, source: {:?}}}",
+            dir.display().to_string()
+        ))
+        .load(&tok)
+        .unwrap()
+        .len()
+    };
+    let json_wins = tempfile::tempdir().unwrap();
+    write(json_wins.path(), "train-a.jsonl", &row("a").to_string());
+    write(json_wins.path(), "train-b.jsonl", &row("b").to_string());
+    write(
+        json_wins.path(),
+        "train-c.csv",
+        "instruction,input,output\nc,,ok\nd,,ok\ne,,ok\n",
+    );
+    assert_eq!(load(json_wins.path()), 2, "the csv file is not read");
+    let csv_wins = tempfile::tempdir().unwrap();
+    write(
+        csv_wins.path(),
+        "train-a.csv",
+        "instruction,input,output\na,,ok\n",
+    );
+    write(
+        csv_wins.path(),
+        "train-b.csv",
+        "instruction,input,output\nb,,ok\n",
+    );
+    write(
+        csv_wins.path(),
+        "train-c.json",
+        &serde_json::json!([row("c"), row("d"), row("e")]).to_string(),
+    );
+    assert_eq!(load(csv_wins.path()), 2, "the json file is not read");
+    let draw = tempfile::tempdir().unwrap();
+    write(draw.path(), "train-a.jsonl", &row("a").to_string());
+    write(
+        draw.path(),
+        "train-b.csv",
+        "instruction,input,output\nb,,ok\nc,,ok\n",
+    );
+    assert_eq!(load(draw.path()), 1, "a draw goes to jsonl before csv");
 }

@@ -182,11 +182,13 @@ impl Objective for NextToken {
             batch.packed.as_ref(),
             true,
         )?;
-        // torchtune weights each micro-batch's mean loss by its (unshifted) label count.
+        // torchtune weights each micro-batch's mean loss by its (unshifted) label count. With
+        // no label left after the shift there is nothing to learn (torchtune's mean is 0/0):
+        // weight 0, as a micro-batch without labels.
         let weighted_loss = ((ce_sum / shifted.max(1) as f64)? * tokens as f64)?;
         Ok(MicroBatch {
             weighted_loss,
-            weight: tokens as f64,
+            weight: if shifted == 0 { 0.0 } else { tokens as f64 },
             tokens,
             metrics: Vec::new(),
         })
@@ -784,7 +786,8 @@ pub fn train_objective(
             for g in grads.iter_mut().filter(|_| learns) {
                 *g = (&*g * scale as f64)?;
             }
-            let mut grad_norm = None;
+            // torchtune's norm of a 0/0 step is NaN too.
+            let mut grad_norm = clip_grad_norm.filter(|_| !learns).map(|_| f64::NAN);
             if let (Some(max_norm), true) = (clip_grad_norm, learns) {
                 let total = grads
                     .iter()
