@@ -180,6 +180,11 @@ impl RowSource {
             None => TextSampleBy::Line,
             Some(s) => TextSampleBy::parse(&s).with_context(|| format!("{component}.sample_by"))?,
         };
+        // Hugging Face's text builder keeps line breaks on request (lines only).
+        let sample_by = match (sample_by, args.get_opt::<bool>("keep_linebreaks")?) {
+            (TextSampleBy::Line, Some(true)) => TextSampleBy::LineKeepingBreaks,
+            (by, _) => by,
+        };
         let data_files = match args.raw("data_files").filter(|v| !v.is_null()) {
             Some(v) => {
                 Some(DataFiles::from_config(v).with_context(|| format!("{component}.data_files"))?)
@@ -194,7 +199,7 @@ impl RowSource {
         let known: Vec<&str> = SOURCE_ARGS
             .iter()
             .chain(own)
-            .chain(&["sample_by"])
+            .chain(&["sample_by", "keep_linebreaks"])
             .chain(name.is_some().then_some(&"name"))
             .copied()
             .collect();
@@ -243,8 +248,10 @@ impl RowSource {
                 "{component}: `field` picks rows out of a JSON file; these data files are not JSON"
             );
         }
-        if !args.is_null("sample_by") && !matches!(source, Source::Text(..)) {
-            bail!("{component}: `sample_by` splits plain text (`source: text`); these data files are not text");
+        for text_only in ["sample_by", "keep_linebreaks"] {
+            if !args.is_null(text_only) && !matches!(source, Source::Text(..)) {
+                bail!("{component}: `{text_only}` is for plain text (`source: text`); these data files are not text");
+            }
         }
         Ok(RowSource {
             component,

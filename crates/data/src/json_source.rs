@@ -441,6 +441,9 @@ pub fn read_parquet_rows(path: &Path) -> Result<Vec<Row>> {
 pub enum TextSampleBy {
     /// One row per line, empty lines included, line breaks removed.
     Line,
+    /// One row per line with its line break kept (`keep_linebreaks: True`; the last line has
+    /// none when the file does not end with one).
+    LineKeepingBreaks,
     /// One row per block of text between blank lines (`"\n\n"`); empty blocks are skipped.
     Paragraph,
     /// The whole file as one row.
@@ -473,6 +476,7 @@ pub fn read_text_rows(path: &Path, sample_by: TextSampleBy) -> Result<Vec<Row>> 
     let body = body.replace("\r\n", "\n").replace('\r', "\n");
     let pieces: Vec<&str> = match sample_by {
         TextSampleBy::Line => lines(&body),
+        TextSampleBy::LineKeepingBreaks => body.split_inclusive('\n').collect(),
         TextSampleBy::Paragraph => body.split("\n\n").filter(|p| !p.is_empty()).collect(),
         TextSampleBy::Document => vec![body.as_str()],
     };
@@ -485,7 +489,11 @@ pub fn read_text_rows(path: &Path, sample_by: TextSampleBy) -> Result<Vec<Row>> 
             Row {
                 file: path.to_path_buf(),
                 index,
-                line: (sample_by == TextSampleBy::Line).then_some(index + 1),
+                line: matches!(
+                    sample_by,
+                    TextSampleBy::Line | TextSampleBy::LineKeepingBreaks
+                )
+                .then_some(index + 1),
                 columns,
             }
         })

@@ -897,12 +897,30 @@ fn source_settings_for_another_format_are_refused() {
     let err = build_error(&format!(
         "{{_component_: text_completion_dataset, source: json, data_files: {json:?}, sample_by: paragraph}}"
     ));
-    assert!(err.contains("`sample_by` splits plain text"), "{err}");
+    assert!(err.contains("`sample_by` is for plain text"), "{err}");
     // Where they apply, they work.
     let by_paragraph = dataset(&format!(
         "{{_component_: text_completion_dataset, source: text, data_files: {text:?}, sample_by: paragraph}}"
     ));
     assert_eq!(by_paragraph.rows.rows().unwrap().len(), 1);
+    // keep_linebreaks as Hugging Face's text builder: each line keeps its "\n" (a "\r\n" read
+    // as one), the last none when the file lacks it: ['one\n', 'two\n', '\n', 'three'].
+    let kept = write(dir.path(), "kept.txt", "one\r\ntwo\n\nthree");
+    let rows = dataset(&format!(
+        "{{_component_: text_completion_dataset, source: text, data_files: {kept:?}, keep_linebreaks: True}}"
+    ))
+    .rows
+    .rows()
+    .unwrap();
+    let texts: Vec<&str> = rows
+        .iter()
+        .map(|r| r.columns["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["one\n", "two\n", "\n", "three"]);
+    let err = build_error(&format!(
+        "{{_component_: text_completion_dataset, source: json, data_files: {json:?}, keep_linebreaks: True}}"
+    ));
+    assert!(err.contains("`keep_linebreaks` is for plain text"), "{err}");
 }
 
 /// `source: csv` reads as Hugging Face's csv builder (pandas): quoted commas, quotes and line
