@@ -301,6 +301,14 @@ impl RowSource {
                         .join(", ")
                 );
             }
+            if slice.pct1_dropremainder && total < 100 {
+                bail!(
+                    "{}: split {:?}: pct1_dropremainder on a split of fewer than 100 rows ({total}) \
+                     always selects none (Hugging Face refuses it too); drop the rounding",
+                    self.component,
+                    self.split
+                );
+            }
             let range = slice.range(total);
             out.extend(rows.into_iter().skip(range.start).take(range.len()));
         }

@@ -563,6 +563,9 @@ pub struct SplitSlice {
     pub from: Option<i64>,
     pub to: Option<i64>,
     pub percent: bool,
+    /// `(pct1_dropremainder)`: each percent is `len / 100` rows (rounded down), as in Hugging
+    /// Face, instead of the closest row to the exact fraction.
+    pub pct1_dropremainder: bool,
 }
 
 /// Parses a split expression (`train`, `train[:100]`, `train[10%:20%]`, `a+b[:5]`).
@@ -573,6 +576,16 @@ pub fn parse_split(spec: &str) -> Result<Vec<SplitSlice>> {
     let mut out = Vec::new();
     for part in spec.split('+') {
         let part = part.trim();
+        // A rounding suffix: `train[:10%](pct1_dropremainder)` or `(closest)`, the default.
+        let (part, rounding) = match part.strip_suffix(')').and_then(|p| p.rsplit_once('(')) {
+            Some((part, rounding)) => (part, Some(rounding)),
+            None => (part, None),
+        };
+        let pct1_dropremainder = match rounding {
+            None | Some("closest") => false,
+            Some("pct1_dropremainder") => true,
+            Some(_) => return Err(bad("rounding must be closest or pct1_dropremainder")),
+        };
         let (name, slice) = match part.find('[') {
             None => (part, None),
             Some(i) => {
@@ -594,6 +607,7 @@ pub fn parse_split(spec: &str) -> Result<Vec<SplitSlice>> {
             from: None,
             to: None,
             percent: false,
+            pct1_dropremainder,
         };
         if let Some(inner) = slice {
             let (a, b) = inner
@@ -625,6 +639,9 @@ pub fn parse_split(spec: &str) -> Result<Vec<SplitSlice>> {
             }
             s.percent = units.first().copied().unwrap_or(false);
         }
+        if rounding.is_some() && !s.percent {
+            return Err(bad("a rounding applies to percent slices only"));
+        }
         out.push(s);
     }
     Ok(out)
@@ -636,10 +653,10 @@ impl SplitSlice {
     pub fn range(&self, n: usize) -> std::ops::Range<usize> {
         let n_i = n as i64;
         let abs = |v: i64| -> i64 {
-            if self.percent {
-                ((v as f64) * (n as f64) / 100.0).round_ties_even() as i64
-            } else {
-                v
+            match (self.percent, self.pct1_dropremainder) {
+                (true, true) => v * (n_i / 100),
+                (true, false) => ((v as f64) * (n as f64) / 100.0).round_ties_even() as i64,
+                (false, _) => v,
             }
         };
         let resolve = |v: Option<i64>, default: i64| -> usize {
@@ -681,6 +698,17 @@ mod tests {
         assert_eq!(rows("train[:35%]", 10), [(0, 4)]);
         assert_eq!(rows("train[:50%]+train[-10%:]", 10), [(0, 5), (9, 10)]);
         assert_eq!(parse_split("validation").unwrap()[0].name, "validation");
+        // Rounding suffixes, checked against datasets 5.2's ReadInstruction.to_absolute.
+        assert_eq!(rows("train[:33%](pct1_dropremainder)", 7473), [(0, 2442)]);
+        assert_eq!(
+            rows("train[-10%:](pct1_dropremainder)", 7473),
+            [(6733, 7473)]
+        );
+        assert_eq!(
+            rows("train[10%:20%](pct1_dropremainder)", 7473),
+            [(740, 1480)]
+        );
+        assert_eq!(rows("train[:33%](closest)", 7473), [(0, 2466)]);
     }
 
     #[test]
@@ -693,6 +721,8 @@ mod tests {
             "train[:101%]",
             "[:5]",
             "train[a:b]",
+            "train[:10](pct1_dropremainder)",
+            "train[:10%](nearest)",
         ] {
             assert!(parse_split(bad).is_err(), "{bad}");
         }

@@ -1045,3 +1045,29 @@ fn a_folder_is_read_with_the_builder_of_its_most_common_extension() {
     );
     assert_eq!(load(draw.path()), 1, "a draw goes to jsonl before csv");
 }
+
+/// `(pct1_dropremainder)` needs 100 rows or more, as in Hugging Face (below that every percent is
+/// zero rows); with them, each percent is `rows / 100` rows.
+#[test]
+fn pct1_dropremainder_needs_a_hundred_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = |n: usize| {
+        let rows: Vec<serde_json::Value> = (0..n)
+            .map(|i| serde_json::json!({"text": format!("row {i}")}))
+            .collect();
+        write(
+            dir.path(),
+            &format!("rows{n}.json"),
+            &serde_json::to_string(&rows).unwrap(),
+        )
+    };
+    let spec = |file: &str| {
+        dataset(&format!(
+            "{{_component_: text_completion_dataset, source: json, data_files: {file:?}, \
+             split: 'train[:3%](pct1_dropremainder)'}}"
+        ))
+    };
+    let err = format!("{:#}", spec(&rows(50)).rows.rows().unwrap_err());
+    assert!(err.contains("fewer than 100 rows (50)"), "{err}");
+    assert_eq!(spec(&rows(250)).rows.rows().unwrap().len(), 6);
+}
