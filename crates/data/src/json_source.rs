@@ -343,7 +343,8 @@ pub fn read_csv_rows(path: &Path) -> Result<Vec<Row>> {
         }
         if record.len() > names.len() {
             bail!(
-                "{}: expected {} fields in line {}, saw {} (as pandas refuses it)",
+                "{}: expected {} fields in line {}, saw {}: a row longer than the header (pandas \
+                 would refuse it, or shift the columns if it is the first); fix that row",
                 path.display(),
                 names.len(),
                 line.unwrap_or(0),
