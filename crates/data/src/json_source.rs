@@ -334,8 +334,10 @@ pub fn read_csv_rows(path: &Path) -> Result<Vec<Row>> {
         .clone();
     let names = csv_column_names(&header);
     let mut rows = Vec::new();
+    let mut last_start: Option<csv::Position> = None;
     for record in reader.records() {
         let record = record.with_context(|| format!("{}: cannot read a row", path.display()))?;
+        last_start = record.position().cloned();
         let line = record.position().map(|p| p.line() as usize);
         // pandas skips lines of nothing but whitespace.
         if record.len() == 1 && record[0].trim().is_empty() {
@@ -367,7 +369,45 @@ pub fn read_csv_rows(path: &Path) -> Result<Vec<Row>> {
             columns,
         });
     }
+    // A quote never closed swallows the rest of the file into one cell (pandas refuses it:
+    // "EOF inside string"); only the last record can hold one.
+    if let Some(start) = last_start {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        if ends_inside_quotes(&bytes[(start.byte() as usize).min(bytes.len())..]) {
+            bail!(
+                "{}: the quoted field that starts in line {} is never closed, so the rest of the \
+                 file would be one cell; add the closing quote",
+                path.display(),
+                start.line()
+            );
+        }
+    }
     Ok(rows)
+}
+
+/// Whether CSV text ends inside a quoted field (a quote opens one only at a field's start,
+/// and `""` inside it is an escaped quote, as csv-core reads them).
+fn ends_inside_quotes(text: &[u8]) -> bool {
+    let (mut in_quotes, mut at_field_start) = (false, true);
+    let mut i = 0;
+    while i < text.len() {
+        let byte = text[i];
+        if in_quotes {
+            if byte == b'"' {
+                if text.get(i + 1) == Some(&b'"') {
+                    i += 1;
+                } else {
+                    in_quotes = false;
+                }
+            }
+        } else if byte == b'"' && at_field_start {
+            in_quotes = true;
+        }
+        at_field_start = !in_quotes && matches!(byte, b',' | b'\n' | b'\r');
+        i += 1;
+    }
+    in_quotes
 }
 
 /// pandas' column names for a header row: `Unnamed: i` for an empty one, and `name.1`,

@@ -987,6 +987,36 @@ fn csv_files_read_like_json() {
         .unwrap_err()
     );
     assert!(e.contains("expected 3 fields in line 2, saw 4"), "{e}");
+    // A quote never closed would swallow the rest of the file into one cell: refused, naming
+    // the line it opens in. Closed quotes, escaped ones and quotes inside a field are fine.
+    let open_file = write(
+        dir.path(),
+        "open.csv",
+        "instruction,input,output\nfine,,\"a \"\"quoted\"\" word\"\nsize,5\" screen,ok\n\"never closed,,x\nlast,,y\n",
+    );
+    let e = format!(
+        "{:#}",
+        dataset(&format!(
+            "{{_component_: alpaca_dataset, source: csv, data_files: {open_file:?}}}"
+        ))
+        .load(&tok)
+        .unwrap_err()
+    );
+    assert!(e.contains("starts in line 4 is never closed"), "{e}");
+    let closed = open_file.replace("open.csv", "closed.csv");
+    std::fs::write(
+        &closed,
+        "instruction,input,output\nfine,,\"a \"\"quoted\"\" word\"\nsize,5\" screen,ok\n",
+    )
+    .unwrap();
+    let rows = dataset(&format!(
+        "{{_component_: alpaca_dataset, source: csv, data_files: {closed:?}}}"
+    ))
+    .rows
+    .rows()
+    .unwrap();
+    assert_eq!(rows[0].columns["output"], "a \"quoted\" word");
+    assert_eq!(rows[1].columns["input"], "5\" screen");
     // `field` picks rows out of JSON only.
     let e = build_error(&format!(
         "{{_component_: alpaca_dataset, source: csv, data_files: {csv_file:?}, field: rows}}"
