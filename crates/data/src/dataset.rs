@@ -721,16 +721,10 @@ fn fetch_from_hub(
 /// only. (It also wants the same builder for every split; tune-rs reads each with its own.)
 fn one_builder<T: AsRef<Path>>(files: Vec<T>) -> Vec<T> {
     const PREFERENCE: [&str; 4] = ["parquet", "jsonl", "json", "csv"];
-    let extension = |p: &T| {
-        p.as_ref()
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase)
-    };
-    let count = |wanted: &str| {
+    let count = |extension: &str| {
         files
             .iter()
-            .filter(|p| extension(p).as_deref() == Some(wanted))
+            .filter(|p| extension_is(p.as_ref(), &[extension]))
             .count()
     };
     let Some((_, best)) = PREFERENCE
@@ -740,13 +734,14 @@ fn one_builder<T: AsRef<Path>>(files: Vec<T>) -> Vec<T> {
     else {
         return files;
     };
-    let same_builder = |e: &str| match *best {
-        "jsonl" | "json" => e == "json" || e == "jsonl",
-        only => e == only,
+    let builder: &[&str] = match *best {
+        "jsonl" | "json" => &["json", "jsonl"],
+        "parquet" => &["parquet"],
+        _ => &["csv"],
     };
     files
         .into_iter()
-        .filter(|p| extension(p).is_some_and(|e| same_builder(&e)))
+        .filter(|p| extension_is(p.as_ref(), builder))
         .collect()
 }
 

@@ -135,13 +135,8 @@ impl Examples {
         self.len() == 0
     }
 
-    /// Whether any example has a label the loss counts after its shift by one (`labels[1..]`):
-    /// a one-token sample has nothing to predict.
-    pub fn has_a_label_to_predict(&self) -> bool {
-        self.without_a_label_to_predict() < self.len()
-    }
-
-    /// How many examples have no labelled token after their first (nothing to learn from).
+    /// How many examples have no labelled token after their shift by one (`labels[1..]`): a
+    /// one-token sample has nothing to predict.
     pub fn without_a_label_to_predict(&self) -> usize {
         match self {
             Examples::Samples(samples) => samples

@@ -650,9 +650,13 @@ fn read_recipe_state(folder: &Path) -> Result<RecipeState> {
 /// `step_N`, or a hidden `.epoch_N.partial-PID` / `.epoch_N.old-PID`.
 fn is_checkpoint_folder_name(name: &str) -> bool {
     let name = name.strip_prefix('.').unwrap_or(name);
-    let base = name.split('.').next().unwrap_or(name);
+    is_checkpoint_name(name.split('.').next().unwrap_or(name))
+}
+
+/// `epoch_N` or `step_N`, exactly.
+fn is_checkpoint_name(name: &str) -> bool {
     ["epoch_", "step_"].iter().any(|prefix| {
-        base.strip_prefix(prefix)
+        name.strip_prefix(prefix)
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
     })
 }
@@ -664,12 +668,7 @@ pub fn refuse_files_named_like_checkpoints(output_dir: &Path) -> Result<()> {
         return Ok(());
     };
     for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let checkpoint_like = ["epoch_", "step_"].iter().any(|prefix| {
-            name.strip_prefix(prefix)
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        });
-        if checkpoint_like && !entry.path().is_dir() {
+        if is_checkpoint_name(&entry.file_name().to_string_lossy()) && !entry.path().is_dir() {
             bail!(
                 "{} is not a checkpoint folder, but this run saves its checkpoints under such \
                  names; move it out of output_dir or choose another output_dir",

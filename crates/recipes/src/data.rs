@@ -102,28 +102,25 @@ pub fn build(
     if examples.is_empty() {
         bail!("the dataset is empty; check dataset.data_files and dataset.split");
     }
-    if !examples.has_a_label_to_predict() {
+    let max_seq_len = tokenizer
+        .max_seq_len()
+        .map_or("null".to_string(), |n| n.to_string());
+    let label_less = examples.without_a_label_to_predict();
+    if label_less == examples.len() {
         // Each token is learnt from the ones before it: a sample cut to one token has none.
         bail!(
             "no sample has a labelled token after its first, so there is nothing to learn (the \
-             loss would be 0/0); raise tokenizer.max_seq_len (now {}), set train_on_input, or \
-             check the data",
-            tokenizer
-                .max_seq_len()
-                .map_or("null".to_string(), |n| n.to_string())
+             loss would be 0/0); raise tokenizer.max_seq_len (now {max_seq_len}), set \
+             train_on_input, or check the data"
         );
     }
-    let label_less = examples.without_a_label_to_predict();
     if label_less > 0 {
         // Said now, not first at the step that meets them (which trains on nothing).
         tracing::warn!(
             "{label_less} of {} examples have no labelled token after their first (every \
-             response masked or cut off by tokenizer.max_seq_len = {}); a step made only of \
-             such examples is skipped without an update",
-            examples.len(),
-            tokenizer
-                .max_seq_len()
-                .map_or("null".to_string(), |n| n.to_string())
+             response masked or cut off by tokenizer.max_seq_len = {max_seq_len}); a step made \
+             only of such examples is skipped without an update",
+            examples.len()
         );
     }
     let collate: CollateSft = match cfg.node("collate_fn") {
