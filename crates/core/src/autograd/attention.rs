@@ -271,8 +271,8 @@ fn per_block(
 ///
 /// Only the three inputs (which their projections produce anyway) are kept for the backward;
 /// RoPE, the head layouts and the probabilities are recomputed there. Built from [`attention`]
-/// and [`rope_interleaved`](super::rope_interleaved), the rotated q and k, the contiguous v and the re-laid-out output
-/// would each stay alive until the backward as well.
+/// and [`rope_interleaved`](super::rope_interleaved), the rotated q and k, the contiguous v and
+/// the re-laid-out output would each stay alive until the backward as well.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_attention(
     q: &Tensor,
