@@ -312,12 +312,10 @@ impl HfCheckpointer {
                 .map(|(n, v)| (n, v.as_tensor().clone()))
                 .collect();
             atomic::save_safetensors(&state_dir.join("adapter_torchtune.safetensors"), &adapter)?;
-            let mut moments = HashMap::new();
-            for p in &optimizer.params {
-                moments.insert(format!("exp_avg.{}", p.name), p.exp_avg.clone());
-                moments.insert(format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.clone());
-            }
-            atomic::save_safetensors(&state_dir.join("optimizer.safetensors"), &moments)?;
+            atomic::save_safetensors(
+                &state_dir.join("optimizer.safetensors"),
+                &optimizer.moments(),
+            )?;
             atomic::write(
                 &state_dir.join("recipe_state.json"),
                 serde_json::to_string_pretty(state)?.as_bytes(),

@@ -9,6 +9,8 @@
 //! - [`generate`] — text generation with a KV cache (greedy or sampled), with an optional adapter.
 //!
 //! Pieces:
+//! - [`training_loop`] — the loop every training recipe runs (its [`Objective`](training_loop::Objective)
+//!   gives each micro-batch's loss).
 //! - [`settings`] — device, dtype and top-level keys.
 //! - [`data`] — tokenizer + dataset + sampler + collate from the config.
 //! - [`loss`] — `CEWithChunkedOutputLoss`.
@@ -39,6 +41,7 @@ pub mod metric_logging;
 pub mod optim;
 pub mod selfcheck;
 pub mod settings;
+pub mod training_loop;
 
 /// Referencing this from the binary links the recipes crate (and, through it, every crate whose
 /// components register themselves), so the `_component_` registry is complete.

@@ -1,4 +1,4 @@
-//! `lora_dpo_distributed`: LoRA DPO data-parallel over the ranks of a [`ProcessGroup`] — the
+//! `lora_dpo_distributed`: LoRA DPO data-parallel over the ranks of a [`ProcessGroup`](crate::distributed::ProcessGroup) — the
 //! [`Preference`] objective in the distributed loop (each rank takes its share of every batch;
 //! gradients are averaged over all ranks' micro-batches before each step; rank 0 logs and saves).
 
@@ -6,9 +6,8 @@ use anyhow::Result;
 use tune_core::recipe::{Recipe, RecipeEntry, RunOptions};
 use tune_core::Config;
 
-use crate::distributed::ProcessGroup;
 use crate::lora_dpo_single_device::Preference;
-use crate::lora_finetune_single_device::train_objective;
+use crate::training_loop::run_distributed;
 
 pub struct LoraDpoDistributed;
 
@@ -36,11 +35,6 @@ impl Recipe for LoraDpoDistributed {
     }
 
     fn run(&self, config: Config, options: &RunOptions) -> Result<()> {
-        let mut group = if options.dry_run {
-            ProcessGroup::single()
-        } else {
-            ProcessGroup::from_env()?
-        };
-        train_objective(config, options, &mut group, Preference::build).map(|_| ())
+        run_distributed(config, options, Preference::build).map(|_| ())
     }
 }

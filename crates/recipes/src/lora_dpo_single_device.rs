@@ -24,11 +24,9 @@ use tune_models::{ModelSpec, TransformerDecoder};
 
 use crate::data::{build_sampler, build_tokenizer};
 use crate::distributed::ProcessGroup;
-use crate::lora_finetune_single_device::{
-    train_objective, DataSettings, MicroBatch, Objective, RunSummary,
-};
 use crate::loss::IGNORE_INDEX;
 use crate::settings::TopLevel;
+use crate::training_loop::{train_objective, DataSettings, MicroBatch, Objective, RunSummary};
 
 pub struct LoraDpoSingleDevice;
 

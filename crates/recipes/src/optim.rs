@@ -4,7 +4,9 @@
 //! v = b2 v + (1-b2) g^2; p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)`.
 //! Moments are kept in fp32 whatever the parameter dtype.
 
-use anyhow::{bail, Result};
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use tune_core::{ArgSpec, ArgType, Args, Component, ComponentKind};
 
@@ -126,6 +128,31 @@ impl AdamW {
             let update = (state.exp_avg.div(&denom)? * step_size)?;
             let new = (p - update)?.to_dtype(state.var.dtype())?;
             state.var.set(&new)?;
+        }
+        Ok(())
+    }
+
+    /// The moments by name (`exp_avg.{param}`, `exp_avg_sq.{param}`), as a checkpoint keeps them.
+    pub fn moments(&self) -> HashMap<String, Tensor> {
+        let mut moments = HashMap::new();
+        for p in &self.params {
+            moments.insert(format!("exp_avg.{}", p.name), p.exp_avg.clone());
+            moments.insert(format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.clone());
+        }
+        moments
+    }
+
+    /// Takes every parameter's moments from `moments` (as [`AdamW::moments`] names them).
+    pub fn load_moments(&mut self, moments: &HashMap<String, Tensor>) -> Result<()> {
+        for p in self.params.iter_mut() {
+            let get = |name: String| {
+                moments
+                    .get(&name)
+                    .cloned()
+                    .with_context(|| format!("optimizer state incomplete: {name} is missing"))
+            };
+            p.exp_avg = get(format!("exp_avg.{}", p.name))?;
+            p.exp_avg_sq = get(format!("exp_avg_sq.{}", p.name))?;
         }
         Ok(())
     }

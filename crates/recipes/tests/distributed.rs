@@ -12,7 +12,8 @@ use std::time::Duration;
 use candle_core::{Device, Tensor};
 use tune_core::recipe::RunOptions;
 use tune_recipes::distributed::{free_local_endpoint, ProcessGroup, RankInfo};
-use tune_recipes::lora_finetune_single_device::{train, train_data_parallel, RunSummary};
+use tune_recipes::lora_finetune_single_device::{train, train_data_parallel};
+use tune_recipes::training_loop::RunSummary;
 
 fn adapter(dir: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(

@@ -14,8 +14,8 @@ use tune_recipes::distributed::{free_local_endpoint, ProcessGroup, RankInfo};
 use tune_recipes::lora_dpo_single_device::{
     sequence_log_probs, train, DpoLoss, Preference, RsoLoss,
 };
-use tune_recipes::lora_finetune_single_device::{train_objective, RunSummary};
 use tune_recipes::selfcheck::max_abs_diff;
+use tune_recipes::training_loop::{train_objective, RunSummary};
 
 fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed

@@ -14,8 +14,9 @@ use tune_adapters::nf4::Nf4Tensor;
 use tune_core::recipe::RunOptions;
 use tune_models::checkpoint::{hf_to_tune, read_tensors};
 use tune_models::convert::permute_hf_to_tune;
-use tune_recipes::lora_finetune_single_device::{train, RunSummary};
+use tune_recipes::lora_finetune_single_device::train;
 use tune_recipes::selfcheck::max_abs_diff;
+use tune_recipes::training_loop::RunSummary;
 
 const OVERRIDES: &[&str] = &["max_steps_per_epoch=20", "tokenizer.max_seq_len=128"];
 

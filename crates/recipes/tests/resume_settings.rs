@@ -28,7 +28,7 @@ fn with(extra: &[&str]) -> Vec<String> {
 fn run(
     work: &std::path::Path,
     overrides: &[String],
-) -> anyhow::Result<tune_recipes::lora_finetune_single_device::RunSummary> {
+) -> anyhow::Result<tune_recipes::training_loop::RunSummary> {
     let refs: Vec<&str> = overrides.iter().map(String::as_str).collect();
     train(common::stories_config(work, &refs), &RunOptions::default())
 }

@@ -8,7 +8,8 @@
 mod common;
 
 use tune_core::recipe::RunOptions;
-use tune_recipes::lora_finetune_single_device::{train, RunSummary};
+use tune_recipes::lora_finetune_single_device::train;
+use tune_recipes::training_loop::RunSummary;
 
 /// (run name, built-in config, overrides, torchtune's losses) for each run of the fixture.
 fn fixture_runs() -> Vec<(String, String, Vec<String>, Vec<f64>)> {

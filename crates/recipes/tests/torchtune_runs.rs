@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use tune_core::recipe::RunOptions;
 use tune_core::Config;
-use tune_recipes::lora_finetune_single_device::RunSummary;
+use tune_recipes::training_loop::RunSummary;
 
 type Train = fn(Config, &RunOptions) -> anyhow::Result<RunSummary>;
 
