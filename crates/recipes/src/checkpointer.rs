@@ -388,19 +388,41 @@ impl HfCheckpointer {
         if let Some(base) = base {
             config["base_model_name_or_path"] = serde_json::Value::String(base);
         }
-        if config.get("use_dora") == Some(&serde_json::Value::Bool(true)) {
-            tracing::warn!(
-                "{}: a DoRA adapter loads in Hugging Face PEFT; vLLM refuses DoRA and mistral.rs \
-                 would read it as plain LoRA (without the magnitudes). The merged weights load \
-                 anywhere",
-                final_dir.display()
-            );
+        for warning in serving_limits(&config) {
+            tracing::warn!("{}: {warning}", final_dir.display());
         }
         atomic::write(
             &dir.join("adapter_config.json"),
             serde_json::to_string_pretty(&config)?.as_bytes(),
         )
     }
+}
+
+/// What a PEFT adapter with this `adapter_config.json` cannot be served by (checked against
+/// vLLM 0.33's and mistral.rs 0.9.2's adapter loaders): users who trained it for an inference
+/// server learn it at save time, not at deployment.
+pub fn serving_limits(config: &serde_json::Value) -> Vec<String> {
+    let mut limits = Vec::new();
+    if config.get("use_dora") == Some(&serde_json::Value::Bool(true)) {
+        limits.push(
+            "a DoRA adapter loads in Hugging Face PEFT; vLLM and mistral.rs (0.9.1 and later) \
+             refuse DoRA, and older mistral.rs would drop its magnitudes. Serve the merged \
+             weights there"
+                .to_string(),
+        );
+    }
+    let targets_output = config["target_modules"]
+        .as_array()
+        .is_some_and(|modules| modules.iter().any(|m| m == "lm_head"));
+    if targets_output {
+        limits.push(
+            "an adapter on the output projection (lm_head, from apply_lora_to_output) loads in \
+             PEFT and vLLM; mistral.rs refuses lm_head adapters. Serve the merged weights there, \
+             or train with apply_lora_to_output=False"
+                .to_string(),
+        );
+    }
+    limits
 }
 
 /// The projections that carry trainable tensors, one per module name, in torchtune's order

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use candle_core::Device;
 use tune_core::recipe::RunOptions;
+use tune_recipes::checkpointer::serving_limits;
 use tune_recipes::lora_finetune_single_device::train;
 
 /// The metadata of a safetensors file's header.
@@ -58,6 +59,10 @@ fn a_tied_config_with_its_own_lm_head_is_untied_once_the_output_is_adapted() {
         &std::fs::read_to_string(epoch.join("adapter/adapter_config.json")).unwrap(),
     )
     .unwrap();
+    // mistral.rs refuses lm_head adapters: the save says so.
+    let limits = serving_limits(&adapter_config);
+    assert_eq!(limits.len(), 1, "{limits:?}");
+    assert!(limits[0].contains("lm_head") && limits[0].contains("mistral.rs"));
     assert_eq!(
         adapter_config["base_model_name_or_path"],
         serde_json::json!(std::path::absolute(&model_dir)
@@ -75,4 +80,113 @@ fn a_tied_config_with_its_own_lm_head_is_untied_once_the_output_is_adapted() {
         header_metadata(&epoch.join("model-00001-of-00001.safetensors")),
         pt
     );
+}
+
+/// What vLLM (0.33, `vllm/lora/peft_helper.py`, `lora/utils.py`, `lora/lora_model.py`) and
+/// mistral.rs (0.9.2, `mistralrs-quant/src/lora`) require of a LoRA adapter folder, checked on
+/// one trained with LoRA on every attention and MLP projection: `r`, `lora_alpha` and
+/// `target_modules` set, no DoRA/bias/modules_to_save, every tensor named
+/// `base_model.model.<HF module path>.lora_A|lora_B.weight` for a module listed in
+/// `target_modules`, A as [r, in] and B as [out, r] of the base weight, in pairs.
+#[test]
+fn lora_adapters_are_what_vllm_and_mistral_rs_load() {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    let config = common::stories_config(
+        work.path(),
+        &[
+            "model.lora_attn_modules=[q_proj,k_proj,v_proj,output_proj]",
+            "model.apply_lora_to_mlp=True",
+            "max_steps_per_epoch=1",
+            "tokenizer.max_seq_len=64",
+        ],
+    );
+    let summary = train(config, &RunOptions::default()).unwrap();
+    let adapter_dir = summary.last_checkpoint.unwrap().join("adapter");
+    let adapter_config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter_dir.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+
+    let rank = adapter_config["r"].as_u64().unwrap() as usize;
+    assert!(rank > 0 && rank <= 16, "vLLM's default max_lora_rank is 16");
+    assert!(adapter_config["lora_alpha"].as_f64().is_some());
+    assert_eq!(adapter_config["peft_type"], "LORA");
+    for refused_when_set in ["use_dora", "modules_to_save", "layer_replication"] {
+        let value = &adapter_config[refused_when_set];
+        assert!(
+            value.is_null() || value == false,
+            "{refused_when_set}: {value}"
+        );
+    }
+    assert!(adapter_config["bias"].is_null() || adapter_config["bias"] == "none");
+    let targets: Vec<&str> = adapter_config["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    let mut sorted = targets.clone();
+    sorted.sort();
+    let mut llama_projections = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    llama_projections.sort();
+    assert_eq!(sorted, llama_projections);
+    assert!(serving_limits(&adapter_config).is_empty());
+
+    let base = candle_core::safetensors::load(
+        common::root().join("assets/stories260K/model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let adapter =
+        candle_core::safetensors::load(adapter_dir.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let layers = 5;
+    assert_eq!(adapter.len(), layers * targets.len() * 2);
+    for (name, tensor) in &adapter {
+        let module_path = name
+            .strip_prefix("base_model.model.")
+            .unwrap_or_else(|| panic!("{name}: vLLM and mistral.rs want base_model.model."));
+        let (site, which) = module_path
+            .strip_suffix(".weight")
+            .and_then(|n| n.rsplit_once('.'))
+            .unwrap_or_else(|| panic!("{name}: not <module>.lora_A/B.weight"));
+        let leaf = site.rsplit('.').next().unwrap();
+        assert!(
+            targets.contains(&leaf),
+            "{name}: {leaf} not in target_modules"
+        );
+        // The same module path as the base weight (mistral.rs matches sites by it).
+        let (out_features, in_features) = base[&format!("{site}.weight")].dims2().unwrap();
+        match which {
+            "lora_A" => assert_eq!(tensor.dims(), [rank, in_features], "{name}"),
+            "lora_B" => assert_eq!(tensor.dims(), [out_features, rank], "{name}"),
+            other => panic!("{name}: {other} is neither lora_A nor lora_B"),
+        }
+        let partner = if which == "lora_A" {
+            "lora_B"
+        } else {
+            "lora_A"
+        };
+        assert!(adapter.contains_key(&format!("base_model.model.{site}.{partner}.weight")));
+    }
+}
+
+#[test]
+fn serving_limits_name_dora() {
+    let dora = serde_json::json!({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": true,
+        "target_modules": ["q_proj", "v_proj"],
+    });
+    let limits = serving_limits(&dora);
+    assert_eq!(limits.len(), 1);
+    assert!(limits[0].contains("DoRA") && limits[0].contains("vLLM"));
 }
