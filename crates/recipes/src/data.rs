@@ -31,6 +31,12 @@ pub struct DeviceBatch {
 /// Builds the config's `tokenizer` and checks that it belongs to a model of `model_vocab` tokens.
 pub fn build_tokenizer(cfg: &TopLevel, model_vocab: usize) -> Result<Llama2Tokenizer> {
     let tokenizer: Llama2Tokenizer = cfg.build("tokenizer", ComponentKind::Tokenizer)?;
+    check_vocab(&tokenizer, model_vocab)?;
+    Ok(tokenizer)
+}
+
+/// The tokenizer's ids must all be rows of the model's embedding.
+pub fn check_vocab(tokenizer: &Llama2Tokenizer, model_vocab: usize) -> Result<()> {
     if tokenizer.vocab_size() > model_vocab {
         bail!(
             "tokenizer {} has {} tokens but the model's vocab_size is {model_vocab}: they do not belong \
@@ -39,7 +45,7 @@ pub fn build_tokenizer(cfg: &TopLevel, model_vocab: usize) -> Result<Llama2Token
             tokenizer.vocab_size()
         );
     }
-    Ok(tokenizer)
+    Ok(())
 }
 
 /// Builds the tokenizer and dataset named by the config and checks them against the model.

@@ -13,6 +13,7 @@
 //!   gives each micro-batch's loss).
 //! - [`settings`] — device, dtype and top-level keys.
 //! - [`data`] — tokenizer + dataset + sampler + collate from the config.
+//! - [`inference`] — a model, and optionally an adapter, loaded for generation and eval.
 //! - [`loss`] — `CEWithChunkedOutputLoss`.
 //! - [`optim`] — AdamW with torch's semantics.
 //! - [`lr_schedule`] — torchtune's cosine schedule with warmup.
@@ -31,6 +32,7 @@ pub mod device_memory;
 pub mod distributed;
 pub mod eleuther_eval;
 pub mod generate;
+pub mod inference;
 pub mod lora_dpo_distributed;
 pub mod lora_dpo_single_device;
 pub mod lora_finetune_distributed;

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use tune_core::recipe::RunOptions;
 use tune_recipes::eleuther_eval::{evaluate, EvalReport};
-use tune_recipes::generate::{load_for_inference, InferenceModel};
+use tune_recipes::inference::{load_for_inference, InferenceModel};
 use tune_recipes::settings::TopLevel;
 
 const RANK: usize = 4;
