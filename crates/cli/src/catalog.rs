@@ -139,17 +139,31 @@ pub fn configs_of(recipe: &str) -> Vec<String> {
 }
 
 /// A recipe's bundled Rust source: (file name, text). Recipes live in
-/// `crates/recipes/src/<name>.rs` or `crates/recipes/src/<name>/mod.rs`.
-pub fn recipe_source(recipe: &str) -> Option<(&'static str, &'static str)> {
+/// `crates/recipes/src/<name>.rs` or `crates/recipes/src/<name>/mod.rs`. A training recipe's
+/// loop is shared (`training_loop.rs`): it is appended, so that the copy reads as the whole
+/// recipe, as torchtune's recipe file does.
+pub fn recipe_source(recipe: &str) -> Option<(&'static str, String)> {
     let candidates = [
         format!("{recipe}.rs"),
         format!("{recipe}/mod.rs"),
         format!("recipes/{recipe}.rs"),
     ];
-    embedded::RECIPE_SOURCES
-        .iter()
-        .find(|(path, _)| candidates.iter().any(|c| c == path))
-        .copied()
+    let bundled = |wanted: &dyn Fn(&str) -> bool| {
+        embedded::RECIPE_SOURCES
+            .iter()
+            .find(|(path, _)| wanted(path))
+            .copied()
+    };
+    let (path, text) = bundled(&|path| candidates.iter().any(|c| c == path))?;
+    let mut text = text.to_string();
+    if text.contains("crate::training_loop::") {
+        if let Some((loop_path, loop_text)) = bundled(&|path| path == "training_loop.rs") {
+            text.push_str(&format!(
+                "\n// ---- The loop this recipe runs: crates/recipes/src/{loop_path} ----\n\n{loop_text}"
+            ));
+        }
+    }
+    Some((path, text))
 }
 
 /// Names close to `name` among recipes and built-in configs, for "did you mean" hints.

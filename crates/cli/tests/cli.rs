@@ -244,7 +244,11 @@ fn cp_a_recipe_copies_its_source_or_says_why_not() {
             stdout(&o).trim(),
             "Copied file to ./lora_finetune_single_device.rs"
         );
-        assert!(dir.path().join("lora_finetune_single_device.rs").is_file());
+        // The recipe and the loop it runs, to read top to bottom.
+        let copied =
+            std::fs::read_to_string(dir.path().join("lora_finetune_single_device.rs")).unwrap();
+        assert!(copied.contains("impl Objective for NextToken"), "{copied}");
+        assert!(copied.contains("pub fn train_objective("), "{copied}");
     } else {
         assert!(fails(&o).contains("copy one of its configs instead"));
     }

@@ -68,10 +68,10 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 /// The text to copy, its default file name (without suffix) and its suffix.
-fn source(name: &str) -> Result<(&'static str, String, &'static str)> {
+fn source(name: &str) -> Result<(String, String, &'static str)> {
     let base = |path: &str| path.rsplit('/').next().unwrap_or(path).to_string();
     if let Some(text) = catalog::config_text(name) {
-        return Ok((text, base(name), "yaml"));
+        return Ok((text.to_string(), base(name), "yaml"));
     }
     if catalog::is_recipe(name) {
         return match catalog::recipe_source(name) {
