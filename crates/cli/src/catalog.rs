@@ -138,32 +138,45 @@ pub fn configs_of(recipe: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A recipe's bundled Rust source: (file name, text). Recipes live in
-/// `crates/recipes/src/<name>.rs` or `crates/recipes/src/<name>/mod.rs`. A training recipe's
-/// loop is shared (`training_loop.rs`): it is appended, so that the copy reads as the whole
-/// recipe, as torchtune's recipe file does.
+/// A recipe's bundled Rust source: (file name, text), to read top to bottom as torchtune's
+/// recipe file. Recipes live in `crates/recipes/src/<name>.rs` or `<name>/mod.rs`; appended
+/// after it are the folder's other files, and the shared parts it runs: the training loop, the
+/// inference loading, another recipe's objective.
 pub fn recipe_source(recipe: &str) -> Option<(&'static str, String)> {
     let candidates = [
         format!("{recipe}.rs"),
         format!("{recipe}/mod.rs"),
         format!("recipes/{recipe}.rs"),
     ];
-    let bundled = |wanted: &dyn Fn(&str) -> bool| {
-        embedded::RECIPE_SOURCES
-            .iter()
-            .find(|(path, _)| wanted(path))
-            .copied()
-    };
-    let (path, text) = bundled(&|path| candidates.iter().any(|c| c == path))?;
-    let mut text = text.to_string();
-    if text.contains("crate::training_loop::") {
-        if let Some((loop_path, loop_text)) = bundled(&|path| path == "training_loop.rs") {
-            text.push_str(&format!(
-                "\n// ---- The loop this recipe runs: crates/recipes/src/{loop_path} ----\n\n{loop_text}"
-            ));
-        }
+    let sources = embedded::RECIPE_SOURCES;
+    let (path, text) = sources
+        .iter()
+        .find(|(path, _)| candidates.iter().any(|c| c == path))
+        .copied()?;
+    let folder = path.strip_suffix("mod.rs");
+    let shared_parts: Vec<String> = ["training_loop", "inference"]
+        .into_iter()
+        .map(str::to_string)
+        .chain(recipes().into_iter().map(|(r, _)| r))
+        .filter(|module| module != recipe && text.contains(&format!("crate::{module}::")))
+        .map(|module| format!("{module}.rs"))
+        .collect();
+    let mut whole = text.to_string();
+    for (part_path, part_text) in sources.iter().filter(|(p, _)| {
+        *p != path
+            && (folder.is_some_and(|f| p.starts_with(f)) || shared_parts.contains(&p.to_string()))
+    }) {
+        // Inner doc comments are only allowed at a file's top.
+        let part_text = part_text.replace("\n//!", "\n//");
+        let part_text = match part_text.strip_prefix("//!") {
+            Some(rest) => format!("//{rest}"),
+            None => part_text,
+        };
+        whole.push_str(&format!(
+            "\n// ---- crates/recipes/src/{part_path} ----\n\n{part_text}"
+        ));
     }
-    Some((path, text))
+    Some((path, whole))
 }
 
 /// Names close to `name` among recipes and built-in configs, for "did you mean" hints.

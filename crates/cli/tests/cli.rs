@@ -249,6 +249,24 @@ fn cp_a_recipe_copies_its_source_or_says_why_not() {
             std::fs::read_to_string(dir.path().join("lora_finetune_single_device.rs")).unwrap();
         assert!(copied.contains("impl Objective for NextToken"), "{copied}");
         assert!(copied.contains("pub fn train_objective("), "{copied}");
+        // A recipe in a folder comes whole; generate brings the inference loading it uses.
+        let eval = ok(&tune_in(dir.path(), &["cp", "eleuther_eval", "."]));
+        assert_eq!(eval.trim(), "Copied file to ./eleuther_eval.rs");
+        let copied = std::fs::read_to_string(dir.path().join("eleuther_eval.rs")).unwrap();
+        for part in [
+            "pub fn evaluate(",
+            "pub fn mc2(",
+            "pub struct Scorer",
+            "fn table(",
+        ] {
+            assert!(copied.contains(part), "{part} missing");
+        }
+        // Inner doc comments only at the top, where Rust allows them.
+        let body = copied.lines().position(|l| !l.starts_with("//!")).unwrap();
+        assert!(copied.lines().skip(body).all(|l| !l.starts_with("//!")));
+        ok(&tune_in(dir.path(), &["cp", "generate", "."]));
+        let copied = std::fs::read_to_string(dir.path().join("generate.rs")).unwrap();
+        assert!(copied.contains("pub fn load_for_inference("));
     } else {
         assert!(fails(&o).contains("copy one of its configs instead"));
     }
