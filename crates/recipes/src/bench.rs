@@ -11,8 +11,8 @@ use tune_models::{ModelSpec, TransformerDecoder};
 
 use crate::device_memory::gib;
 use crate::loss::model_ce_sum;
+use crate::memory::peak_rss_gib;
 use crate::optim::{AdamW, AdamWConfig};
-use crate::settings::peak_rss_gib;
 
 /// Builds `spec` with N(0, 0.02) base weights (norm scales 1) directly on `device`.
 pub fn random_model(

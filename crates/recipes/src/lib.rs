@@ -20,6 +20,7 @@
 //! - [`checkpointer`] — `FullModelHFCheckpointer` (load; save merged weights, PEFT adapter, state).
 //! - [`metric_logging`] — DiskLogger, StdoutLogger, TensorBoardLogger.
 //! - [`atomic`] — crash-safe file and folder writes.
+//! - [`memory`] — the weights' size and fit, out-of-memory advice, peak RSS.
 //! - [`device_memory`] — the GPU memory pool's peaks, logged as torchtune logs them.
 //! - [`distributed`] — the process group (rendezvous and all-reduce over TCP) ranks train in.
 //! - [`selfcheck`] and [`bench`]: fixture parity and speed on any device (`tune selfcheck`, `tune bench`).
@@ -39,6 +40,7 @@ pub mod lora_finetune_distributed;
 pub mod lora_finetune_single_device;
 pub mod loss;
 pub mod lr_schedule;
+pub mod memory;
 pub mod metric_logging;
 pub mod optim;
 pub mod selfcheck;

@@ -32,11 +32,10 @@ use crate::checkpointer::{
 };
 use crate::distributed::ProcessGroup;
 use crate::lr_schedule::{CosineArgs, CosineWithWarmup};
+use crate::memory::peak_rss_gib;
 use crate::metric_logging::{LoggerSpec, MetricLogger, Metrics};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::settings::{
-    parse_device, parse_dtype, peak_rss_gib, random_seed, seed_setting, TopLevel,
-};
+use crate::settings::{parse_device, parse_dtype, random_seed, seed_setting, TopLevel};
 
 /// What a finished run reports (used by tests and benchmarks).
 #[derive(Debug, Clone)]
@@ -421,8 +420,8 @@ fn open_device(cfg: &TopLevel, spec: &ModelSpec, group: &ProcessGroup) -> Result
     let device_name = rank_device(&cfg.get("device", "cpu".to_string())?, group);
     let device = parse_device(&device_name)?;
     let dtype = parse_dtype(&cfg.get("dtype", "fp32".to_string())?, &device)?;
-    crate::settings::check_weights_fit(
-        crate::settings::weight_bytes(spec, dtype)?,
+    crate::memory::check_weights_fit(
+        crate::memory::weight_bytes(spec, dtype)?,
         crate::device_memory::free_bytes(&device),
         &device_name,
         dtype,
@@ -850,7 +849,7 @@ impl Trainer<'_> {
     ) -> Result<()> {
         let step = state.global_step + 1;
         let out_of_memory = |what: &str, e: anyhow::Error| {
-            crate::settings::explain_out_of_memory(
+            crate::memory::explain_out_of_memory(
                 e,
                 || {
                     format!(
@@ -858,7 +857,7 @@ impl Trainer<'_> {
                         self.settings.batch_size
                     )
                 },
-                crate::settings::TRAINING_MEMORY_ADVICE,
+                crate::memory::TRAINING_MEMORY_ADVICE,
             )
         };
         let MicroBatch {

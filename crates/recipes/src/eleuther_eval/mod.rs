@@ -312,7 +312,7 @@ pub fn evaluate(config: Config, options: &RunOptions) -> Result<Option<EvalRepor
     let scores = scorer
         .score(&encoded, settings.reuse_context)
         .map_err(|e| {
-            crate::settings::explain_out_of_memory(
+            crate::memory::explain_out_of_memory(
                 e,
                 || format!("while scoring (batch_size {})", settings.batch_size),
                 "Lower batch_size or max_seq_length",
