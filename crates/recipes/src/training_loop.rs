@@ -108,7 +108,7 @@ pub fn run_distributed(
     // torchtune's FSDP option (`fsdp_cpu_offload`; its 70B config spells it `fsdp.cpu_offload`,
     // which its recipe does not read): every rank here holds the whole model.
     for key in ["fsdp_cpu_offload", "fsdp.cpu_offload"] {
-        if config.get(key).and_then(|v| v.as_bool()) == Some(true) {
+        if group.is_main() && config.get(key).and_then(|v| v.as_bool()) == Some(true) {
             tracing::warn!(
                 "{key}=True has no effect: tune-rs does not shard or offload the frozen base \
                  model; each rank keeps it on its device"
