@@ -256,11 +256,27 @@ impl HfCheckpointer {
                 path.display()
             )
         })?;
-        let factory = tune_adapters::factory(
-            spec.lora
-                .as_ref()
-                .map_or("lora", |l| l.adapter.kind.as_str()),
-        )?;
+        let kind = spec
+            .lora
+            .as_ref()
+            .map_or("lora", |l| l.adapter.kind.as_str());
+        let has_magnitudes = raw.keys().any(|n| is_magnitude_name(n));
+        if has_magnitudes && kind != "dora" {
+            bail!(
+                "adapter {} holds DoRA magnitudes (lora_magnitude_vector): it is a DoRA adapter; \
+                 set model.use_dora=True",
+                path.display()
+            );
+        }
+        let torchtune_dora = has_magnitudes && is_torchtune_dora_export(path);
+        if torchtune_dora {
+            tracing::info!(
+                "{}: torchtune's DoRA export (its adapter_config.json does not say use_dora); its \
+                 q/k magnitudes are read in torchtune's row order, in which torchtune wrote them",
+                path.display()
+            );
+        }
+        let factory = tune_adapters::factory(kind)?;
         let mut out = HashMap::new();
         for (name, t) in raw {
             if name.starts_with("layers.") {
@@ -270,9 +286,10 @@ impl HfCheckpointer {
             let tune = peft_to_tune_adapter_name(&name).with_context(|| {
                 format!("adapter tensor `{name}` is neither a torchtune nor a PEFT adapter name")
             })?;
+            let in_torchtune_rows = torchtune_dora && is_magnitude_name(&name);
             let t = match rope_heads(factory.as_ref(), &tune, spec) {
-                Some(heads) => permute_hf_to_tune(&t, heads)?,
-                None => t,
+                Some(heads) if !in_torchtune_rows => permute_hf_to_tune(&t, heads)?,
+                _ => t,
             };
             out.insert(tune, t);
         }
@@ -396,6 +413,41 @@ impl HfCheckpointer {
             serde_json::to_string_pretty(&config)?.as_bytes(),
         )
     }
+}
+
+/// A DoRA magnitude's name, in PEFT's or torchtune's spelling.
+fn is_magnitude_name(name: &str) -> bool {
+    name.ends_with(".lora_magnitude_vector")
+        || name.ends_with(".lora_magnitude_vector.weight")
+        || name.ends_with(".magnitude")
+}
+
+/// Whether `adapter_file` is torchtune 0.6.1's PEFT export of a DoRA adapter: PEFT-named
+/// magnitudes beside an `adapter_config.json` that does not say `use_dora` (torchtune writes
+/// only r, lora_alpha, target_modules and peft_type; PEFT and tune-rs write `use_dora: true`).
+/// torchtune moves the q/k `lora_B` rows to Hugging Face's layout there but leaves the q/k
+/// magnitudes in its own, so they must not be moved back.
+pub fn is_torchtune_dora_export(adapter_file: &Path) -> bool {
+    let Some(config) = adapter_file
+        .parent()
+        .map(|dir| dir.join("adapter_config.json"))
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+    else {
+        return false;
+    };
+    if config.get("use_dora").is_some() {
+        return false;
+    }
+    // SAFETY: the file is only read while mapped, and not modified by us meanwhile.
+    let Ok(tensors) = (unsafe { candle_core::safetensors::MmapedSafetensors::new(adapter_file) })
+    else {
+        return false;
+    };
+    tensors
+        .tensors()
+        .iter()
+        .any(|(name, _)| name.starts_with("base_model.model.") && is_magnitude_name(name))
 }
 
 /// What a PEFT adapter with this `adapter_config.json` cannot be served by (checked against

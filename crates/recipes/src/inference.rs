@@ -203,7 +203,12 @@ fn spec_for_adapter(mut spec: ModelSpec, source: Option<&AdapterSource>) -> Resu
         return Ok(spec);
     };
     let quantize_base = spec.lora.as_ref().is_some_and(|l| l.quantize_base);
-    let from_peft = lora_from_peft_config(peft, quantize_base).with_context(|| {
+    // torchtune's DoRA export does not say use_dora; its magnitudes do.
+    let mut peft = peft.clone();
+    if crate::checkpointer::is_torchtune_dora_export(&source.weights) {
+        peft["use_dora"] = serde_json::Value::Bool(true);
+    }
+    let from_peft = lora_from_peft_config(&peft, quantize_base).with_context(|| {
         format!(
             "reading the adapter_config.json of {}",
             source.weights.display()

@@ -288,3 +288,88 @@ fn save_writes_peft_dora_with_hf_layout_magnitude() {
     .unwrap();
     assert!(d <= 1e-6, "merged q_proj {d}");
 }
+
+/// torchtune's own PEFT export of a DoRA adapter (an adapter_config.json without `use_dora`, q/k
+/// magnitudes left in torchtune's row order) reads back as exactly the adapter torchtune
+/// trained, as PEFT's export of it does (`use_dora: true`, every row in HF layout). Generation
+/// and eval load the torchtune folder as DoRA from the folder alone and give torchtune's logits.
+#[test]
+fn torchtune_and_peft_dora_exports_read_back_as_torchtunes_adapter() {
+    let work = tempfile::tempdir().unwrap();
+    let (_, spec, _, _) = build(work.path());
+    let want = fixture("adapter_final.safetensors");
+    let torchtune_config = serde_json::json!({
+        "r": 4, "lora_alpha": 8.0, "target_modules": ["q_proj", "v_proj"], "peft_type": "LORA",
+    });
+    let mut peft_config = torchtune_config.clone();
+    peft_config["use_dora"] = serde_json::Value::Bool(true);
+    let folder = |name: &str, weights: &str, config: &serde_json::Value| {
+        let dir = work.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(fx().join(weights), dir.join("adapter_model.safetensors")).unwrap();
+        std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+        dir
+    };
+    let torchtune_dir = folder(
+        "torchtune",
+        "adapter_final_peft.safetensors",
+        &torchtune_config,
+    );
+    let peft_dir = folder(
+        "peft",
+        "adapter_final_peft_magnitude_hf_layout.safetensors",
+        &peft_config,
+    );
+    for dir in [&torchtune_dir, &peft_dir] {
+        let got = HfCheckpointer::read_adapter(dir, &spec).unwrap();
+        assert_eq!(got.len(), want.len());
+        for (name, t) in &want {
+            assert_eq!(max_abs_diff(&got[name], t).unwrap(), 0.0, "{dir:?}: {name}");
+        }
+    }
+    // Read for a plain LoRA model, it says what it is.
+    let lora_node: serde_yaml::Value = serde_yaml::from_str(
+        "{_component_: torchtune.models.llama2.lora_llama2, lora_attn_modules: [q_proj, v_proj],
+          vocab_size: 512, num_layers: 5, num_heads: 8, num_kv_heads: 4, embed_dim: 64,
+          max_seq_len: 512, intermediate_dim: 172, lora_rank: 4, lora_alpha: 8.0}",
+    )
+    .unwrap();
+    let lora_spec = builders::model_spec_from_node(&lora_node).unwrap();
+    let e = HfCheckpointer::read_adapter(&torchtune_dir, &lora_spec)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("set model.use_dora=True"), "{e}");
+    // The same torchtune file said to be PEFT's would move its q magnitudes.
+    let mislabelled = folder(
+        "mislabelled",
+        "adapter_final_peft.safetensors",
+        &peft_config,
+    );
+    let got = HfCheckpointer::read_adapter(&mislabelled, &spec).unwrap();
+    let q_mag = "layers.0.attn.q_proj.magnitude";
+    assert!(max_abs_diff(&got[q_mag], &want[q_mag]).unwrap() > 0.0);
+
+    let config = common::builtin_config(
+        "stories260K/generation",
+        work.path(),
+        &[&format!("adapter_dir={}", torchtune_dir.display())],
+    );
+    let loaded = tune_recipes::inference::load_for_inference(
+        &tune_recipes::settings::TopLevel(&config),
+        DType::F32,
+        &Device::Cpu,
+        0,
+    )
+    .unwrap();
+    assert_eq!(loaded.spec.lora.as_ref().unwrap().adapter.kind, "dora");
+    let batch = fixture("batch.safetensors");
+    let d = max_abs_diff(
+        &loaded.model.forward(&batch["tokens"], false).unwrap(),
+        &fixture("logits_final.safetensors")["logits"],
+    )
+    .unwrap();
+    assert!(
+        d <= 1e-3,
+        "logits of torchtune's exported DoRA adapter: {d}"
+    );
+}
