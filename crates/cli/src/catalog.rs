@@ -141,7 +141,7 @@ pub fn configs_of(recipe: &str) -> Vec<String> {
 /// A recipe's bundled Rust source: (file name, text), to read top to bottom as torchtune's
 /// recipe file. Recipes live in `crates/recipes/src/<name>.rs` or `<name>/mod.rs`; appended
 /// after it are the folder's other files, and the shared parts it runs: the training loop, the
-/// inference loading, another recipe's objective.
+/// inference loading, the preference losses, another recipe's objective.
 pub fn recipe_source(recipe: &str) -> Option<(&'static str, String)> {
     let candidates = [
         format!("{recipe}.rs"),
@@ -154,7 +154,7 @@ pub fn recipe_source(recipe: &str) -> Option<(&'static str, String)> {
         .find(|(path, _)| candidates.iter().any(|c| c == path))
         .copied()?;
     let folder = path.strip_suffix("mod.rs");
-    let shared_parts: Vec<String> = ["training_loop", "inference"]
+    let shared_parts: Vec<String> = ["training_loop", "inference", "rlhf_loss"]
         .into_iter()
         .map(str::to_string)
         .chain(recipes().into_iter().map(|(r, _)| r))

@@ -15,6 +15,7 @@
 //! - [`data`] — tokenizer + dataset + sampler + collate from the config.
 //! - [`inference`] — a model, and optionally an adapter, loaded for generation and eval.
 //! - [`loss`] — `CEWithChunkedOutputLoss`.
+//! - [`rlhf_loss`] — `DPOLoss` and `RSOLoss`.
 //! - [`optim`] — AdamW with torch's semantics.
 //! - [`lr_schedule`] — torchtune's cosine schedule with warmup.
 //! - [`checkpointer`] — `FullModelHFCheckpointer` (load; save merged weights, PEFT adapter, state).
@@ -43,6 +44,7 @@ pub mod lr_schedule;
 pub mod memory;
 pub mod metric_logging;
 pub mod optim;
+pub mod rlhf_loss;
 pub mod selfcheck;
 pub mod settings;
 pub mod training_loop;

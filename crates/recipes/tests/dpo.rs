@@ -11,9 +11,8 @@ use std::time::Duration;
 use candle_core::{Device, Tensor, Var, D};
 use tune_core::recipe::RunOptions;
 use tune_recipes::distributed::{free_local_endpoint, ProcessGroup, RankInfo};
-use tune_recipes::lora_dpo_single_device::{
-    sequence_log_probs, train, DpoLoss, Preference, RsoLoss,
-};
+use tune_recipes::lora_dpo_single_device::{sequence_log_probs, train, Preference};
+use tune_recipes::rlhf_loss::{DpoLoss, RsoLoss};
 use tune_recipes::selfcheck::max_abs_diff;
 use tune_recipes::training_loop::{train_objective, RunSummary};
 
