@@ -114,6 +114,31 @@ pub fn yaml11_scalar(value: &Value) -> Option<Value> {
 
 /// `value` as `T`, reading YAML 1.1 booleans and numbers ([`yaml11_scalar`]) where `T` wants
 /// one.
+/// serde's message for a value of the wrong type, with Rust's type names (`expected usize`)
+/// said in words (`expected a whole number, 0 or more`).
+pub fn in_words(error: &serde_yaml::Error) -> String {
+    const WORDS: [(&str, &str); 13] = [
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected u32", "expected a whole number, 0 or more"),
+        ("expected u16", "expected a whole number, 0 or more"),
+        ("expected u8", "expected a whole number, 0 or more"),
+        ("expected isize", "expected a whole number"),
+        ("expected i64", "expected a whole number"),
+        ("expected i32", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+        ("expected a boolean", "expected True or False"),
+        ("floating point `", "the number `"),
+        ("integer `", "the number `"),
+    ];
+    let mut text = error.to_string();
+    for (rust, words) in WORDS {
+        text = text.replace(rust, words);
+    }
+    text
+}
+
 pub fn from_value<T: DeserializeOwned>(value: &Value) -> serde_yaml::Result<T> {
     serde_yaml::from_value(value.clone()).or_else(|e| match yaml11_scalar(value) {
         Some(v) => serde_yaml::from_value(v).map_err(|_| e),
@@ -222,8 +247,9 @@ impl Args {
             .ok_or_else(|| anyhow!("{}: missing argument `{name}`", short(self.component)))?;
         serde_yaml::from_value(value.clone()).map_err(|e| {
             anyhow!(
-                "{}.{name}: {e} (value: {})",
+                "{}.{name}: {} (value: {})",
                 short(self.component),
+                in_words(&e),
                 crate::config::kind_of(value)
             )
         })

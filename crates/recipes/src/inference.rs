@@ -51,7 +51,18 @@ pub fn load_for_inference(
         let tensors = HfCheckpointer::read_adapter(&src.weights, &spec)?;
         model
             .load_adapter(&tensors)
-            .with_context(|| format!("loading the adapter {}", src.weights.display()))?;
+            .with_context(|| match &src.peft_config {
+                // The settings came from the file beside the weights: the two disagree.
+                Some(config) => format!(
+                    "loading the adapter {}: its weights do not fit the settings of the \
+                 adapter_config.json beside it (r={}, target_modules={}); the two files do not \
+                 belong together",
+                    src.weights.display(),
+                    config["r"],
+                    config["target_modules"]
+                ),
+                None => format!("loading the adapter {}", src.weights.display()),
+            })?;
         tracing::info!("loaded adapter {}", src.weights.display());
     }
     Ok(InferenceModel {
@@ -82,6 +93,13 @@ fn adapter_source(
             "checkpointer.adapter_checkpoint",
         )?),
         (None, Some(file)) => {
+            if !file.exists() {
+                bail!(
+                    "checkpointer.adapter_checkpoint {} not found (it is relative to \
+                     checkpoint_dir); name an adapter_model.safetensors or a PEFT adapter folder",
+                    file.display()
+                );
+            }
             let config_path = file.parent().map(|p| p.join("adapter_config.json"));
             let peft_config = match config_path.filter(|p| p.is_file()) {
                 Some(p) => Some(read_json(&p)?),
@@ -135,6 +153,9 @@ impl AdapterSource {
     /// A PEFT adapter folder, or a tune-rs checkpoint folder holding one in `adapter/`; `key`
     /// names the setting that gave it, for messages.
     pub fn from_dir(dir: &Path, key: &str) -> Result<Self> {
+        if !dir.exists() {
+            bail!("{key} {} does not exist; point it at a PEFT adapter folder or a tune-rs epoch_N folder", dir.display());
+        }
         if !dir.is_dir() {
             bail!("{key} {} is not a folder; point it at a PEFT adapter folder or a tune-rs epoch_N folder", dir.display());
         }
@@ -147,6 +168,15 @@ impl AdapterSource {
         };
         let config_path = dir.join("adapter_config.json");
         if !config_path.is_file() {
+            // A training run's output_dir holds its checkpoints one level down.
+            if let Ok(Some((newest, _))) = crate::checkpointer::newest_checkpoint(&dir) {
+                bail!(
+                    "{key} {} is a training run's output_dir; point it at one of its checkpoints, \
+                     e.g. {}",
+                    dir.display(),
+                    newest.display()
+                );
+            }
             bail!(
                 "{key} {} has no adapter_config.json: expected a PEFT adapter folder (adapter_config.json + \
                  adapter_model.safetensors) or a tune-rs epoch_N folder with adapter/ inside",

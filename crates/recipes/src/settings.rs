@@ -138,17 +138,24 @@ impl TopLevel<'_> {
     pub fn get<T: serde::de::DeserializeOwned>(&self, key: &str, default: T) -> Result<T> {
         match self.value(key) {
             None => Ok(default),
-            Some(v) => tune_core::args::from_value(v)
-                .with_context(|| format!("config key `{key}` has the wrong type")),
+            Some(v) => tune_core::args::from_value(v).map_err(|e| {
+                anyhow::anyhow!(
+                    "config key `{key}` has the wrong type: {}",
+                    tune_core::args::in_words(&e)
+                )
+            }),
         }
     }
 
     pub fn opt<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         match self.value(key) {
             None => Ok(None),
-            Some(v) => tune_core::args::from_value(v)
-                .map(Some)
-                .with_context(|| format!("config key `{key}` has the wrong type")),
+            Some(v) => tune_core::args::from_value(v).map(Some).map_err(|e| {
+                anyhow::anyhow!(
+                    "config key `{key}` has the wrong type: {}",
+                    tune_core::args::in_words(&e)
+                )
+            }),
         }
     }
 

@@ -311,6 +311,19 @@ fn our_lora_output_evaluates_the_same_as_adapter_or_merged() {
     );
     assert!(max_diff(&a, &base) > 1e-3, "training changed the model");
     assert!((adapter.tasks[0].acc - merged.tasks[0].acc).abs() < 1e-5);
+
+    // The run's output_dir itself: the error names a checkpoint inside it.
+    let e = load_err(
+        work.path(),
+        &[format!(
+            "adapter_dir={}",
+            work.path().join("output").display()
+        )],
+    );
+    assert!(
+        e.contains("a training run's output_dir") && e.contains("epoch_0"),
+        "{e}"
+    );
 }
 
 fn load_err(work: &Path, overrides: &[String]) -> String {
@@ -345,6 +358,23 @@ fn adapter_problems_name_the_fix() {
     let e = load_err(work.path(), std::slice::from_ref(&dir));
     assert!(
         e.contains("does not fit the model") && e.contains("k_proj"),
+        "{e}"
+    );
+
+    rewrite(serde_json::json!({"target_modules": ["q_proj", "v_proj"], "r": 8}));
+    let e = load_err(work.path(), std::slice::from_ref(&dir));
+    assert!(
+        e.contains("do not fit the settings of the adapter_config.json beside it (r=8"),
+        "{e}"
+    );
+    rewrite(serde_json::json!({ "r": RANK }));
+
+    let e = load_err(
+        work.path(),
+        &["checkpointer.adapter_checkpoint=/nonexistent/adapter_model.safetensors".into()],
+    );
+    assert!(
+        e.contains("/nonexistent/adapter_model.safetensors not found"),
         "{e}"
     );
 

@@ -334,9 +334,41 @@ fn bad_settings_name_the_fix() {
     assert!(e.contains("batch_size must be at least 1"), "{e}");
     let e = run_err(&["adapter_dir=/nonexistent/adapter"]);
     assert!(
-        e.contains("adapter_dir /nonexistent/adapter is not a folder"),
+        e.contains("adapter_dir /nonexistent/adapter does not exist"),
         "{e}"
     );
+    let e = run_err(&["tasks=truthfulqa_mc1,truthfulqa_mc2"]);
+    assert!(e.contains("give the tasks as a list"), "{e}");
+    let e = run_err(&["tasks=[truthfulqa_gen]"]);
+    assert!(
+        e.contains("truthfulqa_gen") && e.contains("not implemented"),
+        "{e}"
+    );
+    let e = run_err(&["max_seq_length=0"]);
+    assert!(e.contains("max_seq_length must be at least 1"), "{e}");
+
+    // mc1 counts the first answer as the correct one: a file that says otherwise is refused
+    // rather than scored wrongly.
+    let work = tempfile::tempdir().unwrap();
+    let second_true = work.path().join("second_true.json");
+    std::fs::write(
+        &second_true,
+        r#"[{"question": "Q?", "mc1_targets": {"a": 0, "b": 1}, "mc2_targets": {"a": 0, "b": 1}}]"#,
+    )
+    .unwrap();
+    let e = format!(
+        "{:#}",
+        eleuther_eval::load_truthfulqa(Some(&second_true)).unwrap_err()
+    );
+    assert!(e.contains("put the true answer first"), "{e}");
+
+    // Nowhere to write the results: refused before any scoring.
+    std::fs::create_dir_all(work.path().join("eval_results.json")).unwrap();
+    let started = std::time::Instant::now();
+    let e = evaluate(eval_config(work.path(), &[]), &RunOptions::default()).unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("eval_results.json is a folder"), "{e}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
 }
 
 #[test]

@@ -96,7 +96,10 @@ fn check_key(key: &str) -> Result<()> {
 pub fn parse_value(raw: &str) -> Result<Value> {
     let s = raw.trim();
     if s.is_empty() {
-        bail!("the value is empty; write `key=null` for null, or `key=''` for an empty string");
+        bail!(
+            "the value is empty; write `key=null` for null, or \"key=''\" for an empty string \
+             (the outer quotes keep the shell from removing the inner ones)"
+        );
     }
     // Lists are parsed recursively: bound the nesting before recursing.
     let mut depth = 0usize;

@@ -191,6 +191,10 @@ fn read_settings(cfg: &TopLevel) -> Result<Settings> {
     if batch_size == 0 {
         bail!("batch_size must be at least 1");
     }
+    let max_seq_length: usize = cfg.get("max_seq_length", 4096)?;
+    if max_seq_length == 0 {
+        bail!("max_seq_length must be at least 1 (tokens per scored input; lm-eval's default is 4096)");
+    }
     let output_dir = match cfg.opt::<String>("output_dir")? {
         Some(dir) => Some(PathBuf::from(dir)),
         None => cfg
@@ -202,7 +206,7 @@ fn read_settings(cfg: &TopLevel) -> Result<Settings> {
     Ok(Settings {
         tasks: parsed,
         limit: Limit::parse(cfg.opt("limit")?)?,
-        max_seq_length: cfg.get("max_seq_length", 4096)?,
+        max_seq_length,
         batch_size,
         reuse_context: cfg.get("enable_kv_cache", true)?,
         add_bos: cfg.get("add_bos", true)?,
@@ -280,6 +284,11 @@ pub fn evaluate(config: Config, options: &RunOptions) -> Result<Option<EvalRepor
         return Ok(None);
     }
 
+    // The results must have somewhere to go before the scoring is spent.
+    if let Some(dir) = &settings.output_dir {
+        check_results_writable(dir)?;
+    }
+
     // ---- Model (past the dry run: only now does the device matter) --------------------------
     let device = parse_device(&cfg.get("device", "cpu".to_string())?)?;
     let dtype = parse_dtype(&cfg.get("dtype", "fp32".to_string())?, &device)?;
@@ -345,6 +354,25 @@ pub fn evaluate(config: Config, options: &RunOptions) -> Result<Option<EvalRepor
         )?);
     }
     Ok(Some(report))
+}
+
+/// Fails when `output_dir` cannot hold `eval_results.json`: not creatable, or the name taken by
+/// a folder.
+fn check_results_writable(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "cannot create output_dir {}; set output_dir to a writable folder",
+            dir.display()
+        )
+    })?;
+    let results = dir.join("eval_results.json");
+    if results.is_dir() {
+        bail!(
+            "{} is a folder, so the results cannot be written there; remove it or set another output_dir",
+            results.display()
+        );
+    }
+    Ok(())
 }
 
 fn progress_bar(len: usize) -> indicatif::ProgressBar {

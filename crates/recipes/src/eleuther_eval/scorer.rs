@@ -38,7 +38,13 @@ impl Scorer<'_> {
     /// against cached context keys/values; the others (and all, without it) whole.
     pub fn score(&self, requests: &[Encoded], reuse_context: bool) -> Result<Vec<Score>> {
         for r in requests {
-            if r.continuation.is_empty() || r.continuation.len() > self.max_length {
+            if r.continuation.is_empty() {
+                bail!(
+                    "an answer encodes to no tokens (an empty answer in the TruthfulQA file?); \
+                     every answer needs text"
+                );
+            }
+            if r.continuation.len() > self.max_length {
                 bail!(
                     "an answer of {} tokens cannot be scored with max_seq_length {}; raise max_seq_length",
                     r.continuation.len(),

@@ -36,6 +36,18 @@ impl Task {
                  tasks=[truthfulqa_mc1,truthfulqa_mc2]"
             );
         }
+        if name.contains(',') {
+            bail!(
+                "tasks `{name}`: give the tasks as a list, e.g. tasks=[truthfulqa_mc1,truthfulqa_mc2]"
+            );
+        }
+        if name == "truthfulqa_gen" {
+            bail!(
+                "truthfulqa_gen (generation scored with BLEU/ROUGE) is not implemented in tune-rs; \
+                 it implements {}",
+                names.join(" and ")
+            );
+        }
         let close = tune_core::registry::closest(name, names.iter().copied(), 1);
         bail!(
             "unknown task `{name}`{}; tune-rs implements {}",
@@ -170,6 +182,14 @@ pub fn load_truthfulqa(path: Option<&Path>) -> Result<Vec<Question>> {
     for (i, q) in questions.iter().enumerate() {
         if q.mc1.is_empty() || q.mc2.is_empty() || !q.mc2.iter().any(|(_, l)| *l == 1) {
             bail!("{name}, question {i}: every question needs mc1 and mc2 answers, at least one of them true");
+        }
+        // lm-eval's truthfulqa_mc1 counts the first answer as the correct one (doc_to_target: 0).
+        if q.mc1[0].1 != 1 || q.mc1[1..].iter().any(|(_, label)| *label == 1) {
+            bail!(
+                "{name}, question {i}: truthfulqa_mc1 scores the first of mc1_targets as the one \
+                 correct answer (as lm-eval does), so it must be the only one labelled 1; put the \
+                 true answer first"
+            );
         }
     }
     Ok(questions)
