@@ -316,14 +316,20 @@ fn reject_unsupported_peft_options(config: &serde_json::Value) -> Result<()> {
         Some(serde_json::Value::Array(a)) => !a.is_empty(),
         Some(_) => true,
     };
-    for key in [
-        "rank_pattern",
-        "alpha_pattern",
-        "layers_to_transform",
-        "modules_to_save",
+    for (key, supported) in [
+        ("rank_pattern", "one rank and alpha for every adapted layer"),
+        (
+            "alpha_pattern",
+            "one rank and alpha for every adapted layer",
+        ),
+        ("layers_to_transform", "every layer adapted alike"),
+        (
+            "modules_to_save",
+            "only low-rank adapters, no fully trained copies of modules",
+        ),
     ] {
         if non_empty(key) {
-            bail!("adapter_config.json sets `{key}`, which tune-rs does not support (one rank and alpha for every adapted layer)");
+            bail!("adapter_config.json sets `{key}`, which tune-rs does not support ({supported})");
         }
     }
     if let Some(bias) = config.get("bias").and_then(|v| v.as_str()) {
