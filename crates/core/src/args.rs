@@ -306,4 +306,20 @@ mod tests {
         assert_eq!(from_value::<String>(&s("yes")).unwrap(), "yes");
         assert!(from_value::<bool>(&s("maybe")).is_err());
     }
+
+    #[test]
+    fn wrong_types_are_said_in_words() {
+        let words = |e: serde_yaml::Error| in_words(&e);
+        let negative = from_value::<usize>(&Value::Number((-5).into())).unwrap_err();
+        assert_eq!(
+            words(negative),
+            "invalid value: the number `-5`, expected a whole number, 0 or more"
+        );
+        let fraction = from_value::<i64>(&Value::Number(1.5.into())).unwrap_err();
+        assert!(words(fraction).ends_with("expected a whole number"));
+        let text = from_value::<f64>(&Value::String("abc".into())).unwrap_err();
+        assert!(words(text).ends_with("expected a number"));
+        let flag = from_value::<bool>(&Value::String("maybe".into())).unwrap_err();
+        assert!(words(flag).ends_with("expected True or False"));
+    }
 }
