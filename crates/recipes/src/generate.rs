@@ -25,7 +25,7 @@ use tune_models::decoder::{Forward, KvCache};
 use tune_models::{ModelSpec, TransformerDecoder};
 
 use crate::data::check_vocab;
-use crate::inference::{load_for_inference, reject_quantizer};
+use crate::inference::{check_adapter_source, load_for_inference, reject_quantizer};
 use crate::settings::{parse_device, parse_dtype, random_seed, seed_setting, TopLevel};
 
 pub struct Generate;
@@ -138,6 +138,7 @@ pub fn generate(config: Config, options: &RunOptions) -> Result<Option<Generatio
     if options.dry_run {
         let spec = model_spec_from_node(cfg.node("model")?).context("building `model`")?;
         check_fits(&spec, prompt_ids.len(), max_new_tokens)?;
+        check_adapter_source(&cfg)?;
         println!("{}", config.to_yaml_string());
         println!("prompt: {} tokens {:?}", prompt_ids.len(), prompt_ids);
         return Ok(None);

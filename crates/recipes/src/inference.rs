@@ -72,6 +72,13 @@ pub fn load_for_inference(
     })
 }
 
+/// Checks, without loading anything, that the adapter the config names can be found (for dry
+/// runs).
+pub fn check_adapter_source(cfg: &TopLevel) -> Result<()> {
+    let checkpointer: HfCheckpointer = cfg.build("checkpointer", ComponentKind::Checkpointer)?;
+    adapter_source(cfg.opt::<String>("adapter_dir")?, &checkpointer).map(|_| ())
+}
+
 /// Adapter weights and, when found, their PEFT `adapter_config.json`.
 #[derive(Debug, Clone)]
 pub struct AdapterSource {

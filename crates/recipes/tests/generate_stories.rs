@@ -392,6 +392,12 @@ fn bundled_configs_validate_and_register() {
         generate::generate(gen_config(&["max_new_tokens=100000"]), &dry).unwrap_err()
     );
     assert!(e.contains("exceeds the model's max_seq_len (512)"), "{e}");
+    // And that the adapter it names is there.
+    let e = format!(
+        "{:#}",
+        generate::generate(gen_config(&["adapter_dir=/nonexistent/adapter"]), &dry).unwrap_err()
+    );
+    assert!(e.contains("/nonexistent/adapter does not exist"), "{e}");
 }
 
 #[test]

@@ -45,7 +45,7 @@ use requests::RequestPlan;
 use truthfulqa::BUNDLED_TRUTHFULQA_NAME;
 
 use crate::data::check_vocab;
-use crate::inference::{load_for_inference, reject_quantizer};
+use crate::inference::{check_adapter_source, load_for_inference, reject_quantizer};
 use crate::settings::{parse_device, parse_dtype, seed_setting, TopLevel};
 
 pub struct EleutherEval;
@@ -275,6 +275,7 @@ pub fn evaluate(config: Config, options: &RunOptions) -> Result<Option<EvalRepor
     let tokenizer: Llama2Tokenizer = cfg.build("tokenizer", ComponentKind::Tokenizer)?;
     let plan = RequestPlan::new(&settings.tasks, &questions[..n_questions]);
     if options.dry_run {
+        check_adapter_source(&cfg)?;
         println!("{}", config.to_yaml_string());
         let names: Vec<&str> = settings.tasks.iter().map(|t| t.name()).collect();
         println!(
