@@ -22,7 +22,9 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Result, Tensor, Var};
-use tune_core::{Adapter, AdapterFactory, AdapterSpec, ArgSpec, Component, ComponentKind};
+use tune_core::{
+    Adapter, AdapterFactory, AdapterSpec, ArgSpec, Component, ComponentKind, PeftTarget,
+};
 
 use crate::lora::{FrozenWeight, LoRALinear, LoraFactory};
 use crate::nf4::Nf4Tensor;
@@ -129,6 +131,13 @@ impl AdapterFactory for DoraFactory {
             FrozenWeight::Dense(base_weight)
         };
         Ok(Box::new(DoRALinear::new(weight, spec, seed)?))
+    }
+
+    /// LoRA's, with `use_dora`: PEFT's spelling of DoRA.
+    fn peft_config(&self, spec: &AdapterSpec, targets: &[PeftTarget]) -> serde_json::Value {
+        let mut config = tune_core::adapter::lora_peft_config(spec, targets);
+        config["use_dora"] = serde_json::Value::Bool(true);
+        config
     }
 }
 

@@ -99,24 +99,10 @@ pub trait AdapterFactory: Send + Sync {
     }
 
     /// PEFT's `adapter_config.json` for this adapter on `targets` (the adapted projections, each
-    /// once, in model order); the checkpointer adds `base_model_name_or_path`. Default: LoRA's,
-    /// as torchtune writes it, with `use_dora` for DoRA.
+    /// once, in model order); the checkpointer adds `base_model_name_or_path`. Default: LoRA's
+    /// ([`lora_peft_config`]).
     fn peft_config(&self, spec: &AdapterSpec, targets: &[PeftTarget]) -> serde_json::Value {
-        let mut config = serde_json::json!({
-            "r": spec.rank,
-            "lora_alpha": json_number(spec.alpha),
-            "target_modules": targets.iter().map(|t| t.hf_module.as_str()).collect::<Vec<_>>(),
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "lora_dropout": spec.dropout,
-            "bias": "none",
-            "fan_in_fan_out": false,
-            "inference_mode": true,
-        });
-        if spec.kind == "dora" {
-            config["use_dora"] = serde_json::Value::Bool(true);
-        }
-        config
+        lora_peft_config(spec, targets)
     }
 
     /// Whether the trainable tensor `leaf` of `slot` has one row per output feature of the base
@@ -126,6 +112,21 @@ pub trait AdapterFactory: Send + Sync {
     fn rows_are_outputs(&self, _slot: &str, leaf: &str) -> bool {
         matches!(leaf, "lora_b.weight" | "magnitude")
     }
+}
+
+/// PEFT's `adapter_config.json` for a LoRA adapter of `spec` on `targets`.
+pub fn lora_peft_config(spec: &AdapterSpec, targets: &[PeftTarget]) -> serde_json::Value {
+    serde_json::json!({
+        "r": spec.rank,
+        "lora_alpha": json_number(spec.alpha),
+        "target_modules": targets.iter().map(|t| t.hf_module.as_str()).collect::<Vec<_>>(),
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "lora_dropout": spec.dropout,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+    })
 }
 
 /// An integral value as a JSON integer (as PEFT/torchtune write `lora_alpha`), otherwise a float.
