@@ -154,18 +154,38 @@ pub fn recipe_source(recipe: &str) -> Option<(&'static str, String)> {
         .find(|(path, _)| candidates.iter().any(|c| c == path))
         .copied()?;
     let folder = path.strip_suffix("mod.rs");
-    let shared_parts: Vec<String> = ["training_loop", "inference", "rlhf_loss"]
+    let shared_modules: Vec<String> = ["training_loop", "inference", "rlhf_loss"]
         .into_iter()
         .map(str::to_string)
         .chain(recipes().into_iter().map(|(r, _)| r))
-        .filter(|module| module != recipe && text.contains(&format!("crate::{module}::")))
-        .map(|module| format!("{module}.rs"))
+        .filter(|module| module != recipe)
         .collect();
+    // The recipe's own files, then every shared part that a file already taken refers to.
+    let mut parts: Vec<(&str, &str)> = sources
+        .iter()
+        .filter(|(p, _)| *p != path && folder.is_some_and(|f| p.starts_with(f)))
+        .copied()
+        .collect();
+    let mut scanned = 0;
+    let mut texts: Vec<&str> = vec![text];
+    texts.extend(parts.iter().map(|(_, t)| *t));
+    while scanned < texts.len() {
+        let current = texts[scanned];
+        scanned += 1;
+        for module in &shared_modules {
+            let file = format!("{module}.rs");
+            let taken = file == path || parts.iter().any(|(p, _)| *p == file);
+            if taken || !current.contains(&format!("crate::{module}::")) {
+                continue;
+            }
+            if let Some(part) = sources.iter().find(|(p, _)| *p == file) {
+                parts.push(*part);
+                texts.push(part.1);
+            }
+        }
+    }
     let mut whole = text.to_string();
-    for (part_path, part_text) in sources.iter().filter(|(p, _)| {
-        *p != path
-            && (folder.is_some_and(|f| p.starts_with(f)) || shared_parts.contains(&p.to_string()))
-    }) {
+    for (part_path, part_text) in parts {
         // Inner doc comments are only allowed at a file's top.
         let part_text = part_text.replace("\n//!", "\n//");
         let part_text = match part_text.strip_prefix("//!") {

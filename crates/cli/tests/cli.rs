@@ -264,6 +264,16 @@ fn cp_a_recipe_copies_its_source_or_says_why_not() {
         // Inner doc comments only at the top, where Rust allows them.
         let body = copied.lines().position(|l| !l.starts_with("//!")).unwrap();
         assert!(copied.lines().skip(body).all(|l| !l.starts_with("//!")));
+        // Parts come with the parts they run: DPO distributed -> the DPO objective -> its losses.
+        ok(&tune_in(dir.path(), &["cp", "lora_dpo_distributed", "."]));
+        let copied = std::fs::read_to_string(dir.path().join("lora_dpo_distributed.rs")).unwrap();
+        for part in [
+            "lora_dpo_single_device.rs",
+            "training_loop.rs",
+            "rlhf_loss.rs",
+        ] {
+            assert_eq!(copied.matches(part).count(), 1, "{part}");
+        }
         ok(&tune_in(dir.path(), &["cp", "generate", "."]));
         let copied = std::fs::read_to_string(dir.path().join("generate.rs")).unwrap();
         assert!(copied.contains("pub fn load_for_inference("));

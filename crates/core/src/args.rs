@@ -112,33 +112,57 @@ pub fn yaml11_scalar(value: &Value) -> Option<Value> {
     plain.parse::<f64>().ok().map(|f| Value::Number(f.into()))
 }
 
-/// `value` as `T`, reading YAML 1.1 booleans and numbers ([`yaml11_scalar`]) where `T` wants
-/// one.
 /// serde's message for a value of the wrong type, with Rust's type names (`expected usize`)
-/// said in words (`expected a whole number, 0 or more`).
+/// said in words (`expected a whole number, 0 or more`). Only serde's own words change, never
+/// the value quoted in the message.
 pub fn in_words(error: &serde_yaml::Error) -> String {
-    const WORDS: [(&str, &str); 13] = [
-        ("expected usize", "expected a whole number, 0 or more"),
-        ("expected u64", "expected a whole number, 0 or more"),
-        ("expected u32", "expected a whole number, 0 or more"),
-        ("expected u16", "expected a whole number, 0 or more"),
-        ("expected u8", "expected a whole number, 0 or more"),
-        ("expected isize", "expected a whole number"),
-        ("expected i64", "expected a whole number"),
-        ("expected i32", "expected a whole number"),
-        ("expected f64", "expected a number"),
-        ("expected f32", "expected a number"),
-        ("expected a boolean", "expected True or False"),
-        ("floating point `", "the number `"),
-        ("integer `", "the number `"),
+    const TYPES: [(&str, &str); 11] = [
+        ("usize", "a whole number, 0 or more"),
+        ("u64", "a whole number, 0 or more"),
+        ("u32", "a whole number, 0 or more"),
+        ("u16", "a whole number, 0 or more"),
+        ("u8", "a whole number, 0 or more"),
+        ("isize", "a whole number"),
+        ("i64", "a whole number"),
+        ("i32", "a whole number"),
+        ("f64", "a number"),
+        ("f32", "a number"),
+        ("a boolean", "True or False"),
     ];
-    let mut text = error.to_string();
-    for (rust, words) in WORDS {
-        text = text.replace(rust, words);
-    }
-    text
+    const VALUES: [(&str, &str); 4] = [
+        (
+            "invalid type: floating point `",
+            "invalid type: the number `",
+        ),
+        (
+            "invalid value: floating point `",
+            "invalid value: the number `",
+        ),
+        ("invalid type: integer `", "invalid type: the number `"),
+        ("invalid value: integer `", "invalid value: the number `"),
+    ];
+    let text = error.to_string();
+    let Some(at) = text.rfind(", expected ") else {
+        return text;
+    };
+    let (found, expected) = (&text[..at], &text[at + ", expected ".len()..]);
+    let found = VALUES
+        .iter()
+        .find_map(|(rust, words)| {
+            found
+                .strip_prefix(rust)
+                .map(|rest| format!("{words}{rest}"))
+        })
+        .unwrap_or_else(|| found.to_string());
+    let expected = TYPES
+        .iter()
+        .find(|(rust, _)| *rust == expected)
+        .map_or(expected, |(_, words)| words);
+    format!("{found}, expected {expected}")
 }
 
+/// `value` as `T`, reading YAML 1.1 booleans and numbers ([`yaml11_scalar`]) where `T` wants
+/// one.
 pub fn from_value<T: DeserializeOwned>(value: &Value) -> serde_yaml::Result<T> {
     serde_yaml::from_value(value.clone()).or_else(|e| match yaml11_scalar(value) {
         Some(v) => serde_yaml::from_value(v).map_err(|_| e),
@@ -321,5 +345,11 @@ mod tests {
         assert!(words(text).ends_with("expected a number"));
         let flag = from_value::<bool>(&Value::String("maybe".into())).unwrap_err();
         assert!(words(flag).ends_with("expected True or False"));
+        // The value quoted in the message is the user's, word for word.
+        let quoted = from_value::<u8>(&Value::String("expected u8".into())).unwrap_err();
+        assert_eq!(
+            words(quoted),
+            "invalid type: string \"expected u8\", expected a whole number, 0 or more"
+        );
     }
 }

@@ -260,11 +260,20 @@ impl HfCheckpointer {
             .lora
             .as_ref()
             .map_or("lora", |l| l.adapter.kind.as_str());
+        let factory = tune_adapters::factory(kind)?;
+        // Whatever name the adapter goes by (`dora`, `qdora`, an alias), DoRA has magnitudes.
+        let model_has_magnitudes = spec.lora.as_ref().is_some_and(|l| {
+            factory
+                .param_shapes(&l.adapter, 1, 1)
+                .iter()
+                .any(|(name, _)| name == "magnitude")
+        });
         let has_magnitudes = raw.keys().any(|n| is_magnitude_name(n));
-        if has_magnitudes && kind != "dora" {
+        if has_magnitudes && !model_has_magnitudes {
             bail!(
                 "adapter {} holds DoRA magnitudes (lora_magnitude_vector): it is a DoRA adapter; \
-                 set model.use_dora=True",
+                 set model.use_dora=True (or, when an adapter_config.json gives the settings, \
+                 use_dora: true in it)",
                 path.display()
             );
         }
@@ -276,7 +285,6 @@ impl HfCheckpointer {
                 path.display()
             );
         }
-        let factory = tune_adapters::factory(kind)?;
         let mut out = HashMap::new();
         for (name, t) in raw {
             if name.starts_with("layers.") {
@@ -423,8 +431,9 @@ fn is_magnitude_name(name: &str) -> bool {
 }
 
 /// Whether `adapter_file` is torchtune 0.6.1's PEFT export of a DoRA adapter: PEFT-named
-/// magnitudes beside an `adapter_config.json` that does not say `use_dora` (torchtune writes
-/// only r, lora_alpha, target_modules and peft_type; PEFT and tune-rs write `use_dora: true`).
+/// magnitudes beside an `adapter_config.json` with neither `use_dora` nor `task_type` (torchtune
+/// writes only r, lora_alpha, target_modules and peft_type; PEFT and tune-rs always write
+/// `task_type`, and `use_dora: true` for DoRA).
 /// torchtune moves the q/k `lora_B` rows to Hugging Face's layout there but leaves the q/k
 /// magnitudes in its own, so they must not be moved back.
 pub fn is_torchtune_dora_export(adapter_file: &Path) -> bool {
@@ -436,7 +445,7 @@ pub fn is_torchtune_dora_export(adapter_file: &Path) -> bool {
     else {
         return false;
     };
-    if config.get("use_dora").is_some() {
+    if config.get("use_dora").is_some() || config.get("task_type").is_some() {
         return false;
     }
     // SAFETY: the file is only read while mapped, and not modified by us meanwhile.
@@ -455,6 +464,14 @@ pub fn is_torchtune_dora_export(adapter_file: &Path) -> bool {
 /// server learn it at save time, not at deployment.
 pub fn serving_limits(config: &serde_json::Value) -> Vec<String> {
     let mut limits = Vec::new();
+    let peft_type = config["peft_type"].as_str().unwrap_or("LORA");
+    if peft_type != "LORA" {
+        limits.push(format!(
+            "a {peft_type} adapter loads in Hugging Face PEFT only; vLLM and mistral.rs serve \
+             LoRA adapters. Serve the merged weights there"
+        ));
+        return limits;
+    }
     if config.get("use_dora") == Some(&serde_json::Value::Bool(true)) {
         limits.push(
             "a DoRA adapter loads in Hugging Face PEFT; vLLM and mistral.rs (0.9.1 and later) \

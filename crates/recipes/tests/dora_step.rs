@@ -339,6 +339,36 @@ fn torchtune_and_peft_dora_exports_read_back_as_torchtunes_adapter() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("set model.use_dora=True"), "{e}");
+    // DoRA by its torchtune alias reads it the same way.
+    let alias_node: serde_yaml::Value = serde_yaml::from_str(
+        "{_component_: torchtune.models.llama2.lora_llama2, lora_attn_modules: [q_proj, v_proj],
+          vocab_size: 512, num_layers: 5, num_heads: 8, num_kv_heads: 4, embed_dim: 64,
+          max_seq_len: 512, intermediate_dim: 172, lora_rank: 4, lora_alpha: 8.0,
+          adapter: torchtune.modules.peft.DoRALinear}",
+    )
+    .unwrap();
+    let alias_spec = builders::model_spec_from_node(&alias_node).unwrap();
+    let got = HfCheckpointer::read_adapter(&torchtune_dir, &alias_spec).unwrap();
+    assert_eq!(
+        max_abs_diff(
+            &got["layers.0.attn.q_proj.magnitude"],
+            &want["layers.0.attn.q_proj.magnitude"]
+        )
+        .unwrap(),
+        0.0
+    );
+    // A config with PEFT's task_type but no use_dora is not torchtune's: read in PEFT's layout.
+    let mut peft_without_use_dora = torchtune_config.clone();
+    peft_without_use_dora["task_type"] = serde_json::json!("CAUSAL_LM");
+    let not_torchtune = folder(
+        "not_torchtune",
+        "adapter_final_peft_magnitude_hf_layout.safetensors",
+        &peft_without_use_dora,
+    );
+    let got = HfCheckpointer::read_adapter(&not_torchtune, &spec).unwrap();
+    for (name, t) in &want {
+        assert_eq!(max_abs_diff(&got[name], t).unwrap(), 0.0, "{name}");
+    }
     // The same torchtune file said to be PEFT's would move its q magnitudes.
     let mislabelled = folder(
         "mislabelled",

@@ -356,11 +356,16 @@ fn bad_settings_name_the_fix() {
         r#"[{"question": "Q?", "mc1_targets": {"a": 0, "b": 1}, "mc2_targets": {"a": 0, "b": 1}}]"#,
     )
     .unwrap();
-    let e = format!(
-        "{:#}",
-        eleuther_eval::load_truthfulqa(Some(&second_true)).unwrap_err()
-    );
+    let path = format!("truthfulqa_path={}", second_true.display());
+    let e = run_err(&[&path, "tasks=[truthfulqa_mc1]"]);
     assert!(e.contains("put the true answer first"), "{e}");
+    // mc2 reads every label: the same file is fine for it.
+    let dry = RunOptions {
+        dry_run: true,
+        ..Default::default()
+    };
+    let mc2_only = eval_config(work.path(), &[&path, "tasks=[truthfulqa_mc2]"]);
+    assert!(evaluate(mc2_only, &dry).unwrap().is_none());
 
     // Nowhere to write the results: refused before any scoring.
     std::fs::create_dir_all(work.path().join("eval_results.json")).unwrap();

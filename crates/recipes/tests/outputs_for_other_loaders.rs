@@ -189,4 +189,8 @@ fn serving_limits_name_dora() {
     let limits = serving_limits(&dora);
     assert_eq!(limits.len(), 1);
     assert!(limits[0].contains("DoRA") && limits[0].contains("vLLM"));
+    let ia3 = serde_json::json!({"peft_type": "IA3", "target_modules": ["k_proj", "lm_head"]});
+    let limits = serving_limits(&ia3);
+    assert_eq!(limits.len(), 1, "{limits:?}");
+    assert!(limits[0].contains("IA3 adapter loads in Hugging Face PEFT only"));
 }

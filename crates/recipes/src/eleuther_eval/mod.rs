@@ -29,7 +29,8 @@ mod truthfulqa;
 pub use requests::{encode_pair, mean_and_stderr, Encoded};
 pub use scorer::{Score, Scorer};
 pub use truthfulqa::{
-    context, continuation, load_truthfulqa, mc1, mc2, Question, Targets, Task, QA_PRIMER,
+    check_mc1_answer_first, context, continuation, load_truthfulqa, mc1, mc2, Question, Targets,
+    Task, QA_PRIMER,
 };
 
 use std::path::PathBuf;
@@ -269,6 +270,15 @@ pub fn evaluate(config: Config, options: &RunOptions) -> Result<Option<EvalRepor
 
     // ---- Data and tokenizer (before the weights: bad input fails fast) ------------------------
     let questions = load_truthfulqa(settings.truthfulqa_path.as_deref())?;
+    if settings.tasks.contains(&Task::TruthfulQaMc1) {
+        let name = settings
+            .truthfulqa_path
+            .as_ref()
+            .map_or(BUNDLED_TRUTHFULQA_NAME.to_string(), |p| {
+                p.display().to_string()
+            });
+        check_mc1_answer_first(&questions, &name)?;
+    }
     let n_questions = settings
         .limit
         .map_or(questions.len(), |l| l.apply(questions.len()));
@@ -366,6 +376,14 @@ fn check_results_writable(dir: &std::path::Path) -> Result<()> {
             dir.display()
         )
     })?;
+    let probe = dir.join(format!(".tune-write-check-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| {
+        format!(
+            "cannot write in output_dir {}; set output_dir to a writable folder",
+            dir.display()
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
     let results = dir.join("eval_results.json");
     if results.is_dir() {
         bail!(

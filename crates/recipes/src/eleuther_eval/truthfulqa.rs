@@ -183,7 +183,15 @@ pub fn load_truthfulqa(path: Option<&Path>) -> Result<Vec<Question>> {
         if q.mc1.is_empty() || q.mc2.is_empty() || !q.mc2.iter().any(|(_, l)| *l == 1) {
             bail!("{name}, question {i}: every question needs mc1 and mc2 answers, at least one of them true");
         }
-        // lm-eval's truthfulqa_mc1 counts the first answer as the correct one (doc_to_target: 0).
+    }
+    Ok(questions)
+}
+
+/// lm-eval's truthfulqa_mc1 counts the first of each question's mc1 answers as the correct one
+/// (`doc_to_target: 0`): a file (`name`) where it is not the only one labelled 1 would score
+/// wrong answers as right, so it is refused.
+pub fn check_mc1_answer_first(questions: &[Question], name: &str) -> Result<()> {
+    for (i, q) in questions.iter().enumerate() {
         if q.mc1[0].1 != 1 || q.mc1[1..].iter().any(|(_, label)| *label == 1) {
             bail!(
                 "{name}, question {i}: truthfulqa_mc1 scores the first of mc1_targets as the one \
@@ -192,7 +200,7 @@ pub fn load_truthfulqa(path: Option<&Path>) -> Result<Vec<Question>> {
             );
         }
     }
-    Ok(questions)
+    Ok(())
 }
 
 /// Answers with labels, in the order the file lists them.
