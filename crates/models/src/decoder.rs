@@ -91,14 +91,10 @@ impl TransformerDecoder {
     pub fn from_weights_and_sources(
         spec: &ModelSpec,
         mut weights: HashMap<String, Tensor>,
-        mut sources: HashMap<String, Tensor>,
+        sources: HashMap<String, Tensor>,
         seed: u64,
     ) -> Result<Self> {
         let config = spec.transformer.clone();
-        let factory: Option<std::sync::Arc<dyn AdapterFactory>> = match &spec.lora {
-            Some(l) => Some(tune_adapters::factory(&l.adapter.kind)?),
-            None => None,
-        };
         let mut take = |name: &str| {
             weights
                 .remove(name)
@@ -107,76 +103,32 @@ impl TransformerDecoder {
         let tok_embeddings = take("tok_embeddings.weight")?;
         let device = tok_embeddings.device().clone();
 
-        let mut layer_seed = seed;
-        let quantize_base = spec.lora.as_ref().is_some_and(|l| l.quantize_base);
-        let mut make = |slot_name: &str,
-                        adapted: bool,
-                        weight: Tensor|
-         -> Result<Box<dyn Adapter>> {
-            layer_seed = layer_seed.wrapping_add(1);
-            // QLoRA: torchtune stores every attention/MLP projection in NF4 (in its own q/k layout,
-            // which is what `weight` is in here), never the output layer.
-            let quantize = quantize_base && slot_name != "output";
-            let source = sources.remove(&format!("{slot_name}.weight"));
-            let build = || -> Result<Box<dyn Adapter>> {
-                match (&factory, &spec.lora) {
-                    (Some(f), Some(l)) if adapted => {
-                        let f = if quantize {
-                            tune_adapters::quantized_factory(&l.adapter.kind)?
-                        } else {
-                            f.clone()
-                        };
-                        f.build_for(slot_name, &l.adapter, weight, layer_seed)
-                            .with_context(|| {
-                                format!("building the {} adapter of {slot_name}", l.adapter.kind)
-                            })
-                    }
-                    _ if quantize => tune_adapters::frozen_nf4_linear(&weight)
-                        .with_context(|| format!("quantising {slot_name} to NF4")),
-                    _ => Ok(Box::new(FrozenLinear { weight })),
-                }
-            };
-            let source = source.filter(|_| quantize);
-            let given = source.is_some();
-            let (built, used) = tune_adapters::nf4::quantizing_source(source, build);
-            let built = built?;
-            // The weight passed in was only a stand-in for the source: it must have been used.
-            if given && !used {
-                return Err(anyhow!(
-                    "{slot_name}: the {} adapter did not quantise its base weight to NF4; \
-                     set quantize_base=False to use it",
-                    spec.lora
-                        .as_ref()
-                        .map_or("base", |l| l.adapter.kind.as_str())
-                ));
-            }
-            Ok(built)
-        };
+        // The linear layers come in `linear_slots` order, which is the order built below.
+        let mut linears = LinearBuilder::new(spec, sources, seed)?;
         let slots = spec.linear_slots();
-        let mut slot_iter = slots.iter();
-        let mut next_linear =
-            |take: &mut dyn FnMut(&str) -> Result<Tensor>| -> Result<Box<dyn Adapter>> {
-                let slot = slot_iter
-                    .next()
-                    .ok_or_else(|| anyhow!("model has fewer linear slots than expected"))?;
-                let w = take(&format!("{}.weight", slot.prefix))?;
-                make(&slot.prefix, slot.adapted, w)
-            };
+        let mut slots = slots.iter();
+        let mut linear = |take: &mut dyn FnMut(&str) -> Result<Tensor>| {
+            let slot = slots
+                .next()
+                .ok_or_else(|| anyhow!("model has fewer linear slots than expected"))?;
+            let weight = take(&format!("{}.weight", slot.prefix))?;
+            linears.build(&slot.prefix, slot.adapted, weight)
+        };
 
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let sa_norm = take(&format!("layers.{i}.sa_norm.scale"))?;
             let attn = Attention {
-                q_proj: next_linear(&mut take)?,
-                k_proj: next_linear(&mut take)?,
-                v_proj: next_linear(&mut take)?,
-                output_proj: next_linear(&mut take)?,
+                q_proj: linear(&mut take)?,
+                k_proj: linear(&mut take)?,
+                v_proj: linear(&mut take)?,
+                output_proj: linear(&mut take)?,
             };
             let mlp_norm = take(&format!("layers.{i}.mlp_norm.scale"))?;
             let mlp = FeedForward {
-                w1: next_linear(&mut take)?,
-                w2: next_linear(&mut take)?,
-                w3: next_linear(&mut take)?,
+                w1: linear(&mut take)?,
+                w2: linear(&mut take)?,
+                w3: linear(&mut take)?,
             };
             layers.push(Arc::new(DecoderLayer {
                 sa_norm,
@@ -193,8 +145,7 @@ impl TransformerDecoder {
         } else {
             take("output.weight")?
         };
-        let output: Arc<dyn Adapter> =
-            Arc::from(next_linear(&mut |_: &str| Ok(output_weight.clone()))?);
+        let output: Arc<dyn Adapter> = Arc::from(linear(&mut |_: &str| Ok(output_weight.clone()))?);
         // fp32 whatever the model's dtype: torchtune rotates in fp32 (see `rope_interleaved`).
         let (rope_cos, rope_sin) = rope_cache(
             config.head_dim(),
@@ -905,4 +856,78 @@ pub fn offset_causal_mask(
         })
         .collect();
     Tensor::from_vec(values, (seq, total), device)?.to_dtype(dtype)
+}
+
+/// Builds a model's linear layers one by one: frozen, frozen in NF4 (QLoRA's base), or with
+/// the model's adapter on top.
+struct LinearBuilder<'a> {
+    spec: &'a ModelSpec,
+    factory: Option<Arc<dyn AdapterFactory>>,
+    /// For NF4 layers, the checkpoint's own tensor, quantised in its own arithmetic.
+    sources: HashMap<String, Tensor>,
+    /// Each layer's adapter initialisation draws from the next seed.
+    seed: u64,
+}
+
+impl<'a> LinearBuilder<'a> {
+    fn new(spec: &'a ModelSpec, sources: HashMap<String, Tensor>, seed: u64) -> Result<Self> {
+        let factory = match &spec.lora {
+            Some(l) => Some(tune_adapters::factory(&l.adapter.kind)?),
+            None => None,
+        };
+        Ok(LinearBuilder {
+            spec,
+            factory,
+            sources,
+            seed,
+        })
+    }
+
+    /// The layer `slot` (e.g. `layers.0.attn.q_proj`) over `weight`; `adapted` when the config
+    /// puts the adapter on it.
+    fn build(&mut self, slot: &str, adapted: bool, weight: Tensor) -> Result<Box<dyn Adapter>> {
+        self.seed = self.seed.wrapping_add(1);
+        let (spec, seed) = (self.spec, self.seed);
+        // QLoRA: torchtune stores every attention/MLP projection in NF4 (in its own q/k layout,
+        // which is what `weight` is in here), never the output layer.
+        let quantize = spec.lora.as_ref().is_some_and(|l| l.quantize_base) && slot != "output";
+        let source = self
+            .sources
+            .remove(&format!("{slot}.weight"))
+            .filter(|_| quantize);
+        let factory = self.factory.clone();
+        let build = || -> Result<Box<dyn Adapter>> {
+            match (factory, &spec.lora) {
+                (Some(factory), Some(l)) if adapted => {
+                    let factory = if quantize {
+                        tune_adapters::quantized_factory(&l.adapter.kind)?
+                    } else {
+                        factory
+                    };
+                    factory
+                        .build_for(slot, &l.adapter, weight, seed)
+                        .with_context(|| {
+                            format!("building the {} adapter of {slot}", l.adapter.kind)
+                        })
+                }
+                _ if quantize => tune_adapters::frozen_nf4_linear(&weight)
+                    .with_context(|| format!("quantising {slot} to NF4")),
+                _ => Ok(Box::new(FrozenLinear { weight })),
+            }
+        };
+        let given = source.is_some();
+        let (built, used) = tune_adapters::nf4::quantizing_source(source, build);
+        let built = built?;
+        // The weight passed in was only a stand-in for the source: it must have been used.
+        if given && !used {
+            return Err(anyhow!(
+                "{slot}: the {} adapter did not quantise its base weight to NF4; set \
+                 quantize_base=False to use it",
+                spec.lora
+                    .as_ref()
+                    .map_or("base", |l| l.adapter.kind.as_str())
+            ));
+        }
+        Ok(built)
+    }
 }
