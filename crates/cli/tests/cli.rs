@@ -387,10 +387,15 @@ fn validate_reports_every_problem() {
     let dir = tempfile::tempdir().unwrap();
     let text = "output_dir: /tmp/x\nmodel:\n  _component_: torchtune.models.llama2.lora_llama2_7b\n  \
                 lora_attn_modules: [q_proj, v_proj]\n  lora_rnak: 8\noptimizer:\n  _component_: torch.optim.AdamWW\n\
-                logs: ${outptu_dir}/logs\n";
+                log_dir: ${outptu_dir}/logs\nbatch_sise: 2\n";
     std::fs::write(dir.path().join("typo.yaml"), text).unwrap();
     let err = fails(&tune_in(dir.path(), &["validate", "typo.yaml"]));
-    assert!(err.contains("typo.yaml has 3 problems"), "{err}");
+    assert!(err.contains("typo.yaml has 4 problems"), "{err}");
+    // Any top-level name is allowed, but a near miss of a recipe's key is a typo.
+    assert!(
+        err.contains("`batch_sise` is read by no recipe (did you mean `batch_size`?)"),
+        "{err}"
+    );
     assert!(err.contains("did you mean `${output_dir}`?"), "{err}");
     assert!(
         err.contains("optimizer: unknown _component_ `torch.optim.AdamWW`"),

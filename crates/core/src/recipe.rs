@@ -128,6 +128,30 @@ pub fn unread_top_level_keys(config: &Config, recipe: &dyn Recipe) -> anyhow::Re
     Ok(unread)
 }
 
+/// The top-level keys of `config` that no registered recipe reads but that look like a typo of
+/// one that some recipe reads, each with what it likely meant (for `tune validate`, which does
+/// not know the recipe; `tune run` checks against its own recipe's keys).
+pub fn misspelt_top_level_keys(config: &Config) -> Vec<(String, &'static str)> {
+    let recipes = all();
+    let known: Vec<&'static str> = recipes
+        .iter()
+        .flat_map(|r| r.top_level_keys().iter().chain(r.keys_without_effect()))
+        .copied()
+        .collect();
+    config
+        .keys()
+        .into_iter()
+        .filter(|key| {
+            !known.contains(&key.as_str())
+                && !crate::config::overrides::refers_to(&config.root, key)
+        })
+        .filter_map(|key| {
+            let meant = known.iter().find(|k| is_typo_of(&key, k))?;
+            Some((key, *meant))
+        })
+        .collect()
+}
+
 /// Is `key` a misspelling of `known`: at most two edits from it (one for keys under eight
 /// characters, where two edits make another word), and not `known` with something appended
 /// (`dataset_2`, `seed1`: a key parked beside the real one)?

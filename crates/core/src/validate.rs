@@ -34,6 +34,12 @@ pub fn validate(config: &Config) -> Vec<String> {
         };
         problems.extend(check_node(&at, node));
     }
+    // Top-level keys: any name is allowed, but a near miss of one a recipe reads is a typo.
+    for (key, meant) in crate::recipe::misspelt_top_level_keys(&resolved) {
+        problems.push(format!(
+            "`{key}` is read by no recipe (did you mean `{meant}`?)"
+        ));
+    }
     problems
 }
 
