@@ -24,6 +24,22 @@ pub fn resolve_files(checkpoint_dir: &Path, files: &[String]) -> Result<Vec<Path
             checkpoint_dir.display()
         );
     }
+    // A checkpoint saved with only its adapter (save_adapter_weights_only, or a mid-epoch
+    // step_N) has no model weights to load: the adapter goes on top of the base model.
+    let only_an_adapter = files.iter().all(|f| !checkpoint_dir.join(f).exists())
+        && (checkpoint_dir
+            .join("adapter/adapter_model.safetensors")
+            .is_file()
+            || checkpoint_dir.join("adapter_model.safetensors").is_file());
+    if only_an_adapter {
+        bail!(
+            "checkpoint_dir {} holds an adapter but no model weights; keep checkpoint_dir at the \
+             base model and set adapter_dir={} (generate, eleuther_eval) or \
+             checkpointer.adapter_checkpoint (training)",
+            checkpoint_dir.display(),
+            checkpoint_dir.display()
+        );
+    }
     let mut out = Vec::new();
     for f in files {
         let path = checkpoint_dir.join(f);

@@ -41,6 +41,12 @@ pub fn save_safetensors(
     tensors: &std::collections::HashMap<String, candle_core::Tensor>,
 ) -> Result<()> {
     let tmp = temp_name(path);
+    // safetensors writes through a private temporary file (mode 0600); the checkpoint should be
+    // as readable as any file this process creates (umask), e.g. by a serving process.
+    let permissions = fs::File::create(&tmp)
+        .and_then(|f| f.metadata())
+        .map(|m| m.permissions())
+        .with_context(|| format!("cannot write {} ({FULL_DISK})", path.display()))?;
     // `format: pt` in the header, as torch's writer puts it: transformers before 4.48.2 fails on
     // a file without metadata.
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -54,7 +60,8 @@ pub fn save_safetensors(
     // candle flushes but does not sync: without it a power cut after the rename (and after the
     // old checkpoint is deleted) could leave an empty file under the final name.
     let saved = saved.and_then(|()| {
-        fs::File::open(&tmp)
+        fs::set_permissions(&tmp, permissions)
+            .and_then(|()| fs::File::open(&tmp))
             .and_then(|f| f.sync_all())
             .with_context(|| format!("cannot write {} ({FULL_DISK})", path.display()))
     });

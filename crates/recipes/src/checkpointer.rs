@@ -757,15 +757,40 @@ pub fn refuse_files_named_like_checkpoints(output_dir: &Path) -> Result<()> {
         return Ok(());
     };
     for entry in entries.flatten() {
-        if is_checkpoint_name(&entry.file_name().to_string_lossy()) && !entry.path().is_dir() {
+        let path = entry.path();
+        // A save replaces the whole folder: one that is not a checkpoint would be lost.
+        let not_a_checkpoint = !path.is_dir() || !holds_a_checkpoint_or_nothing(&path);
+        if is_checkpoint_name(&entry.file_name().to_string_lossy()) && not_a_checkpoint {
             bail!(
                 "{} is not a checkpoint folder, but this run saves its checkpoints under such \
-                 names; move it out of output_dir or choose another output_dir",
-                entry.path().display()
+                 names (replacing what is there); move it out of output_dir or choose another \
+                 output_dir",
+                path.display()
             );
         }
     }
     Ok(())
+}
+
+/// Whether folder `dir` is empty or holds a checkpoint (tune-rs's or torchtune's: recipe state,
+/// weights, an adapter, a model config), which a save may replace.
+fn holds_a_checkpoint_or_nothing(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    let names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.is_empty()
+        || names.iter().any(|name| {
+            matches!(
+                name.as_str(),
+                "recipe_state" | "adapter" | "config.json" | "adapter_config.json"
+            ) || [".safetensors", ".bin", ".pt"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+        })
 }
 
 /// Reads the newest checkpoint in `output_dir` (furthest into the run: epochs, then batches of

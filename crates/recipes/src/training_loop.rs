@@ -166,13 +166,32 @@ pub fn train_objective(
         &(config.to_yaml_string(), seed, objective.num_examples()),
         "config, seed or dataset",
     )?;
+    let steps_per_epoch = settings.steps_per_epoch(objective.as_ref(), group.world_size())?;
+    let fresh = RecipeState {
+        epochs_run: 0,
+        global_step: 0,
+        batches_in_epoch: 0,
+        seed,
+        total_epochs: settings.epochs,
+        max_steps_per_epoch: settings.max_steps_per_epoch,
+        gradient_accumulation_steps: settings.gradient_accumulation_steps,
+        optimizer_step: 0,
+        world_size: group.world_size(),
+        batch_size: Some(settings.batch_size),
+        steps_per_epoch: Some(steps_per_epoch),
+        data_order: Some(data_order(settings.shuffle).to_string()),
+    };
+    // Before the weights load and anything is written: a run that cannot continue from its
+    // checkpoint stops here.
+    if let Some((dir, saved)) = &resume_from {
+        check_resumable(dir, saved, &fresh, settings.shuffle)?;
+    }
     // Dropout draws from the device's generator: seeded per rank, as torchtune seeds each rank
     // with seed + rank (candle cannot seed its CPU generator; there it stays unseeded).
     let _ = device.set_seed(seed.wrapping_add(group.rank() as u64));
     let (mut model, spec, layout) = checkpointer.load_base(&spec, dtype, &device, seed)?;
     tracing::info!("{}", spec.counts()?.summary());
     log_memory_after_model_init(&device);
-    let steps_per_epoch = settings.steps_per_epoch(objective.as_ref(), group.world_size())?;
 
     // ---- Optimizer, schedule, loggers ---------------------------------------------------------
     let opt_config: AdamWConfig = cfg.build("optimizer", ComponentKind::Optimizer)?;
@@ -191,30 +210,8 @@ pub fn train_objective(
     let mut optimizer = AdamW::new(opt_config, params.clone())?;
 
     // ---- Resume or warm start ------------------------------------------------------------------
-    let fresh = RecipeState {
-        epochs_run: 0,
-        global_step: 0,
-        batches_in_epoch: 0,
-        seed,
-        total_epochs: settings.epochs,
-        max_steps_per_epoch: settings.max_steps_per_epoch,
-        gradient_accumulation_steps: settings.gradient_accumulation_steps,
-        optimizer_step: 0,
-        world_size: group.world_size(),
-        batch_size: Some(settings.batch_size),
-        steps_per_epoch: Some(steps_per_epoch),
-        data_order: Some(data_order(settings.shuffle).to_string()),
-    };
     let state = match resume_from {
-        Some((dir, saved)) => restore(
-            &dir,
-            saved,
-            fresh,
-            settings.shuffle,
-            &model,
-            &mut optimizer,
-            &device,
-        )?,
+        Some((dir, saved)) => restore(&dir, saved, fresh, &model, &mut optimizer, &device)?,
         None => {
             warm_start(&checkpointer, &spec, &model)?;
             fresh
@@ -260,12 +257,19 @@ struct LoopSettings {
 impl LoopSettings {
     fn read(cfg: &TopLevel) -> Result<Self> {
         let epochs: usize = cfg.get("epochs", 1)?;
+        if epochs == 0 {
+            bail!("epochs=0 would train nothing; set it to at least 1");
+        }
         let max_steps_per_epoch: Option<usize> = cfg.opt("max_steps_per_epoch")?;
         if max_steps_per_epoch == Some(0) {
             bail!("max_steps_per_epoch=0 would train nothing; set it to at least 1, or null for whole epochs");
         }
         let gradient_accumulation_steps: usize = cfg.get("gradient_accumulation_steps", 1)?;
         let clip_grad_norm: Option<f64> = cfg.opt("clip_grad_norm")?;
+        if let Some(max_norm) = clip_grad_norm.filter(|n| n.is_nan() || *n <= 0.0) {
+            // A negative bound flips the gradients (training ascends); 0 stops every update.
+            bail!("clip_grad_norm={max_norm}: it must be above 0, or null for no clipping");
+        }
         let batch_size: usize = cfg.require("batch_size")?;
         let shuffle: bool = cfg.get("shuffle", true)?;
         let save_adapter_weights_only: bool = cfg.get("save_adapter_weights_only", false)?;
@@ -275,6 +279,9 @@ impl LoopSettings {
         }
         let log_peak_memory_stats: bool = cfg.get("log_peak_memory_stats", false)?;
         let save_every_n_steps: Option<usize> = cfg.opt("save_every_n_steps")?;
+        if save_every_n_steps == Some(0) {
+            bail!("save_every_n_steps=0 would never save; set it to at least 1, or null to save at epoch ends only");
+        }
         if gradient_accumulation_steps == 0 || batch_size == 0 {
             bail!("batch_size and gradient_accumulation_steps must be at least 1");
         }
@@ -410,7 +417,11 @@ fn run_seed(
         }
         (None, Some(s)) => s,
         // With `seed: null` rank 0 draws one and every rank uses it (the same adapter init).
-        (None, None) => group.broadcast_u64(random_seed(group.world_size()))?,
+        (None, None) => {
+            let seed = group.broadcast_u64(random_seed(group.world_size()))?;
+            tracing::info!("seed=null: drew seed {seed} (saved with each checkpoint)");
+            seed
+        }
     })
 }
 
@@ -556,17 +567,25 @@ fn write_run_config(config: &Config, checkpointer: &HfCheckpointer, resume: bool
     )
 }
 
-/// Loads the adapter and optimizer state saved in `dir` and returns the state to go on from.
+/// Loads the adapter and optimizer state saved in `dir` (checked with [`check_resumable`]) and
+/// returns the state to go on from.
 fn restore(
     dir: &Path,
     saved: RecipeState,
     now: RecipeState,
-    shuffle: bool,
     model: &TransformerDecoder,
     optimizer: &mut AdamW,
     device: &Device,
 ) -> Result<RecipeState> {
-    check_resumable(dir, &saved, &now, shuffle)?;
+    if saved.total_epochs != now.total_epochs {
+        // As torchtune: the run goes on to this config's epochs.
+        tracing::warn!(
+            "epochs differs from {}'s ({}); training to epoch {}",
+            dir.display(),
+            saved.total_epochs,
+            now.total_epochs
+        );
+    }
     let state_file = |name: &str| {
         let path = dir.join("recipe_state").join(name);
         candle_core::safetensors::load(&path, device).with_context(|| {

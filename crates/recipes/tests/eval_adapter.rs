@@ -312,6 +312,28 @@ fn our_lora_output_evaluates_the_same_as_adapter_or_merged() {
     assert!(max_diff(&a, &base) > 1e-3, "training changed the model");
     assert!((adapter.tasks[0].acc - merged.tasks[0].acc).abs() < 1e-5);
 
+    // An adapter-only folder given as the model: the error says where it goes instead.
+    let adapter_only = work.path().join("adapter_only");
+    std::fs::create_dir_all(adapter_only.join("adapter")).unwrap();
+    for file in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::copy(
+            epoch.join("adapter").join(file),
+            adapter_only.join("adapter").join(file),
+        )
+        .unwrap();
+    }
+    let e = load_err(
+        work.path(),
+        &[
+            format!("checkpointer.checkpoint_dir={}", adapter_only.display()),
+            "checkpointer.checkpoint_files=[model.safetensors.index.json]".into(),
+        ],
+    );
+    assert!(
+        e.contains("holds an adapter but no model weights") && e.contains("adapter_dir="),
+        "{e}"
+    );
+
     // The run's output_dir itself: the error names a checkpoint inside it.
     let e = load_err(
         work.path(),

@@ -71,6 +71,22 @@ fn a_tied_config_with_its_own_lm_head_is_untied_once_the_output_is_adapted() {
             .to_string())
     );
 
+    // Checkpoint files are as readable as any file the process creates (the umask decides):
+    // a serving process running as another user can read them.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let config_mode = mode(&epoch.join("adapter/adapter_config.json"));
+        for file in [
+            "adapter/adapter_model.safetensors",
+            "model-00001-of-00001.safetensors",
+            "recipe_state/optimizer.safetensors",
+        ] {
+            assert_eq!(mode(&epoch.join(file)), config_mode, "{file}");
+        }
+    }
+
     let pt = serde_json::json!({"format": "pt"});
     assert_eq!(
         header_metadata(&epoch.join("adapter/adapter_model.safetensors")),

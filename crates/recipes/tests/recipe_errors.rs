@@ -486,4 +486,56 @@ fn a_file_named_like_a_checkpoint_is_not_moved_aside() {
         std::fs::read_to_string(out.join("epoch_0")).unwrap(),
         "notes"
     );
+
+    // A folder of that name holding something else: a save would replace it, so it is refused
+    // too. An empty one may be replaced.
+    std::fs::remove_file(out.join("epoch_0")).unwrap();
+    std::fs::create_dir_all(out.join("epoch_0")).unwrap();
+    std::fs::write(out.join("epoch_0/notes.txt"), "notes").unwrap();
+    let e = train(
+        common::stories_config(work.path(), &["max_steps_per_epoch=1"]),
+        &RunOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("epoch_0 is not a checkpoint folder"),
+        "{e:#}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("epoch_0/notes.txt")).unwrap(),
+        "notes"
+    );
+    std::fs::remove_file(out.join("epoch_0/notes.txt")).unwrap();
+    train(
+        common::stories_config(work.path(), &["max_steps_per_epoch=1"]),
+        &RunOptions::default(),
+    )
+    .unwrap();
+}
+
+/// Loop settings that would train nothing, never save, or climb the loss are refused.
+#[test]
+fn loop_settings_that_cannot_mean_what_they_say_are_refused() {
+    tune_recipes::link();
+    let dry = RunOptions {
+        dry_run: true,
+        ..Default::default()
+    };
+    for (setting, wanted) in [
+        ("clip_grad_norm=-1", "clip_grad_norm=-1: it must be above 0"),
+        ("clip_grad_norm=0", "clip_grad_norm=0: it must be above 0"),
+        (
+            "clip_grad_norm=.nan",
+            "clip_grad_norm=NaN: it must be above 0",
+        ),
+        ("epochs=0", "epochs=0 would train nothing"),
+        (
+            "save_every_n_steps=0",
+            "save_every_n_steps=0 would never save",
+        ),
+    ] {
+        let work = tempfile::tempdir().unwrap();
+        let e = train(common::stories_config(work.path(), &[setting]), &dry).unwrap_err();
+        assert!(format!("{e:#}").contains(wanted), "{setting}: {e:#}");
+    }
 }
