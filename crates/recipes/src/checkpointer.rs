@@ -168,6 +168,12 @@ impl HfCheckpointer {
     /// For a run that saves into `output_dir`: it must not overlap the model being read (eval
     /// and generation, which save nothing, read a fine-tuned `output_dir/epoch_N` freely).
     pub fn check_output_dir(&self) -> Result<()> {
+        if self.output_dir.exists() && !self.output_dir.is_dir() {
+            bail!(
+                "output_dir {} is a file; set output_dir to a folder for the checkpoints and logs",
+                self.output_dir.display()
+            );
+        }
         let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
         let (out, ckpt) = (abs(&self.output_dir), abs(&self.checkpoint_dir));
         if out.starts_with(&ckpt) {

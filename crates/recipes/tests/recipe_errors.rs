@@ -513,6 +513,26 @@ fn a_file_named_like_a_checkpoint_is_not_moved_aside() {
     .unwrap();
 }
 
+/// An output_dir that is a file is named before the model loads.
+#[test]
+fn an_output_dir_that_is_a_file_is_named() {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("output");
+    std::fs::write(&file, "not a folder").unwrap();
+    let e = train(
+        common::stories_config(work.path(), &["max_steps_per_epoch=1"]),
+        &RunOptions::default(),
+    )
+    .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("output is a file; set output_dir to a folder"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "not a folder");
+}
+
 /// Loop settings that would train nothing, never save, or climb the loss are refused.
 #[test]
 fn loop_settings_that_cannot_mean_what_they_say_are_refused() {
