@@ -161,31 +161,29 @@ pub fn recipe_source(recipe: &str) -> Option<(&'static str, String)> {
         .filter(|module| module != recipe)
         .collect();
     // The recipe's own files, then every shared part that a file already taken refers to.
-    let mut parts: Vec<(&str, &str)> = sources
-        .iter()
-        .filter(|(p, _)| *p != path && folder.is_some_and(|f| p.starts_with(f)))
-        .copied()
-        .collect();
+    let mut taken: Vec<(&str, &str)> = vec![(path, text)];
+    taken.extend(
+        sources
+            .iter()
+            .filter(|(p, _)| *p != path && folder.is_some_and(|f| p.starts_with(f))),
+    );
     let mut scanned = 0;
-    let mut texts: Vec<&str> = vec![text];
-    texts.extend(parts.iter().map(|(_, t)| *t));
-    while scanned < texts.len() {
-        let current = texts[scanned];
+    while let Some(&(_, current)) = taken.get(scanned) {
         scanned += 1;
         for module in &shared_modules {
             let file = format!("{module}.rs");
-            let taken = file == path || parts.iter().any(|(p, _)| *p == file);
-            if taken || !current.contains(&format!("crate::{module}::")) {
+            if taken.iter().any(|(p, _)| *p == file)
+                || !current.contains(&format!("crate::{module}::"))
+            {
                 continue;
             }
             if let Some(part) = sources.iter().find(|(p, _)| *p == file) {
-                parts.push(*part);
-                texts.push(part.1);
+                taken.push(*part);
             }
         }
     }
     let mut whole = text.to_string();
-    for (part_path, part_text) in parts {
+    for &(part_path, part_text) in &taken[1..] {
         // Inner doc comments are only allowed at a file's top.
         let part_text = part_text.replace("\n//!", "\n//");
         let part_text = match part_text.strip_prefix("//!") {

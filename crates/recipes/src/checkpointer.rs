@@ -300,7 +300,7 @@ impl HfCheckpointer {
             let tune = peft_to_tune_adapter_name(&name).with_context(|| {
                 format!("adapter tensor `{name}` is neither a torchtune nor a PEFT adapter name")
             })?;
-            let in_torchtune_rows = torchtune_dora && is_magnitude_name(&name);
+            let in_torchtune_rows = torchtune_dora && tune.ends_with(".magnitude");
             let t = match rope_heads(factory.as_ref(), &tune, spec) {
                 Some(heads) if !in_torchtune_rows => permute_hf_to_tune(&t, heads)?,
                 _ => t,
@@ -431,9 +431,8 @@ impl HfCheckpointer {
 
 /// A DoRA magnitude's name, in PEFT's or torchtune's spelling.
 fn is_magnitude_name(name: &str) -> bool {
-    name.ends_with(".lora_magnitude_vector")
-        || name.ends_with(".lora_magnitude_vector.weight")
-        || name.ends_with(".magnitude")
+    name.ends_with(".magnitude")
+        || peft_to_tune_adapter_name(name).is_some_and(|tune| tune.ends_with(".magnitude"))
 }
 
 /// Whether `adapter_file` is torchtune 0.6.1's PEFT export of a DoRA adapter: PEFT-named
