@@ -23,20 +23,18 @@ use tune_core::{Adapter, AdapterFactory};
 
 /// Looks up an adapter factory by registry name (`lora`, `dora`, a plugin's name, ...).
 pub fn factory(name: &str) -> anyhow::Result<Arc<dyn AdapterFactory>> {
-    let component = tune_core::registry::lookup(name).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}. `tune ls --adapters` lists the adapters; a plugin's adapter needs the plugin loaded \
-             (`tune run --plugin PATH`, `plugins: [PATH]` in the config, or TUNE_PLUGIN_PATH)"
-        )
-    })?;
-    if component.kind != tune_core::ComponentKind::Adapter {
-        anyhow::bail!("`{name}` is a {} component, not an adapter", component.kind);
-    }
-    let built = component.build_from(&serde_yaml::Value::Null)?;
-    built
-        .downcast::<Arc<dyn AdapterFactory>>()
-        .map(|b| *b)
-        .map_err(|_| anyhow::anyhow!("component `{name}` did not build an adapter factory"))
+    let kind = tune_core::ComponentKind::Adapter;
+    tune_core::registry::build_as(name, kind, &serde_yaml::Value::Null).map_err(|e| {
+        if e.is::<tune_core::registry::RegistryError>() {
+            anyhow::anyhow!(
+                "{e}. `tune ls --adapters` lists the adapters; a plugin's adapter needs the plugin \
+                 loaded (`tune run --plugin PATH`, `plugins: [PATH]` in the config, or \
+                 TUNE_PLUGIN_PATH)"
+            )
+        } else {
+            e
+        }
+    })
 }
 
 /// The factory that puts adapter `kind` over an NF4 base (`quantize_base: True`): by convention

@@ -247,6 +247,41 @@ pub fn lookup(name: &str) -> Result<&'static Component, RegistryError> {
     })
 }
 
+/// Builds the component `name` from `node` as the `T` a `kind` component builds: lookup, kind
+/// check, build and downcast in one place. The error keeps its cause's type: a [`RegistryError`]
+/// when the name is unknown, [`WrongType`] when the component builds another type, so callers can
+/// add the hint that fits.
+pub fn build_as<T: 'static>(
+    name: &str,
+    kind: ComponentKind,
+    node: &serde_yaml::Value,
+) -> anyhow::Result<T> {
+    let component = lookup(name)?;
+    if component.kind != kind {
+        anyhow::bail!(
+            "`{name}` is a {} component; expected a {kind}",
+            component.kind
+        );
+    }
+    match component.build_from(node)?.downcast::<T>() {
+        Ok(value) => Ok(*value),
+        Err(_) => Err(WrongType {
+            name: name.to_string(),
+            kind,
+        }
+        .into()),
+    }
+}
+
+/// A component of the right kind that builds a type the caller cannot use (say, DPO's loss in
+/// an SFT recipe).
+#[derive(Debug, thiserror::Error)]
+#[error("`{name}` is a {kind} this recipe cannot use")]
+pub struct WrongType {
+    pub name: String,
+    pub kind: ComponentKind,
+}
+
 /// Every name (paths and aliases) a component can be looked up by.
 pub fn all_names() -> Vec<String> {
     let mut names = Vec::new();

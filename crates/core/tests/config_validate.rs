@@ -162,3 +162,39 @@ fn interpolations_are_resolved_before_checking() {
     );
     assert!(bad[1].contains("expected int"), "{}", bad[1]);
 }
+
+/// `build_as` keeps each failure's cause distinguishable, so recipes can add the right hint.
+#[test]
+fn build_as_tells_unknown_wrong_kind_and_wrong_type_apart() {
+    use tune_core::ComponentKind;
+    let node: serde_yaml::Value =
+        serde_yaml::from_str("{lora_attn_modules: [q_proj], lora_rank: 4}").unwrap();
+
+    let unknown =
+        registry::build_as::<()>("lora_llama2_7bb", ComponentKind::Model, &node).unwrap_err();
+    assert!(unknown.is::<registry::RegistryError>(), "{unknown:#}");
+    assert!(
+        format!("{unknown}").contains("lora_llama2_7b"),
+        "{unknown:#}"
+    );
+
+    let kind = registry::build_as::<()>("lora_llama2_7b", ComponentKind::Loss, &node).unwrap_err();
+    assert_eq!(
+        format!("{kind}"),
+        "`lora_llama2_7b` is a model component; expected a loss"
+    );
+
+    let wrong_type =
+        registry::build_as::<String>("lora_llama2_7b", ComponentKind::Model, &node).unwrap_err();
+    assert!(wrong_type.is::<registry::WrongType>(), "{wrong_type:#}");
+
+    let bad_args: serde_yaml::Value = serde_yaml::from_str("{lora_rank: 4}").unwrap();
+    let build =
+        registry::build_as::<()>("lora_llama2_7b", ComponentKind::Model, &bad_args).unwrap_err();
+    assert!(
+        format!("{build}").contains("lora_attn_modules"),
+        "{build:#}"
+    );
+
+    registry::build_as::<()>("lora_llama2_7b", ComponentKind::Model, &node).unwrap();
+}

@@ -306,16 +306,5 @@ pub fn model_spec_from_node(node: &serde_yaml::Value) -> Result<ModelSpec> {
         .get("_component_")
         .and_then(|v| v.as_str())
         .ok_or_else(|| anyhow::anyhow!("the `model` node needs a `_component_`"))?;
-    let component = tune_core::registry::lookup(name)?;
-    if component.kind != ComponentKind::Model {
-        bail!(
-            "`{name}` is a {} component; `model` needs a model builder",
-            component.kind
-        );
-    }
-    let built = component.build_from(node)?;
-    built
-        .downcast::<ModelSpec>()
-        .map(|b| *b)
-        .map_err(|_| anyhow::anyhow!("`{name}` did not build a model"))
+    tune_core::registry::build_as(name, ComponentKind::Model, node)
 }

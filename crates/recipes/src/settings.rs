@@ -217,20 +217,13 @@ pub fn build_node<T: 'static>(
         .get("_component_")
         .and_then(|v| v.as_str())
         .with_context(|| format!("`{at}` needs a `_component_`"))?;
-    let component = tune_core::registry::lookup(name)?;
-    if component.kind != kind {
-        bail!(
-            "`{at}._component_` is `{name}`, a {} component; expected a {kind}",
-            component.kind
-        );
-    }
-    let built = component
-        .build_from(node)
-        .with_context(|| format!("building `{at}` ({name})"))?;
-    built
-        .downcast::<T>()
-        .map(|b| *b)
-        .map_err(|_| anyhow::anyhow!("`{at}` ({name}) cannot be used by this recipe{expected}"))
+    tune_core::registry::build_as(name, kind, node).map_err(|e| {
+        if e.is::<tune_core::registry::WrongType>() {
+            anyhow::anyhow!("`{at}` ({name}) cannot be used by this recipe{expected}")
+        } else {
+            e.context(format!("building `{at}` ({name})"))
+        }
+    })
 }
 
 /// torchtune's profiler node is accepted (so torchtune YAMLs validate); it does nothing here.
