@@ -1,14 +1,23 @@
 //! Ctrl-C (SIGINT, or SIGTERM) during `tune run`: while a training loop runs, the first asks it to
 //! save a checkpoint and stop at the next step boundary and the second quits at once; at any
 //! other time (loading, evaluation, generation) the first quits. The distributed launcher counts
-//! interrupts instead and forwards each one to its workers.
+//! interrupts instead and forwards each one to its workers. Two interrupts within half a second
+//! count as one press.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
 static RECEIVED: AtomicUsize = AtomicUsize::new(0);
 static FORWARDING: AtomicBool = AtomicBool::new(false);
+/// When the last counted interrupt arrived.
+static LAST_AT: Mutex<Option<Instant>> = Mutex::new(None);
+/// An interrupt this soon after the previous one is the same Ctrl-C delivered twice (by the
+/// terminal to the process group and again by a wrapper such as `timeout` or a job runner
+/// forwarding it), not a second press.
+const SAME_PRESS: Duration = Duration::from_millis(500);
 /// Set by the launcher in each worker's environment (the launcher's process id).
 pub const LAUNCHER_PID_VAR: &str = "TUNE_LAUNCHER_PID";
 
@@ -43,6 +52,14 @@ pub fn install() -> Result<()> {
         }
     }
     ctrlc::set_handler(|| {
+        // ctrlc runs this on its own thread, not in the signal handler: a lock is fine.
+        {
+            let mut last = LAST_AT.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|at| at.elapsed() < SAME_PRESS) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
         let received = RECEIVED.fetch_add(1, Ordering::SeqCst) + 1;
         if FORWARDING.load(Ordering::SeqCst) {
             return;

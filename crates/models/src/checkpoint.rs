@@ -26,7 +26,29 @@ pub fn resolve_files(checkpoint_dir: &Path, files: &[String]) -> Result<Vec<Path
     }
     // A checkpoint saved with only its adapter (save_adapter_weights_only, or a mid-epoch
     // step_N) has no model weights to load: the adapter goes on top of the base model.
+    let present: Vec<String> = std::fs::read_dir(checkpoint_dir)
+        .map(|d| {
+            let mut names: Vec<String> = d
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        })
+        .unwrap_or_default();
+    // Weight files at the top of the folder (an adapter's live in `adapter/` or are named
+    // `adapter_model.*`).
+    let weight_files: Vec<&String> = present
+        .iter()
+        .filter(|n| {
+            !n.starts_with("adapter")
+                && (n.ends_with(".safetensors")
+                    || n.ends_with(".bin")
+                    || n.ends_with(".index.json"))
+        })
+        .collect();
     let only_an_adapter = files.iter().all(|f| !checkpoint_dir.join(f).exists())
+        && weight_files.is_empty()
         && (checkpoint_dir
             .join("adapter/adapter_model.safetensors")
             .is_file()
@@ -57,16 +79,18 @@ pub fn resolve_files(checkpoint_dir: &Path, files: &[String]) -> Result<Vec<Path
             continue;
         }
         if !path.is_file() {
-            let present: Vec<String> = std::fs::read_dir(checkpoint_dir)
-                .map(|d| {
-                    d.filter_map(|e| e.ok())
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .collect()
-                })
-                .unwrap_or_default();
+            // Name the weights that are there: an index covers every shard.
+            let suggestion = match weight_files.iter().find(|n| n.ends_with(".index.json")) {
+                Some(index) => format!("; try checkpointer.checkpoint_files=[{index}]"),
+                None if !weight_files.is_empty() => {
+                    let names: Vec<&str> = weight_files.iter().map(|n| n.as_str()).collect();
+                    format!("; try checkpointer.checkpoint_files=[{}]", names.join(","))
+                }
+                None => String::new(),
+            };
             bail!(
                 "checkpoint file {} not found; checkpointer.checkpoint_files lists files inside \
-                 checkpoint_dir, which holds: {}",
+                 checkpoint_dir, which holds: {}{suggestion}",
                 path.display(),
                 present.join(", ")
             );

@@ -330,6 +330,17 @@ impl HfCheckpointer {
             // As torchtune: config and tokenizer files in every checkpoint, weights or not.
             self.copy_model_files(&staging)?;
             if save_merged {
+                if spec.lora.as_ref().is_some_and(|l| l.quantize_base) {
+                    static NOTED: std::sync::Once = std::sync::Once::new();
+                    NOTED.call_once(|| {
+                        tracing::info!(
+                            "QLoRA: the merged weights are the NF4-dequantised base plus the \
+                             adapter in every linear layer (as torchtune's), so they differ from \
+                             the original weights by the quantisation error; the adapter alone \
+                             (adapter/) goes on the original base model"
+                        )
+                    });
+                }
                 write_merged(&staging, model, spec, layout)?;
             }
             let adapter_dir = staging.join("adapter");

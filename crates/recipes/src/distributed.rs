@@ -35,6 +35,39 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// How long a new connection may take to introduce itself before rank 0 drops it.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A wait on other ranks says it is still waiting after this long, then at doubling intervals:
+/// a stuck rank would otherwise mean silence until the timeout (30 minutes by default).
+const FIRST_NOTICE: Duration = Duration::from_secs(60);
+
+/// When a long wait should say so.
+struct Patience {
+    started: Instant,
+    next_notice: Duration,
+}
+
+impl Patience {
+    fn new() -> Patience {
+        Patience {
+            started: Instant::now(),
+            next_notice: FIRST_NOTICE,
+        }
+    }
+
+    /// The seconds waited, when it is time to say so.
+    fn notice_due(&mut self) -> Option<u64> {
+        let waited = self.started.elapsed();
+        (waited >= self.next_notice).then(|| {
+            self.next_notice *= 2;
+            waited.as_secs()
+        })
+    }
+
+    /// How long until the next notice is due.
+    fn until_notice(&self) -> Duration {
+        self.next_notice.saturating_sub(self.started.elapsed())
+    }
+}
+
 /// Where this process sits in a data-parallel job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RankInfo {
@@ -284,12 +317,16 @@ impl ProcessGroup {
         match &mut self.links {
             Links::Single => Ok(()),
             Links::Leaf(root) => send(root, &header, values)
+                .and_then(|()| wait_for_data(root, self.info.rank, 0, header.sequence))
                 .and_then(|()| receive(root, &header, values, |slot, sum| *slot = sum))
                 .map_err(|e| peer_error(e, self.info.rank, 0, header.sequence)),
             Links::Root(peers) => {
                 // Adds each rank's values as they arrive, in rank order.
                 for (i, peer) in peers.iter_mut().enumerate() {
-                    receive(peer, &header, values, |slot, x| *slot = slot.add(x))
+                    wait_for_data(peer, 0, i + 1, header.sequence)
+                        .and_then(|()| {
+                            receive(peer, &header, values, |slot, x| *slot = slot.add(x))
+                        })
                         .map_err(|e| peer_error(e, 0, i + 1, header.sequence))?;
                 }
                 for (i, peer) in peers.iter_mut().enumerate() {
@@ -366,11 +403,12 @@ fn accept_ranks(
     let listener = TcpListener::bind(&address).with_context(|| {
         format!(
             "rank 0 cannot listen on {address} (from MASTER_ADDR:MASTER_PORT {endpoint}); is the \
-             port in use? Pick another with --master_port"
+             port in use? Pick another port (--master_port, or the port of --rdzv_endpoint)"
         )
     })?;
     listener.set_nonblocking(true)?;
     let deadline = Instant::now() + timeout;
+    let mut patience = Patience::new();
     let mut peers: Vec<Option<TcpStream>> = (1..world_size).map(|_| None).collect();
     while peers.iter().any(Option::is_none) {
         match listener.accept() {
@@ -397,13 +435,24 @@ fn accept_ranks(
                 peers[rank - 1] = Some(stream);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    let missing: Vec<String> = peers
+                let missing = || -> Vec<String> {
+                    peers
                         .iter()
                         .enumerate()
                         .filter(|(_, p)| p.is_none())
                         .map(|(i, _)| (i + 1).to_string())
-                        .collect();
+                        .collect()
+                };
+                if let Some(waited) = patience.notice_due() {
+                    tracing::warn!(
+                        "rank 0 has waited {waited}s on {endpoint} for rank(s) {} to connect; \
+                         it gives up after {}s (TUNE_DIST_TIMEOUT_S)",
+                        missing().join(", "),
+                        timeout.as_secs()
+                    );
+                }
+                if Instant::now() > deadline {
+                    let missing = missing();
                     bail!(
                         "rank 0 waited {}s on {endpoint} but rank(s) {} never connected; check that \
                          every node uses the same --master_addr/--master_port and --nnodes",
@@ -426,6 +475,7 @@ fn connect_to_root(
     timeout: Duration,
 ) -> Result<TcpStream> {
     let deadline = Instant::now() + timeout;
+    let mut patience = Patience::new();
     loop {
         let attempt = endpoint
             .to_socket_addrs()
@@ -457,6 +507,14 @@ fn connect_to_root(
                 );
             }
             return Ok(stream);
+        }
+        if let Some(waited) = patience.notice_due() {
+            tracing::warn!(
+                "rank {} has tried to reach rank 0 at {endpoint} for {waited}s; it gives up after \
+                 {}s (TUNE_DIST_TIMEOUT_S)",
+                info.rank,
+                timeout.as_secs()
+            );
         }
         if Instant::now() > deadline {
             bail!(
@@ -590,6 +648,48 @@ fn send<T: Element>(stream: &mut TcpStream, header: &Header, values: &[T]) -> Re
     Ok(())
 }
 
+/// Returns once `stream` (rank `me`'s link to rank `peer`) has a message to read, or has closed,
+/// within the stream's read timeout; a long wait is logged as it goes.
+fn wait_for_data(stream: &TcpStream, me: usize, peer: usize, sequence: u64) -> Result<()> {
+    let Some(limit) = stream.read_timeout()? else {
+        return Ok(());
+    };
+    let mut patience = Patience::new();
+    let outcome = loop {
+        let left = limit.saturating_sub(patience.started.elapsed());
+        if left.is_zero() {
+            break Err(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        }
+        // A zero read timeout means none: wait at least a millisecond.
+        let slice = left
+            .min(patience.until_notice())
+            .max(Duration::from_millis(1));
+        stream.set_read_timeout(Some(slice))?;
+        match stream.peek(&mut [0u8; 1]) {
+            // Data, or the peer closed the connection: the read that follows tells which.
+            Ok(_) => break Ok(()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if let Some(waited) = patience.notice_due() {
+                    tracing::warn!(
+                        "rank {me} has waited {waited}s for rank {peer} in collective #{sequence} \
+                         (rank {peer} may be saving a checkpoint, or stuck); the wait fails after \
+                         {}s (TUNE_DIST_TIMEOUT_S)",
+                        limit.as_secs()
+                    );
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    stream.set_read_timeout(Some(limit))?;
+    Ok(outcome?)
+}
+
 /// Reads a message of `values.len()` values and hands each to `take(slot, value)`.
 fn receive<T: Element>(
     stream: &mut TcpStream,
@@ -624,6 +724,21 @@ fn receive<T: Element>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A long wait says so after a minute, then at doubling intervals.
+    #[test]
+    fn a_long_wait_is_noticed_at_doubling_intervals() {
+        let mut patience = Patience {
+            started: Instant::now() - Duration::from_secs(61),
+            next_notice: FIRST_NOTICE,
+        };
+        assert_eq!(patience.notice_due(), Some(61));
+        assert_eq!(patience.notice_due(), None);
+        assert!(patience.until_notice() > Duration::from_secs(58));
+        patience.started -= Duration::from_secs(60);
+        assert_eq!(patience.notice_due(), Some(121));
+        assert_eq!(patience.next_notice, Duration::from_secs(240));
+    }
 
     /// A launcher that comes to a c10d rendezvous after it completed reaches rank 0 instead, which
     /// says so (and keeps waiting for its ranks).

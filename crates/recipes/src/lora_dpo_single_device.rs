@@ -179,13 +179,34 @@ impl Preference {
                 || tune_data::sft::has_a_label_to_predict(&p.rejected.labels)
         };
         if !pairs.is_empty() && !pairs.iter().any(learnable) {
+            // Only assistant messages are scored: without one, truncation is not the cause.
+            let truncation = match tokenizer.max_seq_len() {
+                Some(n) => format!(
+                    "if the prompts are long, raise tokenizer.max_seq_len (now {n}); otherwise "
+                ),
+                None => String::new(),
+            };
             bail!(
                 "no preference pair keeps a response token to score (after the prompt, from the \
-                 second token on), so DPO has nothing to compare; raise tokenizer.max_seq_len \
-                 (now {}), or check the data",
-                tokenizer
-                    .max_seq_len()
-                    .map_or("null".to_string(), |n| n.to_string())
+                 second token on), so DPO has nothing to compare; {truncation}check that each \
+                 chosen and rejected conversation ends with an assistant message (only those are \
+                 scored)"
+            );
+        }
+        // A pair whose two sides are the same sequence has no preference to learn: its loss
+        // gradient is zero (up to rounding, which AdamW would scale up into full-size steps).
+        let identical = pairs.iter().filter(|p| p.chosen == p.rejected).count();
+        if identical == pairs.len() && identical > 0 {
+            bail!(
+                "every preference pair has the same chosen and rejected text, so DPO has nothing \
+                 to learn; check the dataset's column_map (are both sides read from one column?)"
+            );
+        }
+        if identical > 0 {
+            tracing::warn!(
+                "{identical} of {} preference pairs have the same chosen and rejected text; they \
+                 teach nothing (check the data)",
+                pairs.len()
             );
         }
         let longest = pairs

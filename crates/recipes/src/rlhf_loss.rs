@@ -144,9 +144,15 @@ tune_core::inventory::submit! {
             if beta.is_nan() || beta <= 0.0 {
                 anyhow::bail!("loss.beta={beta}: the DPO loss needs beta > 0 (at 0 it is constant and trains nothing); torchtune's configs use 0.1");
             }
+            let label_smoothing: f64 = args.get_opt("label_smoothing")?.unwrap_or(0.0);
+            // cDPO's probability that a pair's labels are flipped: at 0.5 the loss no longer
+            // prefers either response, above it prefers the rejected one.
+            if !(0.0..0.5).contains(&label_smoothing) {
+                anyhow::bail!("loss.label_smoothing={label_smoothing}: it is the probability that a pair's preference is wrong (conservative DPO), so it must be at least 0 and below 0.5 (at 0.5 the loss prefers neither response); the default is 0");
+            }
             Ok(Box::new(PreferenceLoss::Dpo(DpoLoss {
                 beta,
-                label_smoothing: args.get_opt("label_smoothing")?.unwrap_or(0.0),
+                label_smoothing,
             })))
         },
     }

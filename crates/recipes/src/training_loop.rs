@@ -185,6 +185,15 @@ pub fn train_objective(
     // checkpoint stops here.
     if let Some((dir, saved)) = &resume_from {
         check_resumable(dir, saved, &fresh, settings.shuffle)?;
+        if saved.total_epochs != fresh.total_epochs && group.is_main() {
+            // As torchtune: the run goes on to this config's epochs.
+            tracing::warn!(
+                "epochs differs from {}'s ({}); training to epoch {}",
+                dir.display(),
+                saved.total_epochs,
+                fresh.total_epochs
+            );
+        }
     }
     // Dropout draws from the device's generator: seeded per rank, as torchtune seeds each rank
     // with seed + rank (candle cannot seed its CPU generator; there it stays unseeded).
@@ -396,7 +405,9 @@ fn run_seed(
         // As torchtune: the checkpoint's seed and max_steps_per_epoch win (the adapters' dropout
         // and the epoch length must be the ones the run started with), with a warning.
         (Some((dir, saved)), asked) => {
-            if asked.is_some_and(|s| s != saved.seed) {
+            // Every rank decides alike; rank 0 speaks for them.
+            let speaks = group.is_main();
+            if speaks && asked.is_some_and(|s| s != saved.seed) {
                 tracing::warn!(
                     "seed differs from {}'s; using the checkpoint's seed {}",
                     dir.display(),
@@ -404,13 +415,15 @@ fn run_seed(
                 );
             }
             if settings.max_steps_per_epoch != saved.max_steps_per_epoch {
-                tracing::warn!(
-                    "max_steps_per_epoch differs from {}'s; using the checkpoint's {}",
-                    dir.display(),
-                    saved
-                        .max_steps_per_epoch
-                        .map_or("null".to_string(), |n| n.to_string())
-                );
+                if speaks {
+                    tracing::warn!(
+                        "max_steps_per_epoch differs from {}'s; using the checkpoint's {}",
+                        dir.display(),
+                        saved
+                            .max_steps_per_epoch
+                            .map_or("null".to_string(), |n| n.to_string())
+                    );
+                }
                 settings.max_steps_per_epoch = saved.max_steps_per_epoch;
             }
             saved.seed
@@ -577,15 +590,6 @@ fn restore(
     optimizer: &mut AdamW,
     device: &Device,
 ) -> Result<RecipeState> {
-    if saved.total_epochs != now.total_epochs {
-        // As torchtune: the run goes on to this config's epochs.
-        tracing::warn!(
-            "epochs differs from {}'s ({}); training to epoch {}",
-            dir.display(),
-            saved.total_epochs,
-            now.total_epochs
-        );
-    }
     let state_file = |name: &str| {
         let path = dir.join("recipe_state").join(name);
         candle_core::safetensors::load(&path, device).with_context(|| {
@@ -827,10 +831,10 @@ impl Trainer<'_> {
                     let dir = self.save(&format!("step_{}", state.global_step), false, &state)?;
                     if stopping {
                         return Ok(self.stop_early(format!(
-                            "Stopped at step {} on request; saved {}. Continue with \
-                             resume_from_checkpoint=True",
+                            "Stopped at step {} on request; saved {}. Continue with {}",
                             state.global_step,
-                            dir.display()
+                            dir.display(),
+                            resume_overrides(&dir)
                         )));
                     }
                 }
@@ -843,8 +847,8 @@ impl Trainer<'_> {
             tracing::info!("saved {}", dir.display());
             if stopping && epoch + 1 < self.settings.epochs {
                 return Ok(self.stop_early(format!(
-                    "Stopped after epoch {epoch} on request. Continue with \
-                     resume_from_checkpoint=True"
+                    "Stopped after epoch {epoch} on request. Continue with {}",
+                    resume_overrides(&dir)
                 )));
             }
         }
@@ -1105,6 +1109,24 @@ impl Trainer<'_> {
     }
 }
 
+/// The overrides that continue from the checkpoint just saved in `dir`: a plain resume picks the
+/// furthest-along checkpoint of output_dir, which may be an earlier run's, so then it is named.
+fn resume_overrides(dir: &Path) -> String {
+    let plain = "resume_from_checkpoint=True".to_string();
+    let (Some(output_dir), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return plain;
+    };
+    match newest_checkpoint(output_dir) {
+        Ok(Some((newest, _))) if newest != dir => format!(
+            "{plain} checkpointer.recipe_checkpoint={} ({} is further along, so a resume that \
+             names no checkpoint would continue from it)",
+            name.to_string_lossy(),
+            newest.display()
+        ),
+        _ => plain,
+    }
+}
+
 /// Scales `grads` so that their joint L2 norm is at most `max_norm` (torch's
 /// `clip_grad_norm_`); returns the norm before clipping.
 fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
@@ -1136,4 +1158,50 @@ fn peak_memory_metrics(device: &Device) -> Metrics {
         crate::device_memory::reset_peaks(device);
     }
     metrics
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_checkpoint(dir: &Path, epochs_run: usize, global_step: usize) {
+        let state = RecipeState {
+            epochs_run,
+            global_step,
+            batches_in_epoch: 0,
+            seed: 0,
+            total_epochs: 2,
+            max_steps_per_epoch: None,
+            gradient_accumulation_steps: 1,
+            optimizer_step: global_step as u64,
+            world_size: 1,
+            batch_size: Some(4),
+            steps_per_epoch: Some(30),
+            data_order: Some(data_order(true).to_string()),
+        };
+        std::fs::create_dir_all(dir.join("recipe_state")).unwrap();
+        std::fs::write(
+            dir.join("recipe_state/recipe_state.json"),
+            serde_json::to_string(&state).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// After a stop, the hint resumes the checkpoint just saved, even when an earlier run left
+    /// one further along in the same output_dir (which a plain resume would pick).
+    #[test]
+    fn the_resume_hint_names_the_checkpoint_when_another_is_further_along() {
+        let out = tempfile::tempdir().unwrap();
+        let step = out.path().join("step_19");
+        write_checkpoint(&step, 0, 19);
+        assert_eq!(resume_overrides(&step), "resume_from_checkpoint=True");
+
+        write_checkpoint(&out.path().join("epoch_0"), 1, 30);
+        let hint = resume_overrides(&step);
+        assert!(
+            hint.starts_with("resume_from_checkpoint=True checkpointer.recipe_checkpoint=step_19 ")
+                && hint.contains("epoch_0 is further along"),
+            "{hint}"
+        );
+    }
 }

@@ -493,6 +493,20 @@ fn dpo_that_cannot_learn_is_refused() {
         e.contains("loss.beta=0: the DPO loss needs beta > 0"),
         "{e}"
     );
+    // Both sides read from one column: nothing to prefer.
+    let e = err(&[
+        "dataset.column_map.prompt=question",
+        "dataset.column_map.chosen=response_j",
+        "dataset.column_map.rejected=response_j",
+    ]);
+    assert!(
+        e.contains("every preference pair has the same chosen and rejected text"),
+        "{e}"
+    );
+    for smoothing in ["0.5", "-0.1"] {
+        let e = err(&[&format!("loss.label_smoothing={smoothing}")]);
+        assert!(e.contains("below 0.5"), "{e}");
+    }
     let e = err(&[
         "loss=torchtune.rlhf.loss.RSOLoss",
         "~loss.beta",

@@ -442,6 +442,17 @@ fn an_adapter_is_not_applied_to_the_merged_weights_that_hold_it() {
         );
         assert!(e.contains("already include the adapter"), "{e}");
     }
+    // With the config's `checkpoint_files: [model.safetensors]`, the error names the file to
+    // use (the folder holds an adapter too, but the merged weights are the point).
+    let e = format!(
+        "{:#}",
+        generate(gen_config(&[&dir]), &RunOptions::default()).unwrap_err()
+    );
+    assert!(
+        e.contains("try checkpointer.checkpoint_files=[model.safetensors.index.json]")
+            && !e.contains("no model weights"),
+        "{e}"
+    );
     // The merged weights alone generate.
     let text = run(gen_config(&[&dir, files, "max_new_tokens=8"]), None);
     assert!(!text.token_ids.is_empty());

@@ -38,7 +38,8 @@ pub struct Args {
         long = "nproc_per_node",
         alias = "nproc-per-node",
         default_value_t = 1,
-        value_name = "M"
+        value_name = "M",
+        value_parser = parse_nproc
     )]
     pub nproc_per_node: usize,
     /// This node's index in a multi-node run (0 on the node whose rank 0 listens); required
@@ -112,6 +113,20 @@ pub struct Args {
     /// Config overrides: `key=value`, `~key`.
     #[arg(value_name = "OVERRIDES")]
     pub overrides: Vec<String>,
+}
+
+/// A number of processes. torchrun also takes `gpu`, `cpu` and `auto`, counted from the machine;
+/// here the count is given, which also says how many ranks share the CPU cores.
+fn parse_nproc(value: &str) -> std::result::Result<usize, String> {
+    match value.trim() {
+        "gpu" | "cpu" | "auto" => Err(format!(
+            "torchrun's `{value}` is not supported; give the number of processes (one per GPU \
+             with `device: cuda`; on the CPU the ranks share the cores)"
+        )),
+        number => number
+            .parse()
+            .map_err(|_| format!("expected a number of processes, got `{value}`")),
+    }
 }
 
 pub fn run(args: &Args) -> Result<()> {
