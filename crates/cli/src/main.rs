@@ -64,7 +64,7 @@ fn main() -> ExitCode {
         let _ = Cli::command().print_help();
         return ExitCode::SUCCESS;
     }
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| exit_with_hint(e));
     let result = match cli.command {
         Command::Ls(args) => logging::init(None).and_then(|()| commands::ls::run(&args)),
         Command::Cp(args) => logging::init(None).and_then(|()| commands::cp::run(&args)),
@@ -99,4 +99,37 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Exits with clap's error; an unknown `--option` given to `tune run` is most likely a config
+/// key written as a flag (torchtune's overrides are `key=value`), so that is said instead of
+/// clap's `-- --option` tip, which would lead to a second error.
+fn exit_with_hint(e: clap::Error) -> ! {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let args: Vec<String> = std::env::args().collect();
+    let is_run = args.get(1).map(String::as_str) == Some("run");
+    if let (true, ErrorKind::UnknownArgument, Some(ContextValue::String(flag))) =
+        (is_run, e.kind(), e.get(ContextKind::InvalidArg))
+    {
+        let key = flag.trim_start_matches('-');
+        let key = key.split('=').next().unwrap_or(key);
+        // Among the overrides (after --config), not a launcher option before the recipe.
+        let position = |wanted: &dyn Fn(&str) -> bool| args.iter().position(|a| wanted(a));
+        let after_config = match (
+            position(&|a| a == "--config" || a.starts_with("--config=")),
+            position(&|a| a == flag || a.starts_with(&format!("{flag}="))),
+        ) {
+            (Some(config), Some(at)) => at > config,
+            _ => false,
+        };
+        if after_config && flag.starts_with("--") && !key.is_empty() {
+            eprintln!(
+                "error: `{flag}` is not an option of tune run; config overrides are written \
+                 `{key}=VALUE` after --config (e.g. `tune run <recipe> --config <config> \
+                 {key}=VALUE`)\n\nFor more information, try 'tune run --help'."
+            );
+            std::process::exit(2);
+        }
+    }
+    e.exit()
 }

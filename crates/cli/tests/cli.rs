@@ -927,3 +927,30 @@ fn torchtunes_quantizers_say_to_set_quantizer_null() {
         "{err}"
     );
 }
+
+/// A config key written as a flag after --config gets the override form, not clap's
+/// `-- --flag` tip (which leads to a second error); an unknown launcher option keeps clap's.
+#[test]
+fn a_config_key_written_as_a_flag_gets_the_override_form() {
+    let o = tune(&[
+        "run",
+        "lora_finetune_single_device",
+        "--config",
+        "stories260K/lora_single_device",
+        "--max_steps_per_epoch",
+        "2",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("config overrides are written `max_steps_per_epoch=VALUE`"),
+        "{}",
+        stderr(&o)
+    );
+    let o = tune(&["run", "--nprocs", "2", "lora_finetune_distributed"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("unexpected argument '--nprocs'"),
+        "{}",
+        stderr(&o)
+    );
+}

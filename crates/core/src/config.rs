@@ -24,10 +24,42 @@ pub struct Config {
     pub root: Value,
 }
 
+/// The YAML parser places a duplicate key at its mapping's start; name the lines where the key
+/// appears instead.
+fn duplicate_key_lines(text: &str, e: &serde_yaml::Error) -> Option<anyhow::Error> {
+    let message = e.to_string();
+    let key = message
+        .strip_prefix("duplicate entry with key \"")?
+        .split('"')
+        .next()?;
+    let lines: Vec<String> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| {
+            let line = line.trim_start().trim_start_matches("- ");
+            line.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with(':'))
+        })
+        .map(|(i, _)| (i + 1).to_string())
+        .collect();
+    (lines.len() > 1).then(|| {
+        anyhow::anyhow!(
+            "the key `{key}` is given twice in one mapping (lines {}); keep one",
+            lines.join(", ")
+        )
+    })
+}
+
 impl Config {
     /// Parses a config from YAML text. The document must be a mapping (or empty).
     pub fn from_yaml_str(text: &str) -> Result<Self> {
-        let root: Value = serde_yaml::from_str(text).context("config is not valid YAML")?;
+        let mut root: Value = serde_yaml::from_str(text)
+            .map_err(|e| duplicate_key_lines(text, &e).unwrap_or_else(|| e.into()))
+            .context("config is not valid YAML")?;
+        // `<<: *defaults` merge keys, which OmegaConf (PyYAML) applies and torchtune configs use
+        // to share blocks.
+        root.apply_merge()
+            .context("config has a `<<` merge key that is not a mapping or list of mappings")?;
         let root = match root {
             Value::Null => Value::Mapping(Mapping::new()),
             Value::Mapping(_) => root,

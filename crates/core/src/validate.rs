@@ -15,13 +15,22 @@ use crate::registry;
 /// Every problem in `config`, each prefixed with the dotted path of its node; empty when the
 /// config is well-formed.
 pub fn validate(config: &Config) -> Vec<String> {
-    let mut problems = Vec::new();
     // Interpolations are resolved first, so `${...}` values are checked with their real types.
     let mut resolved = config.clone();
-    if let Err(e) = resolved.resolve_interpolations() {
-        problems.push(format!("{e:#}"));
-        resolved = config.clone();
+    match resolved.resolve_interpolations() {
+        Ok(()) => validate_resolved(&resolved),
+        Err(e) => {
+            let mut problems = vec![format!("{e:#}")];
+            problems.extend(validate_resolved(config));
+            problems
+        }
     }
+}
+
+/// [`validate`] for a config whose interpolations are already resolved: resolving again would
+/// read an escaped `\${...}`, now a literal `${...}`, as a reference.
+pub fn validate_resolved(resolved: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
     if !resolved.root.is_mapping() {
         problems.push("the config is not a mapping of `key: value` lines".to_string());
         return problems;
@@ -35,7 +44,7 @@ pub fn validate(config: &Config) -> Vec<String> {
         problems.extend(check_node(&at, node));
     }
     // Top-level keys: any name is allowed, but a near miss of one a recipe reads is a typo.
-    for (key, meant) in crate::recipe::misspelt_top_level_keys(&resolved) {
+    for (key, meant) in crate::recipe::misspelt_top_level_keys(resolved) {
         problems.push(format!(
             "`{key}` is read by no recipe (did you mean `{meant}`?)"
         ));

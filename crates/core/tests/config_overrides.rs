@@ -143,6 +143,37 @@ fn deletion() {
     assert!(err.contains("takes no value"), "{err}");
 }
 
+/// As torchtune's parser: deletions act on the config as loaded, before any `key=value`, and a
+/// mapping they leave empty goes too.
+#[test]
+fn deletions_apply_first_and_take_emptied_mappings() {
+    for order in [
+        ["model.lora_rank=16", "~model.lora_rank"],
+        ["~model.lora_rank", "model.lora_rank=16"],
+    ] {
+        let mut config = lora_7b();
+        apply(&mut config, &order).unwrap();
+        assert_eq!(
+            config.get("model.lora_rank"),
+            Some(&yaml("16")),
+            "{order:?}"
+        );
+    }
+    let mut config = Config::from_yaml_str(
+        "a:
+  b:
+    c: 1
+d: 2
+",
+    )
+    .unwrap();
+    apply(&mut config, &["~a.b.c"]).unwrap();
+    assert!(config.get("a").is_none(), "{}", config.to_yaml_string());
+    // A key only an override adds cannot be deleted (torchtune: not in the YAML).
+    let mut config = lora_7b();
+    apply_err(&mut config, &["extra_key=1", "~extra_key"]);
+}
+
 #[test]
 fn component_shorthand() {
     let mut config = lora_7b();
@@ -353,6 +384,8 @@ fn lists_that_cannot_be_what_was_meant_are_errors() {
         ("model.lora_attn_modules=[ ]", "empty list"),
         ("model.lora_attn_modules=q_proj,v_proj", "takes a list, but got the string \"q_proj,v_proj\"; write model.lora_attn_modules=[q_proj,v_proj]"),
         ("model.lora_attn_modules=q_proj", "takes a list"),
+        // A Python tuple becomes a list, not a list holding the tuple's text.
+        ("model.lora_attn_modules=(q_proj,v_proj)", "write model.lora_attn_modules=[q_proj,v_proj]"),
         ("model.lora_attn_modules=[\"'q_proj'\",v_proj]", "holds quotes or brackets"),
         ("model.lora_attn_modules=['a,b']", "holds a comma"),
         ("model.lora_attn_modules=[q_proj,", "no closing `]`"),

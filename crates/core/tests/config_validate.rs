@@ -198,3 +198,51 @@ fn build_as_tells_unknown_wrong_kind_and_wrong_type_apart() {
 
     registry::build_as::<()>("lora_llama2_7b", ComponentKind::Model, &node).unwrap();
 }
+
+/// YAML merge keys (`<<: *defaults`), which OmegaConf applies, share blocks between nodes; keys
+/// written beside them win.
+#[test]
+fn merge_keys_are_applied() {
+    let config = Config::from_yaml_str(
+        "opt_defaults: &defaults {lr: 3e-4, weight_decay: 0.01}\n\
+         optimizer:\n  <<: *defaults\n  _component_: torch.optim.AdamW\n  lr: 1e-3\n",
+    )
+    .unwrap();
+    assert_eq!(
+        config.get("optimizer.weight_decay"),
+        Some(&serde_yaml::from_str("0.01").unwrap())
+    );
+    assert_eq!(
+        config.get("optimizer.lr"),
+        Some(&serde_yaml::from_str("1e-3").unwrap())
+    );
+    assert!(config.get("optimizer.<<").is_none());
+}
+
+/// A key given twice is named with the lines it is on (the YAML parser points at the mapping).
+#[test]
+fn a_duplicate_key_names_its_lines() {
+    let e = Config::from_yaml_str(
+        "# comment\noutput_dir: /tmp/x\nbatch_size: 4\nseed: 1\nbatch_size: 8\n",
+    )
+    .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("`batch_size` is given twice in one mapping (lines 3, 5)"),
+        "{e}"
+    );
+}
+
+/// An escaped `\${b}` is the literal `${b}` once resolved: checking the resolved config must not
+/// resolve it again (`tune run` checks after resolving).
+#[test]
+fn an_escaped_reference_stays_literal_through_the_checks() {
+    let mut config = Config::from_yaml_str("note: a \\${b}\n").unwrap();
+    assert_eq!(validate(&config), Vec::<String>::new());
+    config.resolve_interpolations().unwrap();
+    assert_eq!(config.get("note"), Some(&serde_yaml::Value::from("a ${b}")));
+    assert_eq!(
+        tune_core::validate::validate_resolved(&config),
+        Vec::<String>::new()
+    );
+}

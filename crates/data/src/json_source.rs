@@ -216,11 +216,31 @@ fn ignored_match(pattern: &str, matched: &str) -> bool {
     !below.is_empty() && skipped_by_hugging_face(&below.join("/"))
 }
 
+/// Reads a data file as text: a missing file points at `data_files`, bytes that are not UTF-8 are
+/// named by line and byte offset.
+fn read_utf8(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| {
+        format!(
+            "cannot read data file {}: check `data_files` (relative paths are from the current \
+             directory)",
+            path.display()
+        )
+    })?;
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = e.utf8_error().valid_up_to();
+        let before = &e.as_bytes()[..valid];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        anyhow::anyhow!(
+            "data file {} is not UTF-8: line {line} (byte {valid}) holds bytes that are not; \
+             convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
+            path.display()
+        )
+    })
+}
+
 /// Reads every row of one file. `field` picks the rows out of a top-level object.
 pub fn read_rows(path: &Path, field: Option<&str>) -> Result<Vec<Row>> {
-    let text = std::fs::read_to_string(path).with_context(|| {
-        format!("cannot read data file {}: check `data_files` (relative paths are from the current directory)", path.display())
-    })?;
+    let text = read_utf8(path)?;
     let body = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let trimmed = body.trim_start();
     let row = |index, line, value: Value| -> Result<Row> {
@@ -268,6 +288,22 @@ pub fn read_rows(path: &Path, field: Option<&str>) -> Result<Vec<Row>> {
             .enumerate()
             .map(|(i, v)| row(i, None, v))
             .collect(),
+        // Rows kept under one key (`{"data": [{...}, ...]}`): Hugging Face would read a single
+        // column of objects, which no dataset builder takes; `field` names the key.
+        Some(Value::Object(obj))
+            if obj.len() == 1
+                && obj
+                    .values()
+                    .all(|v| v.as_array().is_some_and(|a| a.iter().all(Value::is_object)))
+                && trimmed.trim_end().contains('\n') =>
+        {
+            let key = obj.keys().next().expect("one key");
+            bail!(
+                "{}: the rows are under the top-level key {key:?}; add `field: {key}` to the \
+                 dataset node (dataset.field={key}) to read them",
+                path.display()
+            )
+        }
         // An object of equal-length columns; on a single line it is one JSON Lines row whose
         // values happen to be lists (a conversation), as Hugging Face's reader takes it.
         Some(Value::Object(obj))
@@ -507,12 +543,7 @@ impl TextSampleBy {
 /// Unicode separators stay inside their line. Deliberately unlike it, a leading UTF-8 byte-order
 /// mark is dropped rather than trained on.
 pub fn read_text_rows(path: &Path, sample_by: TextSampleBy) -> Result<Vec<Row>> {
-    let text = std::fs::read_to_string(path).with_context(|| {
-        format!(
-            "cannot read text file {}: check `data_files` (relative paths are from the current directory; the file must be UTF-8)",
-            path.display()
-        )
-    })?;
+    let text = read_utf8(path)?;
     let body = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let body = body.replace("\r\n", "\n").replace('\r', "\n");
     let pieces: Vec<&str> = match sample_by {
@@ -714,6 +745,35 @@ impl SplitSlice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bytes that are not UTF-8 are named by line, for JSON and text files alike.
+    #[test]
+    fn a_file_that_is_not_utf8_names_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rows.jsonl");
+        std::fs::write(&path, b"{\"text\": \"ok\"}\n{\"text\": \"caf\xe9\"}\n").unwrap();
+        let e = format!("{:#}", read_rows(&path, None).unwrap_err());
+        assert!(e.contains("is not UTF-8: line 2 (byte 28)"), "{e}");
+        let e = format!(
+            "{:#}",
+            read_text_rows(&path, TextSampleBy::Line).unwrap_err()
+        );
+        assert!(e.contains("line 2"), "{e}");
+        let wrapped = dir.path().join("wrapped.json");
+        std::fs::write(
+            &wrapped,
+            "{\"data\": [\n  {\"text\": \"a\"},\n  {\"text\": \"b\"}\n]}\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", read_rows(&wrapped, None).unwrap_err());
+        assert!(e.contains("add `field: data`"), "{e}");
+        assert_eq!(read_rows(&wrapped, Some("data")).unwrap().len(), 2);
+        let e = format!(
+            "{:#}",
+            read_rows(&dir.path().join("missing.json"), None).unwrap_err()
+        );
+        assert!(e.contains("check `data_files`"), "{e}");
+    }
 
     fn rows(spec: &str, n: usize) -> Vec<(usize, usize)> {
         let slices = parse_split(spec).unwrap();

@@ -149,16 +149,19 @@ const DIM_ARGS: &[ArgSpec] = &[
     ArgSpec::nullable("intermediate_dim", ArgType::Int),
     ArgSpec::optional("attn_dropout", ArgType::Float, "0.0"),
     ArgSpec::optional("norm_eps", ArgType::Float, "1e-5"),
+    ArgSpec::optional("rope_base", ArgType::Float, "10000.0"),
 ];
 
+/// The adapter arguments; `$rank` and `$alpha` are the `lora_rank` / `lora_alpha` specs (the
+/// sized builders default them, `lora_llama2` requires them, as torchtune's).
 macro_rules! lora_args {
-    ($rank:literal, $alpha:literal, $quantize_base:literal $(, $extra:expr)*) => {
+    ($rank:expr, $alpha:expr, $quantize_base:literal $(, $extra:expr)*) => {
         &[
             ArgSpec::required("lora_attn_modules", ArgType::StrList),
             ArgSpec::optional("apply_lora_to_mlp", ArgType::Bool, "false"),
             ArgSpec::optional("apply_lora_to_output", ArgType::Bool, "false"),
-            ArgSpec::optional("lora_rank", ArgType::Int, $rank),
-            ArgSpec::optional("lora_alpha", ArgType::Float, $alpha),
+            $rank,
+            $alpha,
             ArgSpec::optional("lora_dropout", ArgType::Float, "0.0"),
             ArgSpec::optional("use_dora", ArgType::Bool, "false"),
             ArgSpec::optional("quantize_base", ArgType::Bool, $quantize_base),
@@ -193,7 +196,11 @@ macro_rules! lora_builder {
                 path: $path,
                 aliases: &[$alias],
                 kind: ComponentKind::Model,
-                args: lora_args!($rank, $alpha, $quant),
+                args: lora_args!(
+                    ArgSpec::optional("lora_rank", ArgType::Int, $rank),
+                    ArgSpec::optional("lora_alpha", ArgType::Float, $alpha),
+                    $quant
+                ),
                 extra_args: false,
                 about: "Llama2 with adapters on the chosen projections",
                 origin: "built-in",
@@ -272,7 +279,11 @@ tune_core::inventory::submit! {
         extra_args: false,
         about: "Llama2 with explicit dimensions",
         origin: "built-in",
-        build: |args| Ok(Box::new(spec("llama2", dims_from_args(args)?, None))),
+        build: |args| {
+            let mut dims = dims_from_args(args)?;
+            dims.rope_base = args.get("rope_base")?;
+            Ok(Box::new(spec("llama2", dims, None)))
+        },
     }
 }
 
@@ -282,7 +293,9 @@ tune_core::inventory::submit! {
         aliases: &["lora_llama2"],
         kind: ComponentKind::Model,
         args: lora_args!(
-            "8", "16", "false",
+            ArgSpec::required("lora_rank", ArgType::Int),
+            ArgSpec::required("lora_alpha", ArgType::Float),
+            "false",
             ArgSpec::required("vocab_size", ArgType::Int),
             ArgSpec::required("num_layers", ArgType::Int),
             ArgSpec::required("num_heads", ArgType::Int),

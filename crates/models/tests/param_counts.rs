@@ -90,3 +90,29 @@ fn builder_arguments_resolve_as_torchtunes() {
     .unwrap_err();
     assert!(format!("{err:#}").contains("use_dora=True"), "{err:#}");
 }
+
+/// As torchtune's `lora_llama2`, the explicit-dimension builder needs its rank and alpha (the
+/// sized builders default them to 8 and 16); `llama2` takes torchtune's `rope_base`.
+#[test]
+fn lora_llama2_needs_rank_and_alpha() {
+    let dims = "vocab_size: 512, num_layers: 1, num_heads: 8, num_kv_heads: 4, embed_dim: 64, max_seq_len: 64";
+    let node = |yaml: String| serde_yaml::from_str::<serde_yaml::Value>(&yaml).unwrap();
+    let err = model_spec_from_node(&node(format!(
+        "{{_component_: lora_llama2, lora_attn_modules: [q_proj], {dims}}}"
+    )))
+    .unwrap_err();
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("lora_rank") && err.contains("lora_alpha"),
+        "{err}"
+    );
+    model_spec_from_node(&node(format!(
+        "{{_component_: lora_llama2, lora_attn_modules: [q_proj], {dims}, lora_rank: 4, lora_alpha: 8}}"
+    )))
+    .unwrap();
+    let spec = model_spec_from_node(&node(format!(
+        "{{_component_: llama2, {dims}, rope_base: 500000.0}}"
+    )))
+    .unwrap();
+    assert_eq!(spec.transformer.rope_base, 500000.0);
+}

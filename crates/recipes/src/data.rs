@@ -111,6 +111,22 @@ pub fn build(
     let max_seq_len = tokenizer
         .max_seq_len()
         .map_or("null".to_string(), |n| n.to_string());
+    // Said before training (torchtune fails at the first batch that holds such a sample).
+    if let Examples::Samples(samples) = &examples {
+        if let Some((index, longest)) = samples
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i, s.tokens.len()))
+            .max_by_key(|&(_, len)| len)
+            .filter(|&(_, len)| len > model_max_seq_len)
+        {
+            bail!(
+                "sample {index} has {longest} tokens, more than the model's max_seq_len \
+                 {model_max_seq_len}; set tokenizer.max_seq_len to at most {model_max_seq_len} \
+                 (now {max_seq_len}) so that longer samples are truncated"
+            );
+        }
+    }
     let label_less = examples.without_a_label_to_predict();
     if label_less == examples.len() {
         // Each token is learnt from the ones before it: a sample cut to one token has none.

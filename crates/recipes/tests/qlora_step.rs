@@ -196,7 +196,7 @@ fn q_and_k_are_quantised_in_torchtune_layout() {
     let node: serde_yaml::Value = serde_yaml::from_str(
         "{_component_: torchtune.models.llama2.lora_llama2, lora_attn_modules: [q_proj], vocab_size: 32,
           num_layers: 1, num_heads: 8, num_kv_heads: 8, embed_dim: 1024, max_seq_len: 16,
-          intermediate_dim: 64, quantize_base: True}",
+          intermediate_dim: 64, lora_rank: 8, lora_alpha: 16, quantize_base: True}",
     )
     .unwrap();
     let spec = builders::model_spec_from_node(&node).unwrap();

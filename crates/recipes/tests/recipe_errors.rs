@@ -559,3 +559,29 @@ fn loop_settings_that_cannot_mean_what_they_say_are_refused() {
         assert!(format!("{e:#}").contains(wanted), "{setting}: {e:#}");
     }
 }
+
+/// A sample longer than the model's context is refused before training, with the setting that
+/// truncates it (torchtune fails at the first batch holding it, after steps have run).
+#[test]
+fn a_sample_longer_than_the_model_is_refused_up_front() {
+    let work = tempfile::tempdir().unwrap();
+    let path = work.path().join("long.json");
+    let long_output = "Once upon a time there was a little dog. ".repeat(200);
+    let rows = serde_json::json!([
+        {"instruction": "Tell a story.", "input": "", "output": "A short one."},
+        {"instruction": "Tell a long story.", "input": "", "output": long_output},
+    ]);
+    std::fs::write(&path, rows.to_string()).unwrap();
+    let e = run_err(&[
+        &format!("dataset.data_files={}", path.display()),
+        "tokenizer.max_seq_len=null",
+        "batch_size=1",
+        "shuffle=False",
+    ]);
+    assert!(
+        e.contains("sample 1 has")
+            && e.contains("more than the model's max_seq_len 512")
+            && e.contains("set tokenizer.max_seq_len to at most 512 (now null)"),
+        "{e}"
+    );
+}

@@ -373,9 +373,10 @@ pub fn load_plugins(cli: &[PathBuf], config: Option<&Config>) -> Result<()> {
     Ok(())
 }
 
-/// `tune validate`'s checks, before anything is built: every problem at once.
+/// `tune validate`'s checks on the resolved config, before anything is built: every problem at
+/// once.
 fn check(config: &Config) -> Result<()> {
-    let problems = tune_core::validate::validate(config);
+    let problems = tune_core::validate::validate_resolved(config);
     if !problems.is_empty() {
         bail!(
             "the config has {} problem(s):\n  - {}",

@@ -1,7 +1,8 @@
 //! torchtune's command-line override grammar, with its silent failures turned into errors.
 //!
 //! - `a.b=value` sets a key, creating missing mappings on the way.
-//! - `~a.b` deletes a key (it must exist).
+//! - `~a.b` deletes a key (it must exist in the config as loaded: deletions apply before any
+//!   `a.b=value`, as torchtune's).
 //! - `model=some.component`, where `model` is a component node, means
 //!   `model._component_=some.component`.
 //! - Values: `null`/`None`/`~` are null; `true`/`True`/`false`/`False` are bools; `8` is an int
@@ -282,8 +283,13 @@ fn split_items(inner: &str) -> Result<Vec<&str>> {
 pub(crate) fn apply(config: &mut Config, overrides: &[String]) -> Result<()> {
     let mut updated = config.clone();
     let mut new_top_level: Vec<(&String, String, String)> = Vec::new();
-    let mut problems: Vec<String> = overrides
-        .iter()
+    // As torchtune: every `~key` deletes from the config as loaded, before any `key=value`
+    // applies (so `k=1 ~k` ends with k=1, whatever the order on the command line).
+    let (deletions, settings): (Vec<&String>, Vec<&String>) =
+        overrides.iter().partition(|arg| arg.starts_with('~'));
+    let mut problems: Vec<String> = deletions
+        .into_iter()
+        .chain(settings)
         .filter_map(|arg| match apply_one(&mut updated, arg) {
             Ok(Some((key, raw))) => {
                 new_top_level.push((arg, key, raw));
@@ -323,8 +329,20 @@ fn apply_one(config: &mut Config, arg: &str) -> Result<Option<(String, String)>>
             }
             config
                 .remove(&key)
-                .map(|_| None)
-                .ok_or_else(|| no_such_key(config, &key))
+                .ok_or_else(|| no_such_key(config, &key))?;
+            // As torchtune: a mapping left empty goes too.
+            let mut path = key.as_str();
+            while let Some((parent, _)) = path.rsplit_once('.') {
+                if !config
+                    .get(parent)
+                    .is_some_and(|v| v.as_mapping().is_some_and(|m| m.is_empty()))
+                {
+                    break;
+                }
+                config.remove(parent);
+                path = parent;
+            }
+            Ok(None)
         }
         Override::Set { key, raw, value } => {
             let key = component_shorthand(config, key, &value)?;
@@ -511,7 +529,14 @@ fn check_surprising(
         ),
         Value::String(s) if matches!(ty, Some(ArgType::StrList | ArgType::FloatList)) => bail!(
             "`{key}` takes a list, but got the string {s:?}; write {key}=[{}]",
-            s.split(',').map(str::trim).collect::<Vec<_>>().join(",")
+            // A Python tuple, `(0.9,0.999)`, is written as a list here.
+            s.trim()
+                .trim_start_matches('(')
+                .trim_end_matches(')')
+                .split(',')
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(",")
         ),
         Value::String(s) if ty == Some(ArgType::StrOrList) && s.contains(',') => bail!(
             "`{key}` got the string {s:?}, which holds commas; for several values write {key}=[{}]",
