@@ -954,3 +954,46 @@ fn a_config_key_written_as_a_flag_gets_the_override_form() {
         stderr(&o)
     );
 }
+
+/// Resuming a QLoRA checkpoint without quantize_base (or the reverse) goes on, with a warning:
+/// the adapter learnt against the NF4 weights.
+#[test]
+fn resuming_across_quantize_base_warns() {
+    let work = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let output = format!("output_dir={}", work.path().display());
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "lora_finetune_single_device",
+            "--config",
+            "stories260K/qlora_single_device",
+            &output,
+            "max_steps_per_epoch=1",
+            "tokenizer.max_seq_len=64",
+            "save_adapter_weights_only=True",
+        ];
+        args.extend_from_slice(extra);
+        tune_in(&root, &args)
+    };
+    let first = run(&["epochs=1"]);
+    assert!(
+        !stderr(&first).contains("base (model.quantize_base"),
+        "{}",
+        stderr(&first)
+    );
+    ok(&first);
+    let resumed = run(&[
+        "epochs=2",
+        "resume_from_checkpoint=True",
+        "model.quantize_base=False",
+    ]);
+    ok(&resumed);
+    assert!(
+        stderr(&resumed).contains(
+            "adapter was trained on an NF4 (QLoRA) base, and this run uses a full-precision base"
+        ),
+        "{}",
+        stderr(&resumed)
+    );
+}

@@ -117,7 +117,8 @@ impl Config {
                     &mut seq[idx]
                 }
                 other => bail!(
-                    "cannot set `{dotted}`: `{here}` is {}, not a mapping",
+                    "cannot set `{dotted}`: `{here}` is {}, not a mapping; to replace it with \
+                     one, delete it first (`~{here} {dotted}=...`)",
                     kind_of(other)
                 ),
             };
@@ -135,9 +136,10 @@ impl Config {
                 seq[idx] = value;
             }
             other => bail!(
-                "cannot set `{dotted}`: `{}` is {}, not a mapping",
-                parents.join("."),
-                kind_of(other)
+                "cannot set `{dotted}`: `{parent}` is {}, not a mapping; to replace it with one, \
+                 delete it first (`~{parent} {dotted}=...`)",
+                kind_of(other),
+                parent = parents.join("."),
             ),
         }
         Ok(())

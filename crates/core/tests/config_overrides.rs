@@ -169,6 +169,15 @@ d: 2
     .unwrap();
     apply(&mut config, &["~a.b.c"]).unwrap();
     assert!(config.get("a").is_none(), "{}", config.to_yaml_string());
+    // A string replaced by a mapping: deleted first, whatever the order typed.
+    let mut config = Config::from_yaml_str("data_files: x.json\n").unwrap();
+    let err = apply_err(&mut config, &["data_files.train=a.json"]);
+    assert!(
+        err.contains("delete it first (`~data_files data_files.train=...`)"),
+        "{err}"
+    );
+    apply(&mut config, &["data_files.train=a.json", "~data_files"]).unwrap();
+    assert_eq!(config.get("data_files.train"), Some(&yaml("a.json")));
     // A key only an override adds cannot be deleted (torchtune: not in the YAML).
     let mut config = lora_7b();
     apply_err(&mut config, &["extra_key=1", "~extra_key"]);

@@ -82,6 +82,10 @@ pub struct RecipeState {
     /// The sample order ([`data_order`]); older states shuffled otherwise.
     #[serde(default)]
     pub data_order: Option<String>,
+    /// Whether the base weights were NF4 (QLoRA): the adapter learnt against them. Older
+    /// states: unknown.
+    #[serde(default)]
+    pub quantize_base: Option<bool>,
 }
 
 /// How a run orders its samples: torch's `DistributedSampler` permutation, or file order.

@@ -180,6 +180,7 @@ pub fn train_objective(
         batch_size: Some(settings.batch_size),
         steps_per_epoch: Some(steps_per_epoch),
         data_order: Some(data_order(settings.shuffle).to_string()),
+        quantize_base: Some(spec.lora.as_ref().is_some_and(|l| l.quantize_base)),
     };
     // Before the weights load and anything is written: a run that cannot continue from its
     // checkpoint stops here.
@@ -193,6 +194,25 @@ pub fn train_objective(
                 saved.total_epochs,
                 fresh.total_epochs
             );
+        }
+        if let (Some(then), Some(now)) = (saved.quantize_base, fresh.quantize_base) {
+            if then != now && group.is_main() {
+                let base = |nf4: bool| {
+                    if nf4 {
+                        "an NF4 (QLoRA)"
+                    } else {
+                        "a full-precision"
+                    }
+                };
+                tracing::warn!(
+                    "{}'s adapter was trained on {} base, and this run uses {} base \
+                     (model.quantize_base={now}): the adapter goes on against other weights, so \
+                     the loss will not continue where it stopped",
+                    dir.display(),
+                    base(then),
+                    base(now)
+                );
+            }
         }
     }
     // Dropout draws from the device's generator: seeded per rank, as torchtune seeds each rank
@@ -1178,6 +1198,7 @@ mod tests {
             batch_size: Some(4),
             steps_per_epoch: Some(30),
             data_order: Some(data_order(true).to_string()),
+            quantize_base: Some(false),
         };
         std::fs::create_dir_all(dir.join("recipe_state")).unwrap();
         std::fs::write(

@@ -252,6 +252,7 @@ fn save_writes_peft_dora_with_hf_layout_magnitude() {
         batch_size: None,
         steps_per_epoch: None,
         data_order: None,
+        quantize_base: None,
     };
     let dir = ckpt
         .save("epoch_0", &model, &spec, &layout, true, &state, &opt)
