@@ -88,6 +88,17 @@ fn main() -> ExitCode {
         Ok(()) if tune_core::recipe::stopped_early() => ExitCode::from(130),
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // A Ctrl-C reaches every rank at once: a rank that first sees another one leave
+            // would report that as its error. Its own interrupt follows within moments.
+            let peer_lost = e
+                .downcast_ref::<tune_recipes::distributed::PeerLost>()
+                .is_some();
+            if peer_lost && std::env::var_os(interrupt::LAUNCHER_PID_VAR).is_some() {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                if interrupt::count() > 0 {
+                    return ExitCode::from(130);
+                }
+            }
             let line = match std::env::var("RANK") {
                 Ok(rank) if std::env::var_os("WORLD_SIZE").is_some() => {
                     format!("Error (rank {rank}): {e:#}\n")

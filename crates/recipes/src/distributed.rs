@@ -339,6 +339,25 @@ impl ProcessGroup {
     }
 }
 
+/// Another rank closed its connection mid-collective: it failed, or was interrupted.
+#[derive(Debug)]
+pub struct PeerLost {
+    pub me: usize,
+    pub peer: usize,
+    pub sequence: u64,
+}
+
+impl std::fmt::Display for PeerLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rank {} lost rank {} during collective #{} (that rank probably failed; its error is \
+             printed above)",
+            self.me, self.peer, self.sequence
+        )
+    }
+}
+
 /// What went wrong talking to `peer`: a timeout, a rank that went away, or a protocol error.
 fn peer_error(e: anyhow::Error, me: usize, peer: usize, sequence: u64) -> anyhow::Error {
     use std::io::ErrorKind;
@@ -348,10 +367,7 @@ fn peer_error(e: anyhow::Error, me: usize, peer: usize, sequence: u64) -> anyhow
             "rank {me} timed out waiting for rank {peer} in collective #{sequence}; if that rank \
              is just slow (a long checkpoint save), raise TUNE_DIST_TIMEOUT_S (seconds)"
         )),
-        Some(_) => e.context(format!(
-            "rank {me} lost rank {peer} during collective #{sequence} (that rank probably failed; \
-             its error is printed above)"
-        )),
+        Some(_) => e.context(PeerLost { me, peer, sequence }),
         None => e.context(format!(
             "rank {me} and rank {peer} disagree in collective #{sequence}"
         )),
@@ -867,7 +883,10 @@ mod tests {
             group.all_reduce_sum_f32(&mut v)?;
             Ok(())
         });
-        let root = results[0].as_ref().unwrap_err().to_string();
+        let root = results[0].as_ref().unwrap_err();
+        // Typed, so the CLI can tell a lost peer from a rank's own failure.
+        assert!(root.downcast_ref::<PeerLost>().is_some(), "{root:#}");
+        let root = root.to_string();
         assert!(root.contains("lost rank 2"), "{root}");
         let leaf = format!("{:#}", results[1].as_ref().unwrap_err());
         assert!(leaf.contains("lost rank 0"), "{leaf}");
