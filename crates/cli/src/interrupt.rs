@@ -52,8 +52,10 @@ pub fn install() -> Result<()> {
         }
     }
     ctrlc::set_handler(|| {
-        // ctrlc runs this on its own thread, not in the signal handler: a lock is fine.
-        {
+        // ctrlc runs this on its own thread, not in the signal handler: a lock is fine. A
+        // launched worker has its own process group: only its launcher's (already counted)
+        // interrupts reach it, so it takes every one.
+        if std::env::var_os(LAUNCHER_PID_VAR).is_none() {
             let mut last = LAST_AT.lock().unwrap_or_else(|e| e.into_inner());
             if last.is_some_and(|at| at.elapsed() < SAME_PRESS) {
                 return;

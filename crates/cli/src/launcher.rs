@@ -65,12 +65,14 @@ pub fn launch(job: &Job, worker_args: &[OsString]) -> Result<()> {
     // Rank 0 listens on every interface, so a host name that does not resolve would fail only
     // the other ranks, after they start: check it first.
     let host = tune_recipes::distributed::bare_host(&addr);
-    let resolves = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
-        .is_ok_and(|mut found| found.next().is_some());
-    if !resolves {
+    let why = match std::net::ToSocketAddrs::to_socket_addrs(&(host, port)) {
+        Ok(mut found) => found.next().is_none().then(|| "no address".to_string()),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(why) = why {
         bail!(
             "cannot resolve `{addr}`, the host of rank 0's endpoint (--master_addr or \
-             --rdzv_endpoint); is it spelled right, and known on this machine?"
+             --rdzv_endpoint): {why}; is it spelled right, and known on this machine?"
         );
     }
     let exe = std::env::current_exe().context("cannot find the tune binary to start workers")?;

@@ -117,11 +117,15 @@ fn main() -> ExitCode {
 /// clap's `-- --option` tip, which would lead to a second error.
 fn exit_with_hint(e: clap::Error) -> ! {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
-    let args: Vec<String> = std::env::args().collect();
+    if e.kind() != ErrorKind::UnknownArgument || e.get(ContextKind::SuggestedArg).is_some() {
+        // Not an unknown flag, or clap knows the option meant (`--dry_run`: `--dry-run`).
+        e.exit()
+    }
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     let is_run = args.get(1).map(String::as_str) == Some("run");
-    if let (true, ErrorKind::UnknownArgument, Some(ContextValue::String(flag))) =
-        (is_run, e.kind(), e.get(ContextKind::InvalidArg))
-    {
+    if let (true, Some(ContextValue::String(flag))) = (is_run, e.get(ContextKind::InvalidArg)) {
         let key = flag.trim_start_matches('-');
         let key = key.split('=').next().unwrap_or(key);
         // Among the overrides (after --config), not a launcher option before the recipe.

@@ -946,6 +946,19 @@ fn a_config_key_written_as_a_flag_gets_the_override_form() {
         "{}",
         stderr(&o)
     );
+    // A near miss of a real option keeps clap's suggestion.
+    let o = tune(&[
+        "run",
+        "lora_finetune_single_device",
+        "--config",
+        "stories260K/lora_single_device",
+        "--dry_run",
+    ]);
+    assert!(
+        stderr(&o).contains("a similar argument exists: '--dry-run'"),
+        "{}",
+        stderr(&o)
+    );
     let o = tune(&["run", "--nprocs", "2", "lora_finetune_distributed"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(

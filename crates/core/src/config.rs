@@ -24,27 +24,52 @@ pub struct Config {
     pub root: Value,
 }
 
-/// The YAML parser places a duplicate key at its mapping's start; name the lines where the key
-/// appears instead.
+/// How many levels of `<<` merges (a block merging a block that merges another) are applied.
+const MAX_MERGE_DEPTH: usize = 16;
+
+fn has_merge_key(value: &Value) -> bool {
+    match value {
+        Value::Mapping(map) => map
+            .iter()
+            .any(|(k, v)| k.as_str() == Some("<<") || has_merge_key(v)),
+        Value::Sequence(items) => items.iter().any(has_merge_key),
+        _ => false,
+    }
+}
+
+/// The YAML parser places a duplicate key at its mapping's first key; name the lines of that
+/// mapping (same indentation, until the block ends) that hold the key instead.
 fn duplicate_key_lines(text: &str, e: &serde_yaml::Error) -> Option<anyhow::Error> {
     let message = e.to_string();
-    let key = message
-        .strip_prefix("duplicate entry with key \"")?
-        .split('"')
-        .next()?;
-    let lines: Vec<String> = text
+    // `duplicate entry with key "k" at ...`, after the mapping's path when nested.
+    let (_, rest) = message.split_once("duplicate entry with key \"")?;
+    let key = rest.split('"').next()?;
+    let start = e.location()?;
+    let indent = start.column().saturating_sub(1);
+    let mut lines = Vec::new();
+    for (i, line) in text
         .lines()
         .enumerate()
-        .filter(|(_, line)| {
-            let line = line.trim_start().trim_start_matches("- ");
-            line.strip_prefix(key)
-                .is_some_and(|rest| rest.trim_start().starts_with(':'))
-        })
-        .map(|(i, _)| (i + 1).to_string())
-        .collect();
+        .skip(start.line().saturating_sub(1))
+    {
+        let content = line.trim_start();
+        let depth = line.len() - content.len();
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        if depth < indent {
+            break; // the mapping's block has ended
+        }
+        let holds_key = content
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with(':'));
+        if depth == indent && holds_key {
+            lines.push((i + 1).to_string());
+        }
+    }
     (lines.len() > 1).then(|| {
         anyhow::anyhow!(
-            "the key `{key}` is given twice in one mapping (lines {}); keep one",
+            "the key `{key}` is given more than once in one mapping (lines {}); keep one",
             lines.join(", ")
         )
     })
@@ -57,9 +82,14 @@ impl Config {
             .map_err(|e| duplicate_key_lines(text, &e).unwrap_or_else(|| e.into()))
             .context("config is not valid YAML")?;
         // `<<: *defaults` merge keys, which OmegaConf (PyYAML) applies and torchtune configs use
-        // to share blocks.
-        root.apply_merge()
-            .context("config has a `<<` merge key that is not a mapping or list of mappings")?;
+        // to share blocks. One pass leaves the `<<` of a merged block that merges another: repeat.
+        for _ in 0..MAX_MERGE_DEPTH {
+            if !has_merge_key(&root) {
+                break;
+            }
+            root.apply_merge()
+                .context("config has a `<<` merge key that is not a mapping or list of mappings")?;
+        }
         let root = match root {
             Value::Null => Value::Mapping(Mapping::new()),
             Value::Mapping(_) => root,
@@ -117,8 +147,7 @@ impl Config {
                     &mut seq[idx]
                 }
                 other => bail!(
-                    "cannot set `{dotted}`: `{here}` is {}, not a mapping; to replace it with \
-                     one, delete it first (`~{here} {dotted}=...`)",
+                    "cannot set `{dotted}`: `{here}` is {}, not a mapping",
                     kind_of(other)
                 ),
             };
@@ -136,10 +165,9 @@ impl Config {
                 seq[idx] = value;
             }
             other => bail!(
-                "cannot set `{dotted}`: `{parent}` is {}, not a mapping; to replace it with one, \
-                 delete it first (`~{parent} {dotted}=...`)",
-                kind_of(other),
-                parent = parents.join("."),
+                "cannot set `{dotted}`: `{}` is {}, not a mapping",
+                parents.join("."),
+                kind_of(other)
             ),
         }
         Ok(())

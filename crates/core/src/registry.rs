@@ -259,7 +259,7 @@ pub fn build_as<T: 'static>(
     let component = lookup(name)?;
     if component.kind != kind {
         anyhow::bail!(
-            "`{name}` is a {} component; expected a {kind}",
+            "`{name}` is a {} component; this node needs a {kind} component",
             component.kind
         );
     }
@@ -276,7 +276,7 @@ pub fn build_as<T: 'static>(
 /// A component of the right kind that builds a type the caller cannot use (say, DPO's loss in
 /// an SFT recipe).
 #[derive(Debug, thiserror::Error)]
-#[error("`{name}` is a {kind} this recipe cannot use")]
+#[error("`{name}` is a {kind} component this recipe cannot use")]
 pub struct WrongType {
     pub name: String,
     pub kind: ComponentKind,

@@ -173,7 +173,7 @@ d: 2
     let mut config = Config::from_yaml_str("data_files: x.json\n").unwrap();
     let err = apply_err(&mut config, &["data_files.train=a.json"]);
     assert!(
-        err.contains("delete it first (`~data_files data_files.train=...`)"),
+        err.contains("delete it as well: `~data_files data_files.train=...`"),
         "{err}"
     );
     apply(&mut config, &["data_files.train=a.json", "~data_files"]).unwrap();

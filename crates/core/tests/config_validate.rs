@@ -181,7 +181,7 @@ fn build_as_tells_unknown_wrong_kind_and_wrong_type_apart() {
     let kind = registry::build_as::<()>("lora_llama2_7b", ComponentKind::Loss, &node).unwrap_err();
     assert_eq!(
         format!("{kind}"),
-        "`lora_llama2_7b` is a model component; expected a loss"
+        "`lora_llama2_7b` is a model component; this node needs a loss component"
     );
 
     let wrong_type =
@@ -217,6 +217,15 @@ fn merge_keys_are_applied() {
         Some(&serde_yaml::from_str("1e-3").unwrap())
     );
     assert!(config.get("optimizer.<<").is_none());
+    // A block merging a block that merges another.
+    let config = Config::from_yaml_str(
+        "base: &base {x: 1}\nmid: &mid {<<: *base, y: 2}\ntop: {<<: *mid, z: 3}\n",
+    )
+    .unwrap();
+    assert_eq!(
+        config.get("top"),
+        Some(&serde_yaml::from_str("{z: 3, y: 2, x: 1}").unwrap())
+    );
 }
 
 /// A key given twice is named with the lines it is on (the YAML parser points at the mapping).
@@ -228,9 +237,16 @@ fn a_duplicate_key_names_its_lines() {
     .unwrap_err();
     let e = format!("{e:#}");
     assert!(
-        e.contains("`batch_size` is given twice in one mapping (lines 3, 5)"),
+        e.contains("`batch_size` is given more than once in one mapping (lines 3, 5)"),
         "{e}"
     );
+    // In a nested mapping, only that mapping's lines (not `model`'s max_seq_len).
+    let e = Config::from_yaml_str(
+        "model:\n  max_seq_len: 512\ntokenizer:\n  path: t\n  max_seq_len: 64\n\n  max_seq_len: 128\nseed: 1\n",
+    )
+    .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("(lines 5, 7)"), "{e}");
 }
 
 /// An escaped `\${b}` is the literal `${b}` once resolved: checking the resolved config must not

@@ -24,8 +24,6 @@ pub fn resolve_files(checkpoint_dir: &Path, files: &[String]) -> Result<Vec<Path
             checkpoint_dir.display()
         );
     }
-    // A checkpoint saved with only its adapter (save_adapter_weights_only, or a mid-epoch
-    // step_N) has no model weights to load: the adapter goes on top of the base model.
     let present: Vec<String> = std::fs::read_dir(checkpoint_dir)
         .map(|d| {
             let mut names: Vec<String> = d
@@ -47,6 +45,8 @@ pub fn resolve_files(checkpoint_dir: &Path, files: &[String]) -> Result<Vec<Path
                     || n.ends_with(".index.json"))
         })
         .collect();
+    // A checkpoint saved with only its adapter (save_adapter_weights_only, or a mid-epoch
+    // step_N) has no model weights to load: the adapter goes on top of the base model.
     let only_an_adapter = files.iter().all(|f| !checkpoint_dir.join(f).exists())
         && weight_files.is_empty()
         && (checkpoint_dir

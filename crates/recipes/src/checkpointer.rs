@@ -744,11 +744,11 @@ impl HfCheckpointer {
 }
 
 /// How far into its run a checkpoint is: epochs, then batches of the epoch, then steps.
-fn progress(s: &RecipeState) -> (usize, usize, usize) {
+pub(crate) fn progress(s: &RecipeState) -> (usize, usize, usize) {
     (s.epochs_run, s.batches_in_epoch, s.global_step)
 }
 
-fn read_recipe_state(folder: &Path) -> Result<RecipeState> {
+pub(crate) fn read_recipe_state(folder: &Path) -> Result<RecipeState> {
     let state_file = folder.join("recipe_state/recipe_state.json");
     let text = std::fs::read_to_string(&state_file)
         .with_context(|| format!("cannot read {}", state_file.display()))?;

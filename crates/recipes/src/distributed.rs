@@ -451,7 +451,7 @@ fn accept_ranks(
                 peers[rank - 1] = Some(stream);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let missing = || -> Vec<String> {
+                let missing_ranks = || -> Vec<String> {
                     peers
                         .iter()
                         .enumerate()
@@ -463,12 +463,12 @@ fn accept_ranks(
                     tracing::warn!(
                         "rank 0 has waited {waited}s on {endpoint} for rank(s) {} to connect; \
                          it gives up after {}s (TUNE_DIST_TIMEOUT_S)",
-                        missing().join(", "),
+                        missing_ranks().join(", "),
                         timeout.as_secs()
                     );
                 }
                 if Instant::now() > deadline {
-                    let missing = missing();
+                    let missing = missing_ranks();
                     bail!(
                         "rank 0 waited {}s on {endpoint} but rank(s) {} never connected; check that \
                          every node uses the same --master_addr/--master_port and --nnodes",
@@ -684,6 +684,9 @@ fn wait_for_data(stream: &TcpStream, me: usize, peer: usize, sequence: u64) -> R
         match stream.peek(&mut [0u8; 1]) {
             // Data, or the peer closed the connection: the read that follows tells which.
             Ok(_) => break Ok(()),
+            // A signal (Ctrl-C) arrived: with a receive timeout set the kernel does not restart
+            // the call. The handler has done its work; wait on.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e)
                 if matches!(
                     e.kind(),
@@ -691,10 +694,15 @@ fn wait_for_data(stream: &TcpStream, me: usize, peer: usize, sequence: u64) -> R
                 ) =>
             {
                 if let Some(waited) = patience.notice_due() {
+                    // Only rank 0 saves: the others wait on it through every save.
+                    let why = if peer == 0 {
+                        "it may be saving a checkpoint, or stuck"
+                    } else {
+                        "it may be slow or stuck"
+                    };
                     tracing::warn!(
                         "rank {me} has waited {waited}s for rank {peer} in collective #{sequence} \
-                         (rank {peer} may be saving a checkpoint, or stuck); the wait fails after \
-                         {}s (TUNE_DIST_TIMEOUT_S)",
+                         ({why}); the wait fails after {}s (TUNE_DIST_TIMEOUT_S)",
                         limit.as_secs()
                     );
                 }
@@ -741,17 +749,68 @@ fn receive<T: Element>(
 mod tests {
     use super::*;
 
+    /// A signal that interrupts the wait (a Ctrl-C forwarded to the rank) neither fails it nor
+    /// loses bytes: the wait goes on until data arrives, and the stream's timeout is restored.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_signal_during_a_wait_is_not_an_error() {
+        extern "C" fn ignore(_: libc::c_int) {}
+        // SAFETY: installs a handler that does nothing, for a signal no other test uses.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = ignore as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            assert_eq!(
+                libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut()),
+                0
+            );
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            // SAFETY: pthread_self has no preconditions.
+            tx.send(unsafe { libc::pthread_self() }).unwrap();
+            let waited = wait_for_data(&client, 1, 0, 7);
+            (waited, client)
+        });
+        let thread = rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        // SAFETY: the thread is alive (it is blocked in the wait until the write below).
+        assert_eq!(unsafe { libc::pthread_kill(thread, libc::SIGUSR1) }, 0);
+        std::thread::sleep(Duration::from_millis(200));
+        server.write_all(b"x").unwrap();
+        let (waited, mut client) = waiter.join().unwrap();
+        waited.unwrap();
+        assert_eq!(
+            client.read_timeout().unwrap(),
+            Some(Duration::from_secs(20))
+        );
+        let mut byte = [0u8];
+        client.read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"x");
+    }
+
     /// A long wait says so after a minute, then at doubling intervals.
     #[test]
     fn a_long_wait_is_noticed_at_doubling_intervals() {
         let mut patience = Patience {
-            started: Instant::now() - Duration::from_secs(61),
+            started: Instant::now()
+                .checked_sub(Duration::from_secs(61))
+                .expect("the clock is past a minute"),
             next_notice: FIRST_NOTICE,
         };
         assert_eq!(patience.notice_due(), Some(61));
         assert_eq!(patience.notice_due(), None);
         assert!(patience.until_notice() > Duration::from_secs(58));
-        patience.started -= Duration::from_secs(60);
+        patience.started = patience
+            .started
+            .checked_sub(Duration::from_secs(60))
+            .unwrap();
         assert_eq!(patience.notice_due(), Some(121));
         assert_eq!(patience.next_notice, Duration::from_secs(240));
     }

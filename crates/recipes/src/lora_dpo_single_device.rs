@@ -198,14 +198,17 @@ impl Preference {
         let identical = pairs.iter().filter(|p| p.chosen == p.rejected).count();
         if identical == pairs.len() && identical > 0 {
             bail!(
-                "every preference pair has the same chosen and rejected text, so DPO has nothing \
-                 to learn; check the dataset's column_map (are both sides read from one column?)"
+                "every preference pair has the same chosen and rejected tokens, so DPO has \
+                 nothing to learn; check the dataset's column_map (are both sides read from one \
+                 column?), or raise tokenizer.max_seq_len if truncation cut both sides to the \
+                 same prompt-only tokens"
             );
         }
         if identical > 0 {
             tracing::warn!(
-                "{identical} of {} preference pairs have the same chosen and rejected text; they \
-                 teach nothing (check the data)",
+                "{identical} of {} preference pairs have the same chosen and rejected tokens \
+                 (identical responses, or both cut off by tokenizer.max_seq_len); they teach \
+                 nothing",
                 pairs.len()
             );
         }

@@ -28,7 +28,8 @@ use tune_models::builders::model_spec_from_node;
 use tune_models::{ModelSpec, TransformerDecoder};
 
 use crate::checkpointer::{
-    data_order, newest_checkpoint, HfCheckpointer, RecipeState, SourceLayout,
+    data_order, newest_checkpoint, progress, read_recipe_state, HfCheckpointer, RecipeState,
+    SourceLayout,
 };
 use crate::distributed::ProcessGroup;
 use crate::lr_schedule::{CosineArgs, CosineWithWarmup};
@@ -1136,8 +1137,11 @@ fn resume_overrides(dir: &Path) -> String {
     let (Some(output_dir), Some(name)) = (dir.parent(), dir.file_name()) else {
         return plain;
     };
+    let further_along = |newest: &RecipeState| {
+        read_recipe_state(dir).is_ok_and(|saved| progress(newest) > progress(&saved))
+    };
     match newest_checkpoint(output_dir) {
-        Ok(Some((newest, _))) if newest != dir => format!(
+        Ok(Some((newest, state))) if newest != dir && further_along(&state) => format!(
             "{plain} checkpointer.recipe_checkpoint={} ({} is further along, so a resume that \
              names no checkpoint would continue from it)",
             name.to_string_lossy(),
@@ -1217,6 +1221,9 @@ mod tests {
         write_checkpoint(&step, 0, 19);
         assert_eq!(resume_overrides(&step), "resume_from_checkpoint=True");
 
+        // As far along (another name for the same point): no need to name it.
+        write_checkpoint(&out.path().join("step_19_copy"), 0, 19);
+        assert_eq!(resume_overrides(&step), "resume_from_checkpoint=True");
         write_checkpoint(&out.path().join("epoch_0"), 1, 30);
         let hint = resume_overrides(&step);
         assert!(

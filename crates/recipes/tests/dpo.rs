@@ -500,7 +500,7 @@ fn dpo_that_cannot_learn_is_refused() {
         "dataset.column_map.rejected=response_j",
     ]);
     assert!(
-        e.contains("every preference pair has the same chosen and rejected text"),
+        e.contains("every preference pair has the same chosen and rejected tokens"),
         "{e}"
     );
     for smoothing in ["0.5", "-0.1"] {

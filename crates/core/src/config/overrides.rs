@@ -352,10 +352,34 @@ fn apply_one(config: &mut Config, arg: &str) -> Result<Option<(String, String)>>
             if let Some(problem) = type_problem {
                 bail!(problem);
             }
-            config.set(&key, value)?;
+            config
+                .set(&key, value)
+                .map_err(|e| match scalar_on_the_way(config, &key) {
+                    // Deletions apply first, so deleting it makes room (torchtune's OmegaConf
+                    // would replace it silently).
+                    Some(scalar) => e.context(format!(
+                    "to replace `{scalar}` with a mapping, delete it as well: `~{scalar} {key}=...`"
+                )),
+                    None => e,
+                })?;
             Ok(new_top_level.then_some((key, raw)))
         }
     }
+}
+
+/// The mapping-path prefix of `key` that holds a scalar (a string, a number), when the path
+/// runs through one without passing a list.
+fn scalar_on_the_way(config: &Config, key: &str) -> Option<String> {
+    let parts: Vec<&str> = key.split('.').collect();
+    for end in 1..parts.len() {
+        let prefix = parts[..end].join(".");
+        match config.get(&prefix)? {
+            Value::Mapping(_) => continue,
+            Value::Sequence(_) | Value::Null => return None,
+            _ => return Some(prefix),
+        }
+    }
+    None
 }
 
 fn no_such_key(config: &Config, key: &str) -> anyhow::Error {
