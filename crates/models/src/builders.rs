@@ -117,6 +117,19 @@ pub fn lora_settings(args: &Args) -> Result<LoraSettings> {
         None if use_dora => "dora".to_string(),
         None => "lora".to_string(),
     };
+    // `qlora`/`qdora` are what `lora`/`dora` become on an NF4 base; named alone they would
+    // quantise only the adapted projections and leave the rest full precision.
+    if let Some(plain) = kind.strip_prefix('q') {
+        let quantized_variant =
+            tune_core::registry::lookup(plain).is_ok_and(|c| c.kind == ComponentKind::Adapter);
+        if quantized_variant {
+            bail!(
+                "adapter={kind:?} is what {plain} becomes with quantize_base=True; for QLoRA set \
+                 model.quantize_base=True and adapter={plain:?} (or leave adapter unset), which \
+                 quantises every attention and MLP projection"
+            );
+        }
+    }
     Ok(LoraSettings {
         lora_attn_modules: modules,
         apply_lora_to_mlp: args.get("apply_lora_to_mlp")?,

@@ -241,6 +241,87 @@ pub fn read_hf_config(checkpoint_dir: &Path) -> Result<Option<serde_json::Value>
     })?))
 }
 
+/// The model node against the checkpoint's `config.json`. Head counts are not visible in the
+/// weights' shapes (4 heads of 16 and 8 of 8 have the same q_proj), so a mismatch would train
+/// another model without a word; the other dimensions are named here before the shapes fail.
+/// RoPE's base and the norm's epsilon only change numbers: a warning.
+fn check_config_agrees(spec: &ModelSpec, config: &serde_json::Value, path: &Path) -> Result<()> {
+    let c = &spec.transformer;
+    let number = |key: &str| config.get(key).and_then(|v| v.as_u64()).map(|n| n as usize);
+    let heads = number("num_attention_heads");
+    let dimensions = [
+        (
+            "vocab_size",
+            number("vocab_size"),
+            c.vocab_size,
+            "vocab_size",
+        ),
+        (
+            "hidden_size",
+            number("hidden_size"),
+            c.embed_dim,
+            "embed_dim",
+        ),
+        (
+            "num_hidden_layers",
+            number("num_hidden_layers"),
+            c.num_layers,
+            "num_layers",
+        ),
+        (
+            "intermediate_size",
+            number("intermediate_size"),
+            c.intermediate_dim,
+            "intermediate_dim",
+        ),
+        ("num_attention_heads", heads, c.num_heads, "num_heads"),
+        // HF's default: as many kv heads as heads.
+        (
+            "num_key_value_heads",
+            number("num_key_value_heads").or(heads),
+            c.num_kv_heads,
+            "num_kv_heads",
+        ),
+    ];
+    let mismatches: Vec<String> = dimensions
+        .iter()
+        .filter_map(|&(hf_key, theirs, ours, arg)| {
+            theirs
+                .filter(|&n| n != ours)
+                .map(|n| format!("{hf_key} is {n} where model.{arg} is {ours}"))
+        })
+        .collect();
+    if !mismatches.is_empty() {
+        bail!(
+            "{} describes another model than the `model` node ({} builds it): {}. Use the \
+             builder for this checkpoint, or set those model arguments to config.json's values",
+            path.display(),
+            spec.builder,
+            mismatches.join("; ")
+        );
+    }
+    let float = |key: &str| config.get(key).and_then(|v| v.as_f64());
+    for (hf_key, theirs, ours, what) in [
+        ("rope_theta", float("rope_theta"), c.rope_base, "RoPE base"),
+        (
+            "rms_norm_eps",
+            float("rms_norm_eps"),
+            c.norm_eps,
+            "model.norm_eps",
+        ),
+    ] {
+        if theirs.is_some_and(|t| (t - ours).abs() > 1e-12 * t.abs().max(1.0)) {
+            tracing::warn!(
+                "{} has {hf_key} {} where this model's {what} is {ours}; the numbers will differ \
+                 from the checkpoint's own",
+                path.display(),
+                theirs.unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Loads a Llama2 HF checkpoint into the model described by `spec`.
 /// Ties the output to the embedding when config.json says `tie_word_embeddings` and the checkpoint
 /// has no `lm_head.weight`. Returns the model and the (possibly updated) spec.
@@ -256,6 +337,9 @@ pub fn load_model(
     let paths = resolve_files(checkpoint_dir, files)?;
     let hf = read_tensors(&paths)?;
     let hf_config = read_hf_config(checkpoint_dir)?;
+    if let Some(config) = &hf_config {
+        check_config_agrees(&spec, config, &checkpoint_dir.join("config.json"))?;
+    }
     let tied_in_config = hf_config
         .as_ref()
         .and_then(|c| c.get("tie_word_embeddings").and_then(|v| v.as_bool()))

@@ -99,11 +99,26 @@ fn missing_and_unexpected_keys_are_listed() {
 fn wrong_shapes_name_the_tensor() {
     let mut spec = stories_spec();
     spec.transformer.intermediate_dim = 176;
-    let e = load_err(
-        &root().join("assets/stories260K"),
-        &["model.safetensors"],
-        &spec,
+    let stories = root().join("assets/stories260K");
+    // config.json names the mismatch first.
+    let e = load_err(&stories, &["model.safetensors"], &spec);
+    assert!(
+        e.contains("intermediate_size is 172 where model.intermediate_dim is 176"),
+        "{e}"
     );
+    // A config.json that agrees with the node while the weights do not: the shapes say which.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        stories.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(stories.join("config.json")).unwrap())
+            .unwrap();
+    config["intermediate_size"] = 176.into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let e = load_err(dir.path(), &["model.safetensors"], &spec);
     assert!(
         e.contains(
             "tensor `layers.0.mlp.w1.weight` has shape [172, 64], the model expects [176, 64]"
@@ -172,4 +187,23 @@ fn qlora_quantises_an_fp16_checkpoint_in_fp16_as_torchao() {
         .dequantize()
         .unwrap();
     assert!(tune_core::compare::max_abs_diff(&in_fp32, &want).unwrap() > 0.0);
+}
+
+/// Head counts do not show in the weights' shapes (8 heads of 8 and 4 of 16 give the same
+/// q_proj): the model node must agree with config.json.
+#[test]
+fn head_counts_must_agree_with_config_json() {
+    let mut spec = stories_spec();
+    spec.transformer.num_heads = 4;
+    spec.transformer.num_kv_heads = 2;
+    let e = load_err(
+        &root().join("assets/stories260K"),
+        &["model.safetensors"],
+        &spec,
+    );
+    assert!(
+        e.contains("num_attention_heads is 8 where model.num_heads is 4")
+            && e.contains("num_key_value_heads is 4 where model.num_kv_heads is 2"),
+        "{e}"
+    );
 }

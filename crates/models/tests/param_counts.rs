@@ -116,3 +116,29 @@ fn lora_llama2_needs_rank_and_alpha() {
     .unwrap();
     assert_eq!(spec.transformer.rope_base, 500000.0);
 }
+
+/// `adapter: qlora` alone would quantise only the adapted projections: QLoRA is
+/// `quantize_base: True` with the plain adapter.
+#[test]
+fn a_quantized_adapter_named_alone_is_refused() {
+    let node: serde_yaml::Value = serde_yaml::from_str(
+        "{_component_: lora_llama2_7b, lora_attn_modules: [q_proj, v_proj], adapter: qlora}",
+    )
+    .unwrap();
+    let err = format!("{:#}", model_spec_from_node(&node).unwrap_err());
+    assert!(
+        err.contains("set model.quantize_base=True and adapter=\"lora\""),
+        "{err}"
+    );
+    let node: serde_yaml::Value = serde_yaml::from_str(
+        "{_component_: lora_llama2_7b, lora_attn_modules: [q_proj], quantize_base: True}",
+    )
+    .unwrap();
+    assert!(
+        model_spec_from_node(&node)
+            .unwrap()
+            .lora
+            .unwrap()
+            .quantize_base
+    );
+}

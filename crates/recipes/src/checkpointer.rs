@@ -260,6 +260,7 @@ impl HfCheckpointer {
         if !path.is_file() {
             bail!("adapter checkpoint {} not found (checkpointer.adapter_checkpoint is relative to checkpoint_dir)", path.display());
         }
+        check_adapter_scale(path, spec)?;
         let raw = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| {
             format!(
                 "cannot read adapter {}: truncated or not safetensors",
@@ -741,6 +742,59 @@ impl HfCheckpointer {
         }
         Ok((folder, state))
     }
+}
+
+/// A LoRA adapter's scale (alpha / r, or alpha / sqrt(r) for rsLoRA) is part of what it learnt:
+/// read at another scale, a PEFT adapter would start as another model without a word. The
+/// `adapter_config.json` beside `file`, when there is one, must agree with the model node.
+fn check_adapter_scale(file: &Path, spec: &ModelSpec) -> Result<()> {
+    let Some(lora) = &spec.lora else {
+        return Ok(());
+    };
+    let config_path = file.with_file_name("adapter_config.json");
+    let built_in = matches!(
+        lora.adapter.kind.as_str(),
+        "lora" | "dora" | "qlora" | "qdora"
+    );
+    if !built_in || !config_path.is_file() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+    if config["peft_type"].as_str().is_some_and(|t| t != "LORA") {
+        return Ok(()); // another adapter type: its weights' names say it does not fit
+    }
+    let theirs = crate::inference::lora_from_peft_config(&config, lora.quantize_base)
+        .with_context(|| format!("adapter_checkpoint's {}", config_path.display()))?
+        .adapter;
+    let ours = &lora.adapter;
+    let scale = |alpha: f64, rank: usize| alpha / rank as f64;
+    let (their_scale, our_scale) = (
+        scale(theirs.alpha, theirs.rank),
+        scale(ours.alpha, ours.rank),
+    );
+    // A different rank fails on the tensors' shapes, with its own message.
+    if theirs.rank == ours.rank && (their_scale - our_scale).abs() > 1e-9 * their_scale.abs() {
+        let rslora = if config["use_rslora"].as_bool() == Some(true) {
+            ", rsLoRA"
+        } else {
+            ""
+        };
+        bail!(
+            "adapter_checkpoint {}: its adapter_config.json scales the adapter by {their_scale} \
+             (lora_alpha {} / r {}{rslora}), this run by {our_scale} (model.lora_alpha {} / \
+             lora_rank {}); set model.lora_alpha={} to go on from the adapter as it was trained",
+            file.display(),
+            config["lora_alpha"],
+            theirs.rank,
+            ours.alpha,
+            ours.rank,
+            theirs.alpha
+        );
+    }
+    Ok(())
 }
 
 /// How far into its run a checkpoint is: epochs, then batches of the epoch, then steps.

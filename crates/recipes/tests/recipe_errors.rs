@@ -424,6 +424,36 @@ fn adapter_checkpoint_may_name_a_folder() {
         e.contains("is a folder without adapter_model.safetensors"),
         "{e}"
     );
+    // The adapter's scale is part of it: another lora_alpha would start from another model.
+    let adapter = format!(
+        "checkpointer.adapter_checkpoint={}",
+        epoch.join("adapter").display()
+    );
+    let e = run_err(&[&adapter, "model.lora_alpha=32", "max_steps_per_epoch=1"]);
+    assert!(
+        e.contains("scales the adapter by 2 (lora_alpha 8 / r 4)")
+            && e.contains("set model.lora_alpha=8"),
+        "{e}"
+    );
+    // rsLoRA's scale, alpha / sqrt(r), is plain LoRA's with alpha * sqrt(r).
+    let rslora = tempfile::tempdir().unwrap();
+    for name in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::copy(epoch.join("adapter").join(name), rslora.path().join(name)).unwrap();
+    }
+    let config_path = rslora.path().join("adapter_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["use_rslora"] = serde_json::Value::Bool(true);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let adapter = format!(
+        "checkpointer.adapter_checkpoint={}",
+        rslora.path().display()
+    );
+    let e = run_err(&[&adapter, "max_steps_per_epoch=1"]);
+    assert!(
+        e.contains("(lora_alpha 8 / r 4, rsLoRA)") && e.contains("set model.lora_alpha=16"),
+        "{e}"
+    );
 }
 
 /// A NaN loss before any update comes from the base model, not the learning rate.
