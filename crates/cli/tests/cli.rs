@@ -1010,3 +1010,27 @@ fn resuming_across_quantize_base_warns() {
         stderr(&resumed)
     );
 }
+
+/// `tune bench` refuses sizes that would fail deep inside (or measure nothing) and a model
+/// that cannot fit, before allocating it.
+#[test]
+fn bench_checks_its_sizes_first() {
+    let o = tune(&["bench", "--seq-len", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = fails(&tune(&[
+        "bench",
+        "--seq-len",
+        "1024",
+        "--max-seq-len",
+        "512",
+    ]));
+    assert!(e.contains("longer than the model's max_seq_len 512"), "{e}");
+    let e = fails(&tune(&[
+        "bench",
+        "--vocab-size",
+        "1000000000",
+        "--num-layers",
+        "1",
+    ]));
+    assert!(e.contains("the model's weights need 3814.7 GiB"), "{e}");
+}

@@ -378,7 +378,20 @@ impl HfCheckpointer {
     }
 
     fn copy_model_files(&self, dest: &Path) -> Result<()> {
-        for entry in std::fs::read_dir(&self.checkpoint_dir)? {
+        for path in self.model_files()? {
+            let name = path.file_name().expect("a file in checkpoint_dir");
+            std::fs::copy(&path, dest.join(name))
+                .with_context(|| format!("cannot copy {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The non-weight files of checkpoint_dir (config, tokenizer, ...) every checkpoint copies.
+    fn model_files(&self) -> Result<Vec<PathBuf>> {
+        let mut files = Vec::new();
+        let entries = std::fs::read_dir(&self.checkpoint_dir)
+            .with_context(|| format!("cannot list {}", self.checkpoint_dir.display()))?;
+        for entry in entries {
             let path = entry?.path();
             let name = path
                 .file_name()
@@ -391,9 +404,26 @@ impl HfCheckpointer {
                 || name == "model.safetensors.index.json"
                 || name == "pytorch_model.bin.index.json";
             if path.is_file() && !is_weights && !name.starts_with('.') {
-                std::fs::copy(&path, dest.join(&name))
-                    .with_context(|| format!("cannot copy {}", path.display()))?;
+                files.push(path);
             }
+        }
+        Ok(files)
+    }
+
+    /// Before training: every file a checkpoint will copy can be read, so that a save at the
+    /// end of the run does not fail on one of them and lose the run.
+    pub fn check_model_files_readable(&self) -> Result<()> {
+        if !self.checkpoint_dir.is_dir() {
+            return Ok(()); // loading the weights says so, with the fix
+        }
+        for path in self.model_files()? {
+            std::fs::File::open(&path).with_context(|| {
+                format!(
+                    "cannot read {}, which every checkpoint copies from checkpoint_dir; fix its \
+                     permissions before training",
+                    path.display()
+                )
+            })?;
         }
         Ok(())
     }

@@ -75,15 +75,27 @@ pub fn keep_freed_memory(device: &Device) {
     let _ = device;
 }
 
-/// Free device memory in bytes as the driver reports it (`None` on the CPU).
+/// Free memory in bytes: the GPU's as the driver reports it; on the CPU what Linux says it can
+/// still hand out (`MemAvailable`, page cache included, plus free swap). `None` where unknown.
 pub fn free_bytes(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(_) = device {
         use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
         return mem_get_info().ok().map(|(free, _total)| free as u64);
     }
-    let _ = device;
-    None
+    match device {
+        Device::Cpu => host_available_bytes(),
+        _ => None,
+    }
+}
+
+fn host_available_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |field: &str| -> Option<u64> {
+        let line = meminfo.lines().find_map(|l| l.strip_prefix(field))?;
+        line.trim().trim_end_matches("kB").trim().parse().ok()
+    };
+    Some((kib("MemAvailable:")? + kib("SwapFree:").unwrap_or(0)) * 1024)
 }
 
 /// The pool's peaks and the driver's current count (`None` on the CPU).
@@ -132,11 +144,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cpu_has_no_device_memory_figures() {
+    fn the_cpu_has_no_device_pool_figures_but_free_memory() {
         keep_freed_memory(&Device::Cpu);
         reset_peaks(&Device::Cpu);
         assert_eq!(read(&Device::Cpu), None);
-        assert_eq!(free_bytes(&Device::Cpu), None);
+        #[cfg(target_os = "linux")]
+        assert!(free_bytes(&Device::Cpu).is_some_and(|b| b > 0));
         assert_eq!(gib(3 << 30), 3.0);
     }
 }

@@ -269,7 +269,12 @@ pub fn lora_from_peft_config(
 ) -> Result<LoraSettings> {
     if let Some(kind) = config.get("peft_type").and_then(|v| v.as_str()) {
         if kind != "LORA" {
-            bail!("peft_type is {kind}; only LORA adapters (and DoRA via use_dora) are supported");
+            bail!(
+                "peft_type is {kind}; adapter_dir takes LORA adapters (and DoRA via use_dora). \
+                 For another adapter (a plugin's, such as IA3) use the merged weights its \
+                 training saved: checkpointer.checkpoint_dir=<epoch folder> with \
+                 checkpoint_files=[model.safetensors.index.json]"
+            );
         }
     }
     let rank = config

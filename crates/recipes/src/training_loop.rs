@@ -392,6 +392,9 @@ fn lora_model_spec(cfg: &TopLevel) -> Result<ModelSpec> {
 /// moved aside comes back) before any rank looks at the checkpoints.
 fn prepare_output_dir(checkpointer: &HfCheckpointer, group: &mut ProcessGroup) -> Result<()> {
     checkpointer.check_output_dir()?;
+    if group.is_main() {
+        checkpointer.check_model_files_readable()?;
+    }
     crate::checkpointer::refuse_files_named_like_checkpoints(&checkpointer.output_dir)?;
     if group.is_main() {
         for done in crate::atomic::remove_stale(&checkpointer.output_dir) {

@@ -615,3 +615,24 @@ fn a_sample_longer_than_the_model_is_refused_up_front() {
         "{e}"
     );
 }
+
+/// A checkpoint_dir file the saves would copy but cannot read fails the run before training,
+/// not at the first save after it. (As root every file is readable: nothing to check there.)
+#[cfg(unix)]
+#[test]
+fn an_unreadable_model_file_is_named_before_training() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return;
+    }
+    let copy = stories_copy_without("");
+    let locked = copy.path().join("tokenizer_config.json");
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let dir = format!("checkpointer.checkpoint_dir={}", copy.path().display());
+    let e = run_err(&[&dir, "max_steps_per_epoch=1"]);
+    assert!(
+        e.contains("tokenizer_config.json, which every checkpoint copies"),
+        "{e}"
+    );
+}

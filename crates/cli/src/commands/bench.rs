@@ -1,6 +1,6 @@
 //! `tune bench`: training-step speed and memory of a random-weight Llama2 with LoRA.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use tune_recipes::bench::{random_model, train_steps};
 use tune_recipes::settings::{parse_device, parse_dtype};
 
@@ -16,26 +16,26 @@ pub struct Args {
     /// A builder preset (llama2_7b, llama2_13b, llama2_70b); otherwise the dimensions below.
     #[arg(long)]
     pub model: Option<String>,
-    #[arg(long, default_value_t = 32000)]
+    #[arg(long, default_value_t = 32000, value_parser = at_least_one())]
     pub vocab_size: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one())]
     pub num_layers: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one())]
     pub num_heads: usize,
     #[arg(long)]
     pub num_kv_heads: Option<usize>,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = at_least_one())]
     pub embed_dim: usize,
-    #[arg(long, default_value_t = 1376)]
+    #[arg(long, default_value_t = 1376, value_parser = at_least_one())]
     pub intermediate_dim: usize,
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one())]
     pub max_seq_len: usize,
     /// Projections with LoRA, comma-separated.
     #[arg(long, default_value = "q_proj,v_proj", value_delimiter = ',')]
     pub lora_attn_modules: Vec<String>,
     #[arg(long)]
     pub apply_lora_to_mlp: bool,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one())]
     pub lora_rank: usize,
     #[arg(long, default_value_t = 16.0)]
     pub lora_alpha: f64,
@@ -44,13 +44,13 @@ pub struct Args {
     pub adapter: String,
     #[arg(long)]
     pub quantize_base: bool,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least_one())]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = at_least_one())]
     pub seq_len: usize,
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = at_least_one())]
     pub steps: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -72,6 +72,11 @@ pub struct Args {
     /// (`checkpointer.checkpoint_dir=DIR checkpointer.checkpoint_files=[model.safetensors]`).
     #[arg(long, value_name = "DIR")]
     pub write_checkpoint: Option<std::path::PathBuf>,
+}
+
+/// A size or count that must be at least 1 (a zero would fail deep inside, or measure nothing).
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -126,6 +131,22 @@ pub fn run(args: &Args) -> Result<()> {
         );
         return Ok(());
     }
+    if args.seq_len > spec.transformer.max_seq_len {
+        bail!(
+            "--seq-len {} is longer than the model's max_seq_len {}; raise --max-seq-len or \
+             lower --seq-len",
+            args.seq_len,
+            spec.transformer.max_seq_len
+        );
+    }
+    // Before allocating: a model that cannot fit is refused, not an abort mid-build.
+    tune_recipes::memory::check_weights_fit(
+        tune_recipes::memory::weight_bytes(&spec, dtype)?,
+        tune_recipes::device_memory::free_bytes(&device),
+        &args.device,
+        dtype,
+        false,
+    )?;
     let counts = spec.counts()?;
     let started = std::time::Instant::now();
     let mut model = random_model(&spec, &device, dtype, 0)?;

@@ -84,6 +84,14 @@ pub fn run(args: &Args) -> Result<()> {
         .map(|s| s.rfilename)
         .filter(|f| !args.ignore_patterns.iter().any(|p| glob_match(p, f)))
         .collect();
+    // The Hub's listing names the files; a name that leaves the output folder is refused
+    // before anything is written.
+    if let Some(bad) = files.iter().find(|f| !stays_inside(f)) {
+        bail!(
+            "{repo_id} lists a file named {bad:?}, which would be written outside the output \
+             folder; nothing was downloaded (is the endpoint a real Hugging Face Hub?)"
+        );
+    }
 
     let parent = match output_dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -250,9 +258,29 @@ fn matches_from(p: &[char], n: &[char]) -> bool {
     }
 }
 
+/// Whether a repository file name is a relative path that stays below the folder it goes in.
+fn stays_inside(name: &str) -> bool {
+    use std::path::Component;
+    !name.is_empty()
+        && Path::new(name)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use super::{glob_match, stays_inside};
+
+    /// Only relative names below the output folder are written.
+    #[test]
+    fn file_names_must_stay_inside_the_output_folder() {
+        for inside in ["config.json", "original/tokenizer.model", "./a/b.bin"] {
+            assert!(stays_inside(inside), "{inside}");
+        }
+        for outside in ["", "/tmp/x.txt", "../escape.txt", "a/../../b", "a/../b"] {
+            assert!(!stays_inside(outside), "{outside}");
+        }
+    }
 
     #[test]
     fn fnmatch_patterns() {
