@@ -18,9 +18,14 @@ use crate::spec::ModelSpec;
 /// The files of a checkpoint to read, resolved against `checkpoint_dir`.
 pub fn resolve_files(checkpoint_dir: &Path, files: &[String]) -> Result<Vec<PathBuf>> {
     if !checkpoint_dir.is_dir() {
+        let what = if checkpoint_dir.exists() {
+            "is a file, not a folder"
+        } else {
+            "does not exist"
+        };
         bail!(
-            "checkpoint_dir {} does not exist; set checkpointer.checkpoint_dir to the folder holding \
-             the model (e.g. made by `tune download`)",
+            "checkpoint_dir {} {what}; set checkpointer.checkpoint_dir to the folder holding \
+             the model (e.g. made by `tune download`) and checkpoint_files to its weight files",
             checkpoint_dir.display()
         );
     }
