@@ -626,7 +626,27 @@ fn source_layout(paths: &[PathBuf]) -> Result<SourceLayout> {
                 layout.shard_of.insert(name, i);
             }
         } else {
-            for info in candle_core::pickle::read_pth_tensor_info(path, false, None)? {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if ![".bin", ".pt", ".pth"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+            {
+                bail!(
+                    "unsupported checkpoint file {}: checkpoint_files lists weight files \
+                     (.safetensors, a PyTorch .bin, or model.safetensors.index.json)",
+                    path.display()
+                );
+            }
+            let infos = candle_core::pickle::read_pth_tensor_info(path, false, None).with_context(
+                || {
+                    format!(
+                        "cannot read PyTorch checkpoint {}: truncated, or not a torch.save zip \
+                         (re-save it with torch.save, or convert it to safetensors)",
+                        path.display()
+                    )
+                },
+            )?;
+            for info in infos {
                 layout.dtype.get_or_insert(info.dtype);
                 layout.shard_of.insert(info.name, i);
             }

@@ -636,3 +636,26 @@ fn an_unreadable_model_file_is_named_before_training() {
         "{e}"
     );
 }
+
+/// A weight file that cannot be read is named, whatever reads it first.
+#[test]
+fn unreadable_weight_files_are_named() {
+    let copy = stories_copy_without("");
+    std::fs::write(copy.path().join("garbage.bin"), b"not a torch zip").unwrap();
+    let dir = format!("checkpointer.checkpoint_dir={}", copy.path().display());
+    let e = run_err(&[
+        &dir,
+        "checkpointer.checkpoint_files=[garbage.bin]",
+        "max_steps_per_epoch=1",
+    ]);
+    assert!(
+        e.contains("cannot read PyTorch checkpoint") && e.contains("garbage.bin"),
+        "{e}"
+    );
+    let e = run_err(&[
+        &dir,
+        "checkpointer.checkpoint_files=[config.json]",
+        "max_steps_per_epoch=1",
+    ]);
+    assert!(e.contains("unsupported checkpoint file"), "{e}");
+}
