@@ -1034,3 +1034,24 @@ fn bench_checks_its_sizes_first() {
     ]));
     assert!(e.contains("the model's weights need 3814.7 GiB"), "{e}");
 }
+
+/// `tune validate` checks what `tune run` checks next: the plugins the config loads and the
+/// adapter its model names.
+#[test]
+fn validate_checks_plugins_and_adapter_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ok(&tune(&["cat", "stories260K/lora_single_device"]));
+    let with_adapter = config.replace("  lora_rank: 4", "  lora_rank: 4\n  adapter: foo");
+    assert_ne!(with_adapter, config);
+    let path = dir.path().join("bad_adapter.yaml");
+    std::fs::write(&path, &with_adapter).unwrap();
+    let e = fails(&tune(&["validate", path.to_str().unwrap()]));
+    assert!(
+        e.contains("model.adapter: unknown _component_ `foo`"),
+        "{e}"
+    );
+    let path = dir.path().join("missing_plugin.yaml");
+    std::fs::write(&path, format!("{config}plugins: [/nonexistent/libx.so]\n")).unwrap();
+    let e = fails(&tune(&["validate", path.to_str().unwrap()]));
+    assert!(e.contains("plugin /nonexistent/libx.so not found"), "{e}");
+}

@@ -23,7 +23,12 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<()> {
     let shown = args.config.display().to_string();
     let config = load(args)?;
-    let problems = tune_core::validate::validate(&config);
+    let mut problems = tune_core::validate::validate(&config);
+    // What `tune run` checks next: the plugins the config loads, then the adapters it names.
+    match crate::commands::run::load_plugins(&[], Some(&config)) {
+        Ok(()) => problems.extend(unknown_adapters(&config)),
+        Err(e) => problems.push(format!("plugins: {e:#}")),
+    }
     if problems.is_empty() {
         println!("Config is well-formed!");
         return Ok(());
@@ -33,6 +38,23 @@ pub fn run(args: &Args) -> Result<()> {
         n => format!("{n} problems"),
     };
     bail!("{shown} has {count}:\n  - {}", problems.join("\n  - "))
+}
+
+/// Each model node's `adapter` that names no registered adapter (built-in or from a plugin).
+fn unknown_adapters(config: &Config) -> Vec<String> {
+    let mut resolved = config.clone();
+    if resolved.resolve_interpolations().is_err() {
+        return Vec::new(); // already reported
+    }
+    resolved
+        .component_nodes()
+        .into_iter()
+        .filter_map(|(path, node)| {
+            let name = node.get("adapter")?.as_str()?;
+            let error = tune_adapters::factory(name).err()?;
+            Some(format!("{path}.adapter: {error:#}"))
+        })
+        .collect()
 }
 
 fn load(args: &Args) -> Result<Config> {
