@@ -95,7 +95,12 @@ pub fn load(path: &Path) -> Result<LoadedPlugin> {
         .canonicalize()
         .with_context(|| format!("plugin {}", path.display()))?;
     let mut state = loaded().lock().expect("plugin lock");
-    if let Some(done) = state.libraries.iter().find(|p| p.path == path) {
+    // The same library may be reached by two names (a hard link: cargo puts one in deps/).
+    if let Some(done) = state
+        .libraries
+        .iter()
+        .find(|p| p.path == path || same_file(&p.path, &path))
+    {
         return Ok(done.clone());
     }
     let shown = path.display().to_string();
@@ -186,6 +191,18 @@ fn build_component(args: &Args) -> Result<Built> {
     Ok(Box::new(
         Arc::new(PluginFactory(adapter)) as Arc<dyn AdapterFactory>
     ))
+}
+
+/// Whether two paths are one file (the same inode on Unix).
+fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(a), Ok(b)) = (a.metadata(), b.metadata()) {
+            return a.dev() == b.dev() && a.ino() == b.ino();
+        }
+    }
+    a == b
 }
 
 /// `lib{stem}.so` on Linux, `lib{stem}.dylib` on macOS, `{stem}.dll` on Windows.

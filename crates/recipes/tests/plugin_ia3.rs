@@ -62,6 +62,14 @@ fn the_plugin_registers_ia3_with_its_origin() {
     let again = tune_adapters::plugin::load(&path).unwrap();
     assert_eq!(again.name, "tune-ia3");
     assert_eq!(again.adapters, ["ia3"]);
+    // The same library under another name (a hard link, as cargo's deps/ copy) is the same
+    // plugin, not a second one whose adapter name clashes.
+    let dir = tempfile::tempdir().unwrap();
+    let linked = dir.path().join(path.file_name().unwrap());
+    if std::fs::hard_link(&path, &linked).is_ok() {
+        let via_link = tune_adapters::plugin::load(&linked).unwrap();
+        assert_eq!(via_link.adapters, ["ia3"]);
+    }
     let component = registry::lookup("ia3").unwrap();
     assert_eq!(component.kind, ComponentKind::Adapter);
     assert_eq!(
