@@ -28,7 +28,7 @@ pub fn factory(name: &str) -> anyhow::Result<Arc<dyn AdapterFactory>> {
         if e.is::<tune_core::registry::RegistryError>() {
             anyhow::anyhow!(
                 "{e}. `tune ls --adapters` lists the adapters; a plugin's adapter needs the plugin \
-                 loaded (`tune run --plugin PATH`, `plugins: [PATH]` in the config, or \
+                 loaded (`--plugin PATH` on tune run or tune bench, `plugins: [PATH]` in the config, or \
                  TUNE_PLUGIN_PATH)"
             )
         } else {

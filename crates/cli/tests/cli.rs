@@ -1055,3 +1055,47 @@ fn validate_checks_plugins_and_adapter_names() {
     let e = fails(&tune(&["validate", path.to_str().unwrap()]));
     assert!(e.contains("plugin /nonexistent/libx.so not found"), "{e}");
 }
+
+/// `tune bench --plugin` benchmarks a plugin's adapter (skipped when the example plugin is not
+/// built; CI builds it first).
+#[test]
+fn bench_loads_a_plugin_adapter() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let plugin = root.join("plugins/ia3/target/release/libtune_ia3.so");
+    if !plugin.is_file() {
+        eprintln!("skipping: {} is not built", plugin.display());
+        return;
+    }
+    let small = [
+        "bench",
+        "--adapter",
+        "ia3",
+        "--lora-attn-modules",
+        "k_proj,v_proj",
+        "--vocab-size",
+        "64",
+        "--num-layers",
+        "1",
+        "--num-heads",
+        "4",
+        "--embed-dim",
+        "32",
+        "--intermediate-dim",
+        "64",
+        "--batch-size",
+        "1",
+        "--seq-len",
+        "16",
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+    ];
+    let e = fails(&tune(&small));
+    assert!(e.contains("--plugin PATH"), "{e}");
+    let mut with_plugin = small.to_vec();
+    let plugin = plugin.display().to_string();
+    with_plugin.extend(["--plugin", &plugin]);
+    let out = ok(&tune(&with_plugin));
+    assert!(out.contains("\"tokens_per_second\""), "{out}");
+}

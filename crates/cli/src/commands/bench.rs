@@ -39,9 +39,13 @@ pub struct Args {
     pub lora_rank: usize,
     #[arg(long, default_value_t = 16.0)]
     pub lora_alpha: f64,
-    /// Adapter kind (lora, dora, or a plugin's) and QLoRA base quantisation.
+    /// Adapter kind (lora, dora, or a plugin's: load it with --plugin or TUNE_PLUGIN_PATH) and
+    /// QLoRA base quantisation.
     #[arg(long, default_value = "lora")]
     pub adapter: String,
+    /// Load an adapter plugin (as `tune run --plugin`); repeatable.
+    #[arg(long = "plugin", value_name = "PATH")]
+    pub plugins: Vec<std::path::PathBuf>,
     #[arg(long)]
     pub quantize_base: bool,
     #[arg(long, default_value_t = 4, value_parser = at_least_one())]
@@ -81,6 +85,7 @@ fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
 
 pub fn run(args: &Args) -> Result<()> {
     tune_core::autograd::set_plain_frozen_matmul(args.plain_frozen_matmul);
+    crate::commands::run::load_plugins(&args.plugins, None)?;
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype, &device)?;
     let mut node = serde_yaml::Mapping::new();
