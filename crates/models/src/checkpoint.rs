@@ -121,7 +121,7 @@ pub fn read_tensors(paths: &[PathBuf]) -> Result<HashMap<String, Tensor>> {
         }
         let tensors: Vec<(String, Tensor)> = if name.ends_with(".safetensors") {
             candle_core::safetensors::load(path, &Device::Cpu)
-                .with_context(|| format!("cannot read {name}: the file is truncated or not safetensors; re-download it"))?
+                .map_err(|e| unreadable_safetensors(path, e))?
                 .into_iter()
                 .collect()
         } else if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
@@ -231,6 +231,21 @@ pub fn validate_base(spec: &ModelSpec, weights: &HashMap<String, Tensor>) -> Res
         );
     }
     Ok(())
+}
+
+/// Why a safetensors file could not be read, with the fix that fits: a dtype candle does not
+/// load (a quantized export), a file the user may not read, or a damaged file.
+pub fn unreadable_safetensors(path: &Path, error: candle_core::Error) -> anyhow::Error {
+    let text = error.to_string();
+    let why = if text.contains("unsupported safetensor dtype") {
+        "it holds tensors of a type tune-rs does not load (a quantized export?); use the model's \
+         fp32, fp16 or bf16 weights"
+    } else if text.to_ascii_lowercase().contains("permission denied") {
+        "permission denied; fix the file's permissions"
+    } else {
+        "the file is truncated or not safetensors; re-download it"
+    };
+    anyhow::Error::new(error).context(format!("cannot read {}: {why}", path.display()))
 }
 
 /// Reads `config.json` next to the weights, if any.

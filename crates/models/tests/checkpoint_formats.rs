@@ -207,3 +207,25 @@ fn head_counts_must_agree_with_config_json() {
         "{e}"
     );
 }
+
+/// A safetensors file with a dtype candle does not load (an int8 export) is not called
+/// truncated: the error says what to use instead.
+#[test]
+fn an_unsupported_dtype_is_not_called_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let header = br#"{"model.norm.weight":{"dtype":"I8","shape":[4],"data_offsets":[0,4]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0, 0, 0, 0]);
+    std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
+    std::fs::copy(
+        root().join("assets/stories260K/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let e = load_err(dir.path(), &["model.safetensors"], &stories_spec());
+    assert!(
+        e.contains("holds tensors of a type tune-rs does not load") && !e.contains("truncated"),
+        "{e}"
+    );
+}

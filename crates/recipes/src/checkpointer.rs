@@ -613,12 +613,7 @@ fn source_layout(paths: &[PathBuf]) -> Result<SourceLayout> {
         if path.extension().is_some_and(|e| e == "safetensors") {
             // SAFETY: the file is only read while mapped, and not modified by us meanwhile.
             let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
-                .with_context(|| {
-                    format!(
-                        "cannot read {}: the file is truncated or not safetensors; re-download it",
-                        path.display()
-                    )
-                })?;
+                .map_err(|e| tune_models::checkpoint::unreadable_safetensors(path, e))?;
             for (name, view) in st.tensors() {
                 layout
                     .dtype
