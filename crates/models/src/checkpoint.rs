@@ -15,6 +15,22 @@ use crate::convert::{hf_to_tune_name, permute_hf_to_tune, rope_rows};
 use crate::decoder::TransformerDecoder;
 use crate::spec::ModelSpec;
 
+/// A PyTorch checkpoint (`torch.save`): `.bin`, `.pt` or `.pth`.
+pub fn is_pytorch_file(name: &str) -> bool {
+    [".bin", ".pt", ".pth"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+}
+
+/// A weight file, or the index of sharded ones: what `checkpoint_files` names, and what a saved
+/// checkpoint does not copy from checkpoint_dir.
+pub fn is_weight_file(name: &str) -> bool {
+    name.ends_with(".safetensors")
+        || is_pytorch_file(name)
+        || name.ends_with(".safetensors.index.json")
+        || name.ends_with(".bin.index.json")
+}
+
 /// The files of a checkpoint to read, resolved against `checkpoint_dir`.
 pub fn resolve_files(checkpoint_dir: &Path, files: &[String]) -> Result<Vec<PathBuf>> {
     if !checkpoint_dir.is_dir() {
@@ -43,12 +59,7 @@ pub fn resolve_files(checkpoint_dir: &Path, files: &[String]) -> Result<Vec<Path
     // `adapter_model.*`).
     let weight_files: Vec<&String> = present
         .iter()
-        .filter(|n| {
-            !n.starts_with("adapter")
-                && (n.ends_with(".safetensors")
-                    || n.ends_with(".bin")
-                    || n.ends_with(".index.json"))
-        })
+        .filter(|n| !n.starts_with("adapter") && is_weight_file(n))
         .collect();
     // A checkpoint saved with only its adapter (save_adapter_weights_only, or a mid-epoch
     // step_N) has no model weights to load: the adapter goes on top of the base model.
@@ -124,7 +135,7 @@ pub fn read_tensors(paths: &[PathBuf]) -> Result<HashMap<String, Tensor>> {
                 .map_err(|e| unreadable_safetensors(path, e))?
                 .into_iter()
                 .collect()
-        } else if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
+        } else if is_pytorch_file(&name) {
             candle_core::pickle::read_all(path).with_context(|| {
                 format!("cannot read PyTorch checkpoint {name}: truncated or not a torch.save zip")
             })?

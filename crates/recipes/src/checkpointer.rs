@@ -397,12 +397,7 @@ impl HfCheckpointer {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let is_weights = name.ends_with(".safetensors")
-                || name.ends_with(".bin")
-                || name.ends_with(".pt")
-                || name.ends_with(".pth")
-                || name == "model.safetensors.index.json"
-                || name == "pytorch_model.bin.index.json";
+            let is_weights = tune_models::checkpoint::is_weight_file(&name);
             if path.is_file() && !is_weights && !name.starts_with('.') {
                 files.push(path);
             }
@@ -622,10 +617,7 @@ fn source_layout(paths: &[PathBuf]) -> Result<SourceLayout> {
             }
         } else {
             let name = path.file_name().unwrap_or_default().to_string_lossy();
-            if ![".bin", ".pt", ".pth"]
-                .iter()
-                .any(|ext| name.ends_with(ext))
-            {
+            if !tune_models::checkpoint::is_pytorch_file(&name) {
                 bail!(
                     "unsupported checkpoint file {}: checkpoint_files lists weight files \
                      (.safetensors, a PyTorch .bin, or model.safetensors.index.json)",
@@ -797,10 +789,7 @@ fn check_adapter_scale(file: &Path, spec: &ModelSpec) -> Result<()> {
         return Ok(());
     };
     let config_path = file.with_file_name("adapter_config.json");
-    let built_in = matches!(
-        lora.adapter.kind.as_str(),
-        "lora" | "dora" | "qlora" | "qdora"
-    );
+    let built_in = matches!(lora.adapter.kind.as_str(), "lora" | "dora");
     if !built_in || !config_path.is_file() {
         return Ok(());
     }
@@ -847,7 +836,7 @@ pub(crate) fn progress(s: &RecipeState) -> (usize, usize, usize) {
     (s.epochs_run, s.batches_in_epoch, s.global_step)
 }
 
-pub(crate) fn read_recipe_state(folder: &Path) -> Result<RecipeState> {
+fn read_recipe_state(folder: &Path) -> Result<RecipeState> {
     let state_file = folder.join("recipe_state/recipe_state.json");
     let text = std::fs::read_to_string(&state_file)
         .with_context(|| format!("cannot read {}", state_file.display()))?;

@@ -28,8 +28,7 @@ use tune_models::builders::model_spec_from_node;
 use tune_models::{ModelSpec, TransformerDecoder};
 
 use crate::checkpointer::{
-    data_order, newest_checkpoint, progress, read_recipe_state, HfCheckpointer, RecipeState,
-    SourceLayout,
+    data_order, newest_checkpoint, progress, HfCheckpointer, RecipeState, SourceLayout,
 };
 use crate::distributed::ProcessGroup;
 use crate::lr_schedule::{CosineArgs, CosineWithWarmup};
@@ -858,7 +857,7 @@ impl Trainer<'_> {
                             "Stopped at step {} on request; saved {}. Continue with {}",
                             state.global_step,
                             dir.display(),
-                            resume_overrides(&dir)
+                            resume_overrides(&dir, &state)
                         )));
                     }
                 }
@@ -872,7 +871,7 @@ impl Trainer<'_> {
             if stopping && epoch + 1 < self.settings.epochs {
                 return Ok(self.stop_early(format!(
                     "Stopped after epoch {epoch} on request. Continue with {}",
-                    resume_overrides(&dir)
+                    resume_overrides(&dir, &state)
                 )));
             }
         }
@@ -1133,18 +1132,16 @@ impl Trainer<'_> {
     }
 }
 
-/// The overrides that continue from the checkpoint just saved in `dir`: a plain resume picks the
-/// furthest-along checkpoint of output_dir, which may be an earlier run's, so then it is named.
-fn resume_overrides(dir: &Path) -> String {
+/// The overrides that continue from the checkpoint just saved in `dir` (at `saved`): a plain
+/// resume picks the furthest-along checkpoint of output_dir, which may be an earlier run's, so
+/// then it is named.
+fn resume_overrides(dir: &Path, saved: &RecipeState) -> String {
     let plain = "resume_from_checkpoint=True".to_string();
     let (Some(output_dir), Some(name)) = (dir.parent(), dir.file_name()) else {
         return plain;
     };
-    let further_along = |newest: &RecipeState| {
-        read_recipe_state(dir).is_ok_and(|saved| progress(newest) > progress(&saved))
-    };
     match newest_checkpoint(output_dir) {
-        Ok(Some((newest, state))) if newest != dir && further_along(&state) => format!(
+        Ok(Some((newest, state))) if progress(&state) > progress(saved) => format!(
             "{plain} checkpointer.recipe_checkpoint={} ({} is further along, so a resume that \
              names no checkpoint would continue from it)",
             name.to_string_lossy(),
@@ -1191,7 +1188,7 @@ fn peak_memory_metrics(device: &Device) -> Metrics {
 mod tests {
     use super::*;
 
-    fn write_checkpoint(dir: &Path, epochs_run: usize, global_step: usize) {
+    fn write_checkpoint(dir: &Path, epochs_run: usize, global_step: usize) -> RecipeState {
         let state = RecipeState {
             epochs_run,
             global_step,
@@ -1213,6 +1210,7 @@ mod tests {
             serde_json::to_string(&state).unwrap(),
         )
         .unwrap();
+        state
     }
 
     /// After a stop, the hint resumes the checkpoint just saved, even when an earlier run left
@@ -1221,14 +1219,20 @@ mod tests {
     fn the_resume_hint_names_the_checkpoint_when_another_is_further_along() {
         let out = tempfile::tempdir().unwrap();
         let step = out.path().join("step_19");
-        write_checkpoint(&step, 0, 19);
-        assert_eq!(resume_overrides(&step), "resume_from_checkpoint=True");
+        let saved = write_checkpoint(&step, 0, 19);
+        assert_eq!(
+            resume_overrides(&step, &saved),
+            "resume_from_checkpoint=True"
+        );
 
         // As far along (another name for the same point): no need to name it.
         write_checkpoint(&out.path().join("step_19_copy"), 0, 19);
-        assert_eq!(resume_overrides(&step), "resume_from_checkpoint=True");
+        assert_eq!(
+            resume_overrides(&step, &saved),
+            "resume_from_checkpoint=True"
+        );
         write_checkpoint(&out.path().join("epoch_0"), 1, 30);
-        let hint = resume_overrides(&step);
+        let hint = resume_overrides(&step, &saved);
         assert!(
             hint.starts_with("resume_from_checkpoint=True checkpointer.recipe_checkpoint=step_19 ")
                 && hint.contains("epoch_0 is further along"),
