@@ -1099,3 +1099,30 @@ fn bench_loads_a_plugin_adapter() {
     let out = ok(&tune(&with_plugin));
     assert!(out.contains("\"tokens_per_second\""), "{out}");
 }
+
+/// A plugin named through a symbolic link and by its own path is one plugin, announced once
+/// (skipped when the example plugin is not built; CI builds it first).
+#[test]
+fn a_plugin_named_twice_is_announced_once() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let plugin = root.join("plugins/ia3/target/release/libtune_ia3.so");
+    if !plugin.is_file() {
+        eprintln!("skipping: {} is not built", plugin.display());
+        return;
+    }
+    let plugin = plugin.canonicalize().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("libia3_link.so");
+    std::os::unix::fs::symlink(&plugin, &link).unwrap();
+    let o = tune(&[
+        "ls",
+        "--adapters",
+        "--plugin",
+        link.to_str().unwrap(),
+        "--plugin",
+        plugin.to_str().unwrap(),
+    ]);
+    ok(&o);
+    let log = stderr(&o);
+    assert_eq!(log.matches("loaded plugin").count(), 1, "{log}");
+}

@@ -124,12 +124,7 @@ pub fn read_tensors(paths: &[PathBuf]) -> Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
     for path in paths {
         let name = path.display().to_string();
-        if !path.is_file() {
-            bail!(
-                "checkpoint file {name} does not exist (named by checkpoint_files or \
-                 model.safetensors.index.json); download the whole model again"
-            );
-        }
+        require_weight_file(path)?;
         let tensors: Vec<(String, Tensor)> = if name.ends_with(".safetensors") {
             candle_core::safetensors::load(path, &Device::Cpu)
                 .map_err(|e| unreadable_safetensors(path, e))?
@@ -142,6 +137,13 @@ pub fn read_tensors(paths: &[PathBuf]) -> Result<HashMap<String, Tensor>> {
         } else {
             bail!("unsupported checkpoint file {name}: expected .safetensors or a PyTorch .bin");
         };
+        if tensors.is_empty() {
+            // torch.save of a list, a whole module or an optimizer state reads as no tensors.
+            bail!(
+                "checkpoint file {name} holds no named tensors; a weight file is a state dict \
+                 (torch.save(model.state_dict(), ...)) or safetensors"
+            );
+        }
         for (k, v) in tensors {
             if all.insert(k.clone(), v).is_some() {
                 bail!("tensor `{k}` appears in more than one checkpoint file");
@@ -149,6 +151,16 @@ pub fn read_tensors(paths: &[PathBuf]) -> Result<HashMap<String, Tensor>> {
         }
     }
     Ok(all)
+}
+
+fn same_values(a: &Tensor, b: Option<&Tensor>) -> Result<bool> {
+    let Some(b) = b else { return Ok(false) };
+    if a.shape() != b.shape() {
+        return Ok(false);
+    }
+    let a = a.to_dtype(DType::F32)?;
+    let b = b.to_dtype(DType::F32)?;
+    Ok(a.sub(&b)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0)
 }
 
 /// Converts HF-named tensors to torchtune names (with the q/k row permutation).
@@ -242,6 +254,19 @@ pub fn validate_base(spec: &ModelSpec, weights: &HashMap<String, Tensor>) -> Res
         );
     }
     Ok(())
+}
+
+/// A weight file named by checkpoint_files or an index must exist before it is read: a missing
+/// shard is not a damaged one.
+pub fn require_weight_file(path: &Path) -> Result<()> {
+    if path.is_file() {
+        return Ok(());
+    }
+    bail!(
+        "checkpoint file {} does not exist (named by checkpoint_files or \
+         model.safetensors.index.json); download the whole model again",
+        path.display()
+    )
 }
 
 /// Why a safetensors file could not be read, with the fix that fits: a dtype candle does not
@@ -375,8 +400,17 @@ pub fn load_model(
         .as_ref()
         .and_then(|c| c.get("tie_word_embeddings").and_then(|v| v.as_bool()))
         .unwrap_or(false);
-    if tied_in_config && !hf.contains_key("lm_head.weight") {
-        spec.transformer.tie_word_embeddings = true;
+    match (tied_in_config, hf.get("lm_head.weight")) {
+        (true, None) => spec.transformer.tie_word_embeddings = true,
+        // transformers does the same (and says so): two different matrices are not tied.
+        (true, Some(lm_head)) if !same_values(lm_head, hf.get("model.embed_tokens.weight"))? => {
+            tracing::warn!(
+                "config.json says tie_word_embeddings, but the checkpoint's lm_head.weight differs \
+                 from its embedding: the output layer uses lm_head.weight, untied (as transformers \
+                 does); set tie_word_embeddings to false in config.json to silence this"
+            )
+        }
+        _ => {}
     }
     let tune = hf_to_tune(&spec, hf)?;
     validate_base(&spec, &tune).map_err(|e| match hf_config {

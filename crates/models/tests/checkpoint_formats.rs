@@ -229,3 +229,47 @@ fn an_unsupported_dtype_is_not_called_truncated() {
         "{e}"
     );
 }
+
+/// A weight file with no named tensors (torch.save of a list or a whole module reads that way)
+/// is named as such, rather than as every base key missing.
+#[test]
+fn a_file_without_named_tensors_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let header = b"{}";
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
+    std::fs::copy(
+        root().join("assets/stories260K/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let e = load_err(dir.path(), &["model.safetensors"], &stories_spec());
+    assert!(
+        e.contains("holds no named tensors") && !e.contains("missing base keys"),
+        "{e}"
+    );
+}
+
+/// config.json says tie_word_embeddings but the checkpoint holds its own, different lm_head:
+/// the output layer is that lm_head (as transformers loads it), not the embedding.
+#[test]
+fn a_distinct_lm_head_is_used_even_when_config_json_says_tied() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["config.json", "model.safetensors"] {
+        std::fs::copy(
+            root().join("assets/stories260K").join(name),
+            dir.path().join(name),
+        )
+        .unwrap();
+    }
+    let path = dir.path().join("model.safetensors");
+    let mut weights = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let embedding = &weights["model.embed_tokens.weight"];
+    let lm_head = embedding.zeros_like().unwrap();
+    weights.insert("lm_head.weight".to_string(), lm_head);
+    candle_core::safetensors::save(&weights, &path).unwrap();
+    let out = logits(dir.path(), &["model.safetensors"]);
+    let largest = out.abs().unwrap().max_all().unwrap();
+    assert_eq!(largest.to_scalar::<f32>().unwrap(), 0.0);
+}

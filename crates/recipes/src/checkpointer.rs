@@ -605,6 +605,7 @@ fn source_layout(paths: &[PathBuf]) -> Result<SourceLayout> {
         ..Default::default()
     };
     for (i, path) in paths.iter().enumerate() {
+        tune_models::checkpoint::require_weight_file(path)?;
         if path.extension().is_some_and(|e| e == "safetensors") {
             // SAFETY: the file is only read while mapped, and not modified by us meanwhile.
             let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }

@@ -659,3 +659,50 @@ fn unreadable_weight_files_are_named() {
     ]);
     assert!(e.contains("unsupported checkpoint file"), "{e}");
 }
+
+/// A shard that model.safetensors.index.json names but the folder lacks is called missing (and
+/// the fix is to download it), not truncated.
+#[test]
+fn a_shard_missing_from_the_folder_is_not_called_truncated() {
+    let copy = stories_copy_without("model.safetensors");
+    std::fs::copy(
+        common::root().join("assets/stories260K/model.safetensors"),
+        copy.path().join("model-00001-of-00002.safetensors"),
+    )
+    .unwrap();
+    let weights = candle_core::safetensors::load(
+        common::root().join("assets/stories260K/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    // Half the tensors are said to live in a second shard that is not there.
+    let weight_map: serde_json::Map<String, serde_json::Value> = weights
+        .keys()
+        .enumerate()
+        .map(|(i, name)| {
+            let shard = if i % 2 == 0 { 1 } else { 2 };
+            (
+                name.clone(),
+                format!("model-0000{shard}-of-00002.safetensors").into(),
+            )
+        })
+        .collect();
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(
+        copy.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let dir = format!("checkpointer.checkpoint_dir={}", copy.path().display());
+    let e = run_err(&[
+        &dir,
+        "checkpointer.checkpoint_files=[model.safetensors.index.json]",
+        "max_steps_per_epoch=1",
+    ]);
+    assert!(
+        e.contains("model-00002-of-00002.safetensors does not exist")
+            && e.contains("download the whole model again")
+            && !e.contains("truncated"),
+        "{e}"
+    );
+}

@@ -361,7 +361,12 @@ pub fn load_plugins(cli: &[PathBuf], config: Option<&Config>) -> Result<()> {
         paths.extend(tune_adapters::plugin::config_plugin_paths(&config.root)?);
     }
     paths.extend(cli.iter().cloned());
+    let mut announced = std::collections::HashSet::new();
     for plugin in tune_adapters::plugin::load_all(&paths)? {
+        // A library named twice (a link and its target) is one plugin, announced once.
+        if !announced.insert(plugin.path.clone()) {
+            continue;
+        }
         tracing::info!(
             "loaded plugin {} {} ({}): adapters {}",
             plugin.name,
