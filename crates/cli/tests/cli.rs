@@ -631,6 +631,19 @@ fn selfchecks_run_from_the_repository_root_as_gpu_check_runs_them() {
     }
 }
 
+/// Run from elsewhere, a selfcheck says where the repository should be.
+#[test]
+fn selfcheck_outside_the_repository_says_so() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    for check in ["lora-step", "trajectory"] {
+        let e = fails(&tune_in(elsewhere.path(), &["selfcheck", check]));
+        assert!(
+            e.contains("is not a tune-rs repository") && e.contains("--repo"),
+            "{e}"
+        );
+    }
+}
+
 #[test]
 fn bench_writes_a_random_checkpoint_that_recipes_train_from() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");

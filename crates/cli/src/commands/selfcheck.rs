@@ -1,7 +1,7 @@
 //! `tune selfcheck`: run the golden-fixture parity checks on any device and print JSON. This is how
 //! a CUDA build is verified on a GPU machine that has no Rust toolchain.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use tune_recipes::selfcheck;
@@ -32,6 +32,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    check_repo(&args.repo)?;
     let result = match args.check.as_str() {
         "lora-step" => {
             let device = parse_device(&args.device)?;
@@ -58,6 +59,26 @@ pub fn run(args: &Args) -> Result<()> {
             "selfcheck {} outside tolerance: {}",
             args.check,
             failed.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// The checks read the bundled model and torchtune's fixtures from the repository: a wrong
+/// `--repo` (or a run from another folder) is named as such, not as a missing config key.
+fn check_repo(repo: &Path) -> Result<()> {
+    let needed = ["assets/stories260K", "tests/fixtures"];
+    let missing: Vec<&str> = needed
+        .into_iter()
+        .filter(|dir| !repo.join(dir).is_dir())
+        .collect();
+    if !missing.is_empty() {
+        let shown = std::path::absolute(repo).unwrap_or_else(|_| repo.to_path_buf());
+        anyhow::bail!(
+            "{} is not a tune-rs repository (it lacks {}): run selfcheck from the repository \
+             root, or pass --repo with its path",
+            shown.display(),
+            missing.join(" and ")
         );
     }
     Ok(())
