@@ -102,6 +102,20 @@ pub fn launch(job: &Job, worker_args: &[OsString]) -> Result<()> {
             rank
         }
     };
+    // Rank 0 would find its port taken only after every rank started, and the others would
+    // wait out the grace period: try the port here first (released at once for rank 0).
+    if node_rank == 0 && job.endpoint.is_some() {
+        let endpoint = format!("{addr}:{port}");
+        let address = tune_recipes::distributed::listen_address(&endpoint)?;
+        if let Err(e) = std::net::TcpListener::bind(&address) {
+            return Err(e).with_context(|| {
+                format!(
+                    "rank 0 cannot listen on {address} (from {endpoint}); is the port in use? \
+                     Pick another port (--master_port, or the port of --rdzv_endpoint)"
+                )
+            });
+        }
+    }
     interrupt::set_forwarding(true);
 
     let mut workers: Vec<(usize, Child)> = Vec::new();

@@ -385,6 +385,33 @@ fn launcher_options_are_checked_before_anything_starts() {
     );
 }
 
+/// A port another program holds is named before any rank starts (rank 0 found it only after
+/// every rank had started, and the job took the 15 s grace period to stop).
+#[test]
+fn a_taken_port_is_named_before_the_ranks_start() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port().to_string();
+    let run = tune_command(&[
+        "run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        &port,
+        "lora_finetune_distributed",
+        "--config",
+        "stories260K/lora_distributed",
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(run.status.code(), Some(1));
+    let stderr = text(&run.stderr);
+    assert!(
+        stderr.contains("is the port in use") && !stderr.contains("started ranks"),
+        "{stderr}"
+    );
+    drop(holder);
+}
+
 #[cfg(target_os = "linux")]
 #[test]
 fn workers_whose_launcher_is_killed_save_and_stop() {
