@@ -1063,6 +1063,19 @@ fn validate_checks_plugins_and_adapter_names() {
         e.contains("model.adapter: unknown _component_ `foo`"),
         "{e}"
     );
+    // The model builder's own checks, past the argument types.
+    for (from, to, expected) in [
+        ("lora_rank: 4", "lora_rank: -1", "lora_rank"),
+        ("lora_dropout: 0.0", "lora_dropout: 1.5", "lora_dropout"),
+        ("'v_proj']", "'x_proj']", "x_proj"),
+    ] {
+        let changed = config.replacen(from, to, 1);
+        assert_ne!(changed, config, "{from}");
+        let path = dir.path().join("bad_model.yaml");
+        std::fs::write(&path, &changed).unwrap();
+        let e = fails(&tune(&["validate", path.to_str().unwrap()]));
+        assert!(e.contains("model: ") && e.contains(expected), "{e}");
+    }
     let path = dir.path().join("missing_plugin.yaml");
     std::fs::write(&path, format!("{config}plugins: [/nonexistent/libx.so]\n")).unwrap();
     let e = fails(&tune(&["validate", path.to_str().unwrap()]));
@@ -1138,4 +1151,47 @@ fn a_plugin_named_twice_is_announced_once() {
     ok(&o);
     let log = stderr(&o);
     assert_eq!(log.matches("loaded plugin").count(), 1, "{log}");
+}
+
+/// A QLoRA run's adapter put on the full-precision base says so; with the base quantised as in
+/// training it does not.
+#[test]
+fn a_qlora_adapter_on_the_full_precision_base_is_noted() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let tune = |args: &[&str]| tune_in(&root, args);
+    let work = tempfile::tempdir().unwrap();
+    let output_dir = format!("output_dir={}", work.path().display());
+    ok(&tune(&[
+        "run",
+        "lora_finetune_single_device",
+        "--config",
+        "stories260K/qlora_single_device",
+        &output_dir,
+        "max_steps_per_epoch=1",
+    ]));
+    let adapter_dir = format!("adapter_dir={}", work.path().join("epoch_0").display());
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "generate",
+            "--config",
+            "stories260K/generation",
+            &adapter_dir,
+            "max_new_tokens=2",
+        ];
+        args.extend_from_slice(extra);
+        let o = tune(&args);
+        ok(&o);
+        stderr(&o)
+    };
+    let note = "was trained with QLoRA";
+    assert!(generate(&[]).contains(note));
+    let as_trained = generate(&[
+        "model._component_=torchtune.models.llama2.lora_llama2",
+        "model.lora_attn_modules=[q_proj,v_proj]",
+        "model.lora_rank=4",
+        "model.lora_alpha=8",
+        "model.quantize_base=True",
+    ]);
+    assert!(!as_trained.contains(note), "{as_trained}");
 }

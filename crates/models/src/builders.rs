@@ -130,6 +130,15 @@ pub fn lora_settings(args: &Args) -> Result<LoraSettings> {
             );
         }
     }
+    let dropout: f64 = args.get("lora_dropout")?;
+    // torch's Dropout takes [0, 1]; at 1 every input to the adapter is dropped and it learns
+    // nothing.
+    if !(0.0..1.0).contains(&dropout) {
+        bail!(
+            "lora_dropout is {dropout}: it is the probability of dropping each input to the \
+             adapter, at least 0 and below 1 (torchtune's configs use 0.0 or 0.05)"
+        );
+    }
     Ok(LoraSettings {
         lora_attn_modules: modules,
         apply_lora_to_mlp: args.get("apply_lora_to_mlp")?,
@@ -138,7 +147,7 @@ pub fn lora_settings(args: &Args) -> Result<LoraSettings> {
             kind,
             rank,
             alpha: args.get("lora_alpha")?,
-            dropout: args.get("lora_dropout")?,
+            dropout,
         },
         quantize_base,
     })

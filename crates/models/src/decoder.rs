@@ -71,6 +71,9 @@ pub struct ForwardOutput {
     pub hidden: Vec<(String, Tensor)>,
 }
 
+/// How an adapter file names a copy of the adapted layer's base weight (PEFT's `base_layer`).
+pub const BASE_COPY_SUFFIX: &str = ".base_layer.weight";
+
 impl TransformerDecoder {
     /// Builds the model from base weights in torchtune names (already validated and converted to
     /// the run's dtype/device). Adapted projections get their adapter from the registry; `seed`
@@ -207,7 +210,23 @@ impl TransformerDecoder {
 
     /// Sets adapter tensors from a map of torchtune names. Every adapter tensor must be present
     /// and shaped right; names that are not adapter tensors of this model are an error.
+    /// PEFT's copies of an adapted layer's base weight (`{layer}.base_layer.weight`, saved when
+    /// lm_head is a target) are checked against the model's own weight, as they would replace it.
     pub fn load_adapter(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        let (base_copies, tensors): (HashMap<&String, &Tensor>, HashMap<String, Tensor>) = {
+            let mut copies = HashMap::new();
+            let mut rest = HashMap::new();
+            for (name, t) in tensors {
+                if name.ends_with(BASE_COPY_SUFFIX) {
+                    copies.insert(name, t);
+                } else {
+                    rest.insert(name.clone(), t.clone());
+                }
+            }
+            (copies, rest)
+        };
+        self.check_base_copies(&base_copies)?;
+        let tensors = &tensors;
         let params = self.adapter_params();
         let known: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
         let unexpected: Vec<&String> = tensors
@@ -240,6 +259,34 @@ impl TransformerDecoder {
         }
         for (_, layer) in self.linears() {
             layer.on_weights_loaded()?;
+        }
+        Ok(())
+    }
+
+    fn check_base_copies(&self, copies: &HashMap<&String, &Tensor>) -> Result<()> {
+        let linears = self.linears();
+        for (name, copy) in copies {
+            let prefix = name.strip_suffix(BASE_COPY_SUFFIX).unwrap_or(name);
+            let Some((_, layer)) = linears.iter().find(|(n, _)| n == prefix) else {
+                anyhow::bail!(
+                    "adapter tensor `{name}` replaces the weight of `{prefix}`, which is not a \
+                     linear layer tune-rs adapts"
+                );
+            };
+            let ours = layer.base_weight()?;
+            let same = copy.dims() == ours.dims() && {
+                let copy = copy.to_dtype(ours.dtype())?.to_device(ours.device())?;
+                let diff = (copy.to_dtype(DType::F32)? - ours.to_dtype(DType::F32)?)?;
+                diff.abs()?.max_all()?.to_scalar::<f32>()? == 0.0
+            };
+            if !same {
+                anyhow::bail!(
+                    "the adapter carries its own copy of `{prefix}`'s base weight (PEFT saves one \
+                     when lm_head is a target), and it differs from the base model's: the adapter \
+                     was made on another base model. Use that base model, or save the adapter \
+                     with save_embedding_layers=False if the copy should not apply"
+                );
+            }
         }
         Ok(())
     }

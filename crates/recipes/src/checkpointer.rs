@@ -22,14 +22,17 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
-use tune_core::{AdapterFactory, ArgSpec, ArgType, Args, Component, ComponentKind, PeftTarget};
+use tune_core::{
+    Adapter, AdapterFactory, ArgSpec, ArgType, Args, Component, ComponentKind, PeftTarget,
+};
 use tune_models::checkpoint::{load_model, resolve_files};
 use tune_models::convert::{
-    peft_to_tune_adapter_name, permute_hf_to_tune, permute_tune_to_hf, rope_rows, tune_to_hf_name,
-    tune_to_peft_adapter_name,
+    hf_to_tune_name, peft_to_tune_adapter_name, permute_hf_to_tune, permute_tune_to_hf, rope_rows,
+    tune_to_hf_name, tune_to_peft_adapter_name,
 };
+use tune_models::decoder::BASE_COPY_SUFFIX;
 use tune_models::{ModelSpec, TransformerDecoder};
 
 use crate::atomic;
@@ -54,6 +57,8 @@ pub struct SourceLayout {
     pub shard_of: HashMap<String, usize>,
     pub num_shards: usize,
     pub dtype: Option<DType>,
+    /// The weight files, reread when merging over the checkpoint's own tensors.
+    pub paths: Vec<PathBuf>,
 }
 
 /// Recipe progress saved with each checkpoint; enough to resume exactly.
@@ -301,6 +306,17 @@ impl HfCheckpointer {
             if name.starts_with("layers.") {
                 out.insert(name, t);
                 continue;
+            }
+            // PEFT's copy of a targeted lm_head's base weight: the model checks it on loading.
+            if let Some(module) = name
+                .strip_prefix("base_model.model.")
+                .and_then(|n| n.strip_suffix(BASE_COPY_SUFFIX))
+            {
+                if let Some(tune) = hf_to_tune_name(&format!("{module}.weight")) {
+                    let slot = tune.strip_suffix(".weight").unwrap_or(&tune);
+                    out.insert(format!("{slot}{BASE_COPY_SUFFIX}"), t);
+                    continue;
+                }
             }
             let tune = peft_to_tune_adapter_name(&name).with_context(|| {
                 format!("adapter tensor `{name}` is neither a torchtune nor a PEFT adapter name")
@@ -602,6 +618,7 @@ fn original_repo_id(dir: &Path) -> Option<String> {
 fn source_layout(paths: &[PathBuf]) -> Result<SourceLayout> {
     let mut layout = SourceLayout {
         num_shards: paths.len(),
+        paths: paths.to_vec(),
         ..Default::default()
     };
     for (i, path) in paths.iter().enumerate() {
@@ -644,6 +661,12 @@ fn source_layout(paths: &[PathBuf]) -> Result<SourceLayout> {
 }
 
 /// Writes merged HF weights in the input's shards and dtype, plus `model.safetensors.index.json`.
+///
+/// A run in another dtype than the checkpoint's (bf16 over fp32 or fp16 weights) holds a rounded
+/// copy of the base. Then the merge goes over the checkpoint's own tensors, reread one at a
+/// time: untouched weights come back bit for bit, and each adapted weight is its original plus
+/// the trained adapter, computed in fp32 and rounded once. (QLoRA's merge is over the NF4 base it
+/// trained against, as torchtune's.)
 fn write_merged(
     dir: &Path,
     model: &TransformerDecoder,
@@ -653,44 +676,104 @@ fn write_merged(
     let dtype = layout.dtype.unwrap_or(model.dtype());
     let c = &spec.transformer;
     let n = layout.num_shards.max(1);
+    let quantized = spec.lora.as_ref().is_some_and(|l| l.quantize_base);
+    let originals = (!quantized && layout.dtype.is_some_and(|d| d != model.dtype()))
+        .then(|| SourceTensors::open(&layout.paths, model.dtype()));
     let mut shards: Vec<HashMap<String, Tensor>> = vec![HashMap::new(); n];
     let mut weight_map = serde_json::Map::new();
     let mut total_size = 0usize;
+    let shard_file = |shard: usize| format!("model-{:05}-of-{:05}.safetensors", shard + 1, n);
     // Each tensor goes to the CPU as soon as it is made, so a GPU holds one merged (for QLoRA:
     // dequantised) weight at a time, not a second copy of the model.
-    let mut add = |name: String, t: Tensor| -> Result<()> {
-        let hf = tune_to_hf_name(&name).with_context(|| format!("no HF name for {name}"))?;
-        let t = match rope_rows(&name) {
+    let mut put = |hf: String, t: Tensor| {
+        let shard = layout.shard_of.get(&hf).copied().unwrap_or(0);
+        total_size += t.elem_count() * t.dtype().size_in_bytes();
+        weight_map.insert(hf.clone(), serde_json::Value::String(shard_file(shard)));
+        shards[shard].insert(hf, t);
+    };
+    let hf_layout = |name: &str, t: Tensor| -> Result<Tensor> {
+        Ok(match rope_rows(name) {
             Some("q") => permute_tune_to_hf(&t, c.num_heads)?,
             Some(_) => permute_tune_to_hf(&t, c.num_kv_heads)?,
             None => t,
-        };
-        let t = t.to_dtype(dtype)?.to_device(&Device::Cpu)?;
-        let shard = layout.shard_of.get(&hf).copied().unwrap_or(0);
-        let file = format!("model-{:05}-of-{:05}.safetensors", shard + 1, n);
-        total_size += t.elem_count() * dtype.size_in_bytes();
-        weight_map.insert(hf.clone(), serde_json::Value::String(file));
-        shards[shard].insert(hf, t);
-        Ok(())
+        })
     };
-    add("tok_embeddings.weight".into(), model.tok_embeddings.clone())?;
-    add("norm.scale".into(), model.norm.clone())?;
+    let hf_name =
+        |name: &str| tune_to_hf_name(name).with_context(|| format!("no HF name for {name}"));
+    // A frozen tensor: the checkpoint's own, untouched; else the run's, in the checkpoint's dtype.
+    let frozen = |name: &str, ours: &dyn Fn() -> Result<Tensor>| -> Result<(String, Tensor)> {
+        let hf = hf_name(name)?;
+        let t = match originals.as_ref().and_then(|o| o.get(&hf, layout)) {
+            Some(t) => t,
+            None => hf_layout(name, ours()?)?
+                .to_dtype(dtype)?
+                .to_device(&Device::Cpu)?,
+        };
+        Ok((hf, t))
+    };
+    let (hf, t) = frozen("tok_embeddings.weight", &|| {
+        Ok(model.tok_embeddings.clone())
+    })?;
+    put(hf, t);
+    let (hf, t) = frozen("norm.scale", &|| Ok(model.norm.clone()))?;
+    put(hf, t);
     for (i, l) in model.layers.iter().enumerate() {
-        add(format!("layers.{i}.sa_norm.scale"), l.sa_norm.clone())?;
-        add(format!("layers.{i}.mlp_norm.scale"), l.mlp_norm.clone())?;
+        let (hf, t) = frozen(&format!("layers.{i}.sa_norm.scale"), &|| {
+            Ok(l.sa_norm.clone())
+        })?;
+        put(hf, t);
+        let (hf, t) = frozen(&format!("layers.{i}.mlp_norm.scale"), &|| {
+            Ok(l.mlp_norm.clone())
+        })?;
+        put(hf, t);
     }
     let output_adapted = spec.lora.as_ref().is_some_and(|l| l.apply_lora_to_output);
     for (prefix, layer) in model.linears() {
         if prefix == "output" && c.tie_word_embeddings && !output_adapted {
             continue; // still tied to the embedding: nothing to write
         }
-        add(format!("{prefix}.weight"), layer.merged_weight()?)?;
+        let name = format!("{prefix}.weight");
+        if layer.trainable().is_empty() {
+            let (hf, t) = frozen(&name, &|| Ok(layer.base_weight()?))?;
+            put(hf, t);
+            continue;
+        }
+        let hf = hf_name(&name)?;
+        // A tied output's base is the embedding.
+        let base_hf = if prefix == "output" && c.tie_word_embeddings {
+            "model.embed_tokens.weight".to_string()
+        } else {
+            hf.clone()
+        };
+        let over_original = originals.as_ref().and_then(|o| {
+            let original = o.get(&base_hf, layout)?;
+            let stored = original.dtype();
+            let merged = o.or_warn(
+                (|| {
+                    let base = match rope_rows(&name) {
+                        Some("q") => permute_hf_to_tune(&original, c.num_heads)?,
+                        Some(_) => permute_hf_to_tune(&original, c.num_kv_heads)?,
+                        None => original,
+                    };
+                    let merged = merged_over(spec, &prefix, layer, base)?;
+                    hf_layout(&name, merged)?
+                        .to_dtype(stored)
+                        .map_err(Into::into)
+                })(),
+                &name,
+            )?;
+            Some(merged)
+        });
+        let t = match over_original {
+            Some(t) => t,
+            None => hf_layout(&name, layer.merged_weight()?)?
+                .to_dtype(dtype)?
+                .to_device(&Device::Cpu)?,
+        };
+        put(hf, t);
     }
     for (i, tensors) in shards.iter().enumerate() {
-        atomic::save_safetensors(
-            &dir.join(format!("model-{:05}-of-{:05}.safetensors", i + 1, n)),
-            tensors,
-        )?;
+        atomic::save_safetensors(&dir.join(shard_file(i)), tensors)?;
     }
     let index =
         serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
@@ -712,6 +795,105 @@ fn write_merged(
         }
     }
     Ok(())
+}
+
+/// The adapted layer `slot`'s merged weight over `base` (torchtune layout) instead of the
+/// run's copy of it: the same adapter, rebuilt in fp32 on the CPU around `base`, given the
+/// trained tensors. Works for every adapter, DoRA's normalisation and plugins' merges included.
+fn merged_over(
+    spec: &ModelSpec,
+    slot: &str,
+    trained: &dyn Adapter,
+    base: Tensor,
+) -> Result<Tensor> {
+    let lora = spec
+        .lora
+        .as_ref()
+        .context("an adapted layer without LoRA settings")?;
+    let factory = tune_adapters::factory(&lora.adapter.kind)?;
+    let base = base.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    let rebuilt = factory.build_for(slot, &lora.adapter, base, 0)?;
+    let trained: HashMap<String, Var> = trained.trainable().into_iter().collect();
+    for (leaf, var) in rebuilt.trainable() {
+        let value = trained.get(&leaf).with_context(|| {
+            format!("{slot}: the rebuilt adapter has `{leaf}`, the trained one not")
+        })?;
+        var.set(
+            &value
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?,
+        )?;
+    }
+    Ok(rebuilt.merged_weight()?)
+}
+
+/// The checkpoint's weight files, read a tensor at a time (safetensors mapped, PyTorch zips by
+/// entry). A file that cannot be reread (moved since the run began) is warned about once and
+/// the run's own copy is used instead.
+struct SourceTensors {
+    files: Vec<Option<SourceFile>>,
+    run_dtype: DType,
+    warned: std::sync::Once,
+}
+
+enum SourceFile {
+    Safetensors(candle_core::safetensors::MmapedSafetensors),
+    Pytorch(candle_core::pickle::PthTensors),
+}
+
+impl SourceTensors {
+    fn open(paths: &[PathBuf], run_dtype: DType) -> Self {
+        let mut this = SourceTensors {
+            files: Vec::new(),
+            run_dtype,
+            warned: std::sync::Once::new(),
+        };
+        let files = paths
+            .iter()
+            .map(|path| {
+                let opened = if path.extension().is_some_and(|e| e == "safetensors") {
+                    // SAFETY: read while mapped; a file changed under a running job is the
+                    // user's doing, as with every mapped checkpoint.
+                    unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+                        .map(SourceFile::Safetensors)
+                } else {
+                    candle_core::pickle::PthTensors::new(path, None).map(SourceFile::Pytorch)
+                };
+                this.or_warn(opened.map_err(Into::into), &path.display().to_string())
+            })
+            .collect();
+        this.files = files;
+        this
+    }
+
+    /// The checkpoint's tensor `hf`, or `None` (the run's copy is used).
+    fn get(&self, hf: &str, layout: &SourceLayout) -> Option<Tensor> {
+        let shard = *layout.shard_of.get(hf)?;
+        let read = match self.files.get(shard)?.as_ref()? {
+            SourceFile::Safetensors(st) => st.load(hf, &Device::Cpu),
+            SourceFile::Pytorch(pth) => pth
+                .get(hf)
+                .and_then(|t| t.ok_or_else(|| candle_core::Error::Msg(format!("no tensor {hf}")))),
+        };
+        self.or_warn(read.map_err(Into::into), hf)
+    }
+
+    fn or_warn<T>(&self, result: Result<T>, what: &str) -> Option<T> {
+        match result {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.warned.call_once(|| {
+                    tracing::warn!(
+                        "cannot reread {what} from the base checkpoint ({e:#}); the merged \
+                         weights use the run's {:?} copy of the base where that happens",
+                        self.run_dtype
+                    )
+                });
+                None
+            }
+        }
+    }
 }
 
 impl HfCheckpointer {

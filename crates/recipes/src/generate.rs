@@ -129,7 +129,12 @@ pub fn generate(config: Config, options: &RunOptions) -> Result<Option<Generatio
     };
     let max_new_tokens: usize = cfg.require("max_new_tokens")?;
     let use_cache: bool = cfg.get("enable_kv_cache", true)?;
-    let mut sampler = Sampler::new(cfg.get("temperature", 0.6)?, cfg.opt("top_k")?, seed)?;
+    // torchtune's recipe fails on a null temperature; a silent default would hide the typo.
+    let temperature: f64 = cfg.opt("temperature")?.context(
+        "temperature is null or missing: give a number, 0 for greedy decoding (torchtune's \
+         generation config uses 0.6)",
+    )?;
+    let mut sampler = Sampler::new(temperature, cfg.opt("top_k")?, seed)?;
     reject_quantizer(&cfg)?;
 
     // ---- Tokenizer and prompt -------------------------------------------------------------

@@ -217,6 +217,30 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 
 /// The model to build: the `model` node's dimensions with the adapter's LoRA settings. Without an
 /// adapter, a LoRA builder's (zero-initialised, output-neutral) adapters are dropped.
+/// An adapter from a tune-rs QLoRA run learnt against the NF4-quantised base; put on the
+/// full-precision base (as PEFT would) its numbers differ somewhat from the run's. Said once, so
+/// that nobody mistakes the difference for a bug.
+fn note_qlora_adapter_on_full_precision(source: &AdapterSource, quantize_base: bool) {
+    if quantize_base {
+        return;
+    }
+    // epoch_N/adapter/adapter_model.safetensors -> epoch_N/recipe_state/recipe_state.json
+    let Some(epoch) = source.weights.parent().and_then(Path::parent) else {
+        return;
+    };
+    let state = std::fs::read_to_string(epoch.join("recipe_state/recipe_state.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
+    if state.is_some_and(|s| s["quantize_base"] == serde_json::Value::Bool(true)) {
+        tracing::info!(
+            "{} was trained with QLoRA (against the NF4-quantised base); it is applied to the \
+             full-precision base here, as PEFT applies it. To run it as trained, quantise the \
+             base too: model.quantize_base=True on a lora_* model builder",
+            source.weights.display()
+        );
+    }
+}
+
 fn spec_for_adapter(mut spec: ModelSpec, source: Option<&AdapterSource>) -> Result<ModelSpec> {
     let Some(source) = source else {
         if spec.lora.take().is_some() {
@@ -257,6 +281,7 @@ fn spec_for_adapter(mut spec: ModelSpec, source: Option<&AdapterSource>) -> Resu
         }
     }
     spec.lora = Some(from_peft);
+    note_qlora_adapter_on_full_precision(source, quantize_base);
     Ok(spec)
 }
 
@@ -344,10 +369,10 @@ fn reject_unsupported_peft_options(config: &serde_json::Value) -> Result<()> {
             bail!("adapter_config.json sets `{key}`, which tune-rs does not support ({supported})");
         }
     }
-    if let Some(bias) = config.get("bias").and_then(|v| v.as_str()) {
-        if bias != "none" {
-            bail!("adapter_config.json has bias `{bias}`; only bias \"none\" is supported");
-        }
+    // `bias` ("all", "lora_only") trains the adapted layers' biases, which Llama's projections
+    // do not have: nothing is saved for it. `lora_bias` adds one to lora_B, which is.
+    if flag(config, "lora_bias") {
+        bail!("adapter_config.json has lora_bias: true (a bias on lora_B); tune-rs adapters have none");
     }
     if flag(config, "fan_in_fan_out") {
         bail!("adapter_config.json has fan_in_fan_out: true (GPT-2 style Conv1D weights); Llama adapters have it false");

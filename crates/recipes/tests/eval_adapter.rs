@@ -109,6 +109,13 @@ fn peft_adapter_and_merged_model(
         modules.push("lm_head".into());
     }
     let mut tensors = HashMap::new();
+    // PEFT (save_embedding_layers="auto") saves a copy of a targeted lm_head's base weight.
+    if targets.contains(&"lm_head") {
+        tensors.insert(
+            "base_model.model.lm_head.base_layer.weight".to_string(),
+            base["lm_head.weight"].clone(),
+        );
+    }
     for module in &modules {
         let weight = base[&format!("{module}.weight")].clone();
         let (out, inp) = weight.dims2().unwrap();
@@ -344,6 +351,43 @@ fn our_lora_output_evaluates_the_same_as_adapter_or_merged() {
     );
     assert!(
         e.contains("a training run's output_dir") && e.contains("epoch_0"),
+        "{e}"
+    );
+}
+
+/// PEFT's copy of lm_head's base weight must be the base model's own; `bias` (which Llama's
+/// projections do not have) is accepted, `lora_bias` refused.
+#[test]
+fn peft_extras_are_checked() {
+    let work = tempfile::tempdir().unwrap();
+    let (adapter, merged) = (work.path().join("peft"), work.path().join("merged"));
+    peft_adapter_and_merged_model(
+        &adapter,
+        &merged,
+        &["q_proj", "v_proj", "lm_head"],
+        serde_json::json!({"bias": "lora_only"}),
+    );
+    let dir = format!("adapter_dir={}", adapter.display());
+    load(work.path(), std::slice::from_ref(&dir)).unwrap();
+
+    let config_path = adapter.join("adapter_config.json");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    let mut with_lora_bias: serde_json::Value = serde_json::from_str(&config).unwrap();
+    with_lora_bias["lora_bias"] = true.into();
+    std::fs::write(&config_path, with_lora_bias.to_string()).unwrap();
+    let e = load_err(work.path(), std::slice::from_ref(&dir));
+    assert!(e.contains("lora_bias: true"), "{e}");
+    std::fs::write(&config_path, &config).unwrap();
+
+    let weights_path = adapter.join("adapter_model.safetensors");
+    let mut weights = candle_core::safetensors::load(&weights_path, &Device::Cpu).unwrap();
+    let copy = "base_model.model.lm_head.base_layer.weight";
+    let changed = (&weights[copy] + 0.5).unwrap();
+    weights.insert(copy.to_string(), changed);
+    candle_core::safetensors::save(&weights, &weights_path).unwrap();
+    let e = load_err(work.path(), std::slice::from_ref(&dir));
+    assert!(
+        e.contains("its own copy of `output`'s base weight") && e.contains("another base model"),
         "{e}"
     );
 }

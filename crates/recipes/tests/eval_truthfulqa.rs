@@ -376,6 +376,24 @@ fn bad_settings_name_the_fix() {
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
 }
 
+/// An answer longer than max_seq_length: the error names the length that scores every answer,
+/// and that length works.
+#[test]
+fn a_too_short_max_seq_length_names_the_length_that_works() {
+    let e = run_err(&["limit=20", "max_seq_length=70"]);
+    let needed: usize = e
+        .split("set max_seq_length to at least ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{e}"));
+    assert!(needed > 70, "{e}");
+    let work = tempfile::tempdir().unwrap();
+    let fits = format!("max_seq_length={needed}");
+    let report = run(work.path(), &["limit=20", &fits]);
+    assert_eq!(report.tasks[0].questions.len(), 20);
+}
+
 #[test]
 fn limit_as_fraction_and_short_max_length() {
     let work = tempfile::tempdir().unwrap();

@@ -334,6 +334,20 @@ fn too_many_new_tokens_is_an_error_that_says_how_many_fit() {
     generate(config, &RunOptions::default()).unwrap();
 }
 
+/// A null temperature is an error naming the key (it sampled at a hidden 0.6).
+#[test]
+fn a_null_temperature_is_refused() {
+    tune_recipes::link();
+    let e = format!(
+        "{:#}",
+        generate(gen_config(&["temperature=null"]), &RunOptions::default()).unwrap_err()
+    );
+    assert!(
+        e.contains("temperature is null or missing") && e.contains("0 for greedy"),
+        "{e}"
+    );
+}
+
 /// The benchmark: greedy tokens/s of stories260K on the CPU, with and without the KV cache.
 /// `cargo test -p tune-recipes --test generate_stories -- --ignored --nocapture`
 #[test]

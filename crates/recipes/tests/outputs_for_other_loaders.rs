@@ -210,3 +210,78 @@ fn serving_limits_name_dora() {
     assert_eq!(limits.len(), 1, "{limits:?}");
     assert!(limits[0].contains("IA3 adapter loads in Hugging Face PEFT only"));
 }
+
+/// A bf16 run over fp32 weights holds a bf16-rounded copy of the base; the merged weights it
+/// writes (fp32, as the input) are the checkpoint's own: untouched tensors bit for bit, adapted
+/// ones the original plus the saved adapter's update, each rounded once in fp32. The adapter on
+/// all linears and the tied output covers every path, DoRA too.
+#[test]
+fn a_bf16_run_merges_over_the_checkpoints_own_weights() {
+    tune_recipes::link();
+    for dora in ["False", "True"] {
+        let work = tempfile::tempdir().unwrap();
+        let use_dora = format!("model.use_dora={dora}");
+        let overrides = [
+            "dtype=bf16",
+            "max_steps_per_epoch=2",
+            "lr_scheduler.num_warmup_steps=0",
+            "optimizer.lr=1e-2",
+            "model.lora_attn_modules=[q_proj,k_proj,v_proj,output_proj]",
+            "model.apply_lora_to_mlp=True",
+            "model.apply_lora_to_output=True",
+            &use_dora,
+        ];
+        train(
+            common::stories_config(work.path(), &overrides),
+            &RunOptions::default(),
+        )
+        .unwrap();
+        let load = |p: std::path::PathBuf| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+        let original = load(common::root().join("assets/stories260K/model.safetensors"));
+        let epoch = work.path().join("output/epoch_0");
+        let merged = load(epoch.join("model-00001-of-00001.safetensors"));
+        let max_diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        for (name, before) in &original {
+            let after = &merged[name];
+            assert_eq!(after.dtype(), candle_core::DType::F32, "{name}");
+            let moved = max_diff(after, before);
+            if name.ends_with("proj.weight") {
+                // Every projection is adapted and trained: it moved, by much less than
+                // bf16's rounding of the whole weight would have moved it.
+                assert!(moved > 0.0, "{dora} {name} did not change");
+            } else {
+                assert_eq!(moved, 0.0, "{dora} {name} is not the checkpoint's own");
+            }
+        }
+        if dora == "False" {
+            // LoRA: exactly W + (alpha / rank) B A with the saved adapter, in fp32.
+            let peft = load(epoch.join("adapter/adapter_model.safetensors"));
+            for name in [
+                "model.layers.0.self_attn.q_proj",
+                "model.layers.3.mlp.down_proj",
+            ] {
+                let f32 = |leaf: &str| {
+                    peft[&format!("base_model.model.{name}.{leaf}.weight")]
+                        .to_dtype(candle_core::DType::F32)
+                        .unwrap()
+                };
+                let update = (f32("lora_B").matmul(&f32("lora_A")).unwrap() * 2.0).unwrap();
+                let expected = (&original[&format!("{name}.weight")] + update).unwrap();
+                let d = max_diff(&merged[&format!("{name}.weight")], &expected);
+                assert!(d <= 1e-6, "{name}: merged is off W + dW by {d}");
+            }
+            let update =
+                (&merged["lm_head.weight"] - &original["model.embed_tokens.weight"]).unwrap();
+            assert!(max_diff(&update, &update.zeros_like().unwrap()) > 0.0);
+        }
+    }
+}

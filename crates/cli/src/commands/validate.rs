@@ -29,6 +29,11 @@ pub fn run(args: &Args) -> Result<()> {
         Ok(()) => problems.extend(unknown_adapters(&config)),
         Err(e) => problems.push(format!("plugins: {e:#}")),
     }
+    // Then the model builder's own checks (a negative rank, an unknown module to adapt), which
+    // go past the argument types; once the node's types are right.
+    if !problems.iter().any(|p| p.starts_with("model")) {
+        problems.extend(model_problem(&config));
+    }
     if problems.is_empty() {
         println!("Config is well-formed!");
         return Ok(());
@@ -55,6 +60,16 @@ fn unknown_adapters(config: &Config) -> Vec<String> {
             Some(format!("{path}.adapter: {error:#}"))
         })
         .collect()
+}
+
+/// What building the `model` node's spec (no weights) says of it.
+fn model_problem(config: &Config) -> Option<String> {
+    let mut resolved = config.clone();
+    resolved.resolve_interpolations().ok()?;
+    let node = resolved.root.get("model")?;
+    node.get("_component_")?;
+    let error = tune_models::builders::model_spec_from_node(node).err()?;
+    Some(format!("model: {error:#}"))
 }
 
 fn load(args: &Args) -> Result<Config> {

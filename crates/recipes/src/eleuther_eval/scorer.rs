@@ -44,13 +44,15 @@ impl Scorer<'_> {
                      every answer needs text"
                 );
             }
-            if r.continuation.len() > self.max_length {
-                bail!(
-                    "an answer of {} tokens cannot be scored with max_seq_length {}; raise max_seq_length",
-                    r.continuation.len(),
-                    self.max_length
-                );
-            }
+        }
+        // The longest answer, so that one change of max_seq_length is enough.
+        let longest = requests.iter().map(|r| r.continuation.len()).max();
+        if let Some(longest) = longest.filter(|&n| n > self.max_length) {
+            bail!(
+                "an answer of {longest} tokens cannot be scored with max_seq_length {}; set \
+                 max_seq_length to at least {longest}",
+                self.max_length
+            );
         }
         // Inputs truncated from the left lose the shared prefix: those are always run whole.
         let (cached, whole): (Vec<usize>, Vec<usize>) = (0..requests.len())
