@@ -158,9 +158,7 @@ fn same_values(a: &Tensor, b: Option<&Tensor>) -> Result<bool> {
     if a.shape() != b.shape() {
         return Ok(false);
     }
-    let a = a.to_dtype(DType::F32)?;
-    let b = b.to_dtype(DType::F32)?;
-    Ok(a.sub(&b)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0)
+    Ok(tune_core::compare::max_abs_diff(a, b)? == 0.0)
 }
 
 /// Converts HF-named tensors to torchtune names (with the q/k row permutation).

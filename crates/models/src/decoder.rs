@@ -274,11 +274,9 @@ impl TransformerDecoder {
                 );
             };
             let ours = layer.base_weight()?;
-            let same = copy.dims() == ours.dims() && {
-                let copy = copy.to_dtype(ours.dtype())?.to_device(ours.device())?;
-                let diff = (copy.to_dtype(DType::F32)? - ours.to_dtype(DType::F32)?)?;
-                diff.abs()?.max_all()?.to_scalar::<f32>()? == 0.0
-            };
+            // Compared in the run's dtype, which the copy would have been loaded in.
+            let same = copy.dims() == ours.dims()
+                && tune_core::compare::max_abs_diff(&copy.to_dtype(ours.dtype())?, &ours)? == 0.0;
             if !same {
                 anyhow::bail!(
                     "the adapter carries its own copy of `{prefix}`'s base weight (PEFT saves one \

@@ -208,22 +208,28 @@ fn head_counts_must_agree_with_config_json() {
     );
 }
 
-/// A safetensors file with a dtype candle does not load (an int8 export) is not called
-/// truncated: the error says what to use instead.
-#[test]
-fn an_unsupported_dtype_is_not_called_truncated() {
+/// The error of loading stories260K's config.json with a safetensors file of this header and
+/// data, written byte by byte.
+fn load_raw_safetensors(header: &[u8], data: &[u8]) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let header = br#"{"model.norm.weight":{"dtype":"I8","shape":[4],"data_offsets":[0,4]}}"#;
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
     bytes.extend_from_slice(header);
-    bytes.extend_from_slice(&[0, 0, 0, 0]);
+    bytes.extend_from_slice(data);
     std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
     std::fs::copy(
         root().join("assets/stories260K/config.json"),
         dir.path().join("config.json"),
     )
     .unwrap();
-    let e = load_err(dir.path(), &["model.safetensors"], &stories_spec());
+    load_err(dir.path(), &["model.safetensors"], &stories_spec())
+}
+
+/// A safetensors file with a dtype candle does not load (an int8 export) is not called
+/// truncated: the error says what to use instead.
+#[test]
+fn an_unsupported_dtype_is_not_called_truncated() {
+    let header = br#"{"model.norm.weight":{"dtype":"I8","shape":[4],"data_offsets":[0,4]}}"#;
+    let e = load_raw_safetensors(header, &[0, 0, 0, 0]);
     assert!(
         e.contains("holds tensors of a type tune-rs does not load") && !e.contains("truncated"),
         "{e}"
@@ -234,17 +240,7 @@ fn an_unsupported_dtype_is_not_called_truncated() {
 /// is named as such, rather than as every base key missing.
 #[test]
 fn a_file_without_named_tensors_is_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let header = b"{}";
-    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(header);
-    std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
-    std::fs::copy(
-        root().join("assets/stories260K/config.json"),
-        dir.path().join("config.json"),
-    )
-    .unwrap();
-    let e = load_err(dir.path(), &["model.safetensors"], &stories_spec());
+    let e = load_raw_safetensors(b"{}", &[]);
     assert!(
         e.contains("holds no named tensors") && !e.contains("missing base keys"),
         "{e}"

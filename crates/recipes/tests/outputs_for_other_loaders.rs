@@ -240,15 +240,8 @@ fn a_bf16_run_merges_over_the_checkpoints_own_weights() {
         let original = load(common::root().join("assets/stories260K/model.safetensors"));
         let epoch = work.path().join("output/epoch_0");
         let merged = load(epoch.join("model-00001-of-00001.safetensors"));
-        let max_diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
+        let max_diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+            tune_core::compare::max_abs_diff(a, b).unwrap()
         };
         for (name, before) in &original {
             let after = &merged[name];
