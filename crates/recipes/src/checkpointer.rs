@@ -747,22 +747,7 @@ fn write_merged(
         };
         let over_original = originals.as_ref().and_then(|o| {
             let original = o.get(&base_hf, layout)?;
-            let stored = original.dtype();
-            let merged = o.or_warn(
-                (|| {
-                    let base = match rope_rows(&name) {
-                        Some("q") => permute_hf_to_tune(&original, c.num_heads)?,
-                        Some(_) => permute_hf_to_tune(&original, c.num_kv_heads)?,
-                        None => original,
-                    };
-                    let merged = merged_over(spec, &prefix, layer, base)?;
-                    hf_layout(&name, merged)?
-                        .to_dtype(stored)
-                        .map_err(Into::into)
-                })(),
-                &name,
-            )?;
-            Some(merged)
+            o.or_warn(merged_over_hf(spec, &prefix, layer, original), &name)
         });
         let t = match over_original {
             Some(t) => t,
@@ -795,6 +780,33 @@ fn write_merged(
         }
     }
     Ok(())
+}
+
+/// [`merged_over`] for a base weight in Hugging Face's layout and dtype; the result in them too.
+fn merged_over_hf(
+    spec: &ModelSpec,
+    slot: &str,
+    trained: &dyn Adapter,
+    original: Tensor,
+) -> Result<Tensor> {
+    let c = &spec.transformer;
+    let name = format!("{slot}.weight");
+    let stored = original.dtype();
+    let heads = match rope_rows(&name) {
+        Some("q") => Some(c.num_heads),
+        Some(_) => Some(c.num_kv_heads),
+        None => None,
+    };
+    let base = match heads {
+        Some(heads) => permute_hf_to_tune(&original, heads)?,
+        None => original,
+    };
+    let merged = merged_over(spec, slot, trained, base)?;
+    let merged = match heads {
+        Some(heads) => permute_tune_to_hf(&merged, heads)?,
+        None => merged,
+    };
+    Ok(merged.to_dtype(stored)?)
 }
 
 /// The adapted layer `slot`'s merged weight over `base` (torchtune layout) instead of the
