@@ -1195,3 +1195,36 @@ fn a_qlora_adapter_on_the_full_precision_base_is_noted() {
     ]);
     assert!(!as_trained.contains(note), "{as_trained}");
 }
+
+/// An unknown component is compared with the components its node can hold: a scheduler's name
+/// is not answered with optimizers.
+#[test]
+fn unknown_components_are_compared_with_their_own_kind() {
+    let o = tune(&[
+        "run",
+        "lora_finetune_single_device",
+        "--config",
+        "stories260K/lora_single_device",
+        "lr_scheduler._component_=torch.optim.lr_scheduler.LambdaLR",
+        "--dry-run",
+    ]);
+    let e = fails(&o);
+    assert!(
+        e.contains("unknown _component_ `torch.optim.lr_scheduler.LambdaLR`")
+            && !e.contains("AdamW"),
+        "{e}"
+    );
+    let o = tune(&[
+        "run",
+        "lora_finetune_single_device",
+        "--config",
+        "stories260K/lora_single_device",
+        "lr_scheduler._component_=torchtune.training.lr_schedulers.get_cosine_schedule_with_warmp",
+        "--dry-run",
+    ]);
+    let e = fails(&o);
+    assert!(
+        e.contains("closest registered names: torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup"),
+        "{e}"
+    );
+}

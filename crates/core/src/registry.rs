@@ -28,6 +28,28 @@ pub enum ComponentKind {
     Other,
 }
 
+impl ComponentKind {
+    /// The kind a top-level config key holds (`lr_scheduler`, `collate_fn`, ...), if it names one.
+    pub fn of_config_key(key: &str) -> Option<ComponentKind> {
+        use ComponentKind::*;
+        let kinds = [
+            Model,
+            Tokenizer,
+            Dataset,
+            Checkpointer,
+            Optimizer,
+            LrScheduler,
+            Loss,
+            MetricLogger,
+            Profiler,
+        ];
+        match key {
+            "collate_fn" => Some(Collator),
+            _ => kinds.into_iter().find(|kind| kind.to_string() == key),
+        }
+    }
+}
+
 impl std::fmt::Display for ComponentKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = match self {
@@ -229,6 +251,15 @@ fn find(name: &str) -> Option<&'static Component> {
 /// Looks a component up by dotted path or alias. A name registered as [`Unavailable`] says why
 /// and what to use instead; other unknown names list the closest registered ones.
 pub fn lookup(name: &str) -> Result<&'static Component, RegistryError> {
+    lookup_as(name, None)
+}
+
+/// [`lookup`] for a node that needs a `kind` component: an unknown name is compared with those
+/// only (a scheduler's typo is not answered with optimizers).
+pub fn lookup_as(
+    name: &str,
+    kind: Option<ComponentKind>,
+) -> Result<&'static Component, RegistryError> {
     if let Some(component) = find(name) {
         return Ok(component);
     }
@@ -241,9 +272,14 @@ pub fn lookup(name: &str) -> Result<&'static Component, RegistryError> {
             why: unavailable.why,
         });
     }
+    let candidates: Vec<&str> = all()
+        .into_iter()
+        .filter(|c| kind.is_none_or(|kind| c.kind == kind))
+        .flat_map(|c| std::iter::once(c.path).chain(c.aliases.iter().copied()))
+        .collect();
     Err(RegistryError::Unknown {
         name: name.to_string(),
-        suggestions: closest(name, all_names().iter().map(String::as_str), 3),
+        suggestions: closest(name, candidates.into_iter(), 3),
     })
 }
 
@@ -256,7 +292,7 @@ pub fn build_as<T: 'static>(
     kind: ComponentKind,
     node: &serde_yaml::Value,
 ) -> anyhow::Result<T> {
-    let component = lookup(name)?;
+    let component = lookup_as(name, Some(kind))?;
     if component.kind != kind {
         anyhow::bail!(
             "`{name}` is a {} component; this node needs a {kind} component",
@@ -280,16 +316,6 @@ pub fn build_as<T: 'static>(
 pub struct WrongType {
     pub name: String,
     pub kind: ComponentKind,
-}
-
-/// Every name (paths and aliases) a component can be looked up by.
-pub fn all_names() -> Vec<String> {
-    let mut names = Vec::new();
-    for c in all() {
-        names.push(c.path.to_string());
-        names.extend(c.aliases.iter().map(|a| a.to_string()));
-    }
-    names
 }
 
 /// Components grouped by kind, sorted by path (for `tune ls --components`).

@@ -65,7 +65,9 @@ fn check_node(at: &str, node: &Value) -> Vec<String> {
         }
         None => return Vec::new(),
     };
-    match registry::lookup(name) {
+    // A top-level node's key says which kind of component it needs.
+    let kind = crate::registry::ComponentKind::of_config_key(at);
+    match registry::lookup_as(name, kind) {
         Err(e) => vec![format!("{at}: {e}")],
         Ok(component) => args::check(component, node)
             .into_iter()

@@ -303,7 +303,8 @@ impl HfCheckpointer {
         }
         let mut out = HashMap::new();
         for (name, t) in raw {
-            if name.starts_with("layers.") {
+            // torchtune's own names (its adapter_model.pt, our recipe_state).
+            if name.starts_with("layers.") || name.starts_with("output.") {
                 out.insert(name, t);
                 continue;
             }

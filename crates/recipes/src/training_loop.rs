@@ -239,6 +239,15 @@ pub fn train_objective(
     let mut optimizer = AdamW::new(opt_config, params.clone())?;
 
     // ---- Resume or warm start ------------------------------------------------------------------
+    // At an epoch's end, the micro-batches that epoch left for the next step are computed
+    // again, when this run cuts that epoch into the same batches.
+    let replay_leftovers = resume_from.as_ref().is_some_and(|(_, saved)| {
+        saved.batches_in_epoch == 0
+            && saved.epochs_run > 0
+            && same_batches(saved, &fresh)
+            && saved.data_order.is_some()
+            && saved.data_order == fresh.data_order
+    });
     let state = match resume_from {
         Some((dir, saved)) => restore(&dir, saved, fresh, &model, &mut optimizer, &device)?,
         None => {
@@ -254,6 +263,7 @@ pub fn train_objective(
         summary: RunSummary::empty(&checkpointer),
         settings,
         steps_per_epoch,
+        replay_leftovers,
         objective: objective.as_ref(),
         model,
         spec,
@@ -657,6 +667,15 @@ fn restore(
     Ok(state)
 }
 
+/// Whether `saved`'s run cut its epochs into the same batches as `now`: the same ranks, batch
+/// size and epoch length (the sample order aside).
+fn same_batches(saved: &RecipeState, now: &RecipeState) -> bool {
+    let same = |saved: Option<usize>, now: Option<usize>| saved.is_none_or(|s| Some(s) == now);
+    saved.world_size == now.world_size
+        && same(saved.batch_size, now.batch_size)
+        && same(saved.steps_per_epoch, now.steps_per_epoch)
+}
+
 /// Whether a run set up as `now` can go on from `saved`: the same accumulation, and mid-epoch
 /// the same ranks, batch size, epoch length and sample order (the saved position counts
 /// batches of those).
@@ -676,11 +695,7 @@ fn check_resumable(
     if saved.batches_in_epoch == 0 {
         return Ok(());
     }
-    let same = |saved: Option<usize>, now: Option<usize>| saved.is_none_or(|s| Some(s) == now);
-    if saved.world_size != now.world_size
-        || !same(saved.batch_size, now.batch_size)
-        || !same(saved.steps_per_epoch, now.steps_per_epoch)
-    {
+    if !same_batches(saved, now) {
         let shown = |n: Option<usize>| n.map_or("?".to_string(), |n| n.to_string());
         bail!(
             "{} stopped mid-epoch in a run of {} rank(s) with batch_size {} and {} steps per \
@@ -765,6 +780,8 @@ impl RunSummary {
 struct Trainer<'a> {
     settings: LoopSettings,
     steps_per_epoch: usize,
+    /// Resumed from an epoch's end whose left-over micro-batches belong to the next step.
+    replay_leftovers: bool,
     objective: &'a dyn Objective,
     model: TransformerDecoder,
     spec: ModelSpec,
@@ -824,6 +841,23 @@ impl Trainer<'_> {
         let _listening = tune_core::recipe::listen_for_stop();
         // Set when the ranks agreed to stop at a step that ended an epoch: stop after its save.
         let mut stopping = false;
+        // As torchtune's loop, the accumulation window runs on across an epoch's end: an epoch
+        // whose batches are not a multiple of gradient_accumulation_steps (and which
+        // max_steps_per_epoch does not cut short) leaves micro-batches for the next epoch's
+        // first step.
+        let mut window = Window::new();
+        if self.replay_leftovers {
+            // Resumed at an epoch's end: the checkpoint holds the weights those left-over
+            // micro-batches were computed with, not their gradients; compute them again.
+            let epoch = state.epochs_run - 1;
+            let batches = self.objective.sampler().batches_for_epoch(epoch as u64);
+            let first_leftover = self.steps_per_epoch * grad_accum;
+            for (idx, batch_indices) in batches.iter().enumerate().skip(first_leftover) {
+                if self.in_epoch(idx) {
+                    self.forward_backward(&mut window, batch_indices, &state, (epoch, idx))?;
+                }
+            }
+        }
         for epoch in state.epochs_run..self.settings.epochs {
             let batches = self.objective.sampler().batches_for_epoch(epoch as u64);
             let first_batch = if epoch == state.epochs_run {
@@ -831,9 +865,8 @@ impl Trainer<'_> {
             } else {
                 0
             };
-            let mut window = Window::new();
             for (idx, batch_indices) in batches.iter().enumerate().skip(first_batch) {
-                if idx / grad_accum >= self.steps_per_epoch {
+                if !self.in_epoch(idx) {
                     break;
                 }
                 self.forward_backward(&mut window, batch_indices, &state, (epoch, idx))?;
@@ -862,9 +895,14 @@ impl Trainer<'_> {
                     }
                 }
                 window = Window::new();
+                if stopping {
+                    // The epoch's end saves; its left-over micro-batches are computed on resuming.
+                    break;
+                }
             }
             state.epochs_run = epoch + 1;
             state.batches_in_epoch = 0;
+            self.note_leftovers(&window, epoch);
             let merged = !self.settings.save_adapter_weights_only;
             let dir = self.save(&format!("epoch_{epoch}"), merged, &state)?;
             tracing::info!("saved {}", dir.display());
@@ -883,6 +921,42 @@ impl Trainer<'_> {
             tracing::info!("peak RSS {gib:.3} GiB");
         }
         Ok(self.summary)
+    }
+
+    /// Whether batch `idx` of an epoch is trained: torchtune stops an epoch only at
+    /// `max_steps_per_epoch` windows, so batches past the last whole window are (see `run`).
+    fn in_epoch(&self, idx: usize) -> bool {
+        let window = idx / self.settings.gradient_accumulation_steps;
+        self.settings
+            .max_steps_per_epoch
+            .is_none_or(|max| window < max)
+    }
+
+    /// Says once where an epoch's left-over micro-batches go: into the next epoch's first
+    /// step, or, after the last epoch, nowhere (as in torchtune).
+    fn note_leftovers(&self, window: &Window, epoch: usize) {
+        if window.micro_batches == 0 || !self.group.is_main() {
+            return;
+        }
+        let why = format!(
+            "epoch {epoch}'s batches are not a multiple of gradient_accumulation_steps {}",
+            self.settings.gradient_accumulation_steps
+        );
+        if epoch + 1 < self.settings.epochs {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::info!(
+                    "{why}: its last {} micro-batch(es) go into the next epoch's first step, as \
+                     in torchtune",
+                    window.micro_batches
+                )
+            });
+        } else {
+            tracing::info!(
+                "{why}: its last {} micro-batch(es) made no optimizer step, as in torchtune",
+                window.micro_batches
+            );
+        }
     }
 
     /// One micro-batch: forward, loss and backward, added to `window`.

@@ -278,3 +278,44 @@ fn a_bf16_run_merges_over_the_checkpoints_own_weights() {
         }
     }
 }
+
+/// torchtune's own adapter names (its adapter_model.pt; our recipe_state) include the output
+/// layer's `output.lora_a.weight`: a warm start reads them all back.
+#[test]
+fn torchtune_named_adapters_with_an_output_adapter_read_back() {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    let settings = [
+        "max_steps_per_epoch=1",
+        "model.apply_lora_to_output=True",
+        "save_adapter_weights_only=True",
+    ];
+    train(
+        common::stories_config(work.path(), &settings),
+        &RunOptions::default(),
+    )
+    .unwrap();
+    let saved = work
+        .path()
+        .join("output/epoch_0/recipe_state/adapter_torchtune.safetensors");
+    let names = candle_core::safetensors::load(&saved, &Device::Cpu).unwrap();
+    assert!(names.contains_key("output.lora_a.weight"));
+    // At learning rate 0 the warm-started adapter is saved unchanged.
+    let again = tempfile::tempdir().unwrap();
+    let warm_start = format!("checkpointer.adapter_checkpoint={}", saved.display());
+    let mut overrides = settings.to_vec();
+    overrides.extend(["optimizer.lr=0.0", &warm_start]);
+    train(
+        common::stories_config(again.path(), &overrides),
+        &RunOptions::default(),
+    )
+    .unwrap();
+    let resaved = again
+        .path()
+        .join("output/epoch_0/recipe_state/adapter_torchtune.safetensors");
+    let reread = candle_core::safetensors::load(&resaved, &Device::Cpu).unwrap();
+    for (name, tensor) in &names {
+        let diff = tune_core::compare::max_abs_diff(tensor, &reread[name]).unwrap();
+        assert_eq!(diff, 0.0, "{name}");
+    }
+}

@@ -1,8 +1,8 @@
 //! Recipes against torchtune 0.6.1 itself (`tests/fixtures/torchtune_runs`): from the adapters
 //! torchtune initialised, 8-12 shuffled steps of 2 accumulated micro-batches log every metric
 //! torchtune logged and end with the adapters it ended with, for LoRA DPO (loss, lr, rewards,
-//! log-probabilities, logits), DoRA, QLoRA, two-epoch LoRA and packed text completion with
-//! clipped gradients (loss, lr, grad_norm).
+//! log-probabilities, logits), DoRA, QLoRA, two-epoch LoRA (also with micro-batches left over
+//! at an epoch's end) and packed text completion with clipped gradients (loss, lr, grad_norm).
 
 mod common;
 
@@ -39,8 +39,9 @@ fn logged_steps(output: &std::path::Path) -> Vec<HashMap<String, f64>> {
         .collect()
 }
 
-/// Runs `run` of the fixture with `train` from torchtune's initial adapters and compares.
-fn matches_torchtune(run: &str, train: Train) {
+/// Runs `run` of the fixture with `train` from torchtune's initial adapters and compares;
+/// returns the run's folder (its output in `output/`) and its overrides.
+fn matches_torchtune(run: &str, train: Train) -> (tempfile::TempDir, Vec<String>) {
     tune_recipes::link();
     let fixture = |name: &str| {
         common::root()
@@ -113,6 +114,7 @@ fn matches_torchtune(run: &str, train: Train) {
             "{run} {name}: {diff} (moved {moved})"
         );
     }
+    (work, overrides)
 }
 
 #[test]
@@ -135,6 +137,47 @@ fn two_lora_epochs_log_and_learn_what_torchtune_did() {
     matches_torchtune(
         "lora_two_epochs",
         tune_recipes::lora_finetune_single_device::train,
+    );
+}
+
+/// Each epoch's 25 batches leave one micro-batch past the last window of 3: torchtune adds it
+/// to the next epoch's first step. Resumed from the first epoch's end, the run computes it
+/// again and ends as the uninterrupted one.
+#[test]
+fn left_over_micro_batches_go_into_the_next_epoch_as_in_torchtune() {
+    let train = tune_recipes::lora_finetune_single_device::train;
+    let (work, mut overrides) = matches_torchtune("leftover_micro_batches", train);
+    let output = work.path().join("output");
+    let straight =
+        std::fs::read(output.join("epoch_1/recipe_state/adapter_torchtune.safetensors")).unwrap();
+    overrides.push("resume_from_checkpoint=True".into());
+    overrides.push("checkpointer.recipe_checkpoint=epoch_0".into());
+    let refs: Vec<&str> = overrides.iter().map(String::as_str).collect();
+    let config = common::builtin_config("stories260K/lora_single_device", work.path(), &refs);
+    let resumed = train(config, &RunOptions::default()).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            common::root().join("tests/fixtures/torchtune_runs/leftover_micro_batches/meta.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let theirs = &meta["steps"].as_array().unwrap()[8..];
+    assert_eq!(resumed.steps.len(), theirs.len());
+    for (got, want) in resumed.steps.iter().zip(theirs) {
+        let want = want["loss"].as_f64().unwrap();
+        assert!(
+            (got.loss - want).abs() <= 1e-4 * want,
+            "resumed step {}: {} here, {want} in torchtune",
+            got.step,
+            got.loss
+        );
+    }
+    let again =
+        std::fs::read(output.join("epoch_1/recipe_state/adapter_torchtune.safetensors")).unwrap();
+    assert!(
+        straight == again,
+        "the resumed run ends with another adapter"
     );
 }
 
