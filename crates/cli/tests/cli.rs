@@ -1228,3 +1228,22 @@ fn unknown_components_are_compared_with_their_own_kind() {
         "{e}"
     );
 }
+
+/// An argument torchtune's recipe passes to a component itself is named as such, not as a
+/// typo of another argument.
+#[test]
+fn arguments_the_recipe_passes_are_named_as_such() {
+    let o = tune(&[
+        "run",
+        "lora_finetune_single_device",
+        "--config",
+        "stories260K/lora_single_device",
+        "lr_scheduler.num_training_steps=100",
+        "--dry-run",
+    ]);
+    let e = fails(&o);
+    assert!(
+        e.contains("num_training_steps is passed by the recipe") && !e.contains("did you mean"),
+        "{e}"
+    );
+}

@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
-use crate::registry::{closest, ArgType, Component};
+use crate::registry::{closest, ArgType, Component, ComponentKind};
 
 /// One problem with a component's arguments (several are reported at once by `tune validate`).
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +29,41 @@ fn short(path: &str) -> &str {
     path.rsplit('.').next().unwrap_or(path)
 }
 
+/// Arguments of torchtune's components that its recipes pass themselves, with what they pass.
+fn supplied_by_recipe(kind: ComponentKind, key: &str) -> Option<&'static str> {
+    match (kind, key) {
+        (ComponentKind::LrScheduler, "num_training_steps") => {
+            Some("epochs x optimizer steps per epoch")
+        }
+        (ComponentKind::LrScheduler, "optimizer") => Some("the recipe's optimizer"),
+        (ComponentKind::Optimizer, "params") => Some("the adapters' parameters"),
+        (ComponentKind::Dataset, "tokenizer") => Some("the config's tokenizer"),
+        _ => None,
+    }
+}
+
+/// What is wrong with `key`, which `component` does not take.
+fn unknown_key(component: &Component, name: &str, key: &str) -> String {
+    if let Some(what) = supplied_by_recipe(component.kind, key) {
+        return format!(
+            "{name}.{key} is passed by the recipe ({what}), not set in the config; remove it"
+        );
+    }
+    let hint = match closest(key, component.args.iter().map(|a| a.name), 1).first() {
+        Some(h) => format!("; did you mean `{h}`?"),
+        None => format!(
+            "; its arguments are: {}",
+            component
+                .args
+                .iter()
+                .map(|a| a.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    format!("unknown key `{key}` for {name}{hint}")
+}
+
 /// Checks a node's keys and value types against the component's schema; returns every problem.
 pub fn check(component: &Component, node: &Value) -> Vec<ArgProblem> {
     let mut problems = Vec::new();
@@ -45,22 +80,7 @@ pub fn check(component: &Component, node: &Value) -> Vec<ArgProblem> {
         }
         match component.arg(key) {
             None if component.extra_args => {}
-            None => {
-                let hint = closest(key, component.args.iter().map(|a| a.name), 1);
-                let hint = match hint.first() {
-                    Some(h) => format!("; did you mean `{h}`?"),
-                    None => format!(
-                        "; its arguments are: {}",
-                        component
-                            .args
-                            .iter()
-                            .map(|a| a.name)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                };
-                problems.push(ArgProblem(format!("unknown key `{key}` for {name}{hint}")));
-            }
+            None => problems.push(ArgProblem(unknown_key(component, name, key))),
             Some(spec) => {
                 if let Err(why) = type_ok(
                     spec.ty,
