@@ -666,8 +666,8 @@ fn source_layout(paths: &[PathBuf]) -> Result<SourceLayout> {
 /// A run in another dtype than the checkpoint's (bf16 over fp32 or fp16 weights) holds a rounded
 /// copy of the base. Then the merge goes over the checkpoint's own tensors, reread one at a
 /// time: untouched weights come back bit for bit, and each adapted weight is its original plus
-/// the trained adapter, computed in fp32 and rounded once. (QLoRA's merge is over the NF4 base it
-/// trained against, as torchtune's.)
+/// the trained adapter, computed in fp32 and rounded once. (QLoRA's NF4 projections are merged
+/// over the dequantised base they trained against, as torchtune's.)
 fn write_merged(
     dir: &Path,
     model: &TransformerDecoder,
@@ -677,9 +677,14 @@ fn write_merged(
     let dtype = layout.dtype.unwrap_or(model.dtype());
     let c = &spec.transformer;
     let n = layout.num_shards.max(1);
-    let quantized = spec.lora.as_ref().is_some_and(|l| l.quantize_base);
-    let originals = (!quantized && layout.dtype.is_some_and(|d| d != model.dtype()))
+    let originals = layout
+        .dtype
+        .is_some_and(|d| d != model.dtype())
         .then(|| SourceTensors::open(&layout.paths, model.dtype()));
+    // QLoRA's projections are NF4 (all but the output): their merge is over the dequantised
+    // base they trained against, as torchtune's.
+    let quantized = spec.lora.as_ref().is_some_and(|l| l.quantize_base);
+    let over_nf4 = |prefix: &str| quantized && prefix != "output";
     let mut shards: Vec<HashMap<String, Tensor>> = vec![HashMap::new(); n];
     let mut weight_map = serde_json::Map::new();
     let mut total_size = 0usize;
@@ -734,6 +739,14 @@ fn write_merged(
             continue; // still tied to the embedding: nothing to write
         }
         let name = format!("{prefix}.weight");
+        if over_nf4(&prefix) {
+            let merged = hf_layout(&name, layer.merged_weight()?)?;
+            put(
+                hf_name(&name)?,
+                merged.to_dtype(dtype)?.to_device(&Device::Cpu)?,
+            );
+            continue;
+        }
         if layer.trainable().is_empty() {
             let (hf, t) = frozen(&name, &|| Ok(layer.base_weight()?))?;
             put(hf, t);

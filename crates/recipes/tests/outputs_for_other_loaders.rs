@@ -218,10 +218,14 @@ fn serving_limits_name_dora() {
 #[test]
 fn a_bf16_run_merges_over_the_checkpoints_own_weights() {
     tune_recipes::link();
-    for dora in ["False", "True"] {
+    // LoRA, DoRA, and QLoRA (whose NF4 projections merge over their dequantised base, the
+    // rest over the checkpoint's own tensors).
+    for (dora, qlora) in [("False", "False"), ("True", "False"), ("False", "True")] {
         let work = tempfile::tempdir().unwrap();
         let use_dora = format!("model.use_dora={dora}");
+        let quantize_base = format!("model.quantize_base={qlora}");
         let overrides = [
+            &quantize_base,
             "dtype=bf16",
             "max_steps_per_epoch=2",
             "lr_scheduler.num_warmup_steps=0",
@@ -248,14 +252,17 @@ fn a_bf16_run_merges_over_the_checkpoints_own_weights() {
             assert_eq!(after.dtype(), candle_core::DType::F32, "{name}");
             let moved = max_diff(after, before);
             if name.ends_with("proj.weight") {
-                // Every projection is adapted and trained: it moved, by much less than
-                // bf16's rounding of the whole weight would have moved it.
-                assert!(moved > 0.0, "{dora} {name} did not change");
+                // Every projection is adapted and trained: it moved.
+                assert!(
+                    moved > 0.0,
+                    "dora {dora} qlora {qlora}: {name} did not change"
+                );
             } else {
-                assert_eq!(moved, 0.0, "{dora} {name} is not the checkpoint's own");
+                let label = format!("dora {dora} qlora {qlora}: {name}");
+                assert_eq!(moved, 0.0, "{label} is not the checkpoint's own");
             }
         }
-        if dora == "False" {
+        if dora == "False" && qlora == "False" {
             // LoRA: exactly W + (alpha / rank) B A with the saved adapter, in fp32.
             let peft = load(epoch.join("adapter/adapter_model.safetensors"));
             for name in [
