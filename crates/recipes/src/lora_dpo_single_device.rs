@@ -311,4 +311,8 @@ impl Objective for Preference {
             metrics,
         })
     }
+
+    fn divides_by_accumulation_steps(&self) -> bool {
+        true
+    }
 }

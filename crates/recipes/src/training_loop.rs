@@ -67,6 +67,13 @@ pub trait Objective {
         indices: &[usize],
         device: &Device,
     ) -> Result<MicroBatch>;
+    /// Whether a step divides its weighted sums by gradient_accumulation_steps x ranks, as
+    /// torchtune's DPO recipes do (each micro-batch's loss over gradient_accumulation_steps),
+    /// rather than by the weights the window holds. The two differ only for a step that takes
+    /// micro-batches left over from the previous epoch.
+    fn divides_by_accumulation_steps(&self) -> bool {
+        false
+    }
 }
 
 /// One micro-batch's contribution to its optimizer step.
@@ -1090,20 +1097,24 @@ impl Trainer<'_> {
         // One device logs the objective's numbers of the window's last micro-batch (as
         // torchtune's single-device recipes do); several ranks log their mean over the
         // window's micro-batches on all ranks (as its distributed recipes do).
+        let nominal = (self.settings.gradient_accumulation_steps * self.group.world_size()) as f64;
+        let fixed_divisor = self.objective.divides_by_accumulation_steps();
         let mut metrics = std::mem::take(&mut window.last_metrics);
         if self.group.world_size() > 1 && !metrics.is_empty() {
             let mut sums = std::mem::take(&mut window.metric_sums);
             sums.push(window.micro_batches as f64);
             self.group.all_reduce_sum_f64(&mut sums)?;
-            let count = sums.pop().unwrap_or(1.0).max(1.0);
+            let counted = sums.pop().unwrap_or(1.0).max(1.0);
+            let count = if fixed_divisor { nominal } else { counted };
             for ((_, value), sum) in metrics.iter_mut().zip(&sums) {
                 *value = sum / count;
             }
         }
         // Nothing to learn from (torchtune's loss is 0/0 = NaN here, and its update makes
         // every weight NaN): the step passes without an update, its loss and norm logged as NaN.
+        let divisor = if fixed_divisor { nominal } else { step_weight };
         let grad_norm = if step_weight > 0.0 {
-            let scale = 1.0f32 / step_weight as f32;
+            let scale = 1.0f32 / divisor as f32;
             for g in grads.iter_mut() {
                 *g = (&*g * scale as f64)?;
             }
@@ -1126,7 +1137,7 @@ impl Trainer<'_> {
         state.global_step += 1;
         state.optimizer_step = self.optimizer.step;
         Ok(StepOutcome {
-            loss: step_loss / step_weight,
+            loss: step_loss / divisor,
             tokens: step_tokens,
             grad_norm,
             metrics,

@@ -2,7 +2,8 @@
 //! torchtune initialised, 8-12 shuffled steps of 2 accumulated micro-batches log every metric
 //! torchtune logged and end with the adapters it ended with, for LoRA DPO (loss, lr, rewards,
 //! log-probabilities, logits), DoRA, QLoRA, two-epoch LoRA (also with micro-batches left over
-//! at an epoch's end) and packed text completion with clipped gradients (loss, lr, grad_norm).
+//! at an epoch's end, for DPO too) and packed text completion with clipped gradients (loss, lr,
+//! grad_norm).
 
 mod common;
 
@@ -178,6 +179,16 @@ fn left_over_micro_batches_go_into_the_next_epoch_as_in_torchtune() {
     assert!(
         straight == again,
         "the resumed run ends with another adapter"
+    );
+}
+
+/// DPO divides each micro-batch's loss by gradient_accumulation_steps: the step that takes the
+/// first epoch's left-over micro-batch weighs three halves (loss 1.07 at step 7).
+#[test]
+fn dpo_steps_with_left_over_micro_batches_weigh_as_in_torchtune() {
+    matches_torchtune(
+        "dpo_leftover_micro_batches",
+        tune_recipes::lora_dpo_single_device::train,
     );
 }
 
