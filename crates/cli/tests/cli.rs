@@ -1247,3 +1247,43 @@ fn arguments_the_recipe_passes_are_named_as_such() {
         "{e}"
     );
 }
+
+/// The config a run saves keeps its `${output_dir}` references, as torchtune's does: run again
+/// with another output_dir, it writes there and leaves the first run alone.
+#[test]
+fn a_saved_config_reused_with_another_output_dir_writes_there() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let work = tempfile::tempdir().unwrap();
+    let (first, second) = (work.path().join("first"), work.path().join("second"));
+    let run = |config: &str, output: &Path| {
+        ok(&tune_in(
+            &root,
+            &[
+                "run",
+                "lora_finetune_single_device",
+                "--config",
+                config,
+                &format!("output_dir={}", output.display()),
+                "max_steps_per_epoch=1",
+                "save_adapter_weights_only=True",
+            ],
+        ))
+    };
+    run("stories260K/lora_single_device", &first);
+    let saved = first.join("torchtune_config.yaml");
+    let text = std::fs::read_to_string(&saved).unwrap();
+    assert!(text.contains("${output_dir}"), "{text}");
+    let adapter = first.join("epoch_0/adapter/adapter_model.safetensors");
+    let before = std::fs::read(&adapter).unwrap();
+    let logs_before = std::fs::read_dir(first.join("logs")).unwrap().count();
+    run(saved.to_str().unwrap(), &second);
+    assert!(second
+        .join("epoch_0/adapter/adapter_model.safetensors")
+        .is_file());
+    assert!(second.join("logs").is_dir());
+    assert_eq!(std::fs::read(&adapter).unwrap(), before);
+    assert_eq!(
+        std::fs::read_dir(first.join("logs")).unwrap().count(),
+        logs_before
+    );
+}

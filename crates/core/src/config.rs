@@ -19,9 +19,19 @@ use serde_yaml::{Mapping, Value};
 pub use overrides::{parse_override, parse_value, Override};
 
 /// A config: a YAML mapping from top-level keys to values and component nodes.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Config {
     pub root: Value,
+    /// The config before its `${...}` references were resolved: what a run saves, as torchtune
+    /// does, so that the saved file reused with another `output_dir` follows it.
+    as_written: Option<Value>,
+}
+
+/// Two configs are equal when they say the same (however they came to).
+impl PartialEq for Config {
+    fn eq(&self, other: &Self) -> bool {
+        self.root == other.root
+    }
 }
 
 /// How many levels of `<<` merges (a block merging a block that merges another) are applied.
@@ -98,7 +108,10 @@ impl Config {
                 kind_of(&other)
             ),
         };
-        Ok(Config { root })
+        Ok(Config {
+            root,
+            as_written: None,
+        })
     }
 
     /// Reads and parses a config file.
@@ -119,6 +132,7 @@ impl Config {
 
     /// Mutable access to the value at a dotted path.
     pub fn get_mut(&mut self, dotted: &str) -> Option<&mut Value> {
+        self.edited();
         let mut node = &mut self.root;
         for part in dotted.split('.') {
             node = child_mut(node, part)?;
@@ -131,6 +145,7 @@ impl Config {
     pub fn set(&mut self, dotted: &str, value: Value) -> Result<()> {
         let parts: Vec<&str> = dotted.split('.').collect();
         let (last, parents) = parts.split_last().expect("split yields at least one part");
+        self.edited();
         let mut node = &mut self.root;
         for (i, part) in parents.iter().enumerate() {
             if node.is_null() {
@@ -213,15 +228,30 @@ impl Config {
         serde_yaml::to_string(&self.root).unwrap_or_default()
     }
 
+    /// The YAML of the config as written, its `${...}` references unresolved (torchtune's
+    /// `torchtune_config.yaml`).
+    pub fn to_yaml_string_as_written(&self) -> String {
+        serde_yaml::to_string(self.as_written.as_ref().unwrap_or(&self.root)).unwrap_or_default()
+    }
+
     /// Applies command-line overrides in order (grammar: [`overrides`]). Every bad override is
     /// reported in one error.
     pub fn apply_overrides(&mut self, overrides: &[String]) -> Result<()> {
+        self.edited();
         overrides::apply(self, overrides)
+    }
+
+    /// A change after the references were resolved is not in the written form: from then on
+    /// the resolved config is what a run saves.
+    fn edited(&mut self) {
+        self.as_written = None;
     }
 
     /// Replaces every `${a.b}` reference with the value it names (rules: [`interpolate`]).
     pub fn resolve_interpolations(&mut self) -> Result<()> {
-        self.root = interpolate::resolve(&self.root)?;
+        let resolved = interpolate::resolve(&self.root)?;
+        let written = std::mem::replace(&mut self.root, resolved);
+        self.as_written.get_or_insert(written);
         Ok(())
     }
 }

@@ -594,7 +594,8 @@ fn activation_checkpointing(cfg: &TopLevel, spec: &ModelSpec) -> Result<bool> {
     Ok(on)
 }
 
-/// Creates `output_dir` and writes the resolved config into it, as torchtune does.
+/// Creates `output_dir` and writes the config into it as written (its `${...}` references
+/// unresolved), as torchtune does.
 fn write_run_config(config: &Config, checkpointer: &HfCheckpointer, resume: bool) -> Result<()> {
     if !resume {
         // Only a warning: an unreadable old state must not stop a run that never reads it.
@@ -616,7 +617,7 @@ fn write_run_config(config: &Config, checkpointer: &HfCheckpointer, resume: bool
     })?;
     crate::atomic::write(
         &checkpointer.output_dir.join("torchtune_config.yaml"),
-        config.to_yaml_string().as_bytes(),
+        config.to_yaml_string_as_written().as_bytes(),
     )
 }
 
