@@ -137,7 +137,12 @@ impl TensorBoardLogger {
         let host = std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "localhost".into());
-        let path = log_dir.join(format!("events.out.tfevents.{}.{host}", now.as_secs()));
+        // torch's SummaryWriter's name: time, host, process, writer number.
+        let path = log_dir.join(format!(
+            "events.out.tfevents.{:010}.{host}.{}.0",
+            now.as_secs(),
+            std::process::id()
+        ));
         let file =
             File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
         let mut logger = TensorBoardLogger { path, file };
@@ -171,10 +176,7 @@ impl MetricLogger for TensorBoardLogger {
             .as_secs_f64();
         let mut summary = Vec::new();
         for (tag, value) in metrics {
-            let mut v = Vec::new();
-            proto_bytes(&mut v, 1, tag.as_bytes());
-            proto_float(&mut v, 2, *value as f32);
-            proto_bytes(&mut summary, 1, &v);
+            proto_bytes(&mut summary, 1, &scalar_value(tag, *value as f32));
         }
         let mut event = Vec::new();
         proto_double(&mut event, 1, wall);
@@ -182,6 +184,24 @@ impl MetricLogger for TensorBoardLogger {
         proto_bytes(&mut event, 5, &summary);
         self.write_record(&event)
     }
+}
+
+/// A `Summary.Value` as torch's `add_scalar(..., new_style=True)` writes it (torchtune's
+/// TensorBoardLogger): a scalar float tensor tagged for the scalars plugin, which TensorBoard
+/// reads as a tensor event (`EventAccumulator.Tensors`).
+fn scalar_value(tag: &str, value: f32) -> Vec<u8> {
+    let mut tensor = Vec::new();
+    proto_varint_field(&mut tensor, 1, 1); // dtype: DT_FLOAT (no shape: a scalar)
+    proto_bytes(&mut tensor, 5, &value.to_le_bytes()); // float_val, packed
+    let mut plugin = Vec::new();
+    proto_bytes(&mut plugin, 1, b"scalars"); // plugin_name
+    let mut metadata = Vec::new();
+    proto_bytes(&mut metadata, 1, &plugin); // plugin_data
+    let mut v = Vec::new();
+    proto_bytes(&mut v, 1, tag.as_bytes()); // tag
+    proto_bytes(&mut v, 8, &tensor); // tensor
+    proto_bytes(&mut v, 9, &metadata); // metadata
+    v
 }
 
 fn masked_crc(data: &[u8]) -> u32 {
@@ -204,11 +224,6 @@ fn proto_varint_field(out: &mut Vec<u8>, field: u32, v: u64) {
 
 fn proto_double(out: &mut Vec<u8>, field: u32, v: f64) {
     varint(out, ((field as u64) << 3) | 1);
-    out.extend_from_slice(&v.to_le_bytes());
-}
-
-fn proto_float(out: &mut Vec<u8>, field: u32, v: f32) {
-    varint(out, ((field as u64) << 3) | 5);
     out.extend_from_slice(&v.to_le_bytes());
 }
 
@@ -392,6 +407,7 @@ mod tests {
         // Walk the records: each length and payload must carry a valid masked CRC32C.
         let mut pos = 0;
         let mut records = 0;
+        let mut last = Vec::new();
         while pos < bytes.len() {
             let len = u64::from_le_bytes(bytes[pos..pos + 8].try_into().unwrap()) as usize;
             let len_crc = u32::from_le_bytes(bytes[pos + 8..pos + 12].try_into().unwrap());
@@ -400,10 +416,18 @@ mod tests {
             let data_crc =
                 u32::from_le_bytes(bytes[pos + 12 + len..pos + 16 + len].try_into().unwrap());
             assert_eq!(data_crc, masked_crc(data));
+            last = data.to_vec();
             pos += 16 + len;
             records += 1;
         }
         assert_eq!(records, 2);
+        // The value goes as torch's new-style scalar, byte for byte: torch 2.15's
+        // `summary.scalar("loss", 2.5, new_style=True).SerializeToString()`.
+        let torch_summary: [u8; 31] = [
+            10, 29, 10, 4, 108, 111, 115, 115, 66, 8, 8, 1, 42, 4, 0, 0, 32, 64, 74, 11, 10, 9, 10,
+            7, 115, 99, 97, 108, 97, 114, 115,
+        ];
+        assert!(last.ends_with(&torch_summary), "{last:?}");
         // Known value: TensorFlow's masked CRC of an empty payload.
         assert_eq!(masked_crc(b""), 0xa282_ead8);
     }

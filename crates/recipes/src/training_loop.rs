@@ -1252,13 +1252,18 @@ fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     Ok(total as f64)
 }
 
-/// Peak memory since the last log: the process's RSS, and on a GPU torchtune's three pool peaks
-/// ("active" equals "allocated" here: candle frees nothing that another stream still uses),
-/// which are then reset.
+/// Peak memory: the process's largest RSS so far (torchtune logs nothing on the CPU), and on a
+/// GPU torchtune's three pool peaks since the last log ("active" equals "allocated" here:
+/// candle frees nothing that another stream still uses), which are then reset.
 fn peak_memory_metrics(device: &Device) -> Metrics {
     let mut metrics = Metrics::new();
     if let Some(gib) = peak_rss_gib() {
-        metrics.push(("peak_memory_rss".into(), gib));
+        // The kernel's high-water mark lags the page counters a little and can read lower
+        // than at an earlier log: a peak never goes down.
+        static HIGHEST: std::sync::Mutex<f64> = std::sync::Mutex::new(0.0);
+        let mut highest = HIGHEST.lock().unwrap_or_else(|e| e.into_inner());
+        *highest = highest.max(gib);
+        metrics.push(("peak_memory_rss".into(), *highest));
     }
     if let Some(memory) = crate::device_memory::read(device) {
         use crate::device_memory::gib;
