@@ -31,11 +31,26 @@ pub fn init(log_level: Option<&str>) -> Result<()> {
     // A second init (only in tests) keeps the first subscriber.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| AroundTheBar)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
     Ok(())
+}
+
+/// Standard error, written with a recipe's progress bar cleared: each log line is one write,
+/// which would otherwise land on the bar's line.
+struct AroundTheBar;
+
+impl std::io::Write for AroundTheBar {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        tune_recipes::progress::suspend(|| std::io::stderr().write_all(buf))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// torchtune's (Python's) level names, as `tracing` levels.

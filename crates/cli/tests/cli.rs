@@ -1287,3 +1287,44 @@ fn a_saved_config_reused_with_another_output_dir_writes_there() {
         logs_before
     );
 }
+
+/// StdoutLogger prints torchtune's `Step N | key:value ` lines (trailing space included) on
+/// standard output; the disk log's path is announced as torchtune announces it.
+#[test]
+fn stdout_logger_lines_are_torchtunes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let work = tempfile::tempdir().unwrap();
+    let o = tune_in(
+        &root,
+        &[
+            "run",
+            "lora_finetune_single_device",
+            "--config",
+            "stories260K/lora_single_device",
+            &format!("output_dir={}", work.path().display()),
+            "max_steps_per_epoch=2",
+            "save_adapter_weights_only=True",
+            "metric_logger._component_=torchtune.training.metric_logging.StdoutLogger",
+        ],
+    );
+    let out = ok(&o);
+    let steps: Vec<&str> = out.lines().filter(|l| l.starts_with("Step ")).collect();
+    assert_eq!(steps.len(), 2, "{out}");
+    for line in steps {
+        assert!(line.contains(" | loss:") && line.ends_with(' '), "{line:?}");
+    }
+    let o = tune_in(
+        &root,
+        &[
+            "run",
+            "lora_finetune_single_device",
+            "--config",
+            "stories260K/lora_single_device",
+            &format!("output_dir={}", work.path().join("disk").display()),
+            "max_steps_per_epoch=1",
+            "save_adapter_weights_only=True",
+        ],
+    );
+    ok(&o);
+    assert!(stderr(&o).contains("Writing logs to "), "{}", stderr(&o));
+}

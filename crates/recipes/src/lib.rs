@@ -20,6 +20,7 @@
 //! - [`lr_schedule`] — torchtune's cosine schedule with warmup.
 //! - [`checkpointer`] — `FullModelHFCheckpointer` (load; save merged weights, PEFT adapter, state).
 //! - [`metric_logging`] — DiskLogger, StdoutLogger, TensorBoardLogger.
+//! - [`progress`] — the terminal's progress bar, and printing around it.
 //! - [`atomic`] — crash-safe file and folder writes.
 //! - [`memory`] — the weights' size and fit, out-of-memory advice, peak RSS.
 //! - [`device_memory`] — the GPU memory pool's peaks, logged as torchtune logs them.
@@ -44,6 +45,7 @@ pub mod lr_schedule;
 pub mod memory;
 pub mod metric_logging;
 pub mod optim;
+pub mod progress;
 pub mod rlhf_loss;
 pub mod selfcheck;
 pub mod settings;

@@ -51,6 +51,15 @@ pub fn py_float(x: f64) -> String {
     }
 }
 
+/// torchtune's line for a step (Disk and Stdout loggers), its trailing space included.
+fn step_line(step: usize, metrics: &Metrics) -> String {
+    let mut line = format!("Step {step} | ");
+    for (k, v) in metrics {
+        line.push_str(&format!("{k}:{} ", py_float(*v)));
+    }
+    line
+}
+
 /// torchtune's `DiskLogger`: `log_dir/log_{unix_time}.txt` with lines
 /// `Step N | loss:X lr:Y tokens_per_second_per_gpu:Z ` (or one JSON object per line with
 /// `output_fmt: jsonl`).
@@ -81,6 +90,7 @@ impl DiskLogger {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open log file {}", path.display()))?;
+        tracing::info!("Writing logs to {}", path.display());
         Ok(DiskLogger { path, file, jsonl })
     }
 }
@@ -95,11 +105,7 @@ impl MetricLogger for DiskLogger {
             }
             serde_json::Value::Object(obj).to_string()
         } else {
-            let mut s = format!("Step {step} | ");
-            for (k, v) in metrics {
-                s.push_str(&format!("{k}:{} ", py_float(*v)));
-            }
-            s
+            step_line(step, metrics)
         };
         writeln!(self.file, "{line}").context("cannot write the metric log (disk full?)")?;
         self.file.flush()?;
@@ -112,11 +118,8 @@ pub struct StdoutLogger;
 
 impl MetricLogger for StdoutLogger {
     fn log(&mut self, step: usize, metrics: &Metrics) -> Result<()> {
-        let parts: Vec<String> = metrics
-            .iter()
-            .map(|(k, v)| format!("{k}:{}", py_float(*v)))
-            .collect();
-        println!("Step {step} | {}", parts.join(" "));
+        let line = step_line(step, metrics);
+        crate::progress::suspend(|| println!("{line}"));
         Ok(())
     }
 }

@@ -762,14 +762,13 @@ fn warm_start(
 
 fn progress_bar(total_steps: usize, done: usize, group: &ProcessGroup) -> indicatif::ProgressBar {
     let progress = if group.is_main() {
-        indicatif::ProgressBar::new(total_steps as u64)
+        crate::progress::bar(
+            total_steps as u64,
+            "{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}",
+        )
     } else {
         indicatif::ProgressBar::hidden()
     };
-    progress.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
     progress.set_position(done as u64);
     progress
 }

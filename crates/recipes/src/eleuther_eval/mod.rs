@@ -395,12 +395,8 @@ fn check_results_writable(dir: &std::path::Path) -> Result<()> {
 }
 
 fn progress_bar(len: usize) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(len as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "Running loglikelihood requests {bar:30} {pos}/{len} [{elapsed}<{eta}]",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar
+    crate::progress::bar(
+        len as u64,
+        "Running loglikelihood requests {bar:30} {pos}/{len} [{elapsed}<{eta}]",
+    )
 }
