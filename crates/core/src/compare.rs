@@ -35,9 +35,47 @@ pub fn rel_norm_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(num / den.max(1e-30))
 }
 
+/// Whether `a` and `b` hold the same values once both are rounded to the coarser of their two
+/// dtypes (a bf16 copy of an fp16 or fp32 weight is the same weight). Compared where `b` lives,
+/// a byte per element, without an fp32 copy of either.
+pub fn same_values(a: &Tensor, b: &Tensor) -> Result<bool> {
+    if a.dims() != b.dims() {
+        return Ok(false);
+    }
+    let coarser = |x: DType, y: DType| {
+        if x == DType::BF16 || y == DType::BF16 {
+            DType::BF16
+        } else if x == DType::F16 || y == DType::F16 {
+            DType::F16
+        } else {
+            DType::F32
+        }
+    };
+    let dtype = coarser(a.dtype(), b.dtype());
+    let a = a.to_device(b.device())?.to_dtype(dtype)?;
+    let b = b.to_dtype(dtype)?;
+    if a.elem_count() == 0 {
+        return Ok(true);
+    }
+    let differs = a.ne(&b)?.flatten_all()?.max(0)?.to_scalar::<u8>()?;
+    Ok(differs == 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_values_rounds_to_the_coarser_dtype() {
+        let w = Tensor::new(&[1.0f32, 0.1, -3.3], &Device::Cpu).unwrap();
+        let bf16 = w.to_dtype(DType::BF16).unwrap();
+        assert!(same_values(&bf16, &w).unwrap());
+        assert!(same_values(&w, &w.to_dtype(DType::F16).unwrap()).unwrap());
+        let other = Tensor::new(&[1.0f32, 0.1, -3.4], &Device::Cpu).unwrap();
+        assert!(!same_values(&bf16, &other).unwrap());
+        let shorter = Tensor::new(&[1.0f32, 0.1], &Device::Cpu).unwrap();
+        assert!(!same_values(&w, &shorter).unwrap());
+    }
 
     #[test]
     fn a_nan_anywhere_is_a_nan_difference() {

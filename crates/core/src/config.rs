@@ -190,6 +190,7 @@ impl Config {
 
     /// Removes the value at a dotted path; returns it, or `None` when there was none.
     pub fn remove(&mut self, dotted: &str) -> Option<Value> {
+        self.edited();
         let (parent, last) = match dotted.rsplit_once('.') {
             Some((parent, last)) => (self.get_mut(parent)?, last),
             None => (&mut self.root, dotted),

@@ -153,14 +153,6 @@ pub fn read_tensors(paths: &[PathBuf]) -> Result<HashMap<String, Tensor>> {
     Ok(all)
 }
 
-fn same_values(a: &Tensor, b: Option<&Tensor>) -> Result<bool> {
-    let Some(b) = b else { return Ok(false) };
-    if a.shape() != b.shape() {
-        return Ok(false);
-    }
-    Ok(tune_core::compare::max_abs_diff(a, b)? == 0.0)
-}
-
 /// Converts HF-named tensors to torchtune names (with the q/k row permutation).
 /// Names that are not Llama weights are returned in the error list of unexpected keys.
 pub fn hf_to_tune(
@@ -401,7 +393,13 @@ pub fn load_model(
     match (tied_in_config, hf.get("lm_head.weight")) {
         (true, None) => spec.transformer.tie_word_embeddings = true,
         // transformers does the same (and says so): two different matrices are not tied.
-        (true, Some(lm_head)) if !same_values(lm_head, hf.get("model.embed_tokens.weight"))? => {
+        (true, Some(lm_head))
+            if !hf
+                .get("model.embed_tokens.weight")
+                .map(|embedding| tune_core::compare::same_values(lm_head, embedding))
+                .transpose()?
+                .unwrap_or(false) =>
+        {
             tracing::warn!(
                 "config.json says tie_word_embeddings, but the checkpoint's lm_head.weight differs \
                  from its embedding: the output layer uses lm_head.weight, untied (as transformers \

@@ -274,10 +274,8 @@ impl TransformerDecoder {
                 );
             };
             let ours = layer.base_weight()?;
-            // Compared in the run's dtype, which the copy would have been loaded in.
-            let same = copy.dims() == ours.dims()
-                && tune_core::compare::max_abs_diff(&copy.to_dtype(ours.dtype())?, &ours)? == 0.0;
-            if !same {
+            // Each in the coarser of the two dtypes: PEFT saves the copy in its run's dtype.
+            if !tune_core::compare::same_values(copy, &ours)? {
                 anyhow::bail!(
                     "the adapter carries its own copy of `{prefix}`'s base weight (PEFT saves one \
                      when lm_head is a target), and it differs from the base model's: the adapter \

@@ -29,8 +29,8 @@ use tune_core::{
 };
 use tune_models::checkpoint::{load_model, resolve_files};
 use tune_models::convert::{
-    hf_to_tune_name, peft_to_tune_adapter_name, permute_hf_to_tune, permute_tune_to_hf, rope_rows,
-    tune_to_hf_name, tune_to_peft_adapter_name,
+    peft_to_tune_adapter_name, permute_hf_to_tune, permute_tune_to_hf, rope_rows, tune_to_hf_name,
+    tune_to_peft_adapter_name,
 };
 use tune_models::decoder::BASE_COPY_SUFFIX;
 use tune_models::{ModelSpec, TransformerDecoder};
@@ -56,6 +56,9 @@ pub struct HfCheckpointer {
 pub struct SourceLayout {
     pub shard_of: HashMap<String, usize>,
     pub num_shards: usize,
+    /// Each tensor's stored dtype.
+    pub dtype_of: HashMap<String, DType>,
+    /// The dtype most tensors are stored in (for tensors the checkpoint lacks).
     pub dtype: Option<DType>,
     /// The weight files, reread when merging over the checkpoint's own tensors.
     pub paths: Vec<PathBuf>,
@@ -308,16 +311,11 @@ impl HfCheckpointer {
                 out.insert(name, t);
                 continue;
             }
-            // PEFT's copy of a targeted lm_head's base weight: the model checks it on loading.
-            if let Some(module) = name
-                .strip_prefix("base_model.model.")
-                .and_then(|n| n.strip_suffix(BASE_COPY_SUFFIX))
-            {
-                if let Some(tune) = hf_to_tune_name(&format!("{module}.weight")) {
-                    let slot = tune.strip_suffix(".weight").unwrap_or(&tune);
-                    out.insert(format!("{slot}{BASE_COPY_SUFFIX}"), t);
-                    continue;
-                }
+            // PEFT's copy of a targeted lm_head's base weight (it saves embedding layers'):
+            // the model checks it on loading.
+            if name == format!("base_model.model.lm_head{BASE_COPY_SUFFIX}") {
+                out.insert(format!("output{BASE_COPY_SUFFIX}"), t);
+                continue;
             }
             let tune = peft_to_tune_adapter_name(&name).with_context(|| {
                 format!("adapter tensor `{name}` is neither a torchtune nor a PEFT adapter name")
@@ -629,9 +627,8 @@ fn source_layout(paths: &[PathBuf]) -> Result<SourceLayout> {
             let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
                 .map_err(|e| tune_models::checkpoint::unreadable_safetensors(path, e))?;
             for (name, view) in st.tensors() {
-                layout
-                    .dtype
-                    .get_or_insert(DType::try_from(view.dtype()).unwrap_or(DType::F32));
+                let dtype = DType::try_from(view.dtype()).unwrap_or(DType::F32);
+                layout.dtype_of.insert(name.clone(), dtype);
                 layout.shard_of.insert(name, i);
             }
         } else {
@@ -653,85 +650,83 @@ fn source_layout(paths: &[PathBuf]) -> Result<SourceLayout> {
                 },
             )?;
             for info in infos {
-                layout.dtype.get_or_insert(info.dtype);
+                layout.dtype_of.insert(info.name.clone(), info.dtype);
                 layout.shard_of.insert(info.name, i);
             }
         }
     }
+    // The most common dtype, the same on every run (ties go to the first by name).
+    let mut counts: Vec<(DType, usize)> = Vec::new();
+    for dtype in layout.dtype_of.values() {
+        match counts.iter_mut().find(|(d, _)| d == dtype) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((*dtype, 1)),
+        }
+    }
+    counts.sort_by_key(|(d, n)| (std::cmp::Reverse(*n), format!("{d:?}")));
+    layout.dtype = counts.first().map(|(d, _)| *d);
     Ok(layout)
 }
 
-/// Writes merged HF weights in the input's shards and dtype, plus `model.safetensors.index.json`.
+/// Writes merged HF weights in the input's shards and dtypes, plus `model.safetensors.index.json`.
 ///
-/// A run in another dtype than the checkpoint's (bf16 over fp32 or fp16 weights) holds a rounded
-/// copy of the base. Then the merge goes over the checkpoint's own tensors, reread one at a
-/// time: untouched weights come back bit for bit, and each adapted weight is its original plus
-/// the trained adapter, computed in fp32 and rounded once. (QLoRA's NF4 projections are merged
-/// over the dequantised base they trained against, as torchtune's.)
+/// A run in another dtype than (some of) the checkpoint's tensors (bf16 over fp32 or fp16
+/// weights) holds a rounded copy of them. Then the merge goes over the checkpoint's own tensors,
+/// reread one at a time: untouched embeddings, norms and linears come back bit for bit, and each
+/// adapted weight is its original plus the trained adapter, computed in fp32 and rounded once.
+/// QLoRA's NF4 projections, adapted or not, are the dequantised base they trained against (plus
+/// the adapter), as torchtune's.
 fn write_merged(
     dir: &Path,
     model: &TransformerDecoder,
     spec: &ModelSpec,
     layout: &SourceLayout,
 ) -> Result<()> {
-    let dtype = layout.dtype.unwrap_or(model.dtype());
     let c = &spec.transformer;
-    let n = layout.num_shards.max(1);
+    let run_dtype = model.dtype();
     let originals = layout
-        .dtype
-        .is_some_and(|d| d != model.dtype())
-        .then(|| SourceTensors::open(&layout.paths, model.dtype()));
-    // QLoRA's projections are NF4 (all but the output): their merge is over the dequantised
-    // base they trained against, as torchtune's.
+        .dtype_of
+        .values()
+        .any(|d| *d != run_dtype)
+        .then(|| SourceTensors::open(&layout.paths, layout));
     let quantized = spec.lora.as_ref().is_some_and(|l| l.quantize_base);
-    let over_nf4 = |prefix: &str| quantized && prefix != "output";
-    let mut shards: Vec<HashMap<String, Tensor>> = vec![HashMap::new(); n];
-    let mut weight_map = serde_json::Map::new();
-    let mut total_size = 0usize;
-    let shard_file = |shard: usize| format!("model-{:05}-of-{:05}.safetensors", shard + 1, n);
-    // Each tensor goes to the CPU as soon as it is made, so a GPU holds one merged (for QLoRA:
-    // dequantised) weight at a time, not a second copy of the model.
-    let mut put = |hf: String, t: Tensor| {
-        let shard = layout.shard_of.get(&hf).copied().unwrap_or(0);
-        total_size += t.elem_count() * t.dtype().size_in_bytes();
-        weight_map.insert(hf.clone(), serde_json::Value::String(shard_file(shard)));
-        shards[shard].insert(hf, t);
-    };
-    let hf_layout = |name: &str, t: Tensor| -> Result<Tensor> {
-        Ok(match rope_rows(name) {
+    let mut out = MergedShards::new(layout);
+    let hf_name =
+        |name: &str| tune_to_hf_name(name).with_context(|| format!("no HF name for {name}"));
+    // The run's own tensor `name` (torchtune layout), as the checkpoint stores it. Each goes to
+    // the CPU as soon as it is made, so a GPU holds one merged (for QLoRA: dequantised) weight at
+    // a time, not a second copy of the model.
+    let as_stored = |name: &str, t: Tensor| -> Result<(String, Tensor)> {
+        let hf = hf_name(name)?;
+        let t = match rope_rows(name) {
             Some("q") => permute_tune_to_hf(&t, c.num_heads)?,
             Some(_) => permute_tune_to_hf(&t, c.num_kv_heads)?,
             None => t,
-        })
-    };
-    let hf_name =
-        |name: &str| tune_to_hf_name(name).with_context(|| format!("no HF name for {name}"));
-    // A frozen tensor: the checkpoint's own, untouched; else the run's, in the checkpoint's dtype.
-    let frozen = |name: &str, ours: &dyn Fn() -> Result<Tensor>| -> Result<(String, Tensor)> {
-        let hf = hf_name(name)?;
-        let t = match originals.as_ref().and_then(|o| o.get(&hf, layout)) {
-            Some(t) => t,
-            None => hf_layout(name, ours()?)?
-                .to_dtype(dtype)?
-                .to_device(&Device::Cpu)?,
         };
+        let dtype = layout.dtype_of.get(&hf).copied().or(layout.dtype);
+        let t = t
+            .to_dtype(dtype.unwrap_or(run_dtype))?
+            .to_device(&Device::Cpu)?;
         Ok((hf, t))
     };
-    let (hf, t) = frozen("tok_embeddings.weight", &|| {
-        Ok(model.tok_embeddings.clone())
-    })?;
-    put(hf, t);
-    let (hf, t) = frozen("norm.scale", &|| Ok(model.norm.clone()))?;
-    put(hf, t);
+    // The checkpoint's own copy of a frozen tensor, when it is to be preferred.
+    let original = |hf: &str| originals.as_ref().and_then(|o| o.read(hf));
+
+    let mut plain = vec![
+        (
+            "tok_embeddings.weight".to_string(),
+            model.tok_embeddings.clone(),
+        ),
+        ("norm.scale".to_string(), model.norm.clone()),
+    ];
     for (i, l) in model.layers.iter().enumerate() {
-        let (hf, t) = frozen(&format!("layers.{i}.sa_norm.scale"), &|| {
-            Ok(l.sa_norm.clone())
-        })?;
-        put(hf, t);
-        let (hf, t) = frozen(&format!("layers.{i}.mlp_norm.scale"), &|| {
-            Ok(l.mlp_norm.clone())
-        })?;
-        put(hf, t);
+        plain.push((format!("layers.{i}.sa_norm.scale"), l.sa_norm.clone()));
+        plain.push((format!("layers.{i}.mlp_norm.scale"), l.mlp_norm.clone()));
+    }
+    for (name, ours) in plain {
+        let (hf, t) = as_stored(&name, ours)?;
+        let t = original(&hf).unwrap_or(t);
+        out.put(hf, t);
     }
     let output_adapted = spec.lora.as_ref().is_some_and(|l| l.apply_lora_to_output);
     for (prefix, layer) in model.linears() {
@@ -739,47 +734,34 @@ fn write_merged(
             continue; // still tied to the embedding: nothing to write
         }
         let name = format!("{prefix}.weight");
-        if over_nf4(&prefix) {
-            let merged = hf_layout(&name, layer.merged_weight()?)?;
-            put(
-                hf_name(&name)?,
-                merged.to_dtype(dtype)?.to_device(&Device::Cpu)?,
-            );
-            continue;
-        }
-        if layer.trainable().is_empty() {
-            let (hf, t) = frozen(&name, &|| Ok(layer.base_weight()?))?;
-            put(hf, t);
-            continue;
-        }
-        let hf = hf_name(&name)?;
-        // A tied output's base is the embedding.
-        let base_hf = if prefix == "output" && c.tie_word_embeddings {
-            "model.embed_tokens.weight".to_string()
+        let nf4 = quantized && prefix != "output";
+        let (hf, t) = if nf4 {
+            as_stored(&name, layer.merged_weight()?)?
+        } else if layer.trainable().is_empty() {
+            let (hf, t) = as_stored(&name, layer.base_weight()?)?;
+            let t = original(&hf).unwrap_or(t);
+            (hf, t)
         } else {
-            hf.clone()
+            // A tied output's base is the embedding.
+            let base_hf = match prefix.as_str() {
+                "output" if c.tie_word_embeddings => "model.embed_tokens.weight".to_string(),
+                _ => hf_name(&name)?,
+            };
+            let over_original = originals.as_ref().and_then(|o| {
+                let base = o.read(&base_hf)?;
+                o.merged(merged_over_hf(spec, &prefix, layer, base), &name)
+            });
+            match over_original {
+                Some(t) => (hf_name(&name)?, t),
+                None => as_stored(&name, layer.merged_weight()?)?,
+            }
         };
-        let over_original = originals.as_ref().and_then(|o| {
-            let original = o.get(&base_hf, layout)?;
-            o.or_warn(merged_over_hf(spec, &prefix, layer, original), &name)
-        });
-        let t = match over_original {
-            Some(t) => t,
-            None => hf_layout(&name, layer.merged_weight()?)?
-                .to_dtype(dtype)?
-                .to_device(&Device::Cpu)?,
-        };
-        put(hf, t);
+        out.put(hf, t);
     }
-    for (i, tensors) in shards.iter().enumerate() {
-        atomic::save_safetensors(&dir.join(shard_file(i)), tensors)?;
+    if let Some(originals) = &originals {
+        originals.report(run_dtype);
     }
-    let index =
-        serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
-    atomic::write(
-        &dir.join("model.safetensors.index.json"),
-        serde_json::to_string_pretty(&index)?.as_bytes(),
-    )?;
+    out.save(dir)?;
     if output_adapted {
         // The merged output no longer equals the embedding: untie it in the copied config, or
         // transformers would tie lm_head back to the embedding and drop the update. (A config
@@ -794,6 +776,54 @@ fn write_merged(
         }
     }
     Ok(())
+}
+
+/// Merged tensors gathered into the input's shards, then written with their index.
+struct MergedShards<'a> {
+    layout: &'a SourceLayout,
+    shards: Vec<HashMap<String, Tensor>>,
+    weight_map: serde_json::Map<String, serde_json::Value>,
+    total_size: usize,
+}
+
+impl<'a> MergedShards<'a> {
+    fn new(layout: &'a SourceLayout) -> Self {
+        MergedShards {
+            layout,
+            shards: vec![HashMap::new(); layout.num_shards.max(1)],
+            weight_map: serde_json::Map::new(),
+            total_size: 0,
+        }
+    }
+
+    fn file(&self, shard: usize) -> String {
+        let n = self.shards.len();
+        format!("model-{:05}-of-{n:05}.safetensors", shard + 1)
+    }
+
+    /// `t` goes in the shard its HF name `hf` came from (the first for a name it lacked).
+    fn put(&mut self, hf: String, t: Tensor) {
+        let shard = self.layout.shard_of.get(&hf).copied().unwrap_or(0);
+        self.total_size += t.elem_count() * t.dtype().size_in_bytes();
+        let file = self.file(shard);
+        self.weight_map
+            .insert(hf.clone(), serde_json::Value::String(file));
+        self.shards[shard].insert(hf, t);
+    }
+
+    fn save(self, dir: &Path) -> Result<()> {
+        for (i, tensors) in self.shards.iter().enumerate() {
+            atomic::save_safetensors(&dir.join(self.file(i)), tensors)?;
+        }
+        let index = serde_json::json!({
+            "metadata": {"total_size": self.total_size},
+            "weight_map": self.weight_map,
+        });
+        atomic::write(
+            &dir.join("model.safetensors.index.json"),
+            serde_json::to_string_pretty(&index)?.as_bytes(),
+        )
+    }
 }
 
 /// [`merged_over`] for a base weight in Hugging Face's layout and dtype; the result in them too.
@@ -851,16 +881,18 @@ fn merged_over(
                 .to_device(&Device::Cpu)?,
         )?;
     }
+    // As after loading an adapter: base and adapter weights are final.
+    rebuilt.on_weights_loaded()?;
     Ok(rebuilt.merged_weight()?)
 }
 
 /// The checkpoint's weight files, read a tensor at a time (safetensors mapped, PyTorch zips by
-/// entry). A file that cannot be reread (moved since the run began) is warned about once and
-/// the run's own copy is used instead.
-struct SourceTensors {
-    files: Vec<Option<SourceFile>>,
-    run_dtype: DType,
-    warned: std::sync::Once,
+/// entry). A tensor that cannot be reread (the files moved since the run began) or merged over
+/// is written from the run's own copy instead; the save reports how many, once.
+struct SourceTensors<'a> {
+    files: Vec<std::result::Result<SourceFile, String>>,
+    layout: &'a SourceLayout,
+    fallbacks: std::cell::RefCell<Vec<String>>,
 }
 
 enum SourceFile {
@@ -868,13 +900,8 @@ enum SourceFile {
     Pytorch(candle_core::pickle::PthTensors),
 }
 
-impl SourceTensors {
-    fn open(paths: &[PathBuf], run_dtype: DType) -> Self {
-        let mut this = SourceTensors {
-            files: Vec::new(),
-            run_dtype,
-            warned: std::sync::Once::new(),
-        };
+impl<'a> SourceTensors<'a> {
+    fn open(paths: &[PathBuf], layout: &'a SourceLayout) -> Self {
         let files = paths
             .iter()
             .map(|path| {
@@ -886,38 +913,50 @@ impl SourceTensors {
                 } else {
                     candle_core::pickle::PthTensors::new(path, None).map(SourceFile::Pytorch)
                 };
-                this.or_warn(opened.map_err(Into::into), &path.display().to_string())
+                opened.map_err(|e| format!("cannot reopen {}: {e}", path.display()))
             })
             .collect();
-        this.files = files;
-        this
+        SourceTensors {
+            files,
+            layout,
+            fallbacks: Default::default(),
+        }
     }
 
     /// The checkpoint's tensor `hf`, or `None` (the run's copy is used).
-    fn get(&self, hf: &str, layout: &SourceLayout) -> Option<Tensor> {
-        let shard = *layout.shard_of.get(hf)?;
-        let read = match self.files.get(shard)?.as_ref()? {
-            SourceFile::Safetensors(st) => st.load(hf, &Device::Cpu),
-            SourceFile::Pytorch(pth) => pth
-                .get(hf)
-                .and_then(|t| t.ok_or_else(|| candle_core::Error::Msg(format!("no tensor {hf}")))),
+    fn read(&self, hf: &str) -> Option<Tensor> {
+        let shard = *self.layout.shard_of.get(hf)?;
+        let read = match self.files.get(shard)? {
+            Ok(SourceFile::Safetensors(st)) => st.load(hf, &Device::Cpu).map_err(|e| e.to_string()),
+            Ok(SourceFile::Pytorch(pth)) => match pth.get(hf) {
+                Ok(Some(t)) => Ok(t),
+                Ok(None) => Err(format!("no tensor {hf}")),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(why) => Err(why.clone()),
         };
-        self.or_warn(read.map_err(Into::into), hf)
+        self.fall_back(read.map_err(|e| format!("rereading {hf}: {e}")))
     }
 
-    fn or_warn<T>(&self, result: Result<T>, what: &str) -> Option<T> {
-        match result {
-            Ok(t) => Some(t),
-            Err(e) => {
-                self.warned.call_once(|| {
-                    tracing::warn!(
-                        "cannot reread {what} from the base checkpoint ({e:#}); the merged \
-                         weights use the run's {:?} copy of the base where that happens",
-                        self.run_dtype
-                    )
-                });
-                None
-            }
+    /// A merge over a checkpoint tensor, or `None` (the run's own merge is used).
+    fn merged(&self, merge: Result<Tensor>, name: &str) -> Option<Tensor> {
+        self.fall_back(merge.map_err(|e| format!("merging {name} over the checkpoint's: {e:#}")))
+    }
+
+    fn fall_back(&self, result: std::result::Result<Tensor, String>) -> Option<Tensor> {
+        result
+            .map_err(|why| self.fallbacks.borrow_mut().push(why))
+            .ok()
+    }
+
+    fn report(&self, run_dtype: DType) {
+        let fallbacks = self.fallbacks.borrow();
+        if let Some(first) = fallbacks.first() {
+            tracing::warn!(
+                "{} merged tensor(s) were written from the run's {run_dtype:?} copy of the base \
+                 instead of the checkpoint's own (first: {first})",
+                fallbacks.len()
+            );
         }
     }
 }

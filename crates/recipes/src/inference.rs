@@ -46,6 +46,10 @@ pub fn load_for_inference(
     let checkpointer: HfCheckpointer = cfg.build("checkpointer", ComponentKind::Checkpointer)?;
     let source = adapter_source(cfg.opt::<String>("adapter_dir")?, &checkpointer)?;
     let spec = spec_for_adapter(node_spec, source.as_ref())?;
+    if let Some(src) = &source {
+        let quantize_base = spec.lora.as_ref().is_some_and(|l| l.quantize_base);
+        note_qlora_adapter_on_full_precision(src, quantize_base);
+    }
     let (model, spec, _) = checkpointer.load_base(&spec, dtype, device, seed)?;
     if let Some(src) = &source {
         let tensors = HfCheckpointer::read_adapter(&src.weights, &spec)?;
@@ -215,11 +219,9 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
-/// The model to build: the `model` node's dimensions with the adapter's LoRA settings. Without an
-/// adapter, a LoRA builder's (zero-initialised, output-neutral) adapters are dropped.
 /// An adapter from a tune-rs QLoRA run learnt against the NF4-quantised base; put on the
-/// full-precision base (as PEFT would) its numbers differ somewhat from the run's. Said once, so
-/// that nobody mistakes the difference for a bug.
+/// full-precision base (as PEFT would) its numbers differ somewhat from the run's. Said, so that
+/// nobody mistakes the difference for a bug.
 fn note_qlora_adapter_on_full_precision(source: &AdapterSource, quantize_base: bool) {
     if quantize_base {
         return;
@@ -241,6 +243,8 @@ fn note_qlora_adapter_on_full_precision(source: &AdapterSource, quantize_base: b
     }
 }
 
+/// The model to build: the `model` node's dimensions with the adapter's LoRA settings. Without an
+/// adapter, a LoRA builder's (zero-initialised, output-neutral) adapters are dropped.
 fn spec_for_adapter(mut spec: ModelSpec, source: Option<&AdapterSource>) -> Result<ModelSpec> {
     let Some(source) = source else {
         if spec.lora.take().is_some() {
@@ -281,7 +285,6 @@ fn spec_for_adapter(mut spec: ModelSpec, source: Option<&AdapterSource>) -> Resu
         }
     }
     spec.lora = Some(from_peft);
-    note_qlora_adapter_on_full_precision(source, quantize_base);
     Ok(spec)
 }
 

@@ -248,13 +248,24 @@ pub fn train_objective(
     // ---- Resume or warm start ------------------------------------------------------------------
     // At an epoch's end, the micro-batches that epoch left for the next step are computed
     // again, when this run cuts that epoch into the same batches.
-    let replay_leftovers = resume_from.as_ref().is_some_and(|(_, saved)| {
-        saved.batches_in_epoch == 0
-            && saved.epochs_run > 0
-            && same_batches(saved, &fresh)
+    let at_epoch_end = resume_from
+        .as_ref()
+        .filter(|(_, saved)| saved.batches_in_epoch == 0 && saved.epochs_run > 0);
+    let replay_leftovers = at_epoch_end.is_some_and(|(_, saved)| {
+        same_batches(saved, &fresh)
             && saved.data_order.is_some()
             && saved.data_order == fresh.data_order
     });
+    if let Some((dir, saved)) = at_epoch_end {
+        if !replay_leftovers && settings.gradient_accumulation_steps > 1 && group.is_main() {
+            tracing::info!(
+                "{} cut its epochs into other batches than this run does: micro-batches its \
+                 epoch {} may have left for the next step are not carried over",
+                dir.display(),
+                saved.epochs_run - 1
+            );
+        }
+    }
     let state = match resume_from {
         Some((dir, saved)) => restore(&dir, saved, fresh, &model, &mut optimizer, &device)?,
         None => {
@@ -853,7 +864,7 @@ impl Trainer<'_> {
         // max_steps_per_epoch does not cut short) leaves micro-batches for the next epoch's
         // first step.
         let mut window = Window::new();
-        if self.replay_leftovers {
+        if self.replay_leftovers && state.epochs_run < self.settings.epochs {
             // Resumed at an epoch's end: the checkpoint holds the weights those left-over
             // micro-batches were computed with, not their gradients; compute them again.
             let epoch = state.epochs_run - 1;
@@ -882,6 +893,7 @@ impl Trainer<'_> {
                 }
                 let outcome = self.optimizer_step(&mut window, &mut state)?;
                 state.batches_in_epoch = idx + 1;
+                // As torchtune's timer, the window's runs across an epoch's end (and its save).
                 self.log_step(&state, &outcome, window.started.elapsed().as_secs_f64())?;
                 stopping = outcome.stop;
                 // A mid-epoch checkpoint when asked for (the epoch's end saves anyway).
@@ -931,7 +943,8 @@ impl Trainer<'_> {
     }
 
     /// Whether batch `idx` of an epoch is trained: torchtune stops an epoch only at
-    /// `max_steps_per_epoch` windows, so batches past the last whole window are (see `run`).
+    /// `max_steps_per_epoch` windows, so batches past the last whole window are trained too
+    /// (see `run`).
     fn in_epoch(&self, idx: usize) -> bool {
         let window = idx / self.settings.gradient_accumulation_steps;
         self.settings

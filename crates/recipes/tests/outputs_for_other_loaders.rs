@@ -326,3 +326,54 @@ fn torchtune_named_adapters_with_an_output_adapter_read_back() {
         assert_eq!(diff, 0.0, "{name}");
     }
 }
+
+/// A checkpoint of mixed dtypes (bf16 weights, fp32 norms) trained in bf16: every tensor comes
+/// back in its own dtype, the untouched ones bit for bit.
+#[test]
+fn mixed_dtype_checkpoints_keep_each_tensors_dtype() {
+    tune_recipes::link();
+    let work = tempfile::tempdir().unwrap();
+    let model_dir = work.path().join("model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    let source = common::root().join("assets/stories260K");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, model_dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let weights = candle_core::safetensors::load(source.join("model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(name, t)| {
+            let dtype = if name.ends_with("norm.weight") {
+                candle_core::DType::F32
+            } else {
+                candle_core::DType::BF16
+            };
+            (name, t.to_dtype(dtype).unwrap())
+        })
+        .collect::<std::collections::HashMap<_, _>>();
+    candle_core::safetensors::save(&weights, model_dir.join("model.safetensors")).unwrap();
+    let checkpoint_dir = format!("checkpointer.checkpoint_dir={}", model_dir.display());
+    train(
+        common::stories_config(
+            work.path(),
+            &[&checkpoint_dir, "dtype=bf16", "max_steps_per_epoch=1"],
+        ),
+        &RunOptions::default(),
+    )
+    .unwrap();
+    let merged = candle_core::safetensors::load(
+        work.path()
+            .join("output/epoch_0/model-00001-of-00001.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (name, before) in &weights {
+        let after = &merged[name];
+        assert_eq!(after.dtype(), before.dtype(), "{name}");
+        if !name.contains("q_proj") && !name.contains("v_proj") {
+            let diff = tune_core::compare::max_abs_diff(after, before).unwrap();
+            assert_eq!(diff, 0.0, "{name}");
+        }
+    }
+}
