@@ -1196,32 +1196,33 @@ fn a_qlora_adapter_on_the_full_precision_base_is_noted() {
     assert!(!as_trained.contains(note), "{as_trained}");
 }
 
-/// An unknown component is compared with the components its node can hold: a scheduler's name
-/// is not answered with optimizers.
-#[test]
-fn unknown_components_are_compared_with_their_own_kind() {
-    let o = tune(&[
+/// `tune run lora_finetune_single_device --config stories260K/lora_single_device <override>
+/// --dry-run`.
+fn lora_dry_run(override_: &str) -> Output {
+    tune(&[
         "run",
         "lora_finetune_single_device",
         "--config",
         "stories260K/lora_single_device",
-        "lr_scheduler._component_=torch.optim.lr_scheduler.LambdaLR",
+        override_,
         "--dry-run",
-    ]);
+    ])
+}
+
+/// An unknown component is compared with the components its node can hold: a scheduler's name
+/// is not answered with optimizers.
+#[test]
+fn unknown_components_are_compared_with_their_own_kind() {
+    let o = lora_dry_run("lr_scheduler._component_=torch.optim.lr_scheduler.LambdaLR");
     let e = fails(&o);
     assert!(
         e.contains("unknown _component_ `torch.optim.lr_scheduler.LambdaLR`")
             && !e.contains("AdamW"),
         "{e}"
     );
-    let o = tune(&[
-        "run",
-        "lora_finetune_single_device",
-        "--config",
-        "stories260K/lora_single_device",
+    let o = lora_dry_run(
         "lr_scheduler._component_=torchtune.training.lr_schedulers.get_cosine_schedule_with_warmp",
-        "--dry-run",
-    ]);
+    );
     let e = fails(&o);
     assert!(
         e.contains("closest registered names: torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup"),
@@ -1233,14 +1234,7 @@ fn unknown_components_are_compared_with_their_own_kind() {
 /// typo of another argument.
 #[test]
 fn arguments_the_recipe_passes_are_named_as_such() {
-    let o = tune(&[
-        "run",
-        "lora_finetune_single_device",
-        "--config",
-        "stories260K/lora_single_device",
-        "lr_scheduler.num_training_steps=100",
-        "--dry-run",
-    ]);
+    let o = lora_dry_run("lr_scheduler.num_training_steps=100");
     let e = fails(&o);
     assert!(
         e.contains("num_training_steps is passed by the recipe") && !e.contains("did you mean"),

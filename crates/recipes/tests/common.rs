@@ -66,3 +66,17 @@ pub fn stories_lora_model(extra: &str, seed: u64) -> tune_models::TransformerDec
     .unwrap();
     model
 }
+
+/// A copy of the bundled stories260K checkpoint folder (in a temp dir), without the file
+/// `left_out` ("" for none).
+pub fn stories_copy_without(left_out: &str) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(root().join("assets/stories260K")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap();
+        if name != left_out {
+            std::fs::copy(&path, copy.path().join(name)).unwrap();
+        }
+    }
+    copy
+}

@@ -25,13 +25,9 @@ fn a_tied_config_with_its_own_lm_head_is_untied_once_the_output_is_adapted() {
     tune_recipes::link();
     let work = tempfile::tempdir().unwrap();
     // stories260K says tie_word_embeddings: true; give its weights an explicit lm_head anyway.
-    let model_dir = work.path().join("model");
-    std::fs::create_dir_all(&model_dir).unwrap();
+    let model_copy = common::stories_copy_without("");
+    let model_dir = model_copy.path().to_path_buf();
     let source = common::root().join("assets/stories260K");
-    for entry in std::fs::read_dir(&source).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, model_dir.join(path.file_name().unwrap())).unwrap();
-    }
     let mut weights =
         candle_core::safetensors::load(source.join("model.safetensors"), &Device::Cpu).unwrap();
     let embedding = weights["model.embed_tokens.weight"].clone();
@@ -333,13 +329,9 @@ fn torchtune_named_adapters_with_an_output_adapter_read_back() {
 fn mixed_dtype_checkpoints_keep_each_tensors_dtype() {
     tune_recipes::link();
     let work = tempfile::tempdir().unwrap();
-    let model_dir = work.path().join("model");
-    std::fs::create_dir_all(&model_dir).unwrap();
+    let model_copy = common::stories_copy_without("");
+    let model_dir = model_copy.path().to_path_buf();
     let source = common::root().join("assets/stories260K");
-    for entry in std::fs::read_dir(&source).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, model_dir.join(path.file_name().unwrap())).unwrap();
-    }
     let weights = candle_core::safetensors::load(source.join("model.safetensors"), &Device::Cpu)
         .unwrap()
         .into_iter()

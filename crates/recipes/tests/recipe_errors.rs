@@ -366,23 +366,10 @@ fn samples_cut_to_one_token_have_nothing_to_learn() {
     }
 }
 
-/// A copy of the bundled stories260K checkpoint folder, without the file `left_out`.
-fn stories_copy_without(left_out: &str) -> tempfile::TempDir {
-    let copy = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(common::root().join("assets/stories260K")).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap();
-        if name != left_out {
-            std::fs::copy(&path, copy.path().join(name)).unwrap();
-        }
-    }
-    copy
-}
-
 /// A checkpoint folder without config.json says so, rather than blaming the dimensions.
 #[test]
 fn a_checkpoint_without_config_json_is_named() {
-    let copy = stories_copy_without("config.json");
+    let copy = common::stories_copy_without("config.json");
     let dir = format!("checkpointer.checkpoint_dir={}", copy.path().display());
     let e = run_err(&[&dir, "max_steps_per_epoch=1"]);
     assert!(
@@ -459,7 +446,7 @@ fn adapter_checkpoint_may_name_a_folder() {
 /// A NaN loss before any update comes from the base model, not the learning rate.
 #[test]
 fn a_nan_in_the_base_weights_is_not_blamed_on_the_learning_rate() {
-    let copy = stories_copy_without("");
+    let copy = common::stories_copy_without("");
     let weights = copy.path().join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
     let norm = tensors["model.norm.weight"].clone();
@@ -626,7 +613,7 @@ fn an_unreadable_model_file_is_named_before_training() {
     if unsafe { libc::geteuid() } == 0 {
         return;
     }
-    let copy = stories_copy_without("");
+    let copy = common::stories_copy_without("");
     let locked = copy.path().join("tokenizer_config.json");
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
     let dir = format!("checkpointer.checkpoint_dir={}", copy.path().display());
@@ -640,7 +627,7 @@ fn an_unreadable_model_file_is_named_before_training() {
 /// A weight file that cannot be read is named, whatever reads it first.
 #[test]
 fn unreadable_weight_files_are_named() {
-    let copy = stories_copy_without("");
+    let copy = common::stories_copy_without("");
     std::fs::write(copy.path().join("garbage.bin"), b"not a torch zip").unwrap();
     let dir = format!("checkpointer.checkpoint_dir={}", copy.path().display());
     let e = run_err(&[
@@ -664,7 +651,7 @@ fn unreadable_weight_files_are_named() {
 /// the fix is to download it), not truncated.
 #[test]
 fn a_shard_missing_from_the_folder_is_not_called_truncated() {
-    let copy = stories_copy_without("model.safetensors");
+    let copy = common::stories_copy_without("model.safetensors");
     std::fs::copy(
         common::root().join("assets/stories260K/model.safetensors"),
         copy.path().join("model-00001-of-00002.safetensors"),
