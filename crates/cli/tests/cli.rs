@@ -1283,7 +1283,8 @@ fn a_saved_config_reused_with_another_output_dir_writes_there() {
 }
 
 /// StdoutLogger prints torchtune's `Step N | key:value ` lines (trailing space included) on
-/// standard output; the disk log's path is announced as torchtune announces it.
+/// standard output; the disk log's path is announced as torchtune announces it, and without a
+/// terminal each step's progress is a log line.
 #[test]
 fn stdout_logger_lines_are_torchtunes() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -1321,4 +1322,6 @@ fn stdout_logger_lines_are_torchtunes() {
     );
     ok(&o);
     assert!(stderr(&o).contains("Writing logs to "), "{}", stderr(&o));
+    // Without a terminal the progress bar is not drawn: each step is a log line instead.
+    assert!(stderr(&o).contains("step 1/1: loss "), "{}", stderr(&o));
 }

@@ -1183,10 +1183,13 @@ impl Trainer<'_> {
                 logger.log(state.global_step, &metrics)?;
             }
         }
-        self.progress.set_message(format!(
-            "loss {:.4} lr {lr:.2e} {tps:.0} tok/s",
-            outcome.loss
-        ));
+        let progress = format!("loss {:.4} lr {lr:.2e} {tps:.0} tok/s", outcome.loss);
+        // Without a terminal (output to a file, nohup) the bar is not drawn: say it in a line.
+        if self.progress.is_hidden() && self.group.is_main() {
+            let total = self.progress.length().unwrap_or_default();
+            tracing::info!("step {}/{total}: {progress}", state.global_step);
+        }
+        self.progress.set_message(progress);
         self.progress.inc(1);
         self.summary.steps.push(StepLog {
             step: state.global_step,
