@@ -18,6 +18,26 @@ fn tune_in(dir: &Path, args: &[&str]) -> Output {
         .expect("the tune binary runs")
 }
 
+/// The repository root, where the bundled configs' `assets/...` paths resolve.
+fn repo_root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `tune run lora_finetune_single_device --config <config> output_dir=<output> <extra>...`, run
+/// from the repository root.
+fn train(config: &str, output: &Path, extra: &[&str]) -> Output {
+    let output_dir = format!("output_dir={}", output.display());
+    let mut args = vec![
+        "run",
+        "lora_finetune_single_device",
+        "--config",
+        config,
+        &output_dir,
+    ];
+    args.extend_from_slice(extra);
+    tune_in(&repo_root(), &args)
+}
+
 fn tune(args: &[&str]) -> Output {
     tune_in(Path::new(env!("CARGO_MANIFEST_DIR")), args)
 }
@@ -573,7 +593,7 @@ fn run_a_config_file_with_overrides_as_a_dry_run() {
     ok(&tune(&["cp", "stories260K/lora_single_device", config]));
     let output_dir = format!("output_dir={}", dir.path().join("out").display());
     // From the repository root, where the config's relative asset paths point.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = repo_root();
     let o = tune_in(
         &root,
         &[
@@ -618,7 +638,7 @@ fn dry_run_counts_7b_without_weights_or_a_gpu() {
 #[test]
 fn selfchecks_run_from_the_repository_root_as_gpu_check_runs_them() {
     // scripts/gpu-check.sh runs these from the root with the default `--repo .`.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = repo_root();
     // bf16 too: candle multiplies bf16 on the CPU through fp32, so the GPU's bf16 graph (and
     // its tolerance against torchtune's bf16 runs) is checked here before any GPU sees it.
     for dtype in ["fp32", "bf16"] {
@@ -646,7 +666,7 @@ fn selfcheck_outside_the_repository_says_so() {
 
 #[test]
 fn bench_writes_a_random_checkpoint_that_recipes_train_from() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = repo_root();
     let work = tempfile::tempdir().unwrap();
     let model = work.path().join("model");
     let dims = [
@@ -986,7 +1006,7 @@ fn a_config_key_written_as_a_flag_gets_the_override_form() {
 #[test]
 fn resuming_across_quantize_base_warns() {
     let work = tempfile::tempdir().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = repo_root();
     let output = format!("output_dir={}", work.path().display());
     let run = |extra: &[&str]| {
         let mut args = vec![
@@ -1086,7 +1106,7 @@ fn validate_checks_plugins_and_adapter_names() {
 /// built; CI builds it first).
 #[test]
 fn bench_loads_a_plugin_adapter() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = repo_root();
     let plugin = root.join("plugins/ia3/target/release/libtune_ia3.so");
     if !plugin.is_file() {
         eprintln!("skipping: {} is not built", plugin.display());
@@ -1130,7 +1150,7 @@ fn bench_loads_a_plugin_adapter() {
 /// (skipped when the example plugin is not built; CI builds it first).
 #[test]
 fn a_plugin_named_twice_is_announced_once() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = repo_root();
     let plugin = root.join("plugins/ia3/target/release/libtune_ia3.so");
     if !plugin.is_file() {
         eprintln!("skipping: {} is not built", plugin.display());
@@ -1157,18 +1177,14 @@ fn a_plugin_named_twice_is_announced_once() {
 /// training it does not.
 #[test]
 fn a_qlora_adapter_on_the_full_precision_base_is_noted() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = repo_root();
     let tune = |args: &[&str]| tune_in(&root, args);
     let work = tempfile::tempdir().unwrap();
-    let output_dir = format!("output_dir={}", work.path().display());
-    ok(&tune(&[
-        "run",
-        "lora_finetune_single_device",
-        "--config",
+    ok(&train(
         "stories260K/qlora_single_device",
-        &output_dir,
-        "max_steps_per_epoch=1",
-    ]));
+        work.path(),
+        &["max_steps_per_epoch=1"],
+    ));
     let adapter_dir = format!("adapter_dir={}", work.path().join("epoch_0").display());
     let generate = |extra: &[&str]| {
         let mut args = vec![
@@ -1246,22 +1262,11 @@ fn arguments_the_recipe_passes_are_named_as_such() {
 /// with another output_dir, it writes there and leaves the first run alone.
 #[test]
 fn a_saved_config_reused_with_another_output_dir_writes_there() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let work = tempfile::tempdir().unwrap();
     let (first, second) = (work.path().join("first"), work.path().join("second"));
     let run = |config: &str, output: &Path| {
-        ok(&tune_in(
-            &root,
-            &[
-                "run",
-                "lora_finetune_single_device",
-                "--config",
-                config,
-                &format!("output_dir={}", output.display()),
-                "max_steps_per_epoch=1",
-                "save_adapter_weights_only=True",
-            ],
-        ))
+        let one_step = ["max_steps_per_epoch=1", "save_adapter_weights_only=True"];
+        ok(&train(config, output, &one_step))
     };
     run("stories260K/lora_single_device", &first);
     let saved = first.join("torchtune_config.yaml");
@@ -1287,16 +1292,11 @@ fn a_saved_config_reused_with_another_output_dir_writes_there() {
 /// terminal each step's progress is a log line.
 #[test]
 fn stdout_logger_lines_are_torchtunes() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let work = tempfile::tempdir().unwrap();
-    let o = tune_in(
-        &root,
+    let o = train(
+        "stories260K/lora_single_device",
+        work.path(),
         &[
-            "run",
-            "lora_finetune_single_device",
-            "--config",
-            "stories260K/lora_single_device",
-            &format!("output_dir={}", work.path().display()),
             "max_steps_per_epoch=2",
             "save_adapter_weights_only=True",
             "metric_logger._component_=torchtune.training.metric_logging.StdoutLogger",
@@ -1308,17 +1308,10 @@ fn stdout_logger_lines_are_torchtunes() {
     for line in steps {
         assert!(line.contains(" | loss:") && line.ends_with(' '), "{line:?}");
     }
-    let o = tune_in(
-        &root,
-        &[
-            "run",
-            "lora_finetune_single_device",
-            "--config",
-            "stories260K/lora_single_device",
-            &format!("output_dir={}", work.path().join("disk").display()),
-            "max_steps_per_epoch=1",
-            "save_adapter_weights_only=True",
-        ],
+    let o = train(
+        "stories260K/lora_single_device",
+        &work.path().join("disk"),
+        &["max_steps_per_epoch=1", "save_adapter_weights_only=True"],
     );
     ok(&o);
     assert!(stderr(&o).contains("Writing logs to "), "{}", stderr(&o));
